@@ -1,0 +1,95 @@
+"""Train-time augmentation as in M3D, seeded per sample so runs are reproducible and resumable."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai import transforms as mt
+
+__all__ = ["ALL_AXES", "BRAIN_CT_FLIP_AXES", "VolumeAugment", "sample_seed"]
+
+ALL_AXES: tuple[int, ...] = (0, 1, 2)
+# Any mirror reverses handedness, so after it a left-sided bleed looks like a right-sided one and the
+# brain-CT answers that name a side become wrong. Rotations keep handedness, so they stay on.
+BRAIN_CT_FLIP_AXES: tuple[int, ...] = ()
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 32-bit seed that depends only on (seed, epoch, index), whatever worker or rank loads the sample."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+class VolumeAugment:
+    """M3D's train transforms on a 1 x D x H x W volume and its mask.
+
+    RandRotate90 in the (H, W) plane, RandFlip on each of ``flip_axes`` (spatial axes: 0 = D, 1 = H,
+    2 = W), RandScaleIntensity and RandShiftIntensity. Rotations and flips move the mask with the image;
+    intensity changes touch the image only.
+
+    Args:
+        flip_axes: spatial axes that may be mirrored; brain-CT DataModules default to none
+            (``BRAIN_CT_FLIP_AXES``) because a mirror swaps left and right.
+        rotate_prob: probability of a 90/180/270 degree in-plane rotation (needs H == W).
+        flip_prob: probability of a flip, per axis.
+        intensity: factor range of the intensity scale and offset range of the shift.
+        intensity_prob: probability of each intensity change.
+    """
+
+    def __init__(
+        self,
+        flip_axes: Sequence[int] = ALL_AXES,
+        rotate_prob: float = 0.5,
+        flip_prob: float = 0.1,
+        intensity: float = 0.1,
+        intensity_prob: float = 0.5,
+    ) -> None:
+        bad = [a for a in flip_axes if a not in ALL_AXES]
+        if bad:
+            raise ValueError(
+                f"flip_axes {tuple(flip_axes)} has axes {bad}; spatial axes are 0, 1, 2 (D, H, W)"
+            )
+        for name, p in (
+            ("rotate_prob", rotate_prob),
+            ("flip_prob", flip_prob),
+            ("intensity_prob", intensity_prob),
+        ):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {p}")
+        self.flip_axes = tuple(flip_axes)
+        self.rotate_prob = rotate_prob
+        geo = ["image", "mask"]
+        self.transform = mt.Compose(
+            [
+                mt.RandRotate90d(geo, prob=rotate_prob, spatial_axes=(1, 2), allow_missing_keys=True),
+                *[
+                    mt.RandFlipd(geo, prob=flip_prob, spatial_axis=a, allow_missing_keys=True)
+                    for a in self.flip_axes
+                ],
+                mt.RandScaleIntensityd("image", factors=intensity, prob=intensity_prob),
+                mt.RandShiftIntensityd("image", offsets=intensity, prob=intensity_prob),
+            ]
+        )
+
+    def __call__(
+        self, image: torch.Tensor, mask: torch.Tensor | None, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Augment ``image`` (and ``mask``) with the draws that ``seed`` fixes."""
+        if image.ndim != 4 or image.shape[0] != 1:
+            raise ValueError(f"expected a 1 x D x H x W volume, got shape {tuple(image.shape)}")
+        if self.rotate_prob > 0 and image.shape[2] != image.shape[3]:
+            raise ValueError(
+                f"in-plane rotation needs H == W, got volume shape {tuple(image.shape)}; set rotate_prob=0"
+            )
+        data = {"image": image} if mask is None else {"image": image, "mask": mask}
+        self.transform.set_random_state(seed=seed)
+        out = self.transform(data)
+        new_mask = None if mask is None else _plain(out["mask"])
+        return _plain(out["image"]), new_mask
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    """MONAI returns MetaTensors; batches carry plain contiguous float32 tensors."""
+    tensor = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+    return tensor.contiguous().float()

@@ -1,0 +1,342 @@
+"""LightningDataModules: one per data source, plus the weighted mix for stage 3.
+
+Each has a YAML in ``datamodules/`` (a LightningCLI ``data:`` group). The task sets ``collate_fn`` in its
+``setup()``; every dataloader uses it. Splits are ``train``/``val``/``test``; ``fit`` reads train and
+val, ``validate`` val, ``test`` and ``predict`` test. Every file a split names is checked in ``setup()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from m3d_lit.data.augment import ALL_AXES, BRAIN_CT_FLIP_AXES, VolumeAugment
+from m3d_lit.data.datasets import Record, RecordDataset, check_paths, read_qa_jsonl
+from m3d_lit.data.records import read_m3d_cap, read_m3d_seg, read_m3d_vqa, read_reports
+from m3d_lit.data.sampling import EpochSampler, MixDataset, MixSampler, seed_worker
+from m3d_lit.errors import InputError
+
+__all__ = [
+    "BaseDataModule",
+    "M3DCapDataModule",
+    "M3DVQADataModule",
+    "M3DSegDataModule",
+    "BrainCTQADataModule",
+    "MixDataModule",
+]
+
+SPLITS_BY_STAGE = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+
+
+class BaseDataModule(L.LightningDataModule):
+    """Shared loading: split records -> checked ``RecordDataset`` -> seeded, DDP-sharded DataLoaders.
+
+    Args:
+        batch_size: samples per batch per device.
+        num_workers: DataLoader worker processes.
+        seed: fixes shuffling, wording draws and augmentation per (epoch, index).
+        augment: apply train-time augmentation (never at val/test).
+        pin_memory: pin batches in page-locked memory (GPU runs).
+        flip_axes: spatial axes (0 = D, 1 = H, 2 = W) that augmentation may mirror.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 2,
+        num_workers: int = 0,
+        seed: int = 0,
+        augment: bool = True,
+        pin_memory: bool = False,
+        flip_axes: tuple[int, ...] = ALL_AXES,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.augment = augment
+        self.pin_memory = pin_memory
+        self.flip_axes = tuple(flip_axes)
+        self.collate_fn: Callable[[list[dict]], dict[str, Any]] | None = None
+        self.datasets: dict[str, Dataset] = {}
+        self.unconfigured: set[str] = set()
+
+    def read_split(self, split: str) -> list[Record] | None:
+        """The rows of ``split`` (``train``/``val``/``test``), or None when that split is not configured."""
+        raise NotImplementedError(f"{type(self).__name__} must implement read_split")
+
+    def build_dataset(self, split: str) -> Dataset | None:
+        records = self.read_split(split)
+        if records is None:
+            return None
+        check_paths(records)
+        train = split == "train"
+        augment = VolumeAugment(flip_axes=self.flip_axes) if train and self.augment else None
+        return RecordDataset(records, train=train, augment=augment, seed=self.seed)
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = SPLITS_BY_STAGE.get(stage or "fit")
+        if splits is None:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(SPLITS_BY_STAGE)}")
+        for split in splits:
+            if split not in self.datasets and split not in self.unconfigured:
+                dataset = self.build_dataset(split)
+                if dataset is None:
+                    self.unconfigured.add(split)
+                else:
+                    self.datasets[split] = dataset
+
+    def _ranks(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.world_size, trainer.global_rank
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return 1, 0
+
+    def train_sampler(self, dataset: Dataset) -> EpochSampler:
+        replicas, rank = self._ranks()
+        return EpochSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=self.seed)
+
+    def _loader(self, split: str) -> DataLoader | list:
+        if self.collate_fn is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.collate_fn is not set: the task sets it in its setup()"
+                " (datamodule.collate_fn = LMCollator(...)) before any dataloader is requested"
+            )
+        if split in self.unconfigured:
+            return []  # Lightning runs no loop over an empty list of loaders
+        if split not in self.datasets:
+            raise RuntimeError(f"split {split!r} is not set up: call setup() with the matching stage first")
+        dataset = self.datasets[split]
+        sampler = self.train_sampler(dataset) if split == "train" else None
+        generator = torch.Generator().manual_seed(self.seed + self._ranks()[1])
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+            pin_memory=self.pin_memory,
+            worker_init_fn=seed_worker,
+            generator=generator,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader | list:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self._loader("test")
+
+
+class M3DCapDataModule(BaseDataModule):
+    """M3D-Cap image-report pairs; the question is a caption prompt (several at train, the first at eval).
+
+    Args:
+        root: folder the JSON's relative ``image``/``text`` paths start from.
+        json_path: the M3D-Cap JSON with split keys.
+        train_split: JSON key of the training split.
+        val_split: JSON key of the validation split (None: no validation).
+        test_split: JSON key of the test split (None: no test).
+        **kwargs: ``BaseDataModule`` arguments.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        json_path: str,
+        train_split: str = "train",
+        val_split: str | None = "validation",
+        test_split: str | None = "test",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.root, self.json_path = Path(root), Path(json_path)
+        self.split_keys = {"train": train_split, "val": val_split, "test": test_split}
+
+    def read_split(self, split: str) -> list[Record] | None:
+        key = self.split_keys[split]
+        if key is None:
+            return None
+        return read_m3d_cap(self.json_path, self.root, key)
+
+
+class M3DVQADataModule(BaseDataModule):
+    """M3D-VQA question-answer pairs, open or closed (``<q> Choices: A. x B. y C. z D. w`` -> ``A. x``).
+
+    Args:
+        root: folder the CSV's ``Image Path`` column starts from.
+        train_csv: training CSV.
+        val_csv: validation CSV (None: no validation).
+        test_csv: test CSV (None: no test).
+        mode: ``open`` or ``closed``.
+        **kwargs: ``BaseDataModule`` arguments.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_csv: str | None = None,
+        val_csv: str | None = None,
+        test_csv: str | None = None,
+        mode: Literal["open", "closed"] = "closed",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if mode not in ("open", "closed"):
+            raise ValueError(f"mode must be 'open' or 'closed', got {mode!r}")
+        self.root, self.mode = Path(root), mode
+        self.csvs = {"train": train_csv, "val": val_csv, "test": test_csv}
+
+    def read_split(self, split: str) -> list[Record] | None:
+        path = self.csvs[split]
+        return None if path is None else read_m3d_vqa(Path(path), self.root, self.mode)
+
+
+class M3DSegDataModule(BaseDataModule):
+    """M3D-Seg referring segmentation: ``Can you segment the <class>?`` -> ``It is [SEG].`` or a negative.
+
+    Args:
+        root: M3D-Seg folder holding ``<dataset>/<dataset>.json``.
+        datasets: dataset folder names, e.g. ``["0000", "0003"]``.
+        train_split: JSON key of the training split.
+        val_split: JSON key of the validation split (None: no validation).
+        test_split: JSON key of the test split (None: no test).
+        **kwargs: ``BaseDataModule`` arguments.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        datasets: list[str],
+        train_split: str = "train",
+        val_split: str | None = None,
+        test_split: str | None = "test",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not datasets:
+            raise ValueError("datasets must name at least one M3D-Seg dataset folder")
+        self.root, self.dataset_names = Path(root), list(datasets)
+        self.split_keys = {"train": train_split, "val": val_split, "test": test_split}
+
+    def read_split(self, split: str) -> list[Record] | None:
+        key = self.split_keys[split]
+        if key is None:
+            return None
+        return [r for name in self.dataset_names for r in read_m3d_seg(self.root, name, key)]
+
+
+class BrainCTQADataModule(BaseDataModule):
+    """The ``m3d-lit prepare`` output of one or more brain-CT datasets (CQ500, PhysioNet).
+
+    ``mode="qa"`` reads ``qa_<split>.jsonl`` (masks loaded for seg samples); ``mode="report"`` reads
+    ``reports.jsonl`` as image-report pairs (question: a caption prompt, kind ``caption``) for stages
+    1 and 2. A QA split whose file is absent in every root is not configured; absent in only some
+    roots it is an error.
+
+    Augmentation mirrors no axis by default (``flip_axes=()``): a mirror swaps the patient's left and
+    right, and the answers name the side of a bleed.
+
+    Args:
+        roots: ``prepare`` output folders.
+        mode: ``qa`` or ``report``.
+        flip_axes: axes augmentation may mirror; keep W (2) out unless no answer names a side.
+        **kwargs: other ``BaseDataModule`` arguments.
+    """
+
+    def __init__(
+        self,
+        roots: list[str],
+        mode: Literal["qa", "report"] = "qa",
+        flip_axes: tuple[int, ...] = BRAIN_CT_FLIP_AXES,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(flip_axes=flip_axes, **kwargs)
+        if not roots:
+            raise ValueError("roots must name at least one prepare output folder")
+        if mode not in ("qa", "report"):
+            raise ValueError(f"mode must be 'qa' or 'report', got {mode!r}")
+        self.roots, self.mode = [Path(r) for r in roots], mode
+
+    def read_split(self, split: str) -> list[Record] | None:
+        if self.mode == "report":
+            files = [root / "reports.jsonl" for root in self.roots]
+        else:
+            files = [root / f"qa_{split}.jsonl" for root in self.roots]
+        missing = [f for f in files if not f.is_file()]
+        if self.mode == "qa" and len(missing) == len(files):
+            return None
+        if missing:
+            why = "other roots have this split" if self.mode == "qa" else "report mode reads it"
+            raise InputError(missing[0], f"is missing ({why}): run `m3d-lit prepare` for this folder")
+        if self.mode == "report":
+            return [r for f in files for r in read_reports(f, split)]
+        return [r for f in files for r in read_qa_jsonl(f)]
+
+
+class MixDataModule(BaseDataModule):
+    """Stage 3 mixture: each training batch draws its samples from the sources by weight.
+
+    The draws depend only on (seed, epoch). Val/test run over every source's val/test set in full.
+    Each source keeps its own augmentation settings; its batch size and workers are not used.
+
+    Args:
+        sources: name -> DataModule.
+        weights: name -> positive sampling weight (same names as ``sources``).
+        samples_per_epoch: training samples per epoch over all ranks (None: the sources' total).
+        batch_size: samples per batch per device.
+        num_workers: DataLoader worker processes.
+        seed: fixes the draws per epoch.
+        pin_memory: pin batches in page-locked memory.
+    """
+
+    def __init__(
+        self,
+        sources: dict[str, BaseDataModule],
+        weights: dict[str, float],
+        samples_per_epoch: int | None = None,
+        batch_size: int = 2,
+        num_workers: int = 0,
+        seed: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed, augment=False, pin_memory=pin_memory, flip_axes=())
+        if not sources or set(sources) != set(weights):
+            raise ValueError(f"weights {sorted(weights)} must name exactly the sources {sorted(sources)}")
+        bad = {k: w for k, w in weights.items() if not w > 0}
+        if bad:
+            raise ValueError(f"weights must be positive, got {bad}")
+        if samples_per_epoch is not None and samples_per_epoch < 1:
+            raise ValueError(f"samples_per_epoch must be >= 1, got {samples_per_epoch}")
+        self.sources, self.weights, self.samples_per_epoch = dict(sources), dict(weights), samples_per_epoch
+
+    def build_dataset(self, split: str) -> Dataset | None:
+        stage = {"train": "fit", "val": "fit", "test": "test"}[split]
+        parts = {}
+        for name, source in self.sources.items():
+            source.setup(stage)
+            if split in source.datasets:
+                parts[name] = source.datasets[split]
+        if split == "train" and set(parts) != set(self.sources):
+            raise ValueError(f"mix sources {sorted(set(self.sources) - set(parts))} have no train split")
+        return MixDataset(parts) if parts else None
+
+    def train_sampler(self, dataset: Dataset) -> EpochSampler:
+        replicas, rank = self._ranks()
+        weights = [self.weights[name] for name in dataset.names]
+        num = self.samples_per_epoch or len(dataset)
+        return MixSampler(dataset, weights, num, num_replicas=replicas, rank=rank, seed=self.seed)

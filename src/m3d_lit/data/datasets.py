@@ -1,0 +1,244 @@
+"""Map-style Datasets over prepared volumes: one generic ``RecordDataset`` and the standalone QA reader.
+
+Every reader turns a split file into ``Record`` rows; ``RecordDataset`` loads a row's volume (memory
+mapped ``.npy``), picks the wording, augments at train time and returns the contract item
+(docs/architecture.md "Samples and batches").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from m3d_lit.data.augment import VolumeAugment, sample_seed
+from m3d_lit.errors import InputError
+
+__all__ = [
+    "Record",
+    "SampleKey",
+    "RecordDataset",
+    "QAJsonlDataset",
+    "load_volume",
+    "check_paths",
+    "read_jsonl",
+    "read_qa_jsonl",
+]
+
+QA_KEYS = ("id", "image", "question", "answer", "kind")
+SHOWN_BAD_PATHS = 5
+
+
+@dataclass(frozen=True)
+class Record:
+    """One sample before loading.
+
+    ``question`` and ``answer`` hold wordings: index 0 is canonical (val/test), training draws one per
+    sample. When ``negative`` is set (M3D-Seg) the mask decides: an empty mask gives a ``negative``
+    answer and no mask. When ``answer_file`` is set (M3D-Cap) the answer is that text file's content.
+    """
+
+    id: str
+    image: Path
+    question: tuple[str, ...]
+    answer: tuple[str, ...]
+    kind: str
+    dataset: str
+    source: Path
+    mask: Path | None = None
+    negative: tuple[str, ...] = ()
+    answer_file: Path | None = None
+
+    def paths(self) -> list[Path]:
+        return [p for p in (self.image, self.mask, self.answer_file) if p is not None]
+
+
+class SampleKey(NamedTuple):
+    """What the samplers yield: the index plus the epoch, which seeds augmentation in any worker."""
+
+    index: int
+    epoch: int
+
+
+def load_volume(path: Path) -> torch.Tensor:
+    """A ``.npy`` volume as float32 1 x D x H x W (memory mapped; float16/uint8 caches converted)."""
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as err:
+        raise InputError(path, f"cannot read as .npy: {err}") from err
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4 or array.shape[0] != 1:
+        raise InputError(path, f"expected a 1 x D x H x W volume, got shape {array.shape}")
+    return torch.from_numpy(np.array(array, dtype=np.float32))
+
+
+def _unreadable(path: Path) -> str | None:
+    if not path.is_file():
+        return "missing"
+    if path.suffix != ".npy":
+        return None if os.access(path, os.R_OK) else "unreadable"
+    try:
+        np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as err:
+        return f"unreadable ({type(err).__name__})"
+    return None
+
+
+def check_paths(records: Iterable[Record]) -> None:
+    """Raise ONE InputError if any file named by a split file (image, mask, text) is missing or unreadable."""
+    pairs = [(r.source, p) for r in records for p in r.paths()]
+    bad = [(src, p, why) for src, p in pairs if (why := _unreadable(p)) is not None]
+    if not bad:
+        return
+    sources = sorted({str(src) for src, _, _ in bad})
+    shown = "; ".join(f"{p} ({why})" for _, p, why in bad[:SHOWN_BAD_PATHS])
+    also = f" (split files involved: {', '.join(sources)})" if len(sources) > 1 else ""
+    raise InputError(
+        bad[0][0], f"{len(bad)} files named here are missing or unreadable{also}, first: {shown}"
+    )
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line; a line that is not a JSON object is an InputError."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise InputError(path, f"cannot read: {err}") from err
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(path, f"line {number} is not JSON: {err.msg}") from err
+        if not isinstance(obj, dict):
+            raise InputError(path, f"line {number} is not a JSON object")
+        yield number, obj
+
+
+def read_qa_jsonl(path: Path) -> list[Record]:
+    """Rows of a ``prepare`` QA file (``qa_<split>.jsonl``); paths are relative to its folder."""
+    path = Path(path)
+    records = []
+    for number, obj in read_jsonl(path):
+        missing = [k for k in QA_KEYS if not isinstance(obj.get(k), str) or not obj[k]]
+        if missing:
+            raise InputError(path, f"line {number} lacks non-empty string fields {missing}")
+        mask = obj.get("mask")
+        records.append(
+            Record(
+                id=str(obj.get("qid") or obj["id"]),
+                image=path.parent / obj["image"],
+                question=(obj["question"],),
+                answer=(obj["answer"],),
+                kind=obj["kind"],
+                dataset=str(obj.get("dataset", path.parent.name)),
+                source=path,
+                mask=None if not mask else path.parent / mask,
+            )
+        )
+    return records
+
+
+class RecordDataset(Dataset):
+    """Loads ``Record`` rows as contract items; no sample is ever skipped or substituted.
+
+    Args:
+        records: the rows.
+        train: draw wordings per sample (else the canonical ones) and apply ``augment``.
+        augment: train-time augmentation, or None.
+        seed: with the epoch and index, fixes every random draw of a sample.
+        img_size: if given, every volume must be 1 x D x H x W with this (D, H, W).
+        blank_images: return zero volumes of the same shape (the image-ablation control).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        train: bool = False,
+        augment: VolumeAugment | None = None,
+        seed: int = 0,
+        img_size: Sequence[int] | None = None,
+        blank_images: bool = False,
+    ) -> None:
+        self.records = list(records)
+        self.train = train
+        self.augment = augment if train else None
+        self.seed = seed
+        self.img_size = None if img_size is None else tuple(int(s) for s in img_size)
+        self.blank_images = blank_images
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _volume(self, path: Path) -> torch.Tensor:
+        volume = load_volume(path)
+        if self.img_size is not None and tuple(volume.shape[1:]) != self.img_size:
+            raise InputError(
+                path, f"volume shape {tuple(volume.shape)} differs from img_size {self.img_size}"
+            )
+        return torch.zeros_like(volume) if self.blank_images else volume
+
+    def __getitem__(self, key: int | SampleKey) -> dict[str, Any]:
+        index, epoch = (key.index, key.epoch) if isinstance(key, SampleKey) else (int(key), 0)
+        record = self.records[index]
+        rng = np.random.default_rng(sample_seed(self.seed, epoch, index)) if self.train else None
+        image = self._volume(record.image)
+        mask = None if record.mask is None else (load_volume(record.mask) > 0).float()
+        if mask is not None and mask.shape != image.shape:
+            raise InputError(
+                record.mask, f"mask shape {tuple(mask.shape)} differs from image {tuple(image.shape)}"
+            )
+        answers = record.answer if record.answer_file is None else (_read_text(record.answer_file),)
+        if record.negative and mask is not None and not bool(mask.any()):
+            answers, mask = record.negative, None
+        if self.augment is not None and rng is not None:
+            image, mask = self.augment(image, mask, int(rng.integers(2**32)))
+        return {
+            "id": record.id,
+            "image": image,
+            "question": _pick(record.question, rng),
+            "answer": _pick(answers, rng),
+            "kind": record.kind,
+            "mask": mask,
+            "dataset": record.dataset,
+        }
+
+
+def _read_text(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(path, f"cannot read the text: {err}") from err
+    if not text:
+        raise InputError(path, "the text is empty")
+    return text
+
+
+def _pick(options: tuple[str, ...], rng: np.random.Generator | None) -> str:
+    return options[0] if rng is None else options[int(rng.integers(len(options)))]
+
+
+class QAJsonlDataset(RecordDataset):
+    """One ``qa_<split>.jsonl`` of ``m3d-lit prepare``, standalone (``m3d-lit eval``); no augmentation.
+
+    Args:
+        path: the QA file; its image and mask paths are relative to its folder and checked here.
+        img_size: if given, every volume must have this (D, H, W).
+        blank_images: return zero volumes (the image-ablation control).
+    """
+
+    def __init__(
+        self, path: str | Path, img_size: Sequence[int] | None = None, blank_images: bool = False
+    ) -> None:
+        records = read_qa_jsonl(Path(path))
+        check_paths(records)
+        super().__init__(records, train=False, img_size=img_size, blank_images=blank_images)
