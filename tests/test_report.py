@@ -1,0 +1,107 @@
+"""report.md: Table 1 layout beside the paper, closed table with baselines, Dice, plot, examples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.image import imread
+
+from m3d_lit.evaluation.metrics import compute_metrics
+from m3d_lit.evaluation.report import PAPER_TABLE1, write_report
+
+RECORDS = [
+    {"id": "CQ500-CT-1/q0", "prediction": "Yes.", "answer": "Yes", "kind": "closed", "question": "Is there a bleed?", "dataset": "cq500"},
+    {"id": "CQ500-CT-2/q0", "prediction": "No", "answer": "No.", "kind": "closed", "question": "Is there a bleed?", "dataset": "cq500"},
+    {"id": "CQ500-CT-3/q0", "prediction": "No", "answer": "Yes.", "kind": "closed", "question": "Is there a fracture?", "dataset": "cq500"},
+    {"id": "CQ500-CT-1/q1", "prediction": "A left | subdural\nbleed.", "answer": "Left subdural hemorrhage.", "kind": "open", "dataset": "cq500"},
+    {"id": "049/seg", "prediction": "It is [SEG].", "answer": "It is [SEG].", "kind": "seg", "dataset": "physionet", "dice": 0.4, "iou": 0.25},
+]  # fmt: skip
+
+
+def _volume(record):
+    """Depth 5: only the middle slice (index 2) is bright, so the picture shows which slice was taken."""
+    volume = np.zeros((1, 5, 8, 6), dtype=np.float32)
+    volume[0, 2] = 1.0
+    return torch.from_numpy(volume) if record["dataset"] == "cq500" else volume
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    metrics = compute_metrics(RECORDS)
+    path = write_report(out, metrics, RECORDS, title="tiny eval", images=_volume, examples=3)
+    return out, path, path.read_text(encoding="utf-8"), metrics
+
+
+def test_table1_rows_beside_paper_values(report):
+    _, path, text, metrics = report
+    assert path.name == "report.md" and text.startswith("# tiny eval\n")
+    paper = PAPER_TABLE1["cq500"]
+    assert f"| CQ500 | paper | {paper['bleu1']:.4f} | {paper['bleu2']:.4f}" in text
+    ours = metrics["by_dataset"]["cq500"]
+    assert f"| CQ500 | ours, corpus BLEU | {ours['bleu1']:.4f} |" in text
+    assert f"| CQ500 | ours, sentence BLEU | {ours['bleu1_sent']:.4f} |" in text
+    assert f"| {ours['rouge1']:.4f} | {ours['meteor']:.4f} | 4 |" in text
+    assert "| PhysioNet | paper | 0.3958 |" in text
+
+
+def test_closed_table_has_baselines_and_plot(report):
+    out, _, text, metrics = report
+    bleed = metrics["by_dataset"]["cq500"]["closed_by_question"]["Is there a bleed?"]
+    assert bleed["balanced_accuracy"] == 1.0
+    assert "| CQ500: Is there a bleed? | 2 | 1 | 1.0000 | 0.5000 | 1.0000 | 0.5000 | 1.0000 | No |" in text
+    assert "| **CQ500: all closed** | 3 | 2 | 0.6667 | 0.6667 |" in text
+    assert "(closed_balanced_accuracy.png)" in text
+    plot = imread(out / "closed_balanced_accuracy.png")
+    assert plot.ndim == 3 and plot.shape[0] > 50
+
+
+def test_segmentation_and_definitions(report):
+    _, _, text, _ = report
+    assert "| PhysioNet | 1 | 0.4000 | 0.2500 | 0.3100 |" in text
+    for phrase in (
+        "TreebankWordTokenizer",
+        "corpus_bleu",
+        "method1",
+        "use_stemmer=True",
+        "WordNet 3.0",
+        "PorterStemmer",
+    ):
+        assert phrase in text
+
+
+def test_examples_show_middle_slice_and_texts(report):
+    out, _, text, _ = report
+    pictures = sorted((out / "examples").iterdir())
+    assert len(pictures) == 3
+    for picture in pictures:
+        pixels = imread(picture)
+        assert pixels.shape[:2] == (8, 6)
+        assert pixels[..., :3].min() == pytest.approx(1.0)  # the bright middle slice, not a dark one
+    # Round-robin over (dataset, kind): the seg example shows although it is the last record.
+    assert "### 049_seg (physionet, seg)" in text and "### CQ500-CT-1_q0 (cq500, closed)" in text
+    assert "- Prediction: It is [SEG]." in text
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_open_answer_text_stays_on_one_table_safe_line(tmp_path):
+    records = [dict(RECORDS[3])]
+    path = write_report(tmp_path, compute_metrics(records), records, title="t", images=None)
+    text = path.read_text()
+    assert "- Prediction: A left \\| subdural bleed." in text
+    assert not (tmp_path / "examples").exists()
+    assert "Closed Yes/No" not in text and "## Segmentation" not in text
+
+
+def test_records_without_dataset_get_an_all_row(tmp_path):
+    records = [{"prediction": "yes", "answer": "Yes"}, {"prediction": "no", "answer": "Yes"}]
+    text = write_report(tmp_path, compute_metrics(records), records, title="t", examples=0).read_text()
+    assert "| all | ours, corpus BLEU |" in text and "| paper |" not in text
+    assert (
+        "| all: (no question) | 2 | 2 |" in text
+        and "| **all: all closed** | 2 | 2 | 0.5000 | 1.0000 |" in text
+    )
+    assert "## Examples" not in text
+    with pytest.raises(ValueError, match="examples must be >= 0"):
+        write_report(tmp_path, compute_metrics(records), records, title="t", examples=-1)
