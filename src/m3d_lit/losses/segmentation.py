@@ -1,0 +1,35 @@
+"""Segmentation losses on mask logits, per sample (rows without a target are dropped by the caller)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["dice_loss", "bce_loss"]
+
+
+def _check(logits: Tensor, target: Tensor) -> None:
+    if logits.shape != target.shape or logits.dim() < 2:
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must match, B x ...")
+
+
+def dice_loss(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
+    """1 - (2 |p t| + s) / (|p| + |t| + s) per sample, with p = sigmoid(logits); returns shape B.
+
+    Args:
+        logits: B x ... mask logits.
+        target: B x ... binary mask (float).
+        smooth: added to numerator and denominator; an empty prediction of an empty mask scores 0.
+    """
+    _check(logits, target)
+    prob = logits.float().sigmoid().flatten(1)
+    target = target.float().flatten(1)
+    inter = (prob * target).sum(1)
+    return 1.0 - (2.0 * inter + smooth) / (prob.sum(1) + target.sum(1) + smooth)
+
+
+def bce_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Binary cross-entropy with logits, averaged over the voxels of each sample; returns shape B."""
+    _check(logits, target)
+    loss = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
+    return loss.flatten(1).mean(1)

@@ -1,0 +1,94 @@
+"""The stage-1 CLIP model: 3D ViT + BERT, CLS features projected and L2-normalised."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from m3d_lit.models import registry
+from m3d_lit.models.presets import resolve
+from m3d_lit.models.tokenizer import build_text_tokenizer
+
+__all__ = ["ClipModel", "build_clip", "MAX_LOGIT_SCALE"]
+
+MAX_LOGIT_SCALE = 100.0
+_MODES = ("frozen", "full")
+
+
+class ClipModel(nn.Module):
+    """Image-text contrastive model; `vision.*` names match `LamedModel`'s.
+
+    Args:
+        config: resolved preset dict (`presets.resolve`).
+        text_path: local BERT directory (weights + tokenizer); None builds the preset's BERT from its
+            config with a WordPiece tokenizer trained on the shipped corpus.
+    """
+
+    def __init__(self, config: dict[str, Any], text_path: str | Path | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.img_size = tuple(config["img_size"])
+        self.max_length = int(config["clip"]["max_length"])
+        self.text_tokenizer = build_text_tokenizer(text_path)
+        self.vision = registry.build(
+            "vit3d", img_size=self.img_size, patch_size=config["patch_size"], **config["vision"]
+        )
+        text_config = {
+            "vocab_size": len(self.text_tokenizer),
+            "pad_token_id": self.text_tokenizer.pad_token_id,
+            **config["text"],
+        }
+        self.text = registry.build("bert", path=text_path, config=text_config)
+        embed_dim = int(config["clip"]["embed_dim"])
+        self.image_proj = nn.Linear(self.vision.hidden_size, embed_dim)
+        self.text_proj = nn.Linear(self.text.config.hidden_size, embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def set_trainable(self, trainable: dict[str, str]) -> None:
+        """`vision`, `text`, `projections` (both projections and the logit scale): frozen|full; missing: frozen."""
+        for key, mode in trainable.items():
+            if key not in ("vision", "text", "projections") or mode not in _MODES:
+                raise ValueError(
+                    f"trainable[{key!r}] = {mode!r}: keys vision|text|projections, values {_MODES}"
+                )
+        full = {key: trainable.get(key, "frozen") == "full" for key in ("vision", "text", "projections")}
+        self.vision.requires_grad_(full["vision"])
+        self.text.requires_grad_(full["text"])
+        for part in (self.image_proj, self.text_proj):
+            part.requires_grad_(full["projections"])
+        self.logit_scale.requires_grad_(full["projections"])
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """L2-normalised image features, B x embed_dim."""
+        _, cls = self.vision(images)
+        return F.normalize(self.image_proj(cls), dim=-1)
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """L2-normalised text features from the CLS hidden state, B x embed_dim."""
+        hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
+
+    def forward(
+        self, images: Tensor, input_ids: Tensor, attention_mask: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(image features, text features, logit scale): the scale is exp(log scale) clamped to <= 100."""
+        scale = self.logit_scale.float().exp().clamp(max=MAX_LOGIT_SCALE)
+        return self.encode_image(images), self.encode_text(input_ids, attention_mask), scale
+
+
+def build_clip(
+    preset: str, overrides: dict[str, Any] | None = None, text_path: str | Path | None = None
+) -> ClipModel:
+    """Build `ClipModel` from a preset (all parameters trainable until `set_trainable`).
+
+    Args:
+        preset: `tiny`, `small` or `paper`.
+        overrides: nested values deep-merged into the preset.
+        text_path: local BERT directory; None builds from the preset.
+    """
+    return ClipModel(resolve(preset, overrides), text_path)

@@ -1,0 +1,341 @@
+"""The composite M3D-LaMed model: vision -> perceiver -> LLM (image tokens spliced in) -> [SEG] -> masks.
+
+Plain `nn.Module`; the Lightning tasks own the optimisation. Trainability is configuration
+(`set_trainable`), never substring lists. Vision parameters are named `vision.*` as in `ClipModel`, so
+stage 1 weights move into stage 2 by prefix.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from m3d_lit.losses.segmentation import bce_loss, dice_loss
+from m3d_lit.models import registry
+from m3d_lit.models.llm import NewTokenRows, apply_lora, sample_next, unwrap
+from m3d_lit.models.perceiver import build_perceiver
+from m3d_lit.models.presets import resolve
+from m3d_lit.models.tokenizer import IM_PATCH, LAMED_TOKENS, SEG, build_llm_tokenizer
+
+__all__ = ["LamedModel", "build_lamed"]
+
+_MODES = {
+    "vision": ("frozen", "full"),
+    "perceiver": ("frozen", "full"),
+    "llm": ("frozen", "full", "lora"),
+    "segmentation": ("frozen", "full"),
+    "new_token_rows": ("frozen", "full"),
+}
+
+
+class LamedModel(nn.Module):
+    """M3D-LaMed built from a resolved preset (`presets.resolve`).
+
+    Args:
+        config: resolved preset dict (saved in checkpoints so the model can be rebuilt).
+        llm_path: local directory of the LLM and its tokenizer; None builds the preset's LLM from its
+            config with a tokenizer trained on the shipped corpus.
+        dtype: weight dtype of an LLM loaded from `llm_path`.
+    """
+
+    def __init__(
+        self, config: dict[str, Any], llm_path: str | Path | None = None, dtype: torch.dtype | None = None
+    ):
+        super().__init__()
+        self.config = config
+        self.img_size = tuple(config["img_size"])
+        self.max_length = int(config["max_length"])
+        self.tokenizer = build_llm_tokenizer(llm_path)
+        self.vision = registry.build(
+            "vit3d", img_size=self.img_size, patch_size=config["patch_size"], **config["vision"]
+        )
+        llm_config = {"vocab_size": len(self.tokenizer), **config["llm"]}
+        self.llm = registry.build("causal_lm", path=llm_path, config=llm_config, dtype=dtype)
+        hidden = self.llm.config.hidden_size
+        self.perceiver = build_perceiver(
+            config["perceiver"], self.vision.grid, self.vision.hidden_size, hidden
+        )
+        self.num_visual_tokens = int(self.perceiver.num_tokens)
+        if self.num_visual_tokens >= self.max_length:
+            raise ValueError(
+                f"{self.num_visual_tokens} visual tokens leave no room in max_length {self.max_length}"
+            )
+        self.new_tokens = self._add_token_rows(hidden)
+        self.segmentation = registry.build(
+            "segvol", img_size=self.img_size, patch_size=config["patch_size"], **config["segmentation"]
+        )
+        prompt_dim = self.segmentation.prompt_dim
+        self.seg_head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, prompt_dim))
+        self.im_patch_id = self.tokenizer.convert_tokens_to_ids(IM_PATCH)
+        self.seg_id = self.tokenizer.convert_tokens_to_ids(SEG)
+        decoder = unwrap(self.llm).get_decoder()
+        self._cache_kw = (
+            "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+        )
+
+    def _add_token_rows(self, hidden: int) -> NewTokenRows:
+        llm = unwrap(self.llm)
+        rows = llm.get_input_embeddings().num_embeddings
+        new_ids = [self.tokenizer.convert_tokens_to_ids(t) for t in LAMED_TOKENS]
+        if self.tokenizer.pad_token_id >= rows:  # a pad token added to a pretrained tokenizer
+            new_ids.append(self.tokenizer.pad_token_id)
+        if len(self.tokenizer) > rows:
+            llm.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+        head = llm.get_output_embeddings()
+        new_tokens = NewTokenRows(new_ids, hidden, llm.get_input_embeddings().num_embeddings)
+        new_tokens.init_from(llm.get_input_embeddings().weight, None if head is None else head.weight)
+        return new_tokens
+
+    # -- trainability -------------------------------------------------------------------------------
+    def set_trainable(self, trainable: dict[str, str], lora: dict[str, Any] | None = None) -> None:
+        """Set `frozen | full | lora` per component; keys left out are frozen.
+
+        Args:
+            trainable: `vision`, `perceiver`, `segmentation` (with `seg_head`): frozen|full; `llm`:
+                frozen|full|lora; `new_token_rows`: frozen|full (the added tokens' embedding rows).
+            lora: `r`, `alpha`, `dropout` (default: the preset's `lora`); used when `llm` is `lora`.
+        """
+        for key, mode in trainable.items():
+            if key not in _MODES or mode not in _MODES[key]:
+                allowed = _MODES.get(key, sorted(_MODES))
+                raise ValueError(f"trainable[{key!r}] = {mode!r} is not valid; allowed: {allowed}")
+        modes = {key: trainable.get(key, "frozen") for key in _MODES}
+        wrapped = hasattr(self.llm, "peft_config")
+        if wrapped and modes["llm"] == "full":
+            raise ValueError("llm already carries LoRA adapters; it cannot become fully trainable")
+        if modes["llm"] == "lora" and not wrapped:
+            self.llm = apply_lora(self.llm, lora or self.config["lora"])
+        self.vision.requires_grad_(modes["vision"] == "full")
+        self.perceiver.requires_grad_(modes["perceiver"] == "full")
+        self.segmentation.requires_grad_(modes["segmentation"] == "full")
+        self.seg_head.requires_grad_(modes["segmentation"] == "full")
+        self.new_tokens.requires_grad_(modes["new_token_rows"] == "full")
+        for name, param in self.llm.named_parameters():
+            param.requires_grad_(modes["llm"] == "full" or (modes["llm"] == "lora" and "lora_" in name))
+
+    def enable_gradient_checkpointing(self, llm: bool = True, vision: bool = False) -> None:
+        """Non-reentrant activation checkpointing (reentrant breaks DDP with LoRA and frozen inputs)."""
+        if llm:
+            base = unwrap(self.llm)
+            kwargs = {"use_reentrant": False}
+            if hasattr(base, "activation_checkpointing_enable"):
+                base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self.vision.gradient_checkpointing = vision
+
+    # -- building blocks ----------------------------------------------------------------------------
+    def embed(self, images: Tensor, input_ids: Tensor) -> Tensor:
+        """Token embeddings with the visual tokens written over each row's `<im_patch>` placeholders."""
+        counts = (input_ids == self.im_patch_id).sum(1)
+        bad = (counts != self.num_visual_tokens).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(
+                f"row {bad[0]} has {int(counts[bad[0]])} {IM_PATCH} placeholders but the perceiver gives "
+                f"{self.num_visual_tokens} visual tokens (rows with a mismatch: {bad})"
+            )
+        embeds = self.token_embeds(input_ids)
+        patches, _ = self.vision(images.to(self._vision_dtype()))
+        visual = self.perceiver(patches).to(embeds.dtype)
+        # masked_scatter fills the True positions in row-major order: row by row, left to right.
+        return embeds.masked_scatter((input_ids == self.im_patch_id).unsqueeze(-1), visual)
+
+    def token_embeds(self, input_ids: Tensor) -> Tensor:
+        base = unwrap(self.llm).get_input_embeddings()(input_ids)
+        return self.new_tokens.embed(input_ids, base)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        base = unwrap(self.llm).get_output_embeddings()(hidden)
+        return self.new_tokens.logits(hidden, base)
+
+    def decode(
+        self, embeds: Tensor, attention_mask: Tensor | None, positions: Tensor | None, cache: Any = None
+    ) -> tuple[Tensor, Any]:
+        """Last-layer hidden states (B x L x H) and the KV cache."""
+        decoder = unwrap(self.llm).get_decoder()
+        out = decoder(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            use_cache=cache is not None,
+            **{self._cache_kw: cache},
+        )
+        return out.last_hidden_state, getattr(out, self._cache_kw, None)
+
+    def _vision_dtype(self) -> torch.dtype:
+        return self.vision.patch_embedding.position_embeddings.dtype
+
+    # -- training forward ---------------------------------------------------------------------------
+    def forward(
+        self,
+        images: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor | None = None,
+        masks: Tensor | None = None,
+        seg_flags: Tensor | None = None,
+    ) -> dict[str, Any]:
+        """Losses and outputs of one batch.
+
+        Returns `loss` (LM + w_dice Dice + w_bce BCE), `lm_loss` (None without labels), `dice`, `bce`,
+        `logits` (B x L x V), `seg_logits` (S x 1 x D x H x W for the S rows in `seg_rows`, or None).
+        """
+        hidden, _ = self.decode(self.embed(images, input_ids), attention_mask, _positions(attention_mask))
+        logits = self.logits(hidden)
+        lm_loss = None if labels is None else _lm_loss(logits, labels)
+        seg = self._segment_batch(images, input_ids, hidden, masks, seg_flags)
+        weights = self.config.get("loss", {})
+        loss = weights.get("w_dice", 1.0) * seg["dice"] + weights.get("w_bce", 1.0) * seg["bce"]
+        if lm_loss is not None:
+            loss = loss + lm_loss
+        return {"loss": loss, "lm_loss": lm_loss, "logits": logits, **seg}
+
+    def _segment_batch(
+        self,
+        images: Tensor,
+        input_ids: Tensor,
+        hidden: Tensor,
+        masks: Tensor | None,
+        seg_flags: Tensor | None,
+    ) -> dict[str, Any]:
+        is_seg = input_ids == self.seg_id
+        has_seg = is_seg.any(1)
+        if seg_flags is not None:
+            has_seg = has_seg & seg_flags.to(has_seg.device).bool()
+        rows = has_seg.nonzero().flatten() if masks is not None else has_seg.new_zeros(0, dtype=torch.long)
+        if rows.numel() == 0:
+            zero = self._zero_seg_term(hidden)
+            return {"dice": zero, "bce": zero, "seg_logits": None, "seg_rows": rows}
+        # The hidden state at the position that predicts [SEG] (the one before its first occurrence).
+        where = is_seg[rows].float().argmax(1).clamp(min=1) - 1
+        prompts = self.seg_head(hidden[rows, where])
+        seg_dtype = self.segmentation.prompt_encoder.no_mask_embed.weight.dtype
+        seg_logits = self.segmentation(images[rows].to(seg_dtype), prompts.to(seg_dtype))
+        target = masks[rows]
+        return {
+            "dice": dice_loss(seg_logits, target).mean(),
+            "bce": bce_loss(seg_logits, target).mean(),
+            "seg_logits": seg_logits,
+            "seg_rows": rows,
+        }
+
+    def _zero_seg_term(self, hidden: Tensor) -> Tensor:
+        # DDP needs a gradient for every trainable parameter each step: touch them with weight 0.
+        params = [p for m in (self.seg_head, self.segmentation) for p in m.parameters() if p.requires_grad]
+        zero = hidden.new_zeros((), dtype=torch.float32)
+        return zero + 0.0 * sum(p.float().sum() for p in params) if params else zero
+
+    # -- generation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        images: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> dict[str, list]:
+        """Batched answers to left-padded prompts, with a KV cache; each row stops at EOS.
+
+        Returns `texts` (answers without special tokens except `[SEG]`/box tokens) and `seg_logits`
+        (1 x D x H x W mask logits per row that produced `[SEG]`, else None).
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens {max_new_tokens} must be >= 1")
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("generate needs left-padded prompts (the last column of attention_mask is 0)")
+        batch = input_ids.shape[0]
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        positions = _positions(attention_mask)
+        hidden, cache = self.decode(
+            self.embed(images, input_ids), attention_mask, positions, cache=_new_cache()
+        )
+        hidden = hidden[:, -1]
+        done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        seg_hidden: dict[int, Tensor] = {}
+        steps: list[Tensor] = []
+        for _ in range(max_new_tokens):
+            next_ids = sample_next(self.logits(hidden).float(), do_sample, temperature, top_p)
+            next_ids = torch.where(done, torch.full_like(next_ids, pad), next_ids)
+            for row in ((next_ids == self.seg_id) & ~done).nonzero().flatten().tolist():
+                seg_hidden.setdefault(row, hidden[row])
+            steps.append(next_ids)
+            done = done | (next_ids == eos)
+            if bool(done.all()):
+                break
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+            positions = positions[:, -1:] + 1
+            hidden, cache = self.decode(
+                self.token_embeds(next_ids[:, None]), attention_mask, positions, cache
+            )
+            hidden = hidden[:, -1]
+        tokens = torch.stack(steps, dim=1).tolist()
+        texts = [self._detokenize(row) for row in tokens]
+        return {"texts": texts, "seg_logits": self._segment_rows(images, seg_hidden, batch)}
+
+    def _detokenize(self, ids: list[int]) -> str:
+        eos = self.tokenizer.eos_token_id
+        ids = ids[: ids.index(eos)] if eos in ids else ids
+        drop = {self.tokenizer.pad_token_id, self.tokenizer.bos_token_id}
+        return self.tokenizer.decode([i for i in ids if i not in drop], skip_special_tokens=False).strip()
+
+    def _segment_rows(self, images: Tensor, seg_hidden: dict[int, Tensor], batch: int) -> list[Tensor | None]:
+        out: list[Tensor | None] = [None] * batch
+        if seg_hidden:
+            rows = sorted(seg_hidden)
+            seg_dtype = self.segmentation.prompt_encoder.no_mask_embed.weight.dtype
+            prompts = self.seg_head(torch.stack([seg_hidden[r] for r in rows])).to(seg_dtype)
+            logits = self.segmentation(images[rows].to(seg_dtype), prompts)
+            for i, row in enumerate(rows):
+                out[row] = logits[i]
+        return out
+
+
+def _positions(attention_mask: Tensor) -> Tensor:
+    """Position ids counting only real tokens, so left padding does not shift the positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _new_cache() -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def _lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Next-token cross-entropy on the positions whose label is not -100 (the answer tokens)."""
+    shifted = labels[:, 1:]
+    if not bool((shifted != -100).any()):
+        return logits.sum() * 0.0
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    return F.cross_entropy(flat, shifted.reshape(-1), ignore_index=-100)
+
+
+def build_lamed(
+    preset: str,
+    overrides: dict[str, Any] | None = None,
+    llm_path: str | Path | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> LamedModel:
+    """Build `LamedModel` from a preset (all parameters trainable until `set_trainable`).
+
+    Args:
+        preset: `tiny`, `small` or `paper`.
+        overrides: nested values deep-merged into the preset.
+        llm_path: local LLM directory (weights + tokenizer); None builds from the preset.
+        device: where parameters are created; `"meta"` builds without memory (parameter counts).
+        dtype: weight dtype of an LLM loaded from `llm_path`.
+    """
+    config = resolve(preset, overrides)
+    if device is None:
+        return LamedModel(config, llm_path, dtype)
+    with torch.device(device):
+        return LamedModel(config, llm_path, dtype)

@@ -1,0 +1,144 @@
+"""Causal LM loading, the trainable new-token rows, LoRA, and token sampling."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from m3d_lit.errors import InputError
+
+__all__ = ["build_causal_lm", "NewTokenRows", "apply_lora", "sample_next", "unwrap"]
+
+
+def build_causal_lm(
+    path: str | Path | None = None,
+    config: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+) -> PreTrainedModel:
+    """A Hugging Face causal LM from a local directory, or a Llama built from a config dict.
+
+    Args:
+        path: local model directory (e.g. LLaMA-2-7B); `trust_remote_code` stays off.
+        config: `LlamaConfig` fields for a randomly initialised model (used when `path` is None).
+        dtype: weight dtype when loading from `path` (bf16 on GPU saves half the memory).
+    """
+    if path is not None:
+        path = Path(path)
+        if not path.is_dir():
+            raise InputError(path, "LLM directory not found")
+        try:
+            return AutoModelForCausalLM.from_pretrained(
+                str(path), local_files_only=True, trust_remote_code=False, dtype=dtype
+            )
+        except (OSError, ValueError) as err:
+            raise InputError(path, f"not a loadable causal LM ({err})") from err
+    if not config or "vocab_size" not in config:
+        raise ValueError("build_causal_lm needs a path, or a config with vocab_size")
+    return LlamaForCausalLM(LlamaConfig(**{"attn_implementation": "sdpa", **config}))
+
+
+def unwrap(llm: nn.Module) -> PreTrainedModel:
+    """The transformers model inside a peft wrapper (LoRA layers stay injected in it)."""
+    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm  # type: ignore[return-value]
+
+
+class NewTokenRows(nn.Module):
+    """Trainable embedding rows of the added tokens, for the input and the output embeddings.
+
+    The full embedding and LM-head matrices stay frozen (for LLaMA-2-7B they are 2 x 131M parameters,
+    about 4 GB of AdamW state); only these rows train and override the matrices' rows for their ids.
+
+    Args:
+        token_ids: ids of the added tokens.
+        hidden_size: LLM width.
+        vocab_size: rows of the LLM's embedding matrix.
+    """
+
+    def __init__(self, token_ids: Sequence[int], hidden_size: int, vocab_size: int) -> None:
+        super().__init__()
+        token_ids = [int(i) for i in token_ids]
+        if any(not 0 <= i < vocab_size for i in token_ids) or len(set(token_ids)) != len(token_ids):
+            raise ValueError(
+                f"new token ids {token_ids} must be distinct and inside the vocabulary of {vocab_size}"
+            )
+        ids = torch.tensor(token_ids, dtype=torch.long)
+        self.register_buffer("token_ids", ids)
+        slot = torch.full((vocab_size,), -1, dtype=torch.long)
+        slot[ids] = torch.arange(ids.numel())
+        self.register_buffer("slot", slot, persistent=False)
+        self.input_rows = nn.Parameter(torch.zeros(ids.numel(), hidden_size))
+        self.output_rows = nn.Parameter(torch.zeros(ids.numel(), hidden_size))
+
+    @torch.no_grad()
+    def init_from(self, embedding: Tensor, head: Tensor | None) -> None:
+        """Start the rows (here and in the full matrices) as the mean of the other rows."""
+        for rows, matrix in ((self.input_rows, embedding), (self.output_rows, head)):
+            if matrix is None or matrix.is_meta:
+                continue
+            keep = self.slot[: matrix.shape[0]] < 0
+            mean = matrix[keep].float().mean(0)
+            rows.copy_(mean.expand_as(rows))
+            matrix[self.token_ids] = mean.to(matrix.dtype)
+
+    def embed(self, input_ids: Tensor, base: Tensor) -> Tensor:
+        """Replace the embeddings `base` (B x L x C) at new-token positions by the trainable rows."""
+        slot = self.slot[input_ids]
+        rows = F.embedding(slot.clamp(min=0), self.input_rows).to(base.dtype)
+        return torch.where((slot >= 0).unsqueeze(-1), rows, base)
+
+    def logits(self, hidden: Tensor, base: Tensor) -> Tensor:
+        """Replace the logit columns of the new tokens in `base` (... x V) by `hidden @ output_rows.T`."""
+        new = hidden @ self.output_rows.to(hidden.dtype).t()
+        return base.index_copy(-1, self.token_ids, new.to(base.dtype))
+
+    @torch.no_grad()
+    def write_back(self, embedding: Tensor, head: Tensor | None) -> None:
+        """Copy the trained rows into the full matrices (before exporting a plain HF model)."""
+        embedding[self.token_ids] = self.input_rows.to(embedding.dtype)
+        if head is not None:
+            head[self.token_ids] = self.output_rows.to(head.dtype)
+
+
+def apply_lora(llm: PreTrainedModel, lora: dict[str, Any]) -> nn.Module:
+    """Wrap `llm` with peft LoRA adapters on all its linear layers (the LM head excluded).
+
+    Args:
+        llm: the causal LM.
+        lora: `r`, `alpha`, `dropout` (paper: 16, 32, 0.1); optional `target_modules`.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=int(lora.get("r", 16)),
+        lora_alpha=int(lora.get("alpha", 32)),
+        lora_dropout=float(lora.get("dropout", 0.1)),
+        target_modules=lora.get("target_modules", "all-linear"),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    with warnings.catch_warnings():
+        # peft still calls transformers' deprecated `is_gradient_checkpointing`; not ours to fix.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(llm, config)
+
+
+def sample_next(logits: Tensor, do_sample: bool, temperature: float, top_p: float) -> Tensor:
+    """Next token ids (B) from logits (B x V): argmax, or temperature + nucleus sampling."""
+    if not do_sample:
+        return logits.argmax(-1)
+    if temperature <= 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature {temperature} must be > 0 and top_p {top_p} in (0, 1]")
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_probs, order = probs.sort(-1, descending=True)
+    # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+    outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    choice = torch.multinomial(sorted_probs, 1)
+    return order.gather(-1, choice).squeeze(-1)

@@ -1,0 +1,96 @@
+"""Perceivers: ViT patch tokens -> a fixed number of visual tokens at the LLM width."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from m3d_lit.models.vision import as_triple
+
+__all__ = ["SpatialPoolPerceiver", "SequencePoolPerceiver", "build_perceiver", "projector"]
+
+
+def projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
+    """`linear` (one layer) or `mlp` (two layers with GELU) from `in_dim` to `out_dim`."""
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+    raise ValueError(f"proj {kind!r} must be 'linear' or 'mlp'")
+
+
+class SpatialPoolPerceiver(nn.Module):
+    """Patch tokens back onto their 3D grid, average-pooled, then projected to the LLM width.
+
+    Args:
+        grid: the ViT patch grid (D/pd, H/ph, W/pw).
+        in_dim: ViT width.
+        out_dim: LLM width.
+        pool: pooling kernel (= stride) per axis, one int or three; must divide `grid`.
+        proj: `linear` or `mlp`.
+    """
+
+    def __init__(
+        self, grid: Sequence[int], in_dim: int, out_dim: int, pool: int | Sequence[int] = 2, proj: str = "mlp"
+    ) -> None:
+        super().__init__()
+        self.grid = as_triple(grid, "grid")
+        self.pool = as_triple(pool, "pool")
+        if any(g % p for g, p in zip(self.grid, self.pool)):
+            raise ValueError(f"patch grid {self.grid} is not divisible by the pool kernel {self.pool}")
+        self.out_grid = tuple(g // p for g, p in zip(self.grid, self.pool))
+        self.num_tokens = self.out_grid[0] * self.out_grid[1] * self.out_grid[2]
+        self.in_dim = in_dim
+        self.projector = projector(proj, in_dim, out_dim)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """tokens B x N x in_dim (N = prod(grid)) -> B x num_tokens x out_dim."""
+        b, n, c = tokens.shape
+        if n != self.grid[0] * self.grid[1] * self.grid[2] or c != self.in_dim:
+            raise ValueError(f"tokens {tuple(tokens.shape)} do not match grid {self.grid} x {self.in_dim}")
+        (d, h, w), (pd, ph, pw) = self.out_grid, self.pool
+        # Mean over each pool block by reshaping (avg_pool3d has no bf16 kernel on CPU).
+        grid = tokens.reshape(b, d, pd, h, ph, w, pw, c)
+        return self.projector(grid.mean(dim=(2, 4, 6)).reshape(b, self.num_tokens, c))
+
+
+class SequencePoolPerceiver(nn.Module):
+    """Average-pool consecutive patch tokens along the sequence, then project.
+
+    Args:
+        num_patches: patch tokens in.
+        in_dim: ViT width.
+        out_dim: LLM width.
+        pool: tokens averaged into one; must divide `num_patches`.
+        proj: `linear` or `mlp`.
+    """
+
+    def __init__(self, num_patches: int, in_dim: int, out_dim: int, pool: int = 8, proj: str = "mlp") -> None:
+        super().__init__()
+        if pool < 1 or num_patches % pool:
+            raise ValueError(f"num_patches {num_patches} is not divisible by pool {pool}")
+        self.num_patches = num_patches
+        self.pool = pool
+        self.num_tokens = num_patches // pool
+        self.projector = projector(proj, in_dim, out_dim)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """tokens B x num_patches x in_dim -> B x num_tokens x out_dim."""
+        if tokens.shape[1] != self.num_patches:
+            raise ValueError(f"got {tokens.shape[1]} patch tokens, expected {self.num_patches}")
+        b, _, c = tokens.shape
+        return self.projector(tokens.reshape(b, self.num_tokens, self.pool, c).mean(2))
+
+
+def build_perceiver(spec: dict[str, Any], grid: Sequence[int], in_dim: int, out_dim: int) -> nn.Module:
+    """The perceiver a preset's `perceiver` entry names (`spatial_pool` by default, or `sequence_pool`)."""
+    from m3d_lit.models import registry  # the registry imports this module
+
+    options = dict(spec)
+    name = options.pop("name", "spatial_pool")
+    if name == "spatial_pool":
+        return registry.build(name, grid=grid, in_dim=in_dim, out_dim=out_dim, **options)
+    num_patches = grid[0] * grid[1] * grid[2]
+    return registry.build(name, num_patches=num_patches, in_dim=in_dim, out_dim=out_dim, **options)

@@ -1,0 +1,168 @@
+"""Model size presets and the per-stage trainability defaults.
+
+A preset is a plain nested dict so it can be saved in checkpoints and overridden from YAML
+(`overrides={"llm": {"num_hidden_layers": 2}}`). `resolve` deep-merges overrides into a copy.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+__all__ = ["PRESETS", "STAGE_TRAINABLE", "resolve", "deep_merge"]
+
+_LORA = {"r": 16, "alpha": 32, "dropout": 0.1}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU demo: 8x4x4 = 128 patch tokens pooled (1, 2, 2) -> 32 visual tokens.
+    "tiny": {
+        "img_size": [32, 64, 64],
+        "patch_size": [4, 16, 16],
+        "max_length": 256,
+        "vision": {"hidden_size": 192, "mlp_dim": 768, "num_layers": 4, "num_heads": 4},
+        "perceiver": {"name": "spatial_pool", "pool": [1, 2, 2], "proj": "mlp"},
+        "llm": {
+            "hidden_size": 256,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "intermediate_size": 512,
+            "max_position_embeddings": 512,
+        },
+        "text": {
+            "hidden_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 256,
+            "max_position_embeddings": 128,
+        },
+        "clip": {"embed_dim": 128, "max_length": 64},
+        "segmentation": {
+            "hidden_size": 64,
+            "mlp_dim": 128,
+            "num_layers": 1,
+            "num_heads": 4,
+            "decoder_depth": 1,
+            "decoder_heads": 4,
+            "decoder_mlp_dim": 128,
+        },
+        "lora": dict(_LORA),
+        "loss": {"w_dice": 1.0, "w_bce": 1.0},
+    },
+    # A GPU smoke size: 8x8x8 = 512 patch tokens pooled by 2 -> 64 visual tokens.
+    "small": {
+        "img_size": [32, 128, 128],
+        "patch_size": [4, 16, 16],
+        "max_length": 256,
+        "vision": {"hidden_size": 384, "mlp_dim": 1536, "num_layers": 6, "num_heads": 6},
+        "perceiver": {"name": "spatial_pool", "pool": 2, "proj": "mlp"},
+        "llm": {
+            "hidden_size": 512,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 8,
+            "intermediate_size": 1376,
+            "max_position_embeddings": 1024,
+        },
+        "text": {
+            "hidden_size": 256,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "intermediate_size": 1024,
+            "max_position_embeddings": 256,
+        },
+        "clip": {"embed_dim": 256, "max_length": 128},
+        "segmentation": {
+            "hidden_size": 192,
+            "mlp_dim": 768,
+            "num_layers": 2,
+            "num_heads": 4,
+            "decoder_depth": 2,
+            "decoder_heads": 4,
+            "decoder_mlp_dim": 512,
+        },
+        "lora": dict(_LORA),
+        "loss": {"w_dice": 1.0, "w_bce": 1.0},
+    },
+    # M3D-LaMed: ViT-B/3D, LLaMA-2-7B dimensions, BERT-base text, SegVol segmentation.
+    "paper": {
+        "img_size": [32, 256, 256],
+        "patch_size": [4, 16, 16],
+        "max_length": 512,
+        "vision": {"hidden_size": 768, "mlp_dim": 3072, "num_layers": 12, "num_heads": 12},
+        "perceiver": {"name": "spatial_pool", "pool": 2, "proj": "mlp"},
+        "llm": {
+            "hidden_size": 4096,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "intermediate_size": 11008,
+            "vocab_size": 32000,
+            "max_position_embeddings": 4096,
+        },
+        "text": {
+            "hidden_size": 768,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "intermediate_size": 3072,
+            "vocab_size": 30522,
+            "max_position_embeddings": 512,
+        },
+        "clip": {"embed_dim": 768, "max_length": 512},
+        "segmentation": {
+            "hidden_size": 768,
+            "mlp_dim": 3072,
+            "num_layers": 12,
+            "num_heads": 12,
+            "decoder_depth": 2,
+            "decoder_heads": 8,
+            "decoder_mlp_dim": 2048,
+        },
+        "lora": dict(_LORA),
+        "loss": {"w_dice": 1.0, "w_bce": 1.0},
+    },
+}
+
+# Defaults per stage; a task's `trainable` argument overrides single keys.
+STAGE_TRAINABLE: dict[int, dict[str, str]] = {
+    1: {"vision": "full", "text": "full", "projections": "full"},
+    2: {
+        "vision": "frozen",
+        "perceiver": "full",
+        "llm": "frozen",
+        "segmentation": "frozen",
+        "new_token_rows": "full",
+    },
+    3: {
+        "vision": "full",
+        "perceiver": "full",
+        "llm": "lora",
+        "segmentation": "full",
+        "new_token_rows": "full",
+    },
+}
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of `base` with `update` merged in; nested dicts merge, other values replace."""
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def resolve(preset: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The preset's config with `overrides` deep-merged in, plus `"preset": name`.
+
+    Args:
+        preset: one of `PRESETS`.
+        overrides: nested values to replace, e.g. `{"vision": {"num_layers": 2}}`.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    unknown = set(overrides or {}) - set(PRESETS[preset]) - {"preset"}
+    if unknown:
+        raise ValueError(f"overrides name unknown keys {sorted(unknown)}; known: {sorted(PRESETS[preset])}")
+    config = deep_merge(PRESETS[preset], overrides or {})
+    config["preset"] = preset
+    return config
