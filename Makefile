@@ -8,7 +8,16 @@ export TRANSFORMERS_OFFLINE := 1
 export NLTK_DATA := $(CURDIR)/$(VENV)/nltk_data
 STAMP := $(VENV)/.setup-done
 
-.PHONY: help setup test lint
+DATA ?=
+TRAINER ?= stages/trainer/cpu.yaml
+ARGS ?=
+CKPT ?= checkpoints/stage3/last.ckpt
+EVAL_DATA ?= data/cq500/qa_test.jsonl
+EVAL_OUT ?= runs/eval
+M3D := $(BIN)/m3d-lit
+fit = $(M3D) fit -c stages/$(1).yaml -c $(TRAINER) $(if $(DATA),--data $(DATA)) $(ARGS)
+
+.PHONY: help setup test lint demo stage1 stage2 stage3 eval bench tensorboard
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -28,3 +37,24 @@ test: setup  ## run the test suite (CPU, offline)
 
 lint: setup  ## ruff
 	$(BIN)/ruff check src tests bench
+
+demo: setup  ## the whole pipeline on synthetic brain CT, on a CPU (about 10 minutes)
+	$(BIN)/python -m m3d_lit.demo $(ARGS)
+
+stage1: setup  ## stage 1, contrastive ViT pretraining (DATA=, TRAINER=, ARGS= to override)
+	$(call fit,stage1_clip)
+
+stage2: setup  ## stage 2, perceiver alignment, from checkpoints/stage1/last.ckpt
+	$(call fit,stage2_align)
+
+stage3: setup  ## stage 3, LoRA + segmentation fine-tune, from checkpoints/stage2/last.ckpt
+	$(call fit,stage3_finetune)
+
+eval: setup  ## generate + score + report: CKPT=, EVAL_DATA=, EVAL_OUT=
+	$(M3D) eval --checkpoint $(CKPT) --data $(EVAL_DATA) --out $(EVAL_OUT) $(ARGS)
+
+bench: setup  ## CPU benchmarks -> bench/results.json (not part of make test)
+	$(BIN)/python bench/run_all.py
+
+tensorboard: setup  ## serve the TensorBoard logs under runs/
+	$(BIN)/tensorboard --logdir runs --bind_all

@@ -7,6 +7,7 @@ val, ``validate`` val, ``test`` and ``predict`` test. Every file a split names i
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -271,6 +272,19 @@ class BrainCTQADataModule(BaseDataModule):
         if mode not in ("qa", "report"):
             raise ValueError(f"mode must be 'qa' or 'report', got {mode!r}")
         self.roots, self.mode = [Path(r) for r in roots], mode
+
+    @property
+    def preprocessing(self) -> dict[str, Any] | None:
+        """The `prepare` settings of the roots (size, window), saved in checkpoints so `ask` reads alike."""
+        settings = []
+        for root in self.roots:
+            path = root / "prepare.json"
+            if path.is_file():
+                data = json.loads(path.read_text(encoding="utf-8"))
+                settings.append({"size": data.get("size"), "window": data.get("window")})
+        if any(s != settings[0] for s in settings[1:]):
+            raise InputError(self.roots[0], f"prepare settings differ between roots: {settings}")
+        return settings[0] if settings else None
 
     def read_split(self, split: str) -> list[Record] | None:
         if self.mode == "report":

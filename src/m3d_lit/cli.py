@@ -1,0 +1,80 @@
+"""The `m3d-lit` command: LightningCLI for training, plain subcommands for everything else.
+
+`m3d-lit fit|validate|test -c stages/<stage>.yaml [--data datamodules/<source>.yaml] [--key value ...]`
+runs a training recipe. `m3d-lit synth|prepare|describe|plan|score|eval|ask ...` dispatch to the
+`main(argv)` of their module, imported only when used so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from m3d_lit.errors import InputError
+
+__all__ = ["main", "SUBCOMMANDS"]
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("m3d_lit.data.synthetic", "write synthetic CQ500- and PhysioNet-format brain CT"),
+    "prepare": ("m3d_lit.data.prepare", "raw scans -> cached volumes, QA files and splits"),
+    "describe": ("m3d_lit.models.describe", "parameter counts of a preset, without loading weights"),
+    "plan": ("m3d_lit.models.plan", "memory and FLOP estimate of a preset on a GPU"),
+    "score": ("m3d_lit.evaluation.score", "score a predictions.jsonl (BLEU, ROUGE, METEOR, closed, Dice)"),
+    "eval": ("m3d_lit.evaluation.evaluate", "generate answers for a QA split and write a report"),
+    "ask": ("m3d_lit.evaluation.ask", "ask one question about one scan"),
+}
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _usage() -> str:
+    lines = ["usage: m3d-lit COMMAND [ARGS]", "", "training (LightningCLI; add --help for options):"]
+    lines += [f"  {name:<10} {name} a recipe: -c stages/<stage>.yaml" for name in LIGHTNING_COMMANDS[:3]]
+    lines += ["", "tools:"]
+    lines += [f"  {name:<10} {text}" for name, (_, text) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def run_lightning(argv: list[str] | None) -> None:
+    """Run LightningCLI with the project's base classes in subclass mode (argv None: `sys.argv`)."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from m3d_lit.data.datamodules import BaseDataModule
+    from m3d_lit.tasks.base import BaseTask
+
+    LightningCLI(
+        BaseTask,
+        BaseDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `m3d-lit` console script."""
+    explicit = argv is not None
+    argv = list(argv if explicit else sys.argv[1:])
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    command = argv[0]
+    try:
+        if command in LIGHTNING_COMMANDS:
+            run_lightning(argv if explicit else None)
+            return 0
+        if command not in SUBCOMMANDS:
+            print(f"m3d-lit: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+            return 2
+        module = importlib.import_module(SUBCOMMANDS[command][0])
+        return int(module.main(argv[1:]) or 0)
+    except InputError as err:
+        print(f"m3d-lit {command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

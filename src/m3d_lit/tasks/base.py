@@ -1,0 +1,193 @@
+"""`BaseTask`: what every training stage shares.
+
+A stage is a recipe (`stages/*.yaml`); a task is the LightningModule that runs it. Subclasses build their
+model in `configure_models`, hand the DataModule its collator in `configure_collate`, and compute their
+losses in `model_step`. Moving weights between stages (`init_from`) and resuming a stage (`--ckpt_path`)
+are kept apart: `init_from` is only read when a run starts fresh.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import grad_norm, rank_zero_info
+from torch import Tensor, nn
+
+from m3d_lit.errors import InputError
+
+__all__ = ["BaseTask", "load_checkpoint", "warmup_cosine"]
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a Lightning checkpoint safely (`weights_only=True`), with a clear error for a bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise InputError(path, f"not a readable checkpoint ({type(err).__name__}: {err})") from err
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine decay to `min_ratio` at `total` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class BaseTask(LightningModule):
+    """Shared behaviour of the three stages.
+
+    Args:
+        preset: model size preset (`tiny`, `small`, `paper`).
+        overrides: values deep-merged into the preset (e.g. `{llm: {num_hidden_layers: 2}}`).
+        trainable: per component `frozen | full | lora`; missing keys take the stage's defaults.
+        init_from: checkpoint of the previous stage whose weights start this one (only on a fresh run).
+        init_prefixes: state-dict prefixes taken from `init_from`; every matching key must be present.
+        optimizer: optimizer factory (LightningCLI injects it from YAML: class_path + init_args).
+        warmup_ratio: share of the total steps spent in linear warm-up.
+        min_lr_ratio: final learning rate of the cosine decay, as a share of the peak.
+        lr_scale: per-component multiplier of the learning rate, e.g. `{perceiver: 10.0}`.
+        gradient_checkpointing: non-reentrant activation checkpointing (`none`, `llm`, `vision`, `all`);
+            a stage without an LLM ignores `llm`.
+    """
+
+    stage: int = 0
+    default_init_prefixes: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        preset: str = "tiny",
+        overrides: dict[str, Any] | None = None,
+        trainable: dict[str, str] | None = None,
+        init_from: str | None = None,
+        init_prefixes: list[str] | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        warmup_ratio: float = 0.03,
+        min_lr_ratio: float = 0.0,
+        lr_scale: dict[str, float] | None = None,
+        gradient_checkpointing: str = "none",
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio {warmup_ratio} must be in [0, 1)")
+        if gradient_checkpointing not in ("none", "llm", "vision", "all"):
+            raise ValueError(
+                f"gradient_checkpointing {gradient_checkpointing!r} is not none | llm | vision | all"
+            )
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.optimizer_factory = optimizer
+        self.model: nn.Module = self.configure_models()
+
+    # -- what each stage provides -------------------------------------------------------------------
+    def configure_models(self) -> nn.Module:
+        raise NotImplementedError
+
+    def configure_collate(self) -> Any:
+        raise NotImplementedError
+
+    def model_step(self, batch: dict[str, Any], split: str) -> Tensor:
+        raise NotImplementedError
+
+    # -- shared machinery ---------------------------------------------------------------------------
+    def trainable_config(self) -> dict[str, str]:
+        from m3d_lit.models.presets import STAGE_TRAINABLE
+
+        return {**STAGE_TRAINABLE[self.stage], **(self.hparams.trainable or {})}
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:
+            datamodule.collate_fn = self.configure_collate()
+        if stage == "fit" and self.hparams.init_from:
+            if self.trainer.ckpt_path:
+                rank_zero_info(f"resuming from {self.trainer.ckpt_path}: init_from is not read")
+            else:
+                self.load_init_weights(self.hparams.init_from)
+
+    def load_init_weights(self, path: str | Path) -> None:
+        """Copy the `init_prefixes` weights of another stage's checkpoint; all of them must be there."""
+        prefixes = tuple(self.hparams.init_prefixes or self.default_init_prefixes)
+        source = load_checkpoint(path).get("state_dict")
+        if not isinstance(source, dict):
+            raise InputError(path, "has no state_dict: not a Lightning checkpoint of m3d-lit")
+        own = self.state_dict()
+        wanted = [key for key in own if key.startswith(prefixes)]
+        missing = [key for key in wanted if key not in source]
+        if not wanted or missing:
+            raise InputError(
+                path,
+                f"lacks {len(missing) if wanted else 'all'} weights under {list(prefixes)} "
+                f"(first: {missing[:3]}); was it written by the previous stage with the same preset?",
+            )
+        bad = [k for k in wanted if source[k].shape != own[k].shape]
+        if bad:
+            raise InputError(
+                path,
+                f"shape mismatch for {bad[:3]} (checkpoint {tuple(source[bad[0]].shape)} vs model "
+                f"{tuple(own[bad[0]].shape)}): made with another preset?",
+            )
+        self.load_state_dict({k: source[k] for k in wanted}, strict=False)
+        rank_zero_info(f"init_from {path}: loaded {len(wanted)} tensors under {list(prefixes)}")
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self.model_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self.model_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self.model_step(batch, "test")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        norms = grad_norm(self.model, norm_type=2)
+        if "grad_2.0_norm_total" in norms:
+            self.log("train/grad_norm", norms["grad_2.0_norm_total"], on_step=True, on_epoch=False)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        scale = self.hparams.lr_scale or {}
+        groups = []
+        for name, module in self.model.named_children():
+            params = [p for p in module.parameters() if p.requires_grad]
+            if params:
+                groups.append({"params": params, "name": name, "lr_scale": scale.get(name, 1.0)})
+        direct = [p for n, p in self.model.named_parameters(recurse=False) if p.requires_grad]
+        if direct:
+            groups.append({"params": direct, "name": "model", "lr_scale": scale.get("model", 1.0)})
+        unknown = set(scale) - {g["name"] for g in groups}
+        if unknown:
+            raise ValueError(f"lr_scale names {sorted(unknown)}, which have no trainable parameters")
+        optimizer = self.optimizer_factory(groups)
+        for group in optimizer.param_groups:
+            group["lr"] *= group["lr_scale"]
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = max(1, int(self.hparams.warmup_ratio * total))
+        min_ratio = self.hparams.min_lr_ratio
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, total, min_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record what `m3d-lit eval` and `ask` need to rebuild the task and read a scan like training did."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        checkpoint["m3d_lit"] = {
+            "task": f"{type(self).__module__}.{type(self).__qualname__}",
+            "preprocessing": getattr(datamodule, "preprocessing", None),
+        }
+
+    def tensorboard(self) -> Any | None:
+        """The TensorBoard SummaryWriter when that logger is in use (images and text go there)."""
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                return logger.experiment
+        return None

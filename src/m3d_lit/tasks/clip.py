@@ -1,0 +1,79 @@
+"""Stage 1: contrastive (CLIP-style) pretraining of the 3D ViT against the text encoder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from m3d_lit.tasks.base import BaseTask
+
+__all__ = ["ClipTask"]
+
+
+class ClipTask(BaseTask):
+    """Stage 1: image CLS feature vs text CLS feature, symmetric cross-entropy over the global batch.
+
+    Under DDP the features of every rank are gathered with their gradients, so each rank computes the loss
+    of the whole global batch (the same value one process would get on it).
+
+    Args:
+        text_path: local directory of a BERT-family encoder (None: built from the preset's config).
+        text_max_length: token limit of the report text.
+        **kwargs: see `BaseTask`.
+    """
+
+    stage = 1
+
+    def __init__(self, text_path: str | None = None, text_max_length: int = 128, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._val_features: list[tuple[Tensor, Tensor]] = []
+
+    def configure_models(self) -> nn.Module:
+        from m3d_lit.models.clip import build_clip
+
+        model = build_clip(self.hparams.preset, self.hparams.overrides, text_path=self.hparams.text_path)
+        model.set_trainable(self.trainable_config())
+        return model
+
+    def configure_collate(self) -> Any:
+        from m3d_lit.data.collate import ClipCollator
+
+        return ClipCollator(self.model.text_tokenizer, self.hparams.text_max_length)
+
+    def _gather(self, features: Tensor) -> Tensor:
+        if self.trainer.world_size <= 1:
+            return features
+        return self.all_gather(features, sync_grads=True).flatten(0, 1)
+
+    def model_step(self, batch: dict[str, Any], split: str) -> Tensor:
+        from m3d_lit.losses.contrastive import clip_loss
+
+        image, text, scale = self.model(batch["images"], batch["input_ids"], batch["attention_mask"])
+        if split == "train":
+            image, text = self._gather(image), self._gather(text)
+        loss = clip_loss(image, text, scale)
+        size = len(batch["input_ids"])
+        self.log(f"{split}/loss", loss, batch_size=size, prog_bar=True, sync_dist=split != "train")
+        if split == "train":
+            self.log("train/logit_scale", scale, batch_size=size)
+        else:
+            self._val_features.append((image.detach(), text.detach()))
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_features.clear()
+
+    def on_validation_epoch_end(self) -> None:
+        from m3d_lit.losses.contrastive import recall_at_k
+
+        if not self._val_features:
+            return
+        image = self._gather(torch.cat([f[0] for f in self._val_features]))
+        text = self._gather(torch.cat([f[1] for f in self._val_features]))
+        self._val_features.clear()
+        sim = image.float() @ text.float().T
+        for direction, matrix in (("i2t", sim), ("t2i", sim.T)):
+            for k, value in recall_at_k(matrix, ks=(1, 5, 10)).items():
+                self.log(f"val/{direction}_r@{k}", value, rank_zero_only=True)

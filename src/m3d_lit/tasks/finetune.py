@@ -1,0 +1,49 @@
+"""Stage 3: instruction fine-tune: ViT, perceiver, LoRA on the LLM, new token rows, segmentation module."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from m3d_lit.tasks.align import AlignTask
+
+__all__ = ["FinetuneTask"]
+
+
+class FinetuneTask(AlignTask):
+    """Stage 3: loss = LM + w_dice * Dice + w_bce * BCE (the mask terms only on rows that produce `[SEG]`).
+
+    Args:
+        lora: LoRA settings for the LLM (`r`, `alpha`, `dropout`; paper: 16, 32, 0.1).
+        w_dice: weight of the Dice loss.
+        w_bce: weight of the binary cross-entropy of the mask.
+        **kwargs: see `AlignTask` and `BaseTask`.
+    """
+
+    stage = 3
+    default_init_prefixes = ("model.vision.", "model.perceiver.", "model.new_tokens.")
+
+    def __init__(
+        self,
+        lora: dict[str, Any] | None = None,
+        w_dice: float = 1.0,
+        w_bce: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+
+    def compute_loss(self, out: dict[str, Tensor], batch: dict[str, Any], split: str) -> Tensor:
+        loss = out["lm_loss"] + self.hparams.w_dice * out["dice"] + self.hparams.w_bce * out["bce"]
+        flags = batch.get("seg_flags")
+        if flags is not None and bool(flags.any()):
+            size = int(flags.sum())
+            self.log(f"{split}/loss_dice", out["dice"], batch_size=size, sync_dist=split != "train")
+            self.log(f"{split}/loss_bce", out["bce"], batch_size=size, sync_dist=split != "train")
+            if split != "train" and out.get("seg_logits") is not None:
+                from m3d_lit.evaluation.metrics import dice_iou
+
+                rows = flags.nonzero().flatten().tolist()
+                scores = [dice_iou(out["seg_logits"][i].float(), batch["masks"][i].float())[0] for i in rows]
+                self.log(f"{split}/dice", sum(scores) / len(scores), batch_size=size, sync_dist=True)
+        return loss
