@@ -1,0 +1,156 @@
+"""The three stages through the real CLI on synthetic data, the init_from chain, freezing and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from m3d_lit.cli import main
+from m3d_lit.tasks.base import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = str(REPO / "stages" / "trainer" / "cpu.yaml")
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Synthetic CQ500 and PhysioNet scans, prepared at the tiny preset's 1x32x64x64."""
+    base = tmp_path_factory.mktemp("brainct")
+    assert (
+        main(["synth", "--out", str(base / "raw"), "--cq500", "10", "--physionet", "10", "--balanced"]) == 0
+    )
+    roots = []
+    for name in ("cq500", "physionet"):
+        out = base / "data" / name
+        argv = [
+            "prepare",
+            name,
+            "--root",
+            str(base / "raw" / name),
+            "--out",
+            str(out),
+            "--size",
+            "32",
+            "64",
+            "64",
+        ]
+        assert main(argv) == 0
+        roots.append(out)
+    return roots
+
+
+def fit(recipe: str, roots: list[Path], mode: str, *extra: str) -> None:
+    argv = [
+        "fit", "-c", str(REPO / "stages" / recipe), "-c", CPU,
+        "--model.preset", "tiny",
+        "--data.roots", json.dumps([str(r) for r in roots]),
+        "--data.mode", mode,
+        "--data.batch_size", "4",
+        "--trainer.max_steps", "2",
+        "--trainer.limit_val_batches", "1",
+        "--trainer.enable_progress_bar", "false",
+        *extra,
+    ]  # fmt: skip
+    assert main(argv) == 0
+
+
+@pytest.mark.slow
+def test_stage_chain_moves_weights(
+    prepared: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    fit("stage1_clip.yaml", prepared, "report")
+    fit("stage2_align.yaml", prepared, "report")
+    fit("stage3_finetune.yaml", prepared, "qa")
+    one, two, three = (
+        load_checkpoint(tmp_path / f"checkpoints/stage{i}/last.ckpt")["state_dict"] for i in (1, 2, 3)
+    )
+    vision = [k for k in one if k.startswith("model.vision.")]
+    assert vision
+    # stage 2 keeps the stage-1 vision encoder frozen: bit-identical
+    assert all(torch.equal(one[k], two[k]) for k in vision)
+    # stage 3 starts from stage 2's perceiver and trains it further
+    perceiver = [k for k in two if k.startswith("model.perceiver.")]
+    assert perceiver and any(not torch.equal(two[k], three[k]) for k in perceiver)
+    assert any(k.startswith("model.segmentation.") for k in three)
+    assert (tmp_path / "tensorboard").exists() or (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_resume_continues_step_count(
+    prepared: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    fit("stage1_clip.yaml", prepared, "report")
+    assert load_checkpoint(tmp_path / "checkpoints/stage1/last.ckpt")["global_step"] == 2
+    fit("stage1_clip.yaml", prepared, "report", "--trainer.max_steps", "4", "--ckpt_path", "last")
+    assert load_checkpoint(tmp_path / "checkpoints/stage1/last.ckpt")["global_step"] == 4
+
+
+def test_init_from_refuses_checkpoint_without_the_weights(tmp_path: Path) -> None:
+    from m3d_lit.errors import InputError
+    from m3d_lit.tasks import AlignTask
+
+    task = AlignTask(preset="tiny")
+    path = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"model.something.weight": torch.zeros(1)}}, path)
+    with pytest.raises(InputError, match="lacks"):
+        task.load_init_weights(path)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="not a readable checkpoint"):
+        task.load_init_weights(path)
+
+
+def test_align_step_changes_only_trainable_weights(prepared: list[Path]) -> None:
+    from lightning.pytorch import Trainer
+
+    from m3d_lit.data.datamodules import BrainCTQADataModule
+    from m3d_lit.tasks import AlignTask
+
+    task = AlignTask(preset="tiny", optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    before = {k: v.clone() for k, v in task.state_dict().items()}
+    data = BrainCTQADataModule([str(r) for r in prepared], mode="report", batch_size=4)
+    trainer = Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(task, datamodule=data)
+    after = task.state_dict()
+    trainable = {f"model.{n}" for n, p in task.model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("model.perceiver.", "model.new_tokens.")) for n in trainable)
+    for key, value in after.items():
+        if key in trainable:
+            continue
+        assert torch.equal(before[key], value), f"frozen {key} changed"
+    assert any(not torch.equal(before[k], after[k]) for k in trainable)
+
+
+def test_every_recipe_parses() -> None:
+    from jsonargparse import ActionConfigFile
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    from m3d_lit.data.datamodules import BaseDataModule
+    from m3d_lit.tasks import BaseTask
+
+    recipes = sorted((REPO / "stages").glob("*.yaml"))
+    presets = sorted((REPO / "stages" / "trainer").glob("*.yaml"))
+    datamodules = sorted((REPO / "datamodules").glob("*.yaml"))
+    assert len(recipes) == 3 and presets and datamodules
+    for recipe in recipes:
+        for extra in [
+            [],
+            *(["--config", str(p)] for p in presets),
+            *(["--data", str(d)] for d in datamodules),
+        ]:
+            parser = LightningArgumentParser(exit_on_error=False)
+            parser.add_argument("--config", action=ActionConfigFile)
+            parser.add_lightning_class_args(Trainer, "trainer")
+            parser.add_lightning_class_args(BaseTask, "model", subclass_mode=True)
+            parser.add_lightning_class_args(BaseDataModule, "data", subclass_mode=True)
+            parser.add_argument("--seed_everything", type=int)
+            config = parser.parse_args(["--config", str(recipe), *extra])
+            assert config.model.class_path.startswith("m3d_lit.tasks.")
