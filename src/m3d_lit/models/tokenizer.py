@@ -68,15 +68,31 @@ def _trained_bpe_json() -> str:
     return tok.to_str()
 
 
+def _wordpiece_vocab(tok: Tokenizer, special: list[str]) -> dict[str, int]:
+    """Special tokens, every character (alone and as `##` suffix), then corpus words by frequency.
+
+    Built here rather than by the `tokenizers` WordPiece trainer, whose order of equally frequent pieces
+    changes between processes: a checkpoint must find the same ids in every process that loads it.
+    """
+    counts: dict[str, int] = {}
+    for line in corpus_lines():
+        for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(line)):
+            counts[word] = counts.get(word, 0) + 1
+    chars = sorted({c for word in counts for c in word})
+    pieces = [*special, *chars, *(f"##{c}" for c in chars)]
+    words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+    pieces += words[: max(0, TEXT_VOCAB - len(pieces))]
+    return {piece: i for i, piece in enumerate(pieces)}
+
+
 @functools.lru_cache(maxsize=1)
 def _trained_wordpiece_json() -> str:
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.model = models.WordPiece(vocab=_wordpiece_vocab(tok, special), unk_token="[UNK]")
     tok.decoder = decoders.WordPiece()
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    trainer = trainers.WordPieceTrainer(vocab_size=TEXT_VOCAB, special_tokens=special, show_progress=False)
-    tok.train_from_iterator(corpus_lines(), trainer)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
