@@ -18,8 +18,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from m3d_lit.data.augment import ALL_AXES, BRAIN_CT_FLIP_AXES, VolumeAugment
 from m3d_lit.data.datasets import Record, RecordDataset, check_paths, read_qa_jsonl
-from m3d_lit.data.records import read_m3d_cap, read_m3d_seg, read_m3d_vqa, read_reports
-from m3d_lit.data.sampling import EpochSampler, MixDataset, MixSampler, seed_worker
+from m3d_lit.data.records import (
+    positioning_records,
+    read_m3d_cap,
+    read_m3d_seg,
+    read_m3d_vqa,
+    read_reports,
+    seg_class,
+)
+from m3d_lit.data.sampling import EpochSampler, MixDataset, MixSampler, ResumableDataLoader, seed_worker
 from m3d_lit.errors import InputError
 
 __all__ = [
@@ -118,7 +125,9 @@ class BaseDataModule(L.LightningDataModule):
         dataset = self.datasets[split]
         sampler = self.train_sampler(dataset) if split == "train" else None
         generator = torch.Generator().manual_seed(self.seed + self._ranks()[1])
-        return DataLoader(
+        # the training loader records its place in the epoch so a mid-epoch checkpoint resumes exactly
+        loader_class = ResumableDataLoader if sampler is not None else DataLoader
+        return loader_class(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
@@ -216,6 +225,7 @@ class M3DSegDataModule(BaseDataModule):
         train_split: JSON key of the training split.
         val_split: JSON key of the validation split (None: no validation).
         test_split: JSON key of the test split (None: no test).
+        positioning: also box questions (kinds ``rec``/``reg``) for every non-empty class mask.
         **kwargs: ``BaseDataModule`` arguments.
     """
 
@@ -226,6 +236,7 @@ class M3DSegDataModule(BaseDataModule):
         train_split: str = "train",
         val_split: str | None = None,
         test_split: str | None = "test",
+        positioning: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -233,12 +244,14 @@ class M3DSegDataModule(BaseDataModule):
             raise ValueError("datasets must name at least one M3D-Seg dataset folder")
         self.root, self.dataset_names = Path(root), list(datasets)
         self.split_keys = {"train": train_split, "val": val_split, "test": test_split}
+        self.positioning = positioning
 
     def read_split(self, split: str) -> list[Record] | None:
         key = self.split_keys[split]
         if key is None:
             return None
-        return [r for name in self.dataset_names for r in read_m3d_seg(self.root, name, key)]
+        records = [r for name in self.dataset_names for r in read_m3d_seg(self.root, name, key)]
+        return records + positioning_records(records, seg_class) if self.positioning else records
 
 
 class BrainCTQADataModule(BaseDataModule):
@@ -256,6 +269,8 @@ class BrainCTQADataModule(BaseDataModule):
         roots: ``prepare`` output folders.
         mode: ``qa`` or ``report``.
         flip_axes: axes augmentation may mirror; keep W (2) out unless no answer names a side.
+        positioning: in ``qa`` mode, also box questions (kinds ``rec``/``reg``) about the hemorrhage
+            for every non-empty mask (PhysioNet masks outline any hemorrhage).
         **kwargs: other ``BaseDataModule`` arguments.
     """
 
@@ -264,6 +279,7 @@ class BrainCTQADataModule(BaseDataModule):
         roots: list[str],
         mode: Literal["qa", "report"] = "qa",
         flip_axes: tuple[int, ...] = BRAIN_CT_FLIP_AXES,
+        positioning: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(flip_axes=flip_axes, **kwargs)
@@ -271,7 +287,9 @@ class BrainCTQADataModule(BaseDataModule):
             raise ValueError("roots must name at least one prepare output folder")
         if mode not in ("qa", "report"):
             raise ValueError(f"mode must be 'qa' or 'report', got {mode!r}")
-        self.roots, self.mode = [Path(r) for r in roots], mode
+        if positioning and mode != "qa":
+            raise ValueError(f"positioning needs mode 'qa' (the masks are in the QA files), got {mode!r}")
+        self.roots, self.mode, self.positioning = [Path(r) for r in roots], mode, positioning
 
     @property
     def preprocessing(self) -> dict[str, Any] | None:
@@ -299,7 +317,12 @@ class BrainCTQADataModule(BaseDataModule):
             raise InputError(missing[0], f"is missing ({why}): run `m3d-lit prepare` for this folder")
         if self.mode == "report":
             return [r for f in files for r in read_reports(f, split)]
-        return [r for f in files for r in read_qa_jsonl(f)]
+        records = [r for f in files for r in read_qa_jsonl(f)]
+        return records + positioning_records(records, _hemorrhage) if self.positioning else records
+
+
+def _hemorrhage(record: Record) -> str:
+    return "hemorrhage"
 
 
 class MixDataModule(BaseDataModule):

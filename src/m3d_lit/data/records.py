@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from m3d_lit.data.datasets import Record, read_jsonl
+from m3d_lit.data.positioning import REC_ANSWERS, REC_QUESTIONS, REG_ANSWERS, REG_QUESTIONS
 from m3d_lit.errors import InputError
+from m3d_lit.evaluation.boxes import format_box, mask_to_box
 
 __all__ = [
     "CAPTION_PROMPTS",
@@ -22,6 +27,8 @@ __all__ = [
     "read_m3d_vqa",
     "read_m3d_seg",
     "read_reports",
+    "positioning_records",
+    "seg_class",
 ]
 
 # index 0 is the canonical wording used at val/test
@@ -202,3 +209,51 @@ def read_reports(path: Path, split: str) -> list[Record]:
             )
         )
     return records
+
+
+def seg_class(record: Record) -> str:
+    """The class an M3D-Seg row outlines (its id is ``<dataset>/<split>/<n>/<class>``)."""
+    return record.id.split("/", 3)[3]
+
+
+def _box_text(path: Path) -> str | None:
+    try:
+        mask = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as err:
+        raise InputError(path, f"cannot read the mask as .npy: {err}") from err
+    try:
+        box = mask_to_box(np.asarray(mask) > 0)
+    except ValueError as err:
+        raise InputError(path, f"is not a 1 x D x H x W mask: {err}") from err
+    return None if box is None else format_box(box)
+
+
+def positioning_records(records: Iterable[Record], structure: Callable[[Record], str]) -> list[Record]:
+    """Referring expression comprehension (kind ``rec``) and generation (``reg``) rows from masks.
+
+    One pair per distinct mask file among ``records`` (rows without a mask are skipped; an empty mask
+    has nothing to locate and gives none). The box is the mask's extent, written by ``format_box``;
+    the wordings are ``m3d_lit.data.positioning``'s templates, the first canonical. Each mask is read
+    once here, when the split is read.
+
+    Args:
+        records: rows of one split, e.g. M3D-Seg or brain-CT ``seg`` rows.
+        structure: the name of what a row's mask outlines, e.g. ``seg_class`` or ``lambda r: "hemorrhage"``.
+    """
+    out, seen = [], set()
+    for record in records:
+        if record.mask is None or record.mask in seen:
+            continue
+        seen.add(record.mask)
+        box = _box_text(record.mask)
+        if box is None:
+            continue
+        name = " ".join(structure(record).split())
+        common = {"image": record.image, "dataset": record.dataset, "source": record.source}
+        rec_q = tuple(q.format(s=name) for q in REC_QUESTIONS)
+        rec_a = tuple(a.format(s=name, box=box) for a in REC_ANSWERS)
+        reg_q = tuple(q.format(box=box) for q in REG_QUESTIONS)
+        reg_a = tuple(a.format(s=name) for a in REG_ANSWERS)
+        out.append(Record(id=f"{record.id}/rec", question=rec_q, answer=rec_a, kind="rec", **common))
+        out.append(Record(id=f"{record.id}/reg", question=reg_q, answer=reg_a, kind="reg", **common))
+    return out

@@ -3,6 +3,7 @@
 Both are written in the on-disk formats of the real downloads (shared/FORMATS.md), so the demo, the
 tests and real users go through the same readers. Each dataset folder is built under a temporary name
 and renamed when complete; a folder this command did not make is never overwritten.
+With `--m3d-data N` it also writes `OUT/M3D-Data` in the M3D-Data formats (`m3d_lit.data.synthetic_m3d`).
 """
 
 from __future__ import annotations
@@ -319,12 +320,18 @@ def _build(target: Path, writer, count: int, shape: tuple[int, int, int], seed: 
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="m3d-lit synth", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True, help="folder for cq500/ and physionet/")
+    ap.add_argument("--out", type=Path, required=True, help="folder for cq500/, physionet/ and M3D-Data/")
     ap.add_argument("--cq500", type=int, default=64, help="number of CQ500 scans (0 = none)")
     ap.add_argument("--physionet", type=int, default=64, help="number of PhysioNet patients (0 = none)")
     ap.add_argument("--shape", type=int, nargs=3, default=(32, 128, 128), metavar=("D", "H", "W"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--balanced", action="store_true", help="each finding in about half of the scans")
+    ap.add_argument(
+        "--m3d-data", type=int, default=0, metavar="N",
+        help="also write M3D-Data (M3D-Cap, M3D-VQA, M3D-Seg) of N scans each into OUT/M3D-Data (0 = none)",
+    )  # fmt: skip
+    ap.add_argument("--m3d-shape", type=int, nargs=3, default=(32, 256, 256), metavar=("D", "H", "W"),
+                    help="volume size of the M3D-Data images (the paper's 32 256 256 by default)")  # fmt: skip
     return ap
 
 
@@ -336,6 +343,11 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"--shape {shape}: need D, H, W >= 8 and H == W")
     if args.cq500 < 0 or args.physionet < 0:
         raise ValueError(f"--cq500 {args.cq500} and --physionet {args.physionet} must be >= 0")
+    m3d_shape = tuple(args.m3d_shape)
+    if args.m3d_data and (args.m3d_data < 3 or min(m3d_shape) < 8 or m3d_shape[1] != m3d_shape[2]):
+        raise ValueError(
+            f"--m3d-data {args.m3d_data} --m3d-shape {m3d_shape}: need N >= 3, D, H, W >= 8, H == W"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     for name, writer, count in (
         ("cq500", write_cq500, args.cq500),
@@ -344,4 +356,9 @@ def main(argv: list[str]) -> int:
         if count:
             _build(args.out / name, writer, count, shape, args.seed, args.balanced)
             print(f"m3d-lit synth: {count} {name} scans in {args.out / name}")
+    if args.m3d_data:
+        from m3d_lit.data.synthetic_m3d import write_m3d_data
+
+        _build(args.out / "M3D-Data", write_m3d_data, args.m3d_data, m3d_shape, args.seed, args.balanced)
+        print(f"m3d-lit synth: M3D-Data of {args.m3d_data} scans each in {args.out / 'M3D-Data'}")
     return 0
