@@ -45,8 +45,8 @@ def test_scale_is_clamped_at_100() -> None:
     model = build_clip("tiny", {"text": {"num_hidden_layers": 1}, "vision": {"num_layers": 1}})
     with torch.no_grad():
         model.logit_scale.fill_(math.log(500.0))
-    tokens = encode(model, ["Yes."])
-    _, _, scale = model(torch.rand(1, 1, *model.img_size), tokens["input_ids"], tokens["attention_mask"])
+    tokens = encode(model, ["Yes.", "No."])
+    _, _, scale = model(torch.rand(2, 1, *model.img_size), tokens["input_ids"], tokens["attention_mask"])
     assert scale.item() == pytest.approx(100.0)
 
 

@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "score": ("m3d_lit.evaluation.score", "score a predictions.jsonl (BLEU, ROUGE, METEOR, closed, Dice)"),
     "eval": ("m3d_lit.evaluation.evaluate", "generate answers for a QA split and write a report"),
     "ask": ("m3d_lit.evaluation.ask", "ask one question about one scan"),
+    "export": ("m3d_lit.export", "stage-3 checkpoint -> LoRA adapter + weights (--merge: a merged HF model)"),
     "bench": ("m3d_lit.evaluation.bench", "the eight M3D-Bench tasks -> predictions, metrics.json, report.md"),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")

@@ -134,6 +134,8 @@ class BaseDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=self.collate_fn,
             pin_memory=self.pin_memory,
+            # a last training batch of one sample breaks batch statistics (and a contrastive loss)
+            drop_last=split == "train",
             worker_init_fn=seed_worker,
             generator=generator,
             persistent_workers=self.num_workers > 0,

@@ -20,6 +20,21 @@ MAX_LOGIT_SCALE = 100.0
 _MODES = ("frozen", "full")
 
 
+def _projection(head: str, width: int, embed_dim: int) -> nn.Module:
+    """`linear` (M3D-CLIP) or `batchnorm`: batch normalisation, then the linear projection.
+
+    Encoders trained from scratch on similar-looking volumes start with features that barely differ
+    between samples; with a plain linear head the contrastive loss then collapses them to one point
+    (measured on the demo data: loss stuck at log(batch), linear-probe accuracy falling). Normalising each
+    feature over the batch keeps the differences at unit scale; at inference it is a fixed affine map.
+    """
+    if head == "linear":
+        return nn.Linear(width, embed_dim)
+    if head == "batchnorm":
+        return nn.Sequential(nn.BatchNorm1d(width), nn.Linear(width, embed_dim))
+    raise ValueError(f"clip head {head!r} is not linear | batchnorm")
+
+
 class ClipModel(nn.Module):
     """Image-text contrastive model; `vision.*` names match `LamedModel`'s.
 
@@ -45,8 +60,9 @@ class ClipModel(nn.Module):
         }
         self.text = registry.build("bert", path=text_path, config=text_config)
         embed_dim = int(config["clip"]["embed_dim"])
-        self.image_proj = nn.Linear(self.vision.hidden_size, embed_dim)
-        self.text_proj = nn.Linear(self.text.config.hidden_size, embed_dim)
+        head = config["clip"].get("head", "linear")
+        self.image_proj = _projection(head, self.vision.hidden_size, embed_dim)
+        self.text_proj = _projection(head, self.text.config.hidden_size, embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def set_trainable(self, trainable: dict[str, str]) -> None:

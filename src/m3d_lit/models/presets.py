@@ -35,7 +35,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "intermediate_size": 256,
             "max_position_embeddings": 128,
         },
-        "clip": {"embed_dim": 128, "max_length": 64},
+        "clip": {"embed_dim": 128, "max_length": 64, "head": "batchnorm"},
         "segmentation": {
             "hidden_size": 64,
             "mlp_dim": 128,
@@ -69,7 +69,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "intermediate_size": 1024,
             "max_position_embeddings": 256,
         },
-        "clip": {"embed_dim": 256, "max_length": 128},
+        "clip": {"embed_dim": 256, "max_length": 128, "head": "batchnorm"},
         "segmentation": {
             "hidden_size": 192,
             "mlp_dim": 768,
@@ -105,7 +105,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "vocab_size": 30522,
             "max_position_embeddings": 512,
         },
-        "clip": {"embed_dim": 768, "max_length": 512},
+        "clip": {"embed_dim": 768, "max_length": 512, "head": "linear"},
         "segmentation": {
             "hidden_size": 768,
             "mlp_dim": 3072,
