@@ -33,6 +33,7 @@ class AlignTask(BaseTask):
     """
 
     stage = 2
+    hparams_metrics = ("val/loss", "val/token_acc")
     default_init_prefixes = ("model.vision.",)
 
     def __init__(

@@ -25,6 +25,7 @@ class ClipTask(BaseTask):
     """
 
     stage = 1
+    hparams_metrics = ("val/loss", "val/i2t_R@1", "val/t2i_R@1")
 
     def __init__(self, text_path: str | None = None, text_max_length: int = 128, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -74,6 +75,5 @@ class ClipTask(BaseTask):
         text = self._gather(torch.cat([f[1] for f in self._val_features]))
         self._val_features.clear()
         sim = image.float() @ text.float().T
-        for direction, matrix in (("i2t", sim), ("t2i", sim.T)):
-            for k, value in recall_at_k(matrix, ks=(1, 5, 10)).items():
-                self.log(f"val/{direction}_r@{k}", value, rank_zero_only=True)
+        for name, value in recall_at_k(sim, ks=(1, 5, 10)).items():
+            self.log(f"val/{name}", value, rank_zero_only=True)

@@ -22,6 +22,7 @@ class FinetuneTask(AlignTask):
     """
 
     stage = 3
+    hparams_metrics = ("val/loss", "val/token_acc", "val/dice")
     default_init_prefixes = ("model.vision.", "model.perceiver.", "model.new_tokens.")
 
     def __init__(
@@ -43,7 +44,11 @@ class FinetuneTask(AlignTask):
             if split != "train" and out.get("seg_logits") is not None:
                 from m3d_lit.evaluation.metrics import dice_iou
 
-                rows = flags.nonzero().flatten().tolist()
-                scores = [dice_iou(out["seg_logits"][i].float(), batch["masks"][i].float())[0] for i in rows]
+                # seg_logits row j belongs to batch row seg_rows[j] (rows whose [SEG] survived truncation)
+                rows = out["seg_rows"].tolist()
+                scores = [
+                    dice_iou(out["seg_logits"][j].float(), batch["masks"][row].float())[0]
+                    for j, row in enumerate(rows)
+                ]
                 self.log(f"{split}/dice", sum(scores) / len(scores), batch_size=size, sync_dist=True)
         return loss
