@@ -14,10 +14,13 @@ ARGS ?=
 CKPT ?= checkpoints/stage3/last.ckpt
 EVAL_DATA ?= data/cq500/qa_test.jsonl
 EVAL_OUT ?= runs/eval
+CLIP_CKPT ?= checkpoints/stage1/last.ckpt
+BENCH_DATA ?= data/M3D-Data data/cq500 data/physionet
+EXPORT_OUT ?= runs/export
 M3D := $(BIN)/m3d-lit
 fit = $(M3D) fit -c stages/$(1).yaml -c $(TRAINER) $(if $(DATA),--data $(DATA)) $(ARGS)
 
-.PHONY: help setup test lint demo stage1 stage2 stage3 eval bench tensorboard
+.PHONY: help setup test lint demo stage1 stage2 stage3 eval m3d-bench export bench tensorboard
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -52,6 +55,12 @@ stage3: setup  ## stage 3, LoRA + segmentation fine-tune, from checkpoints/stage
 
 eval: setup  ## generate + score + report: CKPT=, EVAL_DATA=, EVAL_OUT=
 	$(M3D) eval --checkpoint $(CKPT) --data $(EVAL_DATA) --out $(EVAL_OUT) $(ARGS)
+
+m3d-bench: setup  ## the eight M3D-Bench tasks: CKPT=, CLIP_CKPT=, BENCH_DATA=, EVAL_OUT=
+	$(M3D) bench --checkpoint $(CKPT) --clip-checkpoint $(CLIP_CKPT) --data $(BENCH_DATA) --tasks all --out $(EVAL_OUT)/bench $(ARGS)
+
+export: setup  ## stage-3 checkpoint -> LoRA adapter, weights and a merged HF model: CKPT=, EXPORT_OUT=
+	$(M3D) export --checkpoint $(CKPT) --out $(EXPORT_OUT) --merge $(ARGS)
 
 bench: setup  ## CPU benchmarks -> bench/results.json (not part of make test)
 	$(BIN)/python bench/run_all.py
