@@ -3,6 +3,11 @@
 They subclass ``DistributedSampler`` so Lightning neither wraps nor replaces them, and it calls their
 ``set_epoch`` at every epoch start (also after a resume). Each yields ``SampleKey(index, epoch)`` so the
 Dataset seeds a sample's augmentation from (seed, epoch, index) in whichever worker loads it.
+
+``ResumableDataLoader`` makes a training loader resumable mid-epoch under Lightning's stateful-loader
+protocol (Lightning calls ``state_dict``/``load_state_dict`` on the loader object itself, not on its
+sampler): it records the epoch and how many batches the training loop took, and after a restore the
+sampler starts right after them, so a resumed run sees exactly the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -13,11 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from m3d_lit.data.datasets import SampleKey
 
-__all__ = ["EpochSampler", "MixSampler", "MixDataset", "seed_worker"]
+__all__ = ["EpochSampler", "MixSampler", "MixDataset", "ResumableDataLoader", "seed_worker"]
 
 
 class EpochSampler(DistributedSampler):
@@ -38,6 +43,26 @@ class EpochSampler(DistributedSampler):
             raise ValueError(f"rank {rank} is outside num_replicas {num_replicas}")
         # drop_last=False: short ranks repeat the first indices so every rank runs the same step count
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.start = 0
+
+    def skip_next(self, count: int) -> None:
+        """Start the next iteration after the first ``count`` indices of this rank (a resume)."""
+        if count < 0:
+            raise ValueError(f"cannot skip {count} indices")
+        self.start = count
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self.epoch), "seed": int(self.seed), "num_replicas": int(self.num_replicas)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore the epoch; a different seed or rank count would give other samples, so it is refused."""
+        for key in ("seed", "num_replicas"):
+            if key in state and int(state[key]) != int(getattr(self, key)):
+                raise ValueError(
+                    f"cannot resume the data order: the checkpoint's sampler has {key}={state[key]}, "
+                    f"this run has {key}={getattr(self, key)}"
+                )
+        self.set_epoch(int(state["epoch"]))
 
     def epoch_indices(self) -> list[int]:
         """All indices of this epoch before sharding (identical on every rank)."""
@@ -52,7 +77,8 @@ class EpochSampler(DistributedSampler):
         if not indices:
             return iter(())
         indices += (indices * (self.total_size // len(indices) + 1))[: self.total_size - len(indices)]
-        mine = indices[self.rank : self.total_size : self.num_replicas]
+        mine = indices[self.rank : self.total_size : self.num_replicas][self.start :]
+        self.start = 0
         return iter(SampleKey(i, self.epoch) for i in mine)
 
 
@@ -127,6 +153,53 @@ class MixSampler(EpochSampler):
             indices.append(mix.offsets[s] + orders[s][taken[s] % len(orders[s])])
             taken[s] += 1
         return indices
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over an ``EpochSampler`` whose position in the epoch survives a checkpoint.
+
+    ``state_dict`` gives the sampler's epoch and the number of batches handed to the training loop in
+    that epoch; ``load_state_dict`` makes the next iteration of that epoch start after those batches (the
+    skipped samples are never loaded). Takes the arguments of ``DataLoader``; ``sampler`` must be an
+    ``EpochSampler`` and ``batch_size`` set.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sampler, EpochSampler) or self.batch_size is None:
+            raise ValueError(
+                f"ResumableDataLoader needs an EpochSampler and a batch_size, got {type(self.sampler).__name__}"
+                f" and batch_size={self.batch_size}"
+            )
+        self.batches_taken = 0
+        self._resume: tuple[int, int] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler: EpochSampler = self.sampler
+        self.batches_taken = 0
+        if self._resume is not None and self._resume[0] == sampler.epoch:
+            self.batches_taken = self._resume[1]
+            sampler.skip_next(self.batches_taken * self.batch_size)
+        self._resume = None
+        return self._counted(super().__iter__())
+
+    def _counted(self, batches: Iterator[Any]) -> Iterator[Any]:
+        for batch in batches:
+            # counted when handed out: a checkpoint written during this batch counts it as taken
+            self.batches_taken += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict(), "batches_taken": self.batches_taken}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        sampler: EpochSampler = self.sampler
+        sampler.load_state_dict(state["sampler"])
+        taken = int(state["batches_taken"])
+        if taken >= len(self):  # saved on the last batch: the next epoch starts from its beginning
+            sampler.set_epoch(sampler.epoch + 1)
+            taken = 0
+        self._resume = (sampler.epoch, taken)
 
 
 def seed_worker(worker_id: int) -> None:

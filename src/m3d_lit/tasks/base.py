@@ -31,7 +31,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
-        raise InputError(path, f"not a readable checkpoint ({type(err).__name__}: {err})") from err
+        cause = f"{type(err).__name__}: {err}"
+        problem = f"not a readable checkpoint: truncated, damaged or not from torch.save ({cause})"
+        raise InputError(path, problem) from err
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -61,6 +63,7 @@ class BaseTask(LightningModule):
 
     stage: int = 0
     default_init_prefixes: tuple[str, ...] = ()
+    hparams_metrics: tuple[str, ...] = ("val/loss",)
 
     def __init__(
         self,
@@ -85,6 +88,7 @@ class BaseTask(LightningModule):
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
         self.model: nn.Module = self.configure_models()
+        self._init_reliability()
 
     # -- what each stage provides -------------------------------------------------------------------
     def configure_models(self) -> nn.Module:
@@ -112,12 +116,24 @@ class BaseTask(LightningModule):
             else:
                 self.load_init_weights(self.hparams.init_from)
 
+    def on_fit_start(self) -> None:
+        # The recipes turn off Lightning's placeholder `hp_metric`; pair the hparams with real tags instead.
+        from m3d_lit.tasks.hparams import write_hparams
+
+        writer = self.tensorboard()
+        if writer is not None and self.trainer.is_global_zero:
+            write_hparams(writer, self.hparams, self.hparams_metrics)
+
     def load_init_weights(self, path: str | Path) -> None:
         """Copy the `init_prefixes` weights of another stage's checkpoint; all of them must be there."""
+        from m3d_lit.tasks.loading import check_init_source
+
         prefixes = tuple(self.hparams.init_prefixes or self.default_init_prefixes)
-        source = load_checkpoint(path).get("state_dict")
+        checkpoint = load_checkpoint(path)
+        source = checkpoint.get("state_dict")
         if not isinstance(source, dict):
             raise InputError(path, "has no state_dict: not a Lightning checkpoint of m3d-lit")
+        check_init_source(path, checkpoint, self)
         own = self.state_dict()
         wanted = [key for key in own if key.startswith(prefixes)]
         missing = [key for key in wanted if key not in source]
@@ -182,6 +198,53 @@ class BaseTask(LightningModule):
             "task": f"{type(self).__module__}.{type(self).__qualname__}",
             "preprocessing": getattr(datamodule, "preprocessing", None),
         }
+        self._save_reliability(checkpoint)
+
+    # -- exact resume and frozen-base checks (tasks/loading.py) --------------------------------------
+    def _init_reliability(self) -> None:
+        from m3d_lit.tasks.loading import base_fingerprint
+
+        self.base_fingerprint = base_fingerprint(self)
+        self._pending_rng: list[dict[str, Any]] | None = None
+        tokenizer = getattr(self.model, "tokenizer", None)
+        if tokenizer is not None and tokenizer.eos_token_id is None:
+            # the answers end with EOS; without it the collator fails later with no file named
+            where = self.hparams.get("llm_path") or "built-in tokenizer"
+            raise InputError(where, "the tokenizer has no EOS token (set eos_token in tokenizer_config.json)")
+
+    def _save_reliability(self, checkpoint: dict[str, Any]) -> None:
+        """Record the model fingerprint and every rank's RNG states; leave out the rebuildable frozen LLM."""
+        from m3d_lit.tasks.loading import frozen_base_keys, rng_states
+
+        record = checkpoint["m3d_lit"]
+        record["base"] = self.base_fingerprint
+        states = rng_states()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, states)
+            record["rng"] = gathered
+        else:
+            record["rng"] = [states]
+        state = checkpoint.get("state_dict")
+        omitted = frozen_base_keys(self) if isinstance(state, dict) else []
+        for key in omitted:
+            state.pop(key, None)
+        record["omitted"] = omitted
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from m3d_lit.tasks.loading import restore_frozen_base
+
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        restore_frozen_base(path or "checkpoint", checkpoint, self)
+        self._pending_rng = (checkpoint.get("m3d_lit") or {}).get("rng")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Restored here, not at load time, so nothing between the restore and this step draws from them.
+        if self._pending_rng:
+            from m3d_lit.tasks.loading import set_rng_states
+
+            set_rng_states(self._pending_rng[self.global_rank % len(self._pending_rng)])
+        self._pending_rng = None
 
     def tensorboard(self) -> Any | None:
         """The TensorBoard SummaryWriter when that logger is in use (images and text go there)."""

@@ -1,0 +1,272 @@
+"""Numerical faults, preemption, atomic checkpoints, safe loading, and no patient data in any output."""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import Dataset
+
+from m3d_lit.data.sampling import EpochSampler, ResumableDataLoader
+from m3d_lit.tasks.base import BaseTask, load_checkpoint
+from m3d_lit.tasks.callbacks import (
+    AtomicCheckpointIO,
+    NonFiniteError,
+    NonFiniteGuard,
+    PreemptionCheckpoint,
+    atomic_torch_save,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+IDENTIFYING = [b"SYNTH^PATIENT", b"SYNTHID", b"SYNTH GENERAL HOSPITAL", b"SYNACC", b"19400101", b"19410101"]
+
+
+class _Toy(nn.Module):
+    """Returns the loss terms LamedModel returns; `poison` maps a step to the term made NaN there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 1))
+        self.poison: dict[int, str] = {}
+        self.step = 0
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        y = self.net(x).pow(2)
+        terms = {"lm_loss": y.mean(), "dice": y.mean() * 0.5, "bce": y.mean() * 0.1}
+        if self.training and self.step in self.poison:
+            term = self.poison[self.step]
+            if term == "grad":
+                self.net[0].weight.register_hook(lambda g: g * float("nan"))
+            else:
+                terms[term] = terms[term] * float("nan")
+        return {"loss": sum(terms.values()), **terms}
+
+
+class _Data(Dataset):
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, key) -> torch.Tensor:
+        return torch.linspace(-1, 1, 4) * (int(key.index) + 1) / 16
+
+
+class _ToyTask(BaseTask):
+    """A task around `_Toy`: BaseTask's optimizer, schedule, RNG and checkpoint handling, in milliseconds."""
+
+    def configure_models(self) -> nn.Module:
+        return _Toy()
+
+    def model_step(self, batch: torch.Tensor, split: str) -> torch.Tensor:
+        self.model.step = self.global_step
+        return self.model(batch)["loss"]
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        data = _Data()
+        return ResumableDataLoader(data, batch_size=2, sampler=EpochSampler(data, seed=3))
+
+
+def _fit(
+    folder: Path, callbacks: list, steps: int = 6, task: _ToyTask | None = None, ckpt: str | None = None
+):
+    torch.manual_seed(0)
+    task = task or _ToyTask()
+    checkpoints = ModelCheckpoint(dirpath=folder, every_n_train_steps=1, save_top_k=0, save_last=True)
+    trainer = Trainer(
+        accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[*callbacks, checkpoints], plugins=[AtomicCheckpointIO()], default_root_dir=folder,
+    )  # fmt: skip
+    trainer.fit(task, ckpt_path=ckpt)
+    return task, trainer
+
+
+@pytest.mark.parametrize("term", ["lm_loss", "dice", "bce"])
+def test_non_finite_loss_term_stops_with_step_and_term_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, term: str
+) -> None:
+    task = _ToyTask()
+    task.model.poison = {3: term}
+    with pytest.raises(
+        NonFiniteError, match=rf"non-finite loss term {term}=nan.* at step 3 \(epoch 0, batch 3\)"
+    ):
+        _fit(tmp_path, [NonFiniteGuard()], task=task)
+    last = load_checkpoint(tmp_path / "last.ckpt")
+    assert last["global_step"] == 3  # written after step 3 (global_step 3), before the bad one
+    for key, value in last["state_dict"].items():
+        assert torch.isfinite(value).all() and torch.equal(value, task.state_dict()[key])
+
+
+def test_non_finite_gradient_names_the_parameter(tmp_path: Path) -> None:
+    task = _ToyTask()
+    task.model.poison = {2: "grad"}
+    with pytest.raises(NonFiniteError, match=r"non-finite gradient of model\.net\.0\.weight .* at step 2"):
+        _fit(tmp_path, [NonFiniteGuard()], task=task)
+
+
+def test_skip_limit_drops_bad_steps_then_stops(tmp_path: Path) -> None:
+    task = _ToyTask()
+    task.model.poison = {1: "dice", 3: "lm_loss"}
+    guard = NonFiniteGuard(skip_limit=2)
+    with pytest.warns(UserWarning, match=r"step skipped \(1 of 2 allowed\)"):
+        _fit(tmp_path / "a", [guard], task=task)
+    assert guard.skipped == 2 and all(torch.isfinite(p).all() for p in task.parameters())
+    # a skipped step leaves the weights as they were
+    clean = _ToyTask()
+    clean.model.poison = {1: "bce"}
+    _fit(tmp_path / "b", [NonFiniteGuard(skip_limit=1)], steps=1, task=clean)
+    before = {k: v.clone() for k, v in clean.state_dict().items()}
+    _fit(
+        tmp_path / "b",
+        [NonFiniteGuard(skip_limit=1)],
+        steps=2,
+        task=clean,
+        ckpt=str(tmp_path / "b" / "last.ckpt"),
+    )
+    assert all(torch.equal(before[k], v) for k, v in clean.state_dict().items())
+    third = _ToyTask()
+    third.model.poison = {1: "dice", 2: "dice", 4: "bce"}
+    with pytest.raises(
+        NonFiniteError,
+        match=r"bce=nan, loss=nan at step 4 \(epoch 0, batch 4\) after 2 skipped \(skip_limit 2\)",
+    ):
+        _fit(tmp_path / "c", [NonFiniteGuard(skip_limit=2)], task=third)
+    with pytest.raises(ValueError, match="skip_limit must be >= 0"):
+        NonFiniteGuard(skip_limit=-1)
+
+
+class _SendSignal(Callback):
+    def __init__(self, signum: int, at_step: int) -> None:
+        self.signum, self.at_step = signum, at_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
+def test_signal_saves_a_checkpoint_then_exits_and_the_resume_is_exact(tmp_path: Path, name: str) -> None:
+    signum = getattr(signal, name)
+    before = signal.getsignal(signum)
+    whole, _ = _fit(tmp_path / "whole", [PreemptionCheckpoint()])
+    with pytest.raises(SystemExit) as stop:
+        _fit(tmp_path / "cut", [_SendSignal(signum, at_step=2), PreemptionCheckpoint()])
+    assert stop.value.code == 128 + signum
+    assert signal.getsignal(signum) == before  # no handler of the run outlives it
+    assert load_checkpoint(tmp_path / "cut" / "last.ckpt")["global_step"] == 2
+    resumed, _ = _fit(tmp_path / "cut", [PreemptionCheckpoint()], ckpt="last")
+    for key, value in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="unknown signal names"):
+        PreemptionCheckpoint(signals=("SIGNOPE",))
+
+
+def test_checkpoint_writes_are_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save({"step": 1, "w": torch.ones(3)}, path)
+    real_save = torch.save
+
+    def killed_half_way(obj, handle) -> None:
+        real_save(obj, handle)
+        handle.truncate(handle.tell() // 2)
+        assert torch.load(path, weights_only=True)["step"] == 1  # readers still see the old file
+        raise KeyboardInterrupt  # the kill arrives mid-write
+
+    monkeypatch.setattr(torch, "save", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        AtomicCheckpointIO().save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+    AtomicCheckpointIO().save_checkpoint({"step": 2}, path)
+    assert load_checkpoint(path)["step"] == 2
+
+
+def _calls(tree: ast.AST):
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
+
+
+def test_loading_is_weights_only_and_remote_code_is_never_trusted() -> None:
+    seen = {"torch.load": 0, "trust_remote_code": 0}
+    for source in sorted((REPO / "src").rglob("*.py")):
+        tree = ast.parse(source.read_text(), filename=str(source))
+        for call in _calls(tree):
+            func = call.func
+            keywords = {k.arg: k.value for k in call.keywords}
+            if (
+                isinstance(func, ast.Attribute)
+                and func.attr == "load"
+                and getattr(func.value, "id", "") == "torch"
+            ):
+                seen["torch.load"] += 1
+                value = keywords.get("weights_only")
+                assert isinstance(value, ast.Constant) and value.value is True, f"{source}:{call.lineno}"
+            if "trust_remote_code" in keywords:
+                seen["trust_remote_code"] += 1
+                value = keywords["trust_remote_code"]
+                assert isinstance(value, ast.Constant) and value.value is False, f"{source}:{call.lineno}"
+            if "allow_pickle" in keywords:
+                value = keywords["allow_pickle"]
+                assert isinstance(value, ast.Constant) and value.value is False, f"{source}:{call.lineno}"
+    assert seen["torch.load"] >= 2 and seen["trust_remote_code"] >= 3
+
+
+def test_output_paths_stay_inside_the_output_folder(tmp_path: Path) -> None:
+    from m3d_lit.data.prepare import safe_id
+    from m3d_lit.errors import InputError
+    from m3d_lit.evaluation.report import write_report
+
+    for sid in ("../x", "a/b", "..", "a\\b", ".hidden", "x..y"):
+        with pytest.raises(InputError, match="is not allowed"):
+            safe_id(sid)
+    out = tmp_path / "deep" / "out"
+    record = {"id": "../../escape", "dataset": "cq500", "kind": "open", "question": "q?",
+              "answer": "yes", "prediction": "yes"}  # fmt: skip
+    from m3d_lit.evaluation.metrics import compute_metrics
+
+    write_report(out, compute_metrics([record]), [record], title="t", images=lambda r: torch.rand(1, 4, 8, 8))
+    outside = [p for p in tmp_path.rglob("*") if out not in p.parents and p != out and p.is_file()]
+    assert not outside and any(out.rglob("*.png"))
+
+
+def _leaks(folder: Path) -> list[str]:
+    found = []
+    for path in folder.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            found += [f"{path}: {n!r}" for n in IDENTIFYING if n in data]
+    return found
+
+
+@pytest.mark.slow
+def test_no_identifying_dicom_field_reaches_any_output(
+    synthetic_raw: Path, prepared: list[Path], stage3_checkpoint: Path, tmp_path: Path, capsys
+) -> None:
+    import pydicom
+
+    from m3d_lit.cli import main
+
+    first = next((synthetic_raw / "cq500").rglob("CT000000.dcm"))
+    assert str(pydicom.dcmread(first).PatientName).startswith("SYNTH^PATIENT")  # the inputs do carry them
+    cq500 = Path(shutil.copytree(synthetic_raw / "cq500", tmp_path / "raw"))
+    assert _leaks(cq500)  # the search does find them in the raw files
+    shutil.rmtree(next(cq500.glob("CQ500-CT-1*")))  # a listed scan without images: reported, not leaked
+    size = ["--size", "32", "64", "64"]
+    assert main(["prepare", "cq500", "--root", str(cq500), "--out", str(tmp_path / "prepared"), *size]) == 0
+    qa = prepared[0] / "qa_test.jsonl"
+    argv = ["eval", "--checkpoint", str(stage3_checkpoint), "--data", str(qa), "--out", str(tmp_path / "eval"),
+            "--limit", "4", "--batch-size", "4", "--max-new-tokens", "4", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    run_folder = stage3_checkpoint.parents[2]  # checkpoints/ and the TensorBoard runs/ of the stage run
+    outputs = [tmp_path / "prepared", tmp_path / "eval", *prepared, run_folder]
+    assert any(run_folder.rglob("events.out.tfevents.*")) and any((tmp_path / "eval").rglob("*.png"))
+    leaks = [leak for folder in outputs for leak in _leaks(folder)]
+    leaks += [f"console: {n!r}" for n in IDENTIFYING if n.decode() in captured.out + captured.err]
+    assert not leaks, leaks[:5]
