@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import zlib
 from pathlib import Path
 
@@ -183,3 +184,49 @@ def write_prepared(out: Path, dataset: str, n_per_split: int = 2) -> Path:
 def brainct_data(tmp_path: Path) -> dict[str, Path]:
     """Two tiny ``prepare`` outputs: ``cq500`` (open + closed) and ``physionet`` (+ seg with masks)."""
     return {name: write_prepared(tmp_path / "prepared" / name, name) for name in ("cq500", "physionet")}
+
+
+@pytest.fixture(scope="session")
+def synthetic_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Raw synthetic CQ500 (DICOM) and PhysioNet (NIfTI) scans, 10 of each, balanced findings."""
+    from m3d_lit.cli import main
+
+    raw = tmp_path_factory.mktemp("brainct") / "raw"
+    assert main(["synth", "--out", str(raw), "--cq500", "10", "--physionet", "10", "--balanced"]) == 0
+    return raw
+
+
+@pytest.fixture(scope="session")
+def prepared(synthetic_raw: Path) -> list[Path]:
+    """The synthetic scans prepared at the tiny preset's 1x32x64x64: [cq500 folder, physionet folder]."""
+    from m3d_lit.cli import main
+
+    roots = []
+    for name in ("cq500", "physionet"):
+        out = synthetic_raw.parent / "data" / name
+        argv = ["prepare", name, "--root", str(synthetic_raw / name), "--out", str(out), "--size", "32", "64", "64"]
+        assert main(argv) == 0
+        roots.append(out)
+    return roots
+
+
+@pytest.fixture(scope="session")
+def stage3_checkpoint(prepared: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny stage-3 checkpoint trained for 2 steps from scratch through the real CLI."""
+    from m3d_lit.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    folder = tmp_path_factory.mktemp("stage3")
+    argv = [
+        "fit", "-c", str(repo / "stages/stage3_finetune.yaml"), "-c", str(repo / "stages/trainer/cpu.yaml"),
+        "--model.preset", "tiny", "--model.init_from", "null",
+        "--data.roots", json.dumps([str(r) for r in prepared]), "--data.batch_size", "4",
+        "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+    cwd = os.getcwd()
+    os.chdir(folder)  # the recipe writes checkpoints/stage3/ under the working folder
+    try:
+        assert main(argv) == 0
+    finally:
+        os.chdir(cwd)
+    return folder / "checkpoints" / "stage3" / "last.ckpt"

@@ -15,33 +15,6 @@ REPO = Path(__file__).resolve().parents[1]
 CPU = str(REPO / "stages" / "trainer" / "cpu.yaml")
 
 
-@pytest.fixture(scope="session")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Synthetic CQ500 and PhysioNet scans, prepared at the tiny preset's 1x32x64x64."""
-    base = tmp_path_factory.mktemp("brainct")
-    assert (
-        main(["synth", "--out", str(base / "raw"), "--cq500", "10", "--physionet", "10", "--balanced"]) == 0
-    )
-    roots = []
-    for name in ("cq500", "physionet"):
-        out = base / "data" / name
-        argv = [
-            "prepare",
-            name,
-            "--root",
-            str(base / "raw" / name),
-            "--out",
-            str(out),
-            "--size",
-            "32",
-            "64",
-            "64",
-        ]
-        assert main(argv) == 0
-        roots.append(out)
-    return roots
-
-
 def fit(recipe: str, roots: list[Path], mode: str, *extra: str) -> None:
     argv = [
         "fit", "-c", str(REPO / "stages" / recipe), "-c", CPU,

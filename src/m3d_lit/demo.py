@@ -1,0 +1,154 @@
+"""`make demo`: every stage of m3d-lit, end to end, on synthetic brain CT, on a CPU.
+
+    python -m m3d_lit.demo [--out runs/demo] [--seed 0] [--quick]
+
+1. `m3d-lit synth` writes CQ500-format DICOM and PhysioNet-format NIfTI with balanced findings;
+2. `m3d-lit prepare` turns both into the volume cache, QA files and patient-level splits;
+3. stages 1, 2 and 3 run through the real recipes in `stages/` with the CPU trainer preset and the `tiny`
+   model preset given as command-line overrides, each starting from the previous stage's checkpoint;
+4. `m3d-lit eval` scores both test splits with the scans and with blank scans (the control);
+5. one table compares them; `OUT/summary.json` holds the same figures and the time of each step.
+
+Every step is the command a user would type, printed before it runs. `--quick` is the smoke test that
+`make test` runs: fewer scans and steps, no claim on the margin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DemoPlan", "main"]
+
+REPO = Path(__file__).resolve().parents[2]
+TABLE_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "rougeL", "meteor", "balanced_accuracy", "dice")
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes of one demo run: scans per dataset and optimizer steps per stage."""
+
+    scans: int = 110
+    stage1_steps: int = 300
+    stage2_steps: int = 150
+    stage3_steps: int = 500
+    batch_size: int = 8
+    eval_limit: int | None = None
+
+
+FULL = DemoPlan()
+QUICK = DemoPlan(scans=24, stage1_steps=4, stage2_steps=3, stage3_steps=4, batch_size=4, eval_limit=12)
+
+
+def _run(step: str, command: list[str], cwd: Path, seconds: dict[str, float]) -> None:
+    print(f"\n=== {step}: {' '.join(command)}", flush=True)
+    start = time.perf_counter()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=cwd, env=env)
+    seconds[step] = round(time.perf_counter() - start, 1)
+    if result.returncode != 0:
+        raise SystemExit(f"demo: step '{step}' failed (exit {result.returncode}); see the output above")
+    print(f"=== {step}: done in {seconds[step]:.0f} s", flush=True)
+
+
+def _stage(
+    recipe: str, steps: int, plan: DemoPlan, data: list[Path], mode: str, extra: list[str]
+) -> list[str]:
+    return [
+        sys.executable, "-m", "m3d_lit.cli", "fit",
+        "-c", str(REPO / "stages" / recipe),
+        "-c", str(REPO / "stages" / "trainer" / "cpu.yaml"),
+        "--model.preset", "tiny",
+        "--data.roots", json.dumps([str(p) for p in data]),
+        "--data.mode", mode,
+        "--data.batch_size", str(plan.batch_size),
+        "--trainer.max_steps", str(steps),
+        "--trainer.max_epochs", "-1",
+        "--trainer.logger.init_args.save_dir", "tensorboard",
+        *extra,
+    ]  # fmt: skip
+
+
+def _table(summary: dict[str, Any]) -> str:
+    header = f"{'dataset':<10} {'input':<7} " + " ".join(f"{k:>9}" for k in TABLE_KEYS)
+    lines = [header, "-" * len(header)]
+    for dataset in ("cq500", "physionet"):
+        for variant in ("scans", "blank"):
+            metrics = summary[dataset][variant]
+            cells = []
+            for key in TABLE_KEYS:
+                value = metrics.get(key)
+                cells.append(f"{value:>9.4f}" if isinstance(value, (int, float)) else f"{'-':>9}")
+            lines.append(f"{dataset:<10} {variant:<7} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m m3d_lit.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "demo")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="the smoke test: small and fast, no margin")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    m3d = [sys.executable, "-m", "m3d_lit.cli"]
+    raw, data = out / "raw", out / "data"
+    seconds: dict[str, float] = {}
+    total = time.perf_counter()
+
+    if (raw / "synth.json").is_file() and json.loads((raw / "synth.json").read_text()) == {
+        "scans": plan.scans, "seed": args.seed}:  # fmt: skip
+        print(f"=== synth: reusing the synthetic scans in {raw}")
+        seconds["synth"] = 0.0
+    else:
+        n = str(plan.scans)
+        _run("synth", [*m3d, "synth", "--out", str(raw), "--cq500", n, "--physionet", n, "--balanced",
+                       "--seed", str(args.seed)], out, seconds)  # fmt: skip
+        (raw / "synth.json").write_text(json.dumps({"scans": plan.scans, "seed": args.seed}))
+    for name in ("cq500", "physionet"):
+        _run(f"prepare {name}", [*m3d, "prepare", name, "--root", str(raw / name), "--out", str(data / name),
+                                 "--size", "32", "64", "64", "--seed", str(args.seed)], out, seconds)  # fmt: skip
+
+    roots = [data / "cq500", data / "physionet"]
+    seed = ["--seed_everything", str(args.seed)]
+    _run("stage 1", _stage("stage1_clip.yaml", plan.stage1_steps, plan, roots, "report",
+                           [*seed, "--model.optimizer.init_args.lr", "3e-4"]), out, seconds)  # fmt: skip
+    _run("stage 2", _stage("stage2_align.yaml", plan.stage2_steps, plan, roots, "report",
+                           [*seed, "--model.optimizer.init_args.lr", "1e-3"]), out, seconds)  # fmt: skip
+    _run("stage 3", _stage("stage3_finetune.yaml", plan.stage3_steps, plan, roots, "qa",
+                           [*seed, "--model.optimizer.init_args.lr", "5e-4"]), out, seconds)  # fmt: skip
+
+    summary: dict[str, Any] = {}
+    checkpoint = out / "checkpoints" / "stage3" / "last.ckpt"
+    for name in ("cq500", "physionet"):
+        summary[name] = {}
+        for variant, flag in (("scans", []), ("blank", ["--blank-images"])):
+            folder = out / "eval" / name / variant
+            limit = [] if plan.eval_limit is None else ["--limit", str(plan.eval_limit)]
+            _run(f"eval {name} {variant}", [*m3d, "eval", "--checkpoint", str(checkpoint), "--data",
+                                            str(data / name / "qa_test.jsonl"), "--out", str(folder),
+                                            *flag, *limit], out, seconds)  # fmt: skip
+            summary[name][variant] = json.loads((folder / "metrics.json").read_text())
+    seconds["total"] = round(time.perf_counter() - total, 1)
+    summary["seconds"] = seconds
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+
+    print("\n" + _table(summary))
+    print("\nseconds per step: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+    print(f"reports:      {out / 'eval'}/<dataset>/<scans|blank>/report.md")
+    print(f"checkpoints:  {out / 'checkpoints'}")
+    print(f"TensorBoard:  {out / 'tensorboard'}  (make tensorboard, or tensorboard --logdir {out})")
+    print(f"summary:      {out / 'summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
