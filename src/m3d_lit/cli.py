@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-from m3d_lit.errors import InputError
+from m3d_lit.errors import InputError, TrainingError
 
 __all__ = ["main", "SUBCOMMANDS"]
 
@@ -24,7 +24,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("m3d_lit.evaluation.evaluate", "generate answers for a QA split and write a report"),
     "ask": ("m3d_lit.evaluation.ask", "ask one question about one scan"),
     "export": ("m3d_lit.export", "stage-3 checkpoint -> LoRA adapter + weights (--merge: a merged HF model)"),
-    "bench": ("m3d_lit.evaluation.bench", "the eight M3D-Bench tasks -> predictions, metrics.json, report.md"),
+    "bench": (
+        "m3d_lit.evaluation.bench",
+        "the eight M3D-Bench tasks -> predictions, metrics.json, report.md",
+    ),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -76,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"m3d-lit {command}: error: {err}", file=sys.stderr)
         return 2
+    except TrainingError as err:
+        print(f"m3d-lit {command}: stopped: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from os import PathLike
 
-__all__ = ["InputError"]
+__all__ = ["InputError", "TrainingError"]
 
 
 class InputError(ValueError):
@@ -19,3 +19,7 @@ class InputError(ValueError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+
+class TrainingError(RuntimeError):
+    """A run that had to stop (e.g. a non-finite loss); the message says where and what to do."""

@@ -22,6 +22,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from m3d_lit.errors import TrainingError
+
 __all__ = [
     "AtomicCheckpointIO",
     "NonFiniteError",
@@ -71,7 +73,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(TrainingError):
     """A training step produced a NaN or inf loss or gradient."""
 
 
