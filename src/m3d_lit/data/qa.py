@@ -8,6 +8,7 @@ reader -> {finding: 0/1} for the same findings.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -20,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from m3d_lit.data import phrasing
-from m3d_lit.data.labels import CQ500_READERS, read_cq500_reads, read_physionet_labels
+from m3d_lit.data.labels import CQ500_READERS, SLICE_FILE, read_cq500_reads, read_physionet_labels
 from m3d_lit.data.phrasing import findings_report
 from m3d_lit.errors import InputError
 
@@ -252,6 +253,20 @@ def _warn_unmatched(label_path: Path, unlabeled: list[str], unprepared: list[str
         )
 
 
+def _check_slice_counts(label_path: Path, manifest: Path, records: dict[str, dict]) -> None:
+    """The per-slice CSV must label exactly the slices of each prepared NIfTI (`prepare`'s manifest)."""
+    if not manifest.is_file():
+        return
+    with manifest.open(newline="", encoding="utf-8") as handle:
+        depth = {row["id"]: int(row["orig_shape"].split("x")[0]) for row in csv.DictReader(handle)}
+    for pid, record in records.items():
+        if pid in depth and record["num_slices"] != depth[pid]:
+            raise InputError(
+                label_path,
+                f"patient {pid}: {record['num_slices']} slices labelled, the NIfTI has {depth[pid]}",
+            )
+
+
 def write_qa(
     dataset: str,
     raw_root: Path,
@@ -285,6 +300,8 @@ def write_qa(
         raise InputError(
             label_path, f"none of the {len(prepared)} prepared ids has labels, e.g. {unlabeled[:5]}"
         )
+    if dataset == "physionet":
+        _check_slice_counts(raw_root / SLICE_FILE, out_dir / "manifest.csv", {p: records[p] for p in usable})
     labels = {p: {STRATIFY_KEY: findings(records[p])[STRATIFY_KEY]} for p in usable}
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = _resolve_splits(out_dir / "splits.json", labels, set(records), fractions, seed)
