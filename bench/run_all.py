@@ -1,0 +1,138 @@
+"""Run every CPU benchmark, write `bench/results.json` and a readable `bench/results.md` (`make bench`).
+
+.venv/bin/python bench/run_all.py [--quick]
+
+Each benchmark runs in its own process (its last stdout line is JSON; `prepare.py` prints text lines,
+parsed here); one that fails or times out is recorded with its error and the others still run.
+Sized to finish in under 10 minutes on 2 CPU cores; `--quick` shrinks every benchmark (a smoke run).
+`bench/gpu_fit.py` needs a GPU and is not run here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BENCH = Path(__file__).resolve().parent
+_PREPARE_LINE = re.compile(r"prepare (\w+): (\d+) scans .*workers=(\d+): ([\d.]+) s, ([\d.]+) scans/s")
+
+
+def commands(quick: bool) -> dict[str, list[str]]:
+    """The benchmark command lines (arguments after the script)."""
+    py = [sys.executable]
+    if quick:
+        return {
+            "plan": [*py, "-m", "m3d_lit.models.plan", "--json", "--micro-batch", "2"],
+            "train_step": [*py, str(BENCH / "train_step.py"), "--presets", "tiny", "--stages", "3", "--steps", "1"],
+            "generate": [*py, str(BENCH / "generate.py"), "--batches", "1", "8", "--new-tokens", "8", "--repeats", "1"],
+            "loader": [*py, str(BENCH / "loader.py"), "--samples", "4", "--otf-samples", "4", "--workers", "0"],
+            "prepare": [*py, str(BENCH / "prepare.py"), "--scans", "2", "--shape", "16", "64", "64",
+                        "--size", "16", "64", "64", "--workers", "1"],
+        }  # fmt: skip
+    return {
+        "plan": [*py, "-m", "m3d_lit.models.plan", "--json", "--micro-batch", "2"],
+        "train_step": [*py, str(BENCH / "train_step.py"), "--presets", "tiny", "small", "--steps", "2"],
+        "generate": [*py, str(BENCH / "generate.py")],
+        "loader": [*py, str(BENCH / "loader.py"), "--samples", "16", "--otf-samples", "8"],
+        "prepare": [*py, str(BENCH / "prepare.py"), "--scans", "4", "--workers", "1", "2"],
+    }
+
+
+def run(name: str, cmd: list[str], timeout: float) -> dict[str, Any]:
+    """One benchmark's result (its JSON or parsed lines), seconds, or the error."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s", "seconds": timeout}
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1:], "seconds": seconds}
+    lines = done.stdout.strip().splitlines()
+    if name == "prepare":
+        rows = [m.groups() for m in map(_PREPARE_LINE.search, lines) if m]
+        keys = ("dataset", "scans", "workers", "seconds", "scans_per_s")
+        result: Any = [dict(zip(keys, (d, int(n), int(w), float(s), float(r)))) for d, n, w, s, r in rows]
+    elif name == "plan":
+        result = json.loads(done.stdout)
+    else:
+        result = json.loads(lines[-1])[name]
+    return {"result": result, "seconds": seconds}
+
+
+def table(results: dict[str, Any]) -> str:
+    """Markdown tables of the figures that matter."""
+    out = ["# m3d-lit CPU benchmarks", "", f"{results['machine']}", ""]
+    get = {k: v.get("result") for k, v in results["benchmarks"].items()}
+    errors = [f"- {k}: {v['error']}" for k, v in results["benchmarks"].items() if "error" in v]
+    if get.get("plan"):
+        p = get["plan"]
+        out += ["## plan (paper, stage 3, 24 GB)", "", "| part | GiB |", "| --- | --- |"]
+        out += [f"| {k} | {v:.2f} |" for k, v in p["memory_gib"].items()]
+        out += [f"| **total, micro-batch {p['settings']['micro_batch']}** | **{p['total_gib']:.2f}** "
+                f"({'fits' if p['fits'] else 'does not fit'}) |", ""]  # fmt: skip
+    if get.get("train_step"):
+        out += ["## train_step (CPU fp32)", "", "| preset | stage | steps/s | samples/s | peak RSS MiB |"]
+        out += ["| --- | --- | --- | --- | --- |"]
+        out += [f"| {r['preset']} | {r['stage']} | {r['steps_per_s']:.3f} | {r['samples_per_s']:.3f} | "
+                f"{r['peak_rss_mib']:.0f} |" for r in get["train_step"]]  # fmt: skip
+        out.append("")
+    if get.get("generate"):
+        out += ["## generate (tiny, fp32 CPU)", "", "| batch | tokens/s | decode tokens/s | x batch 1 |"]
+        out += ["| --- | --- | --- | --- |"]
+        out += [f"| {r['batch']} | {r['tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} | "
+                f"{r['speedup_vs_1']:.2f} |" for r in get["generate"]["rows"]]  # fmt: skip
+        out.append("")
+    if get.get("loader"):
+        out += ["## loader (32x256x256)", "", "| source | workers | samples/s |", "| --- | --- | --- |"]
+        out += [
+            f"| {r['source']} | {r['workers']} | {r['samples_per_s']:.2f} |" for r in get["loader"]["rows"]
+        ]
+        out += ["", f"cached float16 / on-the-fly: x{get['loader']['cached_over_on_the_fly']:.1f}", ""]
+    if get.get("prepare"):
+        out += ["## prepare", "", "| dataset | workers | scans/s |", "| --- | --- | --- |"]
+        out += [f"| {r['dataset']} | {r['workers']} | {r['scans_per_s']:.2f} |" for r in get["prepare"]]
+        out.append("")
+    return "\n".join(out + (["## errors", *errors] if errors else []))
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smallest sizes: checks the scripts run")
+    ap.add_argument("--timeout", type=float, default=240.0, help="seconds per benchmark")
+    ap.add_argument("--out", type=Path, default=BENCH, help="folder for results.json and results.md")
+    args = ap.parse_args(argv)
+    machine = f"{platform.node()}: {os.cpu_count()} CPUs, torch {torch.__version__}, load {os.getloadavg()}"
+    results: dict[str, Any] = {"machine": machine, "quick": args.quick, "benchmarks": {}}
+    for name, cmd in commands(args.quick).items():
+        print(f"bench {name} ...", flush=True)
+        results["benchmarks"][name] = entry = run(name, cmd, args.timeout)
+        print(f"  {'error: ' + str(entry['error']) if 'error' in entry else 'ok'} ({entry['seconds']:.0f} s)")
+    results["load_after"] = os.getloadavg()
+    args.out.mkdir(parents=True, exist_ok=True)
+    _write(args.out / "results.json", json.dumps(results, indent=2) + "\n")
+    text = table(results)
+    _write(args.out / "results.md", text + "\n")
+    print(text)
+    return 1 if any("error" in e for e in results["benchmarks"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,528 @@
+"""`m3d-lit plan --preset paper --stage 3 --gpu-mem 24 --micro-batch 2`: GPU memory and FLOPs of a stage.
+
+Memory per GPU, by part:
+- weights: frozen parameters at `--frozen-dtype` (bf16: 2 bytes, no fp32 copy); counted on the meta device.
+- trainable: fp32 parameter + fp32 gradient + AdamW's two fp32 moments = 16 bytes per parameter; with
+  `--zero 1` the moments, with `--zero 2` also the gradients, are split over `--gpus`.
+- activations: bytes of the tensors autograd saves for backward, MEASURED on CPU with
+  `torch.autograd.graph.saved_tensors_hooks` while a reduced copy of the model runs one training forward
+  in the GPU's dtypes (frozen LLM in bf16, trainable parts fp32, bf16 autocast), then scaled:
+  * vision, perceiver, segmentation: the image is cut to 32 x 64 x 64 (or the preset's size when
+    smaller) and each encoder to one block at full width. Every saved tensor there has one row per voxel
+    or patch (SDPA attention keeps no N x N matrix), so bytes scale with the voxel count; block bytes are
+    multiplied by the preset's block count.
+  * LLM: the full sequence, one decoder layer, every width (hidden, intermediate, heads, vocab, LoRA r)
+    divided by `--width-divisor` k with the head size kept. Every saved tensor is (tokens x one of those
+    widths), so bytes scale by k; layer bytes are multiplied by the layer count.
+  * checkpointing (non-reentrant; LLM layers and/or ViT blocks, the segmentation encoder has none)
+    keeps only each checkpointed block's input (measured in a forward
+    pre-hook) and recomputes one block at a time during backward: that block's full bytes are added once
+    as `transient`, with the logits buffers (bf16 logits, their copy with the new rows, the fp32 copy for
+    the loss: 8 bytes x tokens x vocab per sample).
+  * autocast's bf16 copies of the trainable matrices (2 bytes per trainable parameter of 2+ dims).
+- reserve: CUDA context and allocator slack, a fixed `--reserve` GiB.
+FLOPs per sample: 2 x parameters x tokens for every matrix a token passes (per component) plus
+4 x tokens^2 x width per attention layer; training = forward x (3 for trainable parts, 2 for the frozen
+LLM, which still passes gradients to its input, 1 for a frozen encoder), and checkpointing recomputes one
+more forward of the checkpointed parts (hardware FLOPs; MFU uses model FLOPs without it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from m3d_lit.models.llm import unwrap
+from m3d_lit.models.presets import PRESETS, STAGE_TRAINABLE, deep_merge, resolve
+
+__all__ = ["PlanSettings", "count_params", "measure_activations", "flops_per_sample", "plan", "main"]
+
+GIB = 1024**3
+_MEASURE_IMG = (32, 64, 64)
+_CKPT = ("none", "llm", "vision", "all")
+_VIEWS = ("TBackward", "ViewBackward", "PermuteBackward", "TransposeBackward", "ExpandBackward", "UnsqueezeBackward", "SqueezeBackward", "AliasBackward")  # fmt: skip
+_MODEL_FIELDS = ("preset", "stage", "overrides", "trainable", "lora_dropout")
+_CACHE: dict[tuple[str, str], Any] = {}
+
+
+@dataclass
+class PlanSettings:
+    """What `plan` estimates.
+
+    Args:
+        preset: model preset (`paper`, `small`, `tiny`).
+        stage: 2 or 3 (the LaMed stages).
+        gpu_mem: GPU memory in GiB.
+        micro_batch: samples per GPU per step.
+        frozen_dtype: `bf16` (frozen weights held in bf16 only) or `fp32`.
+        full_embeddings: train the whole embedding and output matrices instead of the new rows only.
+        checkpointing: non-reentrant activation checkpointing: none | llm | vision | all.
+        lora_dropout: LoRA dropout (None: the preset's); dropout > 0 saves a mask per adapted layer.
+        zero: 0 (DDP), 1 (AdamW moments sharded) or 2 (moments and gradients sharded).
+        gpus: GPUs sharing the optimizer state when zero > 0.
+        seg_share: share of a micro-batch's rows that produce `[SEG]` (None: 1 in stage 3, 0 in stage 2).
+        reserve: GiB for the CUDA context and allocator slack.
+        width_divisor: k, the LLM width reduction of the activation measurement (None: 8 when it divides).
+        overrides: values merged into the preset.
+        trainable: per-component modes merged into the stage's defaults, e.g. `{"segmentation": "frozen"}`.
+    """
+
+    preset: str = "paper"
+    stage: int = 3
+    gpu_mem: float = 24.0
+    micro_batch: int = 2
+    frozen_dtype: str = "bf16"
+    full_embeddings: bool = False
+    checkpointing: str = "llm"
+    lora_dropout: float | None = None
+    zero: int = 0
+    gpus: int = 8
+    seg_share: float | None = None
+    reserve: float = 1.0
+    width_divisor: int | None = None
+    overrides: dict[str, Any] | None = None
+    trainable: dict[str, str] | None = None
+
+    def modes(self) -> dict[str, str]:
+        return {**STAGE_TRAINABLE[self.stage], **(self.trainable or {})}
+
+    def __post_init__(self) -> None:
+        if self.stage not in (2, 3):
+            raise ValueError(f"stage {self.stage}: plan covers the LaMed stages 2 and 3")
+        if self.micro_batch < 1 or self.gpu_mem <= 0 or self.gpus < 1:
+            raise ValueError(f"micro_batch {self.micro_batch}, gpus {self.gpus} must be >= 1, gpu_mem > 0")
+        if self.frozen_dtype not in ("bf16", "fp32") or self.checkpointing not in _CKPT:
+            raise ValueError(f"frozen_dtype {self.frozen_dtype!r} / checkpointing {self.checkpointing!r}")
+        if self.zero not in (0, 1, 2):
+            raise ValueError(f"zero {self.zero} must be 0, 1 or 2")
+        if self.seg_share is not None and not 0.0 <= self.seg_share <= 1.0:
+            raise ValueError(f"seg_share {self.seg_share} must be in [0, 1]")
+
+
+def _build_meta(settings: PlanSettings, lora: dict[str, Any]) -> nn.Module:
+    from m3d_lit.models.lamed import build_lamed
+
+    with torch.device("meta"):
+        model = build_lamed(settings.preset, settings.overrides)
+        model.set_trainable(settings.modes(), lora=lora)
+    return model
+
+
+def _memo(kind: str, settings: PlanSettings, fields: tuple[str, ...], compute: Any) -> Any:
+    """Results of the expensive steps, per the settings they depend on (a CLI run or test asks again)."""
+    key = (kind, json.dumps([getattr(settings, f) for f in fields], sort_keys=True))
+    if key not in _CACHE:
+        _CACHE[key] = compute(settings)
+    return copy.deepcopy(_CACHE[key])
+
+
+def count_params(settings: PlanSettings) -> dict[str, dict[str, int]]:
+    """Per component: `frozen`, `trainable` and `trainable_matrix` (2+ dims) parameter counts."""
+    return _memo("count", settings, _MODEL_FIELDS + ("full_embeddings",), _count_params)
+
+
+def measure_activations(settings: PlanSettings) -> dict[str, float]:
+    """Saved bytes per sample at the preset's size, by part (see the module docstring for the scaling)."""
+    return _memo("measure", settings, _MODEL_FIELDS + ("width_divisor",), _measure_activations)
+
+
+def _count_params(settings: PlanSettings) -> dict[str, dict[str, int]]:
+    config = resolve(settings.preset, settings.overrides)
+    model = _build_meta(settings, _lora(config, settings))
+    base = unwrap(model.llm)
+    embeddings = {id(base.get_input_embeddings().weight)}
+    if base.get_output_embeddings() is not None:
+        embeddings.add(id(base.get_output_embeddings().weight))
+    parts = {
+        "vision": model.vision,
+        "perceiver": model.perceiver,
+        "llm": model.llm,
+        "new_token_rows": model.new_tokens,
+        "segmentation": nn.ModuleList([model.segmentation, model.seg_head]),
+    }
+    counts = {}
+    for name, module in parts.items():
+        entry = {"frozen": 0, "trainable": 0, "trainable_matrix": 0}
+        for param in module.parameters():
+            train = param.requires_grad or (settings.full_embeddings and id(param) in embeddings)
+            entry["trainable" if train else "frozen"] += param.numel()
+            entry["trainable_matrix"] += param.numel() if train and param.dim() >= 2 else 0
+        counts[name] = entry
+    return counts
+
+
+def _lora(config: dict[str, Any], settings: PlanSettings) -> dict[str, Any]:
+    lora = dict(config["lora"])
+    if settings.lora_dropout is not None:
+        lora["dropout"] = settings.lora_dropout
+    return lora
+
+
+def _width_divisor(config: dict[str, Any], wanted: int | None) -> int:
+    """k for the LLM measurement: it must divide every width; a vocab not in the preset cannot shrink."""
+    llm = config["llm"]
+    dims = [llm[key] for key in ("hidden_size", "num_attention_heads", "intermediate_size")]
+    dims.append(llm.get("vocab_size", 0))
+    for k in (8, 4, 2, 1) if wanted is None else (wanted,):
+        if k == 1 or (k > 1 and all(d and d % k == 0 for d in dims)):
+            return k
+    raise ValueError(
+        f"width_divisor {wanted} must divide the LLM widths and vocab {dims} (0: not in the preset)"
+    )
+
+
+def _measure_config(config: dict[str, Any], k: int, lora: dict[str, Any]) -> dict[str, Any]:
+    """Overrides of the reduced model: image cut, one block per encoder, LLM widths / k."""
+    img = [min(a, b) for a, b in zip(config["img_size"], _MEASURE_IMG)]
+    llm = {
+        key: config["llm"][key] // k for key in ("hidden_size", "num_attention_heads", "intermediate_size")
+    }
+    if "vocab_size" in config["llm"]:
+        llm["vocab_size"] = config["llm"]["vocab_size"] // k
+    llm.update(num_hidden_layers=1, max_position_embeddings=max(config["max_length"], 64))
+    return {
+        "img_size": img,
+        "vision": {"num_layers": 1},
+        "segmentation": {"num_layers": 1},
+        "llm": llm,
+        "lora": {**lora, "r": max(1, int(lora["r"]) // k)},
+    }
+
+
+def synthetic_batch(
+    model: nn.Module, batch: int, seq_len: int, seg: bool, seed: int = 0
+) -> dict[str, Tensor]:
+    """A full-length training batch: `<im_patch>` x N, random text, `[SEG]`, EOS; masks if `seg`."""
+    gen = torch.Generator().manual_seed(seed)
+    tok = model.tokenizer
+    n = model.num_visual_tokens
+    special = set(tok.all_special_ids) | {model.im_patch_id, model.seg_id}
+    ordinary = torch.tensor([i for i in range(len(tok)) if i not in special])
+    text = ordinary[torch.randint(len(ordinary), (batch, seq_len - n - 2), generator=gen)]
+    tail = torch.tensor([model.seg_id if seg else ordinary[0].item(), tok.eos_token_id]).expand(batch, 2)
+    input_ids = torch.cat([torch.full((batch, n), model.im_patch_id), text, tail], dim=1)
+    labels = input_ids.clone()
+    labels[:, :n] = -100
+    return {
+        "images": torch.rand(batch, 1, *model.img_size, generator=gen),
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": labels,
+        "masks": (torch.rand(batch, 1, *model.img_size, generator=gen) > 0.9).float(),
+        "seg_flags": torch.full((batch,), seg),
+    }
+
+
+def cast_for_training(model: nn.Module, frozen_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Frozen parameters to `frozen_dtype`, trainable ones to fp32 (the bf16-mixed layout on a GPU)."""
+    for param in model.parameters():
+        param.data = param.data.to(torch.float32 if param.requires_grad else frozen_dtype)
+    return model
+
+
+class _Scopes:
+    """Which part of the model is running (forward hooks), so saved bytes can be scaled per part."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.stack: list[str] = ["root"]
+        self.block_inputs: dict[str, int] = {}
+        self.handles = []
+        layers = unwrap(model.llm).get_decoder().layers
+        self._watch(model.vision.blocks[0], "vision_block", inputs=True)
+        self._watch(model.vision, "vision_other")
+        self._watch(model.perceiver, "perceiver")
+        self._watch(layers[0], "llm_layer", inputs=True)
+        self._watch(unwrap(model.llm).get_decoder(), "llm_other")  # LamedModel calls the decoder directly
+        self._watch(model.seg_head, "llm_other")
+        self._watch(model.segmentation.image_encoder.blocks[0], "seg_block")
+        self._watch(model.segmentation, "seg_other")
+
+    def _watch(self, module: nn.Module, name: str, inputs: bool = False) -> None:
+        def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            self.stack.append(name)
+            first = args[0] if args else kwargs.get("hidden_states")
+            if inputs and isinstance(first, Tensor):
+                self.block_inputs[name] = first.untyped_storage().nbytes()
+
+        def post(_m: nn.Module, _a: tuple, _o: Any) -> None:
+            self.stack.pop()
+
+        self.handles += [
+            module.register_forward_pre_hook(pre, with_kwargs=True),
+            module.register_forward_hook(post),
+        ]
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _is_weight_copy(t: Tensor) -> bool:
+    """A bf16 autocast copy of a trainable parameter (or a view of one, e.g. the transpose a matmul saves)."""
+    fn = t.grad_fn
+    for _ in range(4):
+        if fn is None:
+            return False
+        if fn.name().startswith("ToCopyBackward"):
+            return any(type(n).__name__ == "AccumulateGrad" for n, _ in fn.next_functions if n is not None)
+        inputs = [n for n, _ in fn.next_functions if n is not None]
+        if not fn.name().startswith(_VIEWS) or len(inputs) != 1:
+            return False
+        fn = inputs[0]
+    return False
+
+
+@contextmanager
+def _saved_bytes(model: nn.Module, img_size: tuple[int, ...]) -> Iterator[tuple[dict[str, int], _Scopes]]:
+    """Bytes of the distinct storages autograd saves, by scope; parameters and their casts excluded."""
+    owned = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    owned |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    seen: set[int] = set()
+    totals: dict[str, int] = {}
+    scopes = _Scopes(model)
+
+    def pack(t: Tensor) -> Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in owned or ptr in seen or _is_weight_copy(t):
+            return t
+        seen.add(ptr)
+        scope = scopes.stack[-1]
+        if scope == "root":  # the losses: mask terms have the volume's shape, the LM loss does not
+            scope = "seg_other" if tuple(t.shape[-3:]) == tuple(img_size) else "llm_other"
+        totals[scope] = totals.get(scope, 0) + t.untyped_storage().nbytes()
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield totals, scopes
+    finally:
+        scopes.close()
+
+
+def _measure_activations(settings: PlanSettings) -> dict[str, float]:
+    from m3d_lit.models.lamed import build_lamed
+
+    config = resolve(settings.preset, settings.overrides)
+    lora = _lora(config, settings)
+    k = _width_divisor(config, settings.width_divisor)
+    small = _measure_config(config, k, lora)
+    model = build_lamed(settings.preset, deep_merge(settings.overrides or {}, small))
+    model.set_trainable(settings.modes(), lora=small["lora"])
+    cast_for_training(model).train()
+    batch = synthetic_batch(model, 1, config["max_length"], seg=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), _saved_bytes(model, model.img_size) as (saved, scopes):
+        model(**batch)
+    voxels = math.prod(config["img_size"]) / math.prod(model.img_size)
+    layers = config["llm"]["num_hidden_layers"]
+    scale = {
+        "vision_block": voxels * config["vision"]["num_layers"],
+        "vision_other": voxels,
+        "perceiver": voxels * k,  # its output is LLM-wide: an upper bound
+        "llm_layer": k * layers,
+        "llm_other": k,
+        "seg_block": voxels * config["segmentation"]["num_layers"],
+        "seg_other": voxels,
+    }
+    out = {name: saved.get(name, 0) * factor for name, factor in scale.items()}
+    out["llm_layer_full"] = saved.get("llm_layer", 0) * k
+    out["vision_block_full"] = saved.get("vision_block", 0) * voxels
+    out["llm_layer_input"] = scopes.block_inputs.get("llm_layer", 0) * k
+    out["vision_block_input"] = scopes.block_inputs.get("vision_block", 0) * voxels
+    out["width_divisor"] = k
+    return out
+
+
+def _vocab(config: dict[str, Any]) -> int:
+    """Rows of the LLM's embedding matrix: the preset's vocab, else the tokenizer's (as `LamedModel`)."""
+    from m3d_lit.models.tokenizer import build_llm_tokenizer
+
+    return int(config["llm"].get("vocab_size") or len(build_llm_tokenizer(None)))
+
+
+def _attention_flops(tokens: int, width: int, layers: int) -> float:
+    return 4.0 * tokens * tokens * width * layers
+
+
+def flops_per_sample(
+    settings: PlanSettings, counts: dict[str, dict[str, int]] | None = None
+) -> dict[str, float]:
+    """Forward FLOPs per component, and model / hardware (with recompute) training FLOPs per sample."""
+    config = resolve(settings.preset, settings.overrides)
+    counts = counts or count_params(settings)
+    grid = [i // p for i, p in zip(config["img_size"], config["patch_size"])]
+    patches = math.prod(grid)
+    llm, vis, seg = config["llm"], config["vision"], config["segmentation"]
+    seq, hidden = config["max_length"], llm["hidden_size"]
+    total = {name: c["frozen"] + c["trainable"] for name, c in counts.items()}
+    embed = _vocab(config) * hidden
+    head = 2.0 * embed * seq
+    forward = {
+        "vision": 2.0 * total["vision"] * (patches + 1)
+        + _attention_flops(patches + 1, vis["hidden_size"], vis["num_layers"]),
+        "perceiver": 2.0 * total["perceiver"] * patches / 8,
+        # embedding lookups cost nothing; the output matrix is the head term
+        "llm": 2.0 * (total["llm"] - 2 * embed) * seq
+        + head
+        + _attention_flops(seq, hidden, llm["num_hidden_layers"]),
+        "segmentation": 2.0 * total["segmentation"] * patches
+        + _attention_flops(patches, seg["hidden_size"], seg["num_layers"])
+        + 2.0 * (seg["hidden_size"] // 4) * (seg["hidden_size"] // 8) * 8 * patches * 8,
+    }
+    share = _seg_share(settings)
+    forward["segmentation"] *= share
+    trains = {name: counts[name]["trainable"] > 0 for name in ("vision", "perceiver", "segmentation")}
+    factor = {name: 3.0 if trains[name] else 1.0 for name in trains}
+    factor["llm"] = 3.0 if counts["llm"]["trainable"] > counts["llm"]["frozen"] else 2.0
+    model_flops = sum(forward[n] * factor[n] for n in forward)
+    recompute = 0.0
+    if settings.checkpointing in ("llm", "all"):
+        recompute += forward["llm"] - head
+    if settings.checkpointing in ("vision", "all"):
+        recompute += forward["vision"]
+    return {
+        "forward": forward,
+        "train_model_flops": model_flops,
+        "train_hardware_flops": model_flops + recompute,
+    }
+
+
+def _seg_share(settings: PlanSettings) -> float:
+    if settings.seg_share is not None:
+        return settings.seg_share
+    return 1.0 if settings.stage == 3 else 0.0
+
+
+def _state_bytes(trainable: int, settings: PlanSettings) -> dict[str, float]:
+    shards = settings.gpus if settings.zero else 1
+    grad_shards = settings.gpus if settings.zero == 2 else 1
+    return {
+        "trainable_fp32": 4.0 * trainable,
+        "gradients_fp32": 4.0 * trainable / grad_shards,
+        "adamw_moments_fp32": 8.0 * trainable / shards,
+    }
+
+
+def _activation_bytes(act: dict[str, float], settings: PlanSettings, copies: float) -> dict[str, float]:
+    """Per-GPU activation bytes at the micro-batch, with checkpointing applied."""
+    ckpt_llm = settings.checkpointing in ("llm", "all")
+    ckpt_vis = settings.checkpointing in ("vision", "all")
+    layers = act["llm_layer"] / max(act["llm_layer_full"], 1)  # the LLM layer count
+    blocks = act["vision_block"] / max(act["vision_block_full"], 1)
+    share = _seg_share(settings)
+    per_sample = {
+        "vision": (act["vision_block_input"] * blocks if ckpt_vis else act["vision_block"])
+        + act["vision_other"],
+        "perceiver": act["perceiver"],
+        "llm": (act["llm_layer_input"] * layers if ckpt_llm else act["llm_layer"]) + act["llm_other"],
+        # the model has no checkpointing option for the segmentation encoder
+        "segmentation": share * (act["seg_block"] + act["seg_other"]),
+    }
+    b = settings.micro_batch
+    out = {f"{name}_activations": value * b for name, value in per_sample.items()}
+    recomputed = max(
+        act["llm_layer_full"] if ckpt_llm else 0.0,
+        act["vision_block_full"] if ckpt_vis else 0.0,
+    )
+    config = resolve(settings.preset, settings.overrides)
+    out["transient"] = b * (recomputed + 8.0 * config["max_length"] * _vocab(config))
+    out["autocast_weight_copies"] = copies
+    return out
+
+
+def plan(settings: PlanSettings) -> dict[str, Any]:
+    """The memory (GiB per GPU, by part), FLOPs and fit verdict of `settings`."""
+    counts = count_params(settings)
+    frozen = sum(c["frozen"] for c in counts.values())
+    trainable = sum(c["trainable"] for c in counts.values())
+    matrices = sum(c["trainable_matrix"] for c in counts.values())
+    act = measure_activations(settings)
+    weight_bytes = {"frozen_weights": frozen * (2.0 if settings.frozen_dtype == "bf16" else 4.0)}
+    fixed = {**weight_bytes, **_state_bytes(trainable, settings)}
+    fixed["reserve"] = settings.reserve * GIB
+    variable = _activation_bytes(act, settings, 2.0 * matrices)
+    parts = {**fixed, **variable}
+    total = sum(parts.values())
+    one = _activation_bytes(act, replace(settings, micro_batch=1), 0.0)
+    per_sample = sum(one.values())
+    room = settings.gpu_mem * GIB - (total - per_sample * settings.micro_batch)
+    flops = flops_per_sample(settings, counts)
+    return {
+        "settings": asdict(settings),
+        "params": {"frozen": frozen, "trainable": trainable, "by_component": counts},
+        "memory_gib": {name: value / GIB for name, value in parts.items()},
+        "total_gib": total / GIB,
+        "per_sample_gib": per_sample / GIB,
+        "fits": total <= settings.gpu_mem * GIB,
+        "max_micro_batch": max(0, int(room // per_sample)) if per_sample > 0 else None,
+        "flops": {
+            "forward_tflop": {n: v / 1e12 for n, v in flops["forward"].items()},
+            "train_model_tflop_per_sample": flops["train_model_flops"] / 1e12,
+            "train_hardware_tflop_per_sample": flops["train_hardware_flops"] / 1e12,
+        },
+        "measured": {"width_divisor": act["width_divisor"], "image": list(_MEASURE_IMG)},
+    }
+
+
+def format_plan(result: dict[str, Any]) -> str:
+    """A readable table of `plan`'s result."""
+    s, f, p = result["settings"], result["flops"], result["params"]
+    fwd = ", ".join(f"{n} {v:.2f}" for n, v in f["forward_tflop"].items())
+    return "\n".join(
+        [
+            f"m3d-lit plan: preset {s['preset']}, stage {s['stage']}, micro-batch {s['micro_batch']}, frozen "
+            f"{s['frozen_dtype']}, checkpointing {s['checkpointing']}, zero {s['zero']}",
+            f"  parameters: {p['frozen'] / 1e9:.3f} B frozen, {p['trainable'] / 1e6:.1f} M trainable",
+            *(f"  {name:<26} {gib:8.2f} GiB" for name, gib in result["memory_gib"].items()),
+            f"  {'total':<26} {result['total_gib']:8.2f} GiB of {s['gpu_mem']:g}: "
+            + ("fits" if result["fits"] else "does NOT fit"),
+            f"  per extra sample {result['per_sample_gib']:.2f} GiB; largest micro-batch that fits: "
+            f"{result['max_micro_batch']}",
+            f"  forward TFLOP/sample: {fwd}",
+            f"  training TFLOP/sample: {f['train_model_tflop_per_sample']:.2f} model, "
+            f"{f['train_hardware_tflop_per_sample']:.2f} with recompute",
+        ]
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="m3d-lit plan", description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="paper", choices=sorted(PRESETS))
+    ap.add_argument("--stage", type=int, default=3, choices=(2, 3))
+    ap.add_argument("--gpu-mem", type=float, default=24.0, help="GiB per GPU")
+    ap.add_argument("--micro-batch", type=int, default=2)
+    ap.add_argument("--frozen-dtype", choices=("bf16", "fp32"), default="bf16")
+    ap.add_argument("--full-embeddings", action="store_true", help="train whole embedding/output matrices")
+    ap.add_argument("--checkpointing", choices=_CKPT, default="llm")
+    ap.add_argument("--lora-dropout", type=float, default=None)
+    ap.add_argument("--zero", type=int, choices=(0, 1, 2), default=0, help="optimizer state sharding")
+    ap.add_argument("--gpus", type=int, default=8, help="GPUs sharing the optimizer state with --zero")
+    ap.add_argument("--seg-share", type=float, default=None, help="share of rows that segment")
+    ap.add_argument("--reserve", type=float, default=1.0, help="GiB for CUDA context and allocator slack")
+    ap.add_argument("--width-divisor", type=int, default=None, help="LLM width reduction of the measurement")
+    ap.add_argument("--overrides", type=json.loads, default=None, help="JSON merged into the preset")
+    ap.add_argument("--trainable", type=json.loads, default=None, help='JSON, e.g. \'{"vision": "frozen"}\'')
+    ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`m3d-lit plan`: print the estimate; exit 0 whether or not it fits."""
+    args = vars(_parser().parse_args(argv))
+    as_json = args.pop("json")
+    result = plan(PlanSettings(**{k.replace("-", "_"): v for k, v in args.items()}))
+    print(json.dumps(result, indent=2) if as_json else format_plan(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
