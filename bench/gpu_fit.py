@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke:
         raise SystemExit("bench/gpu_fit.py: no CUDA device; use --smoke for the CPU check")
-    device = torch.device("cuda" if cuda else "cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     estimates = {m: _estimate(args.preset, m, not args.no_seg) for m in args.checkpointing}
     if cuda:
         total = torch.cuda.get_device_properties(device).total_memory

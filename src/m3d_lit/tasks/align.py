@@ -56,6 +56,15 @@ class AlignTask(BaseTask):
             model.enable_gradient_checkpointing(llm=mode in ("llm", "all"), vision=mode in ("vision", "all"))
         return model
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if str(self.trainer.precision).startswith("bf16"):
+            from m3d_lit.models.plan import cast_for_training
+
+            # bf16-mixed keeps fp32 weights by default: for a frozen 7B LLM that is 25 GiB, which does not
+            # fit a 24 GB card. Frozen weights go to bf16, the trainable ones stay fp32 for the optimizer.
+            cast_for_training(self.model, torch.bfloat16)
+
     def configure_collate(self) -> Any:
         from m3d_lit.data.collate import LMCollator
 
