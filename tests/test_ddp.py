@@ -28,7 +28,9 @@ OVERRIDES = {
         "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
     },
-    "clip": {"embed_dim": 16, "max_length": 32},
+    # the global-batch loss is rank-independent with a linear head (the paper's); a batch-norm head would
+    # need SyncBatchNorm for that, since each rank normalises over its own part of the batch
+    "clip": {"embed_dim": 16, "max_length": 32, "head": "linear"},
 }
 
 
