@@ -204,7 +204,18 @@ def prepared(synthetic_raw: Path) -> list[Path]:
     roots = []
     for name in ("cq500", "physionet"):
         out = synthetic_raw.parent / "data" / name
-        argv = ["prepare", name, "--root", str(synthetic_raw / name), "--out", str(out), "--size", "32", "64", "64"]
+        argv = [
+            "prepare",
+            name,
+            "--root",
+            str(synthetic_raw / name),
+            "--out",
+            str(out),
+            "--size",
+            "32",
+            "64",
+            "64",
+        ]
         assert main(argv) == 0
         roots.append(out)
     return roots

@@ -20,7 +20,9 @@ def _eval(checkpoint: Path, data: Path, out: Path, *extra: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_eval_batched_equals_one_by_one(stage3_checkpoint: Path, prepared: list[Path], tmp_path: Path) -> None:
+def test_eval_batched_equals_one_by_one(
+    stage3_checkpoint: Path, prepared: list[Path], tmp_path: Path
+) -> None:
     data = prepared[0] / "qa_test.jsonl"
     batched = _eval(stage3_checkpoint, data, tmp_path / "b4", "--batch-size", "4")
     single = _eval(stage3_checkpoint, data, tmp_path / "b1", "--batch-size", "1")
@@ -56,10 +58,20 @@ def test_ask_answers_raw_scans(
     assert capsys.readouterr().out.strip()
 
 
-def test_ask_bad_input_is_one_line(stage3_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_ask_bad_input_is_one_line(
+    stage3_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     bad = tmp_path / "scan.nii.gz"
     bad.write_bytes(b"\x1f\x8b truncated")
-    argv = ["ask", "--checkpoint", str(stage3_checkpoint), "--volume", str(bad), "--question", "Is there a fracture?"]
+    argv = [
+        "ask",
+        "--checkpoint",
+        str(stage3_checkpoint),
+        "--volume",
+        str(bad),
+        "--question",
+        "Is there a fracture?",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(bad) in err[0]
