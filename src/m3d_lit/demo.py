@@ -61,9 +61,7 @@ def _run(step: str, command: list[str], cwd: Path, seconds: dict[str, float]) ->
     print(f"=== {step}: done in {seconds[step]:.0f} s", flush=True)
 
 
-def _stage(
-    recipe: str, steps: int, batch: int, data: list[Path], mode: str, extra: list[str]
-) -> list[str]:
+def _stage(recipe: str, steps: int, batch: int, data: list[Path], mode: str, extra: list[str]) -> list[str]:
     return [
         sys.executable, "-m", "m3d_lit.cli", "fit",
         "-c", str(REPO / "stages" / recipe),
@@ -124,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     seed = ["--seed_everything", str(args.seed)]
     # learning rates for models trained from scratch in minutes; the recipes keep the paper's values
     _run("stage 1", _stage("stage1_clip.yaml", plan.stage1_steps, plan.stage1_batch_size, roots, "report",
-                           [*seed, "--model.optimizer.init_args.lr", "3e-4"]), out, seconds)  # fmt: skip
+                           [*seed, "--model.optimizer.init_args.lr", "3e-4",
+                            # from-scratch contrastive learning on ~150 scans collapses under rotation
+                            "--data.augment", "false"]), out, seconds)  # fmt: skip
     _run("stage 2", _stage("stage2_align.yaml", plan.stage2_steps, plan.batch_size, roots, "report",
                            [*seed, "--model.optimizer.init_args.lr", "1e-3"]), out, seconds)  # fmt: skip
     _run("stage 3", _stage("stage3_finetune.yaml", plan.stage3_steps, plan.batch_size, roots, "qa",
