@@ -20,7 +20,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "patch_size": [4, 16, 16],
         "max_length": 256,
         "vision": {"hidden_size": 192, "mlp_dim": 768, "num_layers": 4, "num_heads": 4},
-        "perceiver": {"name": "spatial_pool", "pool": [1, 2, 2], "proj": "mlp"},
+        "perceiver": {"name": "spatial_pool", "pool": [1, 2, 2], "proj": "bn_mlp"},
         "llm": {
             "hidden_size": 256,
             "num_hidden_layers": 4,
