@@ -68,8 +68,6 @@ def generate_records(
                 "answer": batch["answers"][i],
                 "prediction": text.strip(),
             }
-            if "labels_meta" in batch:
-                record["label"] = batch["labels_meta"][i]
             if record["kind"] == "seg":
                 mask = batch["masks"][i] if bool(batch["seg_flags"][i]) else None
                 record.update(_seg_scores(out["seg_logits"][i], mask))

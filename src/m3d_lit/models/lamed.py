@@ -22,7 +22,7 @@ from m3d_lit.models.perceiver import build_perceiver
 from m3d_lit.models.presets import resolve
 from m3d_lit.models.tokenizer import IM_PATCH, LAMED_TOKENS, SEG, build_llm_tokenizer
 
-__all__ = ["LamedModel", "build_lamed"]
+__all__ = ["LamedModel", "build_lamed", "cast_for_training"]
 
 _MODES = {
     "vision": ("frozen", "full"),
@@ -316,6 +316,13 @@ def _lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
         return logits.sum() * 0.0
     flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     return F.cross_entropy(flat, shifted.reshape(-1), ignore_index=-100)
+
+
+def cast_for_training(model: nn.Module, frozen_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Frozen parameters to `frozen_dtype`, trainable ones to fp32 (the bf16-mixed layout on a GPU)."""
+    for param in model.parameters():
+        param.data = param.data.to(torch.float32 if param.requires_grad else frozen_dtype)
+    return model
 
 
 def build_lamed(

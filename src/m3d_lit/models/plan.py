@@ -223,13 +223,6 @@ def synthetic_batch(
     }
 
 
-def cast_for_training(model: nn.Module, frozen_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Frozen parameters to `frozen_dtype`, trainable ones to fp32 (the bf16-mixed layout on a GPU)."""
-    for param in model.parameters():
-        param.data = param.data.to(torch.float32 if param.requires_grad else frozen_dtype)
-    return model
-
-
 class _Scopes:
     """Which part of the model is running (forward hooks), so saved bytes can be scaled per part."""
 
@@ -310,7 +303,7 @@ def _saved_bytes(model: nn.Module, img_size: tuple[int, ...]) -> Iterator[tuple[
 
 
 def _measure_activations(settings: PlanSettings) -> dict[str, float]:
-    from m3d_lit.models.lamed import build_lamed
+    from m3d_lit.models.lamed import build_lamed, cast_for_training
 
     config = resolve(settings.preset, settings.overrides)
     lora = _lora(config, settings)

@@ -59,7 +59,7 @@ class AlignTask(BaseTask):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if str(self.trainer.precision).startswith("bf16"):
-            from m3d_lit.models.plan import cast_for_training
+            from m3d_lit.models.lamed import cast_for_training
 
             # bf16-mixed keeps fp32 weights by default: for a frozen 7B LLM that is 25 GiB, which does not
             # fit a 24 GB card. Frozen weights go to bf16, the trainable ones stay fp32 for the optimizer.
