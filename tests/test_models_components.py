@@ -164,3 +164,15 @@ def test_tokenizer_directory_errors(tmp_path) -> None:
         tokenizer.build_llm_tokenizer(tmp_path / "missing")
     with pytest.raises(InputError, match="no usable tokenizer files"):
         tokenizer.build_text_tokenizer(tmp_path)
+
+
+def test_batchnorm_projector_runs_under_bf16_autocast_after_cast_for_training() -> None:
+    from m3d_lit.models.lamed import cast_for_training
+    from m3d_lit.models.perceiver import SpatialPoolPerceiver
+
+    perceiver = SpatialPoolPerceiver((2, 4, 4), 16, 8, pool=2, proj="bn_mlp").to(torch.bfloat16)
+    cast_for_training(perceiver)
+    assert perceiver.projector[0].running_mean.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = perceiver(torch.randn(2, 32, 16, dtype=torch.bfloat16))
+    assert out.shape == (2, 4, 8)

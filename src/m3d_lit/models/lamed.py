@@ -319,9 +319,18 @@ def _lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def cast_for_training(model: nn.Module, frozen_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Frozen parameters to `frozen_dtype`, trainable ones to fp32 (the bf16-mixed layout on a GPU)."""
+    """Frozen parameters to `frozen_dtype`, trainable ones to fp32 (the bf16-mixed layout on a GPU).
+
+    Floating buffers of modules that train (batch-norm statistics) go to fp32 with their weights.
+    """
     for param in model.parameters():
         param.data = param.data.to(torch.float32 if param.requires_grad else frozen_dtype)
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        if params and all(p.requires_grad for p in params):
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer is not None and buffer.is_floating_point():
+                    module._buffers[name] = buffer.float()
     return model
 
 

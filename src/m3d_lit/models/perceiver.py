@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from m3d_lit.models.vision import as_triple
@@ -22,7 +23,11 @@ class TokenBatchNorm(nn.BatchNorm1d):
     """
 
     def forward(self, tokens: Tensor) -> Tensor:
-        return super().forward(tokens.transpose(1, 2)).transpose(1, 2)
+        # outside autocast, in the statistics' dtype: CPU autocast hands batch norm bf16 activations,
+        # which it refuses beside fp32 weights
+        with torch.autocast(tokens.device.type, enabled=False):
+            normed = super().forward(tokens.transpose(1, 2).to(self.running_mean.dtype))
+        return normed.transpose(1, 2).to(tokens.dtype)
 
 
 def projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
