@@ -219,3 +219,36 @@ def test_generate_refuses_right_padding(model: LamedModel) -> None:
     batch = make_batch(model, [(q, "") for q in QUESTIONS[:2]], side="right")
     with pytest.raises(ValueError, match="left-padded"):
         model.generate(batch["images"], batch["input_ids"], batch["attention_mask"])
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_random_llm_head_leaves_room_for_confident_answers(preset: str) -> None:
+    """Under LoRA the random LM head stays frozen; its rows must be long enough for a confident logit."""
+    from m3d_lit.models.presets import resolve
+
+    config = resolve(preset)["llm"]
+    row_norm = config["initializer_range"] * config["hidden_size"] ** 0.5
+    # the final RMSNorm gives hidden states of norm sqrt(H); the best logit is row_norm * sqrt(H)
+    assert row_norm * config["hidden_size"] ** 0.5 > 15.0
+
+
+def test_lora_stage_learns_an_answer_that_depends_on_the_scan() -> None:
+    """Stage-3 trainability (LoRA; LM head frozen): two scans, one question, opposite answers."""
+    model = stage3()
+    model.config["loss"] = {"w_dice": 0.0, "w_bce": 0.0}
+    question = "Is there a calvarial fracture?"
+    batch = make_batch(model, [(question, "Yes."), (question, "No.")])
+    batch["images"][0] = 0.0
+    batch.pop("masks"), batch.pop("seg_flags")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    for _ in range(40):
+        optimizer.zero_grad()
+        loss = model(**batch)["lm_loss"]
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        final = model(**batch)["lm_loss"].item()
+    # the old random head (init std 0.02) could not go below ~1.7 nats per answer token
+    assert final < 0.3, final

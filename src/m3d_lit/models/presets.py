@@ -27,6 +27,11 @@ PRESETS: dict[str, dict[str, Any]] = {
             "num_attention_heads": 4,
             "intermediate_size": 512,
             "max_position_embeddings": 512,
+            # The LLM is random and its LM head stays frozen under LoRA. At the default std 0.02 a head
+            # row has norm 0.02 * sqrt(256) = 0.32, so no logit can exceed ~5 and the answer-token loss
+            # cannot fall below ~1.8 nats over the 786-token vocabulary: the LLM cannot learn which
+            # answer a scan calls for. At 0.08 a row has norm 1.3, the range a trained head has.
+            "initializer_range": 0.08,
         },
         "text": {
             "hidden_size": 128,
@@ -61,6 +66,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "num_attention_heads": 8,
             "intermediate_size": 1376,
             "max_position_embeddings": 1024,
+            "initializer_range": 0.06,  # LM-head rows of norm 1.3, as in `tiny`
         },
         "text": {
             "hidden_size": 256,
