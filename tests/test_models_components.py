@@ -14,11 +14,11 @@ from m3d_lit.models.vision import ViT3D, grid_size
 
 
 def test_resolve_deep_merges_without_touching_the_preset() -> None:
-    config = resolve("tiny", {"llm": {"num_hidden_layers": 2}, "max_length": 128})
-    assert config["llm"]["num_hidden_layers"] == 2
+    config = resolve("tiny", {"llm": {"num_hidden_layers": 3}, "max_length": 128})
+    assert config["llm"]["num_hidden_layers"] == 3
     assert config["llm"]["hidden_size"] == PRESETS["tiny"]["llm"]["hidden_size"]
     assert config["max_length"] == 128 and config["preset"] == "tiny"
-    assert PRESETS["tiny"]["llm"]["num_hidden_layers"] == 4
+    assert PRESETS["tiny"]["llm"]["num_hidden_layers"] == 2
     assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}}) == {"a": {"b": 1, "c": 3}}
 
 

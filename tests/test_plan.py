@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from m3d_lit.models import plan as P
 from m3d_lit.models.lamed import build_lamed
+from m3d_lit.models.presets import PRESETS
 
 # A tiny LLM whose widths (and vocab) halve cleanly, to check the width scaling of the measurement.
 _HALVABLE = {
@@ -60,7 +61,7 @@ def test_paper_naive_settings_do_not_fit(paper_mb2):
 def test_checkpointing_keeps_only_layer_inputs():
     settings = P.PlanSettings(preset="tiny", micro_batch=1, checkpointing="none")
     act = P.measure_activations(settings)
-    layers = 4  # the tiny preset's LLM
+    layers = PRESETS["tiny"]["llm"]["num_hidden_layers"]
     assert act["llm_layer"] == pytest.approx(layers * act["llm_layer_full"])
     # A layer keeps far more than its input (norms, q/k/v, MLP, LoRA): checkpointing must shrink it.
     assert act["llm_layer_input"] * 4 < act["llm_layer_full"]
