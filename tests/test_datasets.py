@@ -8,7 +8,15 @@ import torch
 from conftest import DATA_SHAPE, write_mask, write_volume
 
 from m3d_lit.data.augment import BRAIN_CT_FLIP_AXES, VolumeAugment, sample_seed
-from m3d_lit.data.datasets import QAJsonlDataset, Record, RecordDataset, SampleKey, load_volume, read_qa_jsonl
+from m3d_lit.data.datasets import (
+    QAJsonlDataset,
+    Record,
+    RecordDataset,
+    SampleKey,
+    load_volume,
+    read_qa_jsonl,
+    swap_images,
+)
 from m3d_lit.errors import InputError
 
 
@@ -44,6 +52,28 @@ def test_blank_images_and_img_size_check(brainct_data):
     assert tuple(blank["image"].shape) == DATA_SHAPE and not blank["image"].any()
     with pytest.raises(InputError, match=r"differs from img_size \(8, 32, 32\)"):
         QAJsonlDataset(path, img_size=(8, 32, 32))[0]
+
+
+def test_swapped_images_give_every_question_another_patients_scan(brainct_data):
+    path = brainct_data["physionet"] / "qa_test.jsonl"
+    own = read_qa_jsonl(path)
+    swapped = swap_images(own, seed=0)
+    assert swapped == swap_images(own, seed=0)
+    assert [(r.id, r.question, r.answer, r.mask) for r in swapped] == [
+        (r.id, r.question, r.answer, r.mask) for r in own
+    ]
+    mapping = {a.image: b.image for a, b in zip(own, swapped)}
+    assert len(mapping) >= 2 and all(src != dst for src, dst in mapping.items())
+    assert sorted(mapping.values()) == sorted(mapping)  # a permutation of the file's scans
+    for a, b in zip(own, swapped):  # every row of one scan moves to the same other scan
+        assert mapping[a.image] == b.image
+    ds = QAJsonlDataset(path, swapped_images=True)
+    moved = next(i for i, r in enumerate(own) if r.image != ds.records[i].image)
+    assert torch.equal(ds[moved]["image"], load_volume(mapping[own[moved].image]))
+    with pytest.raises(ValueError, match="at least 2 distinct images"):
+        swap_images([r for r in own if r.image == own[0].image])
+    with pytest.raises(ValueError, match="not both"):
+        QAJsonlDataset(path, blank_images=True, swapped_images=True)
 
 
 def test_bad_jsonl_line_names_file_and_line(tmp_path, brainct_data):

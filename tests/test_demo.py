@@ -15,7 +15,7 @@ def test_quick_demo_runs_every_step(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["--quick", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     for dataset in ("cq500", "physionet"):
-        for variant in ("scans", "blank"):
+        for variant in ("scans", "blank", "swapped"):
             metrics = summary[dataset][variant]
             assert {"bleu1", "bleu4", "rougeL", "meteor"} <= set(metrics)
     assert "balanced_accuracy" in summary["cq500"]["scans"]

@@ -39,8 +39,11 @@ def test_eval_blank_images_control(stage3_checkpoint: Path, prepared: list[Path]
     data = prepared[1] / "qa_test.jsonl"
     records = _eval(stage3_checkpoint, data, tmp_path / "blank", "--blank-images")
     setup = json.loads((tmp_path / "blank" / "metrics.json").read_text())["setup"]
-    assert setup["blank_images"] is True
+    assert setup["blank_images"] is True and setup["swapped_images"] is False
     assert len(records) == min(9, len(data.read_text().splitlines()))
+    swapped = _eval(stage3_checkpoint, data, tmp_path / "swapped", "--swap-images")
+    assert json.loads((tmp_path / "swapped" / "metrics.json").read_text())["setup"]["swapped_images"] is True
+    assert [r["id"] for r in swapped] == [r["id"] for r in records]
 
 
 @pytest.mark.slow

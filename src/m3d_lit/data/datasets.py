@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -30,6 +30,7 @@ __all__ = [
     "check_paths",
     "read_jsonl",
     "read_qa_jsonl",
+    "swap_images",
 ]
 
 QA_KEYS = ("id", "image", "question", "answer", "kind")
@@ -227,6 +228,20 @@ def _pick(options: tuple[str, ...], rng: np.random.Generator | None) -> str:
     return options[0] if rng is None else options[int(rng.integers(len(options)))]
 
 
+def swap_images(records: Sequence[Record], seed: int = 0) -> list[Record]:
+    """The records with every scan replaced by another scan of the same list (never its own).
+
+    The distinct images are put in a seeded random order and each takes the next one's place, so the
+    swap is a derangement: questions, answers and masks keep their own scan's truth.
+    """
+    images = sorted({record.image for record in records})
+    if len(images) < 2:
+        raise ValueError(f"swapping scans needs at least 2 distinct images, got {len(images)}")
+    order = [images[i] for i in np.random.default_rng(seed).permutation(len(images))]
+    other = {image: order[(i + 1) % len(order)] for i, image in enumerate(order)}
+    return [replace(record, image=other[record.image]) for record in records]
+
+
 class QAJsonlDataset(RecordDataset):
     """One ``qa_<split>.jsonl`` of ``m3d-lit prepare``, standalone (``m3d-lit eval``); no augmentation.
 
@@ -234,11 +249,21 @@ class QAJsonlDataset(RecordDataset):
         path: the QA file; its image and mask paths are relative to its folder and checked here.
         img_size: if given, every volume must have this (D, H, W).
         blank_images: return zero volumes (the image-ablation control).
+        swapped_images: give every question another scan of the file (`swap_images`): a control that
+            stays among real head CTs, where a zero volume is far from anything the model has seen.
     """
 
     def __init__(
-        self, path: str | Path, img_size: Sequence[int] | None = None, blank_images: bool = False
+        self,
+        path: str | Path,
+        img_size: Sequence[int] | None = None,
+        blank_images: bool = False,
+        swapped_images: bool = False,
     ) -> None:
+        if blank_images and swapped_images:
+            raise ValueError("choose blank_images or swapped_images, not both")
         records = read_qa_jsonl(Path(path))
         check_paths(records)
+        if swapped_images:
+            records = swap_images(records)
         super().__init__(records, train=False, img_size=img_size, blank_images=blank_images)

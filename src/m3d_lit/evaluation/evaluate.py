@@ -1,11 +1,13 @@
 """`m3d-lit eval`: batched generation over a QA split, then metrics and a report.
 
     m3d-lit eval --checkpoint checkpoints/stage3/last.ckpt --data data/cq500/qa_test.jsonl --out runs/eval
-                 [--batch-size 8] [--blank-images] [--max-new-tokens 64] [--device cpu|cuda]
+                 [--batch-size 8] [--blank-images | --swap-images] [--max-new-tokens 64] [--device cpu|cuda]
 
 Writes OUT/predictions.jsonl (one object per sample), OUT/metrics.json and OUT/report.md, and the metrics
 to TensorBoard under OUT/tensorboard. `--blank-images` replaces every volume with zeros: the control that
-shows whether the answers depend on the scan at all.
+shows whether the answers depend on the scan at all. `--swap-images` gives every question another patient's
+scan from the same file, a control that stays among real head CTs (a model that reads the scan drops to
+chance there, while a zero volume may throw it off entirely).
 """
 
 from __future__ import annotations
@@ -81,7 +83,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--batch-size", type=int, default=8, help="generation batch (1 = one by one)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--blank-images", action="store_true", help="replace every volume with zeros")
+    control = parser.add_mutually_exclusive_group()
+    control.add_argument("--blank-images", action="store_true", help="replace every volume with zeros")
+    control.add_argument(
+        "--swap-images", action="store_true", help="give every question another patient's scan"
+    )
     parser.add_argument("--limit", type=int, default=None, help="only the first N samples")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=0, help="data loader workers")
@@ -105,7 +111,9 @@ def main(argv: list[str]) -> int:
     if device.type == "cuda":
         model.to(torch.bfloat16)
     img_size = tuple(model.img_size)
-    dataset = QAJsonlDataset(args.data, img_size=img_size, blank_images=args.blank_images)
+    dataset = QAJsonlDataset(
+        args.data, img_size=img_size, blank_images=args.blank_images, swapped_images=args.swap_images
+    )
     if args.limit is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(args.limit, len(dataset))))
     collate = LMCollator(
@@ -113,7 +121,7 @@ def main(argv: list[str]) -> int:
     )
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate, num_workers=args.workers)
     records = []
-    label = "blank scans" if args.blank_images else "scans"
+    label = "blank scans" if args.blank_images else "swapped scans" if args.swap_images else "scans"
     with tqdm(total=len(dataset), desc=f"eval {args.data.name} ({label})", unit="sample") as bar:
         for record in generate_records(model, loader, args.max_new_tokens, device):
             records.append(record)
@@ -123,6 +131,7 @@ def main(argv: list[str]) -> int:
         "checkpoint": str(args.checkpoint),
         "data": str(args.data),
         "blank_images": args.blank_images,
+        "swapped_images": args.swap_images,
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
     }
