@@ -235,11 +235,10 @@ def test_random_llm_head_leaves_room_for_confident_answers(preset: str) -> None:
 def test_lora_stage_learns_an_answer_that_depends_on_the_scan() -> None:
     """Stage-3 trainability (LoRA; LM head frozen): two scans, one question, opposite answers."""
     model = stage3()
-    model.config["loss"] = {"w_dice": 0.0, "w_bce": 0.0}
     question = "Is there a calvarial fracture?"
     batch = make_batch(model, [(question, "Yes."), (question, "No.")])
     batch["images"][0] = 0.0
-    batch.pop("masks"), batch.pop("seg_flags")
+    del batch["masks"], batch["seg_flags"]  # no mask: the loss is the LM loss alone
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     for _ in range(40):
