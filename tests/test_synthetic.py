@@ -176,6 +176,28 @@ def test_fracture_is_a_wide_gap_over_many_slices():
     assert np.median(widths) >= 4
 
 
+@pytest.mark.parametrize("kind, slices", [("calvarial", slice(12, 32)), ("base", slice(0, 9))])
+def test_fracture_pushes_bone_in_and_swells_the_scalp_over_it(kind, slices):
+    plain = _render(_draw())
+    broken = _render(_draw(fractures=[kind], fracture_side=1))
+    pushed = (broken.hu > 500) & (plain.hu < 100)  # bone where the plain head has brain
+    swollen = (broken.hu > -500) & (plain.hu <= -500)  # soft tissue where the plain head has air
+    outside = np.ones(32, bool)
+    outside[slices] = False
+    for changed in (pushed, swollen):
+        assert np.count_nonzero(changed[slices]) >= 40 and not changed[outside].any()
+        assert np.nonzero(changed.any(axis=(0, 1)))[0].min() >= 32  # over the fracture, on the patient's left
+    assert 45 < np.median(broken.hu[swollen]) < 70  # swollen soft tissue, not bone
+    assert broken.truth["Fracture"] == 1 and broken.truth["ICH"] == 0  # no bleed label for either
+
+
+def test_pushed_in_bone_takes_the_place_of_the_blood_beneath():
+    alone = _render(_draw(EDH=True, sides={"EDH": 1}))
+    p = _render(_draw(EDH=True, sides={"EDH": 1}, fractures=["calvarial"], fracture_side=1))
+    covered = (alone.bleeds > 0) & (p.hu > 500)
+    assert covered.any() and not p.bleeds[covered].any() and p.truth["EDH"] == 1
+
+
 def test_midline_shift_moves_ventricles_away_from_the_lesion():
     def ventricle_center(p) -> float:
         csf = (p.hu[14:20, 20:44, 16:48] < 15) & (p.hu[14:20, 20:44, 16:48] > -10)
