@@ -115,6 +115,14 @@ def test_brainct_qa_and_report_modes(brainct_data, tiny_tokenizer):
     assert set(reports["answers"]) == {"A bleed on the left."}
 
 
+def test_image_dropout_reaches_the_train_dataset_only(brainct_data):
+    dm = BrainCTQADataModule(roots=[str(brainct_data["physionet"])], blank_prob=0.25)
+    dm.setup("fit")
+    assert dm.datasets["train"].blank_prob == 0.25 and dm.datasets["val"].blank_prob == 0.0
+    with pytest.raises(ValueError, match=r"blank_prob must be in \[0, 1\), got 1.0"):
+        BrainCTQADataModule(roots=[str(brainct_data["physionet"])], blank_prob=1.0)
+
+
 def test_dataloader_before_collate_fn_and_missing_files_are_clear_errors(brainct_data):
     dm = BrainCTQADataModule(roots=[str(brainct_data["cq500"])])
     dm.setup("fit")

@@ -147,6 +147,26 @@ def test_record_dataset_augments_train_items_per_epoch_only(brainct_data, tmp_pa
     assert torch.equal(plain[SampleKey(2, 3)]["image"], load_volume(records[2].image))
 
 
+def test_image_dropout_blanks_train_items_without_a_mask_only(brainct_data):
+    records = read_qa_jsonl(brainct_data["physionet"] / "qa_train.jsonl")
+    assert any(r.mask is None for r in records) and any(r.mask is not None for r in records)
+    keys = [SampleKey(i, e) for e in range(20) for i in range(len(records))]
+    dropout = RecordDataset(records, train=True, seed=3, blank_prob=0.3)
+    items = {k: dropout[k] for k in keys}
+    blanked = [k for k, item in items.items() if not item["image"].any()]
+    assert all(records[k.index].mask is None for k in blanked)  # a mask's scan is never taken away
+    unmasked = sum(records[k.index].mask is None for k in keys)
+    assert 0.2 < len(blanked) / unmasked < 0.4
+    again = RecordDataset(records, train=True, seed=3, blank_prob=0.3)
+    assert [k for k in keys if not again[k]["image"].any()] == blanked  # fixed by (seed, epoch, index)
+    k = blanked[0]
+    assert items[k]["answer"] in records[k.index].answer  # the text stays with the question
+    evaluation = RecordDataset(records, train=False, seed=3, blank_prob=0.3)
+    assert all(evaluation[i]["image"].any() for i in range(len(records)))
+    off = RecordDataset(records, train=True, seed=3)
+    assert all(off[k]["image"].any() for k in keys)
+
+
 def test_negative_answers_follow_an_empty_mask(tmp_path):
     image = write_volume(tmp_path / "img.npy", seed=1)
     full, empty = write_mask(tmp_path / "m1.npy"), write_mask(tmp_path / "m2.npy", empty=True)

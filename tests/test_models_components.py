@@ -176,3 +176,29 @@ def test_batchnorm_projector_runs_under_bf16_autocast_after_cast_for_training() 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = perceiver(torch.randn(2, 32, 16, dtype=torch.bfloat16))
     assert out.shape == (2, 4, 8)
+
+
+def test_token_batchnorm_takes_its_statistics_from_the_chosen_rows_only() -> None:
+    from m3d_lit.models.perceiver import TokenBatchNorm
+
+    torch.manual_seed(0)
+    scans = 3.0 + 0.01 * torch.randn(3, 5, 8)
+    batch = torch.cat([scans, torch.zeros(1, 5, 8)])  # one empty volume's tokens, far from the scans
+    rows = torch.tensor([True, True, True, False])
+    chosen, reference = TokenBatchNorm(8), torch.nn.BatchNorm1d(8)
+    with torch.no_grad():
+        chosen.weight.uniform_(0.5, 2.0)
+        chosen.bias.uniform_(-1.0, 1.0)
+    reference.load_state_dict(chosen.state_dict())
+    out = chosen(batch, stats_rows=rows)
+    expected = reference(scans.transpose(1, 2)).transpose(1, 2)
+    assert torch.allclose(out[:3], expected, atol=1e-5)
+    assert torch.allclose(chosen.running_mean, reference.running_mean)
+    assert torch.allclose(chosen.running_var, reference.running_var)
+    assert out[3].abs().mean() > 50 * out[:3].abs().mean()  # normalised by the scans' statistics
+    every, whole = TokenBatchNorm(8), torch.nn.BatchNorm1d(8)
+    every_out = every(batch, stats_rows=torch.ones(4, dtype=torch.bool))
+    assert torch.allclose(every_out, whole(batch.transpose(1, 2)).transpose(1, 2), atol=1e-5)
+    chosen.eval()
+    assert torch.allclose(chosen(batch, stats_rows=rows), chosen(batch))  # inference: running statistics
+

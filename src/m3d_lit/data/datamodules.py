@@ -51,6 +51,9 @@ class BaseDataModule(L.LightningDataModule):
         augment: apply train-time augmentation (never at val/test).
         pin_memory: pin batches in page-locked memory (GPU runs).
         flip_axes: spatial axes (0 = D, 1 = H, 2 = W) that augmentation may mirror.
+        blank_prob: train-time image dropout: the chance that a training sample without a mask gets an
+            all-zero volume (its question and answer kept), so the model learns to answer an empty scan
+            from the question alone, as the `--blank-images` control then measures. 0 turns it off.
     """
 
     def __init__(
@@ -61,16 +64,20 @@ class BaseDataModule(L.LightningDataModule):
         augment: bool = True,
         pin_memory: bool = False,
         flip_axes: tuple[int, ...] = ALL_AXES,
+        blank_prob: float = 0.0,
     ) -> None:
         super().__init__()
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
+        if not 0.0 <= blank_prob < 1.0:
+            raise ValueError(f"blank_prob must be in [0, 1), got {blank_prob}")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
         self.augment = augment
         self.pin_memory = pin_memory
         self.flip_axes = tuple(flip_axes)
+        self.blank_prob = blank_prob
         self.collate_fn: Callable[[list[dict]], dict[str, Any]] | None = None
         self.datasets: dict[str, Dataset] = {}
         self.unconfigured: set[str] = set()
@@ -86,7 +93,9 @@ class BaseDataModule(L.LightningDataModule):
         check_paths(records)
         train = split == "train"
         augment = VolumeAugment(flip_axes=self.flip_axes) if train and self.augment else None
-        return RecordDataset(records, train=train, augment=augment, seed=self.seed)
+        return RecordDataset(
+            records, train=train, augment=augment, seed=self.seed, blank_prob=self.blank_prob
+        )
 
     def setup(self, stage: str | None = None) -> None:
         splits = SPLITS_BY_STAGE.get(stage or "fit")

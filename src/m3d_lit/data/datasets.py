@@ -159,6 +159,8 @@ class RecordDataset(Dataset):
         seed: with the epoch and index, fixes every random draw of a sample.
         img_size: if given, every volume must be 1 x D x H x W with this (D, H, W).
         blank_images: return zero volumes of the same shape (the image-ablation control).
+        blank_prob: with ``train``, the chance that a sample without a mask gets a zero volume (image
+            dropout); drawn from the sample's own seed.
     """
 
     def __init__(
@@ -169,6 +171,7 @@ class RecordDataset(Dataset):
         seed: int = 0,
         img_size: Sequence[int] | None = None,
         blank_images: bool = False,
+        blank_prob: float = 0.0,
     ) -> None:
         self.records = list(records)
         self.train = train
@@ -176,6 +179,7 @@ class RecordDataset(Dataset):
         self.seed = seed
         self.img_size = None if img_size is None else tuple(int(s) for s in img_size)
         self.blank_images = blank_images
+        self.blank_prob = blank_prob if train else 0.0
 
     def __len__(self) -> int:
         return len(self.records)
@@ -203,6 +207,8 @@ class RecordDataset(Dataset):
             answers, mask = record.negative, None
         if self.augment is not None and rng is not None:
             image, mask = self.augment(image, mask, int(rng.integers(2**32)))
+        if self.blank_prob and rng is not None and mask is None and rng.random() < self.blank_prob:
+            image = torch.zeros_like(image)
         return {
             "id": record.id,
             "image": image,

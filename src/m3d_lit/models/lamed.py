@@ -141,7 +141,8 @@ class LamedModel(nn.Module):
             )
         embeds = self.token_embeds(input_ids)
         patches, _ = self.vision(images.to(self._vision_dtype()))
-        visual = self.perceiver(patches).to(embeds.dtype)
+        # an all-zero volume (image dropout, the blank control) takes no part in batch statistics
+        visual = self.perceiver(patches, stats_rows=images.flatten(1).any(1)).to(embeds.dtype)
         # masked_scatter fills the True positions in row-major order: row by row, left to right.
         return embeds.masked_scatter((input_ids == self.im_patch_id).unsqueeze(-1), visual)
 

@@ -10,7 +10,14 @@ from torch import Tensor, nn
 
 from m3d_lit.models.vision import as_triple
 
-__all__ = ["SpatialPoolPerceiver", "SequencePoolPerceiver", "build_perceiver", "projector"]
+__all__ = [
+    "BatchNormMLP",
+    "SpatialPoolPerceiver",
+    "SequencePoolPerceiver",
+    "TokenBatchNorm",
+    "build_perceiver",
+    "projector",
+]
 
 
 class TokenBatchNorm(nn.BatchNorm1d):
@@ -20,25 +27,64 @@ class TokenBatchNorm(nn.BatchNorm1d):
     every scan plus differences a thousand times smaller (measured on the demo: image-token norm 56,
     across-scan std 0.0014), which the LLM cannot pick out. Standardising each feature brings the
     differences to unit scale; at inference it is a fixed affine map.
+
+    In training, `stats_rows` (bool, B) picks the rows whose tokens make the batch statistics; every row
+    is normalised with them. An empty volume (image dropout, `blank_prob`) lies 8-30 across-scan
+    standard deviations from the scans, and one such row in a batch of 8 would inflate the variance
+    ~10-fold and squash the real scans' differences in that batch and in the running statistics.
     """
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, stats_rows: Tensor | None = None) -> Tensor:
         # outside autocast, in the statistics' dtype: CPU autocast hands batch norm bf16 activations,
         # which it refuses beside fp32 weights
         with torch.autocast(tokens.device.type, enabled=False):
-            normed = super().forward(tokens.transpose(1, 2).to(self.running_mean.dtype))
-        return normed.transpose(1, 2).to(tokens.dtype)
+            x = tokens.to(self.running_mean.dtype)
+            if self.training and stats_rows is not None and not bool(stats_rows.all()):
+                normed = self._normalise_by_rows(x, stats_rows.to(x.device))
+            else:
+                normed = super().forward(x.transpose(1, 2)).transpose(1, 2)
+        return normed.to(tokens.dtype)
+
+    def _normalise_by_rows(self, x: Tensor, rows: Tensor) -> Tensor:
+        sample = x[rows].reshape(-1, x.shape[-1])
+        if sample.shape[0] < 2:  # nothing to estimate from: the running statistics, left as they are
+            mean, var = self.running_mean, self.running_var
+        else:
+            mean, var = sample.mean(0), sample.var(0, unbiased=False)
+            with torch.no_grad():
+                n = sample.shape[0]
+                self.running_mean.lerp_(mean.detach(), self.momentum)
+                self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
+                self.num_batches_tracked += 1
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+
+class BatchNormMLP(nn.Sequential):
+    """`TokenBatchNorm`, then the two-layer MLP; `stats_rows` goes to the batch norm."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__(TokenBatchNorm(in_dim), *projector("mlp", in_dim, out_dim))
+
+    def forward(self, tokens: Tensor, stats_rows: Tensor | None = None) -> Tensor:
+        tokens = self[0](tokens, stats_rows)
+        for layer in list(self)[1:]:
+            tokens = layer(tokens)
+        return tokens
 
 
 def projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
-    """`linear` (one layer), `mlp` (two layers with GELU), or `bn_mlp` (`TokenBatchNorm`, then the MLP)."""
+    """`linear` (one layer), `mlp` (two layers with GELU), or `bn_mlp` (`BatchNormMLP`)."""
     if kind == "linear":
         return nn.Linear(in_dim, out_dim)
     if kind == "mlp":
         return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
     if kind == "bn_mlp":
-        return nn.Sequential(TokenBatchNorm(in_dim), *projector("mlp", in_dim, out_dim))
+        return BatchNormMLP(in_dim, out_dim)
     raise ValueError(f"proj {kind!r} must be 'linear', 'mlp' or 'bn_mlp'")
+
+
+def _project(projector: nn.Module, tokens: Tensor, stats_rows: Tensor | None) -> Tensor:
+    return projector(tokens, stats_rows) if isinstance(projector, BatchNormMLP) else projector(tokens)
 
 
 class SpatialPoolPerceiver(nn.Module):
@@ -49,7 +95,7 @@ class SpatialPoolPerceiver(nn.Module):
         in_dim: ViT width.
         out_dim: LLM width.
         pool: pooling kernel (= stride) per axis, one int or three; must divide `grid`.
-        proj: `linear` or `mlp`.
+        proj: `linear`, `mlp` or `bn_mlp`.
     """
 
     def __init__(
@@ -65,15 +111,16 @@ class SpatialPoolPerceiver(nn.Module):
         self.in_dim = in_dim
         self.projector = projector(proj, in_dim, out_dim)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """tokens B x N x in_dim (N = prod(grid)) -> B x num_tokens x out_dim."""
+    def forward(self, tokens: Tensor, stats_rows: Tensor | None = None) -> Tensor:
+        """tokens B x N x in_dim (N = prod(grid)) -> B x num_tokens x out_dim; `stats_rows` (bool, B):
+        the rows that make a `bn_mlp` projector's batch statistics in training (all when None)."""
         b, n, c = tokens.shape
         if n != self.grid[0] * self.grid[1] * self.grid[2] or c != self.in_dim:
             raise ValueError(f"tokens {tuple(tokens.shape)} do not match grid {self.grid} x {self.in_dim}")
         (d, h, w), (pd, ph, pw) = self.out_grid, self.pool
         # Mean over each pool block by reshaping (avg_pool3d has no bf16 kernel on CPU).
         grid = tokens.reshape(b, d, pd, h, ph, w, pw, c)
-        return self.projector(grid.mean(dim=(2, 4, 6)).reshape(b, self.num_tokens, c))
+        return _project(self.projector, grid.mean(dim=(2, 4, 6)).reshape(b, self.num_tokens, c), stats_rows)
 
 
 class SequencePoolPerceiver(nn.Module):
@@ -84,7 +131,7 @@ class SequencePoolPerceiver(nn.Module):
         in_dim: ViT width.
         out_dim: LLM width.
         pool: tokens averaged into one; must divide `num_patches`.
-        proj: `linear` or `mlp`.
+        proj: `linear`, `mlp` or `bn_mlp`.
     """
 
     def __init__(self, num_patches: int, in_dim: int, out_dim: int, pool: int = 8, proj: str = "mlp") -> None:
@@ -96,12 +143,13 @@ class SequencePoolPerceiver(nn.Module):
         self.num_tokens = num_patches // pool
         self.projector = projector(proj, in_dim, out_dim)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """tokens B x num_patches x in_dim -> B x num_tokens x out_dim."""
+    def forward(self, tokens: Tensor, stats_rows: Tensor | None = None) -> Tensor:
+        """tokens B x num_patches x in_dim -> B x num_tokens x out_dim; `stats_rows` as in
+        `SpatialPoolPerceiver`."""
         if tokens.shape[1] != self.num_patches:
             raise ValueError(f"got {tokens.shape[1]} patch tokens, expected {self.num_patches}")
         b, _, c = tokens.shape
-        return self.projector(tokens.reshape(b, self.num_tokens, self.pool, c).mean(2))
+        return _project(self.projector, tokens.reshape(b, self.num_tokens, self.pool, c).mean(2), stats_rows)
 
 
 def build_perceiver(spec: dict[str, Any], grid: Sequence[int], in_dim: int, out_dim: int) -> nn.Module:
