@@ -202,3 +202,20 @@ def test_token_batchnorm_takes_its_statistics_from_the_chosen_rows_only() -> Non
     chosen.eval()
     assert torch.allclose(chosen(batch, stats_rows=rows), chosen(batch))  # inference: running statistics
 
+
+def test_random_llm_decoder_layers_can_take_their_own_init_std() -> None:
+    from m3d_lit.models.llm import build_causal_lm
+
+    config = {"vocab_size": 512, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "initializer_range": 0.08}  # fmt: skip
+    torch.manual_seed(0)
+    model = build_causal_lm(config={**config, "layer_initializer_range": 0.02})
+    layer = model.model.layers[1]
+    for weight in (layer.self_attn.q_proj.weight, layer.mlp.down_proj.weight):
+        assert abs(weight.std().item() - 0.02) < 0.002
+    assert abs(model.lm_head.weight.std().item() - 0.08) < 0.004
+    assert abs(model.model.embed_tokens.weight.std().item() - 0.08) < 0.004
+    assert "layer_initializer_range" not in model.config.to_dict()
+    torch.manual_seed(0)
+    plain = build_causal_lm(config=config)
+    assert abs(plain.model.layers[1].self_attn.q_proj.weight.std().item() - 0.08) < 0.004

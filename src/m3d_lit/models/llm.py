@@ -26,7 +26,9 @@ def build_causal_lm(
 
     Args:
         path: local model directory (e.g. LLaMA-2-7B); `trust_remote_code` stays off.
-        config: `LlamaConfig` fields for a randomly initialised model (used when `path` is None).
+        config: `LlamaConfig` fields for a randomly initialised model (used when `path` is None), plus
+            optional `layer_initializer_range`: the init std of the decoder layers' linear weights, when
+            it should differ from `initializer_range` (which then sets the embeddings and LM head).
         dtype: weight dtype when loading from `path` (bf16 on GPU saves half the memory).
     """
     if path is not None:
@@ -41,7 +43,15 @@ def build_causal_lm(
             raise InputError(path, f"not a loadable causal LM ({err})") from err
     if not config or "vocab_size" not in config:
         raise ValueError("build_causal_lm needs a path, or a config with vocab_size")
-    return LlamaForCausalLM(LlamaConfig(**{"attn_implementation": "sdpa", **config}))
+    options = dict(config)
+    layer_std = options.pop("layer_initializer_range", None)
+    model = LlamaForCausalLM(LlamaConfig(**{"attn_implementation": "sdpa", **options}))
+    if layer_std is not None:
+        with torch.no_grad():
+            for module in model.model.layers.modules():
+                if isinstance(module, nn.Linear):
+                    module.weight.normal_(0.0, float(layer_std))
+    return model
 
 
 def unwrap(llm: nn.Module) -> PreTrainedModel:
