@@ -23,4 +23,4 @@ def test_quick_demo_runs_every_step(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert (tmp_path / "checkpoints" / "stage3" / "last.ckpt").is_file()
     assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
     out = capsys.readouterr().out
-    assert "physionet" in out and "blank" in out
+    assert "physionet" in out and "blank" in out and "scans against the controls" in out
