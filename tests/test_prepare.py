@@ -164,6 +164,20 @@ def test_killed_run_then_rerun_equals_one_clean_run(raw, tmp_path):
     assert _run("physionet", raw / "physionet", killed).reused == 3
 
 
+def test_a_source_replaced_since_is_prepared_again(raw, tmp_path):
+    source = tmp_path / "raw"
+    shutil.copytree(raw / "physionet", source)
+    first = _run("physionet", source, tmp_path / "out")
+    before = np.load(tmp_path / "out" / "images" / "050.npy")
+    scan = source / "ct_scans" / "050.nii"
+    image = nib.load(scan)
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj)[::-1].copy(), image.affine, image.header), scan)
+    again = _run("physionet", source, tmp_path / "out")
+    assert first.reused == 0 and again.reused == 2 and again.ids == first.ids
+    assert not np.array_equal(np.load(tmp_path / "out" / "images" / "050.npy"), before)
+    assert _run("physionet", source, tmp_path / "out").reused == 3
+
+
 def test_out_folder_of_another_dataset_or_settings_is_refused(raw, tmp_path):
     _run("physionet", raw / "physionet", tmp_path)
     with pytest.raises(InputError, match="prepare.json: .* was prepared with .*'dataset': 'physionet'"):

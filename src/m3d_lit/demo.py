@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -130,9 +129,6 @@ def main(argv: list[str] | None = None) -> int:
         seconds["synth"] = 0.0
     else:
         n = str(plan.scans)
-        if data.exists():  # prepared from the scans about to be replaced: `prepare` would reuse them
-            print(f"=== synth: new scans (scans {plan.scans}, seed {args.seed}); removing {data}")
-            shutil.rmtree(data)
         _run("synth", [*m3d, "synth", "--out", str(raw), "--cq500", n, "--physionet", n, "--balanced",
                        "--seed", str(args.seed)], out, seconds)  # fmt: skip
         (raw / "synth.json").write_text(json.dumps({"scans": plan.scans, "seed": args.seed}))

@@ -4,7 +4,8 @@ Writes `OUT/images/<id>.npy` (1 x D x H x W in [0, 1]), `OUT/masks/<id>.npy` (Ph
 patient, empty where no bleed), `OUT/manifest.csv`, `OUT/skipped.csv` and `OUT/prepare.json`, then the
 QA files through `m3d_lit.data.qa.write_qa`. Every file is written under a temporary name and renamed,
 and the manifest is rewritten after each scan, so a killed run resumes where it stopped: a scan is
-done when its manifest row exists and its image still has the recorded sha256.
+done when its manifest row exists, its image still has the recorded sha256 and its source files still
+have the recorded names, sizes and modification times (`source_stamp`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from m3d_lit.errors import InputError
 __all__ = ["DATASETS", "MANIFEST_COLUMNS", "PrepareResult", "main", "prepare_volumes", "safe_id"]
 
 DATASETS = ("cq500", "physionet")
-MANIFEST_COLUMNS = ("id", "source", "orig_shape", "orig_spacing", "out_shape", "sha256")
+MANIFEST_COLUMNS = ("id", "source", "orig_shape", "orig_spacing", "out_shape", "sha256", "source_stamp")
 SKIPPED_COLUMNS = ("id", "path", "reason")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -100,6 +101,18 @@ def _fmt(values: Sequence[float]) -> str:
     return "x".join(f"{float(v):.4g}" if isinstance(v, float) else str(v) for v in values)
 
 
+def _source_stamp(job: _Job) -> str:
+    """A digest of the names, sizes and modification times of a scan's source files (and the series
+    override): a scan replaced or re-exported since its volume was written no longer matches."""
+    files = [job.image, job.mask] if job.mask is not None else sorted(job.image.rglob("*"))
+    digest = hashlib.sha256(str(job.series).encode())
+    for path in files:
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"{_relative(path, job.root)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def _prepare_one(job: _Job) -> tuple[dict | None, tuple[str, str, str] | None]:
     """Read, preprocess and write one scan; a bad scan comes back as a skipped row."""
     try:
@@ -129,6 +142,7 @@ def _prepare_one(job: _Job) -> tuple[dict | None, tuple[str, str, str] | None]:
         "orig_spacing": _fmt(spacing),
         "out_shape": _fmt(image.shape),
         "sha256": hashlib.sha256(data).hexdigest(),
+        "source_stamp": _source_stamp(job),
     }
     return row, None
 
@@ -214,6 +228,8 @@ def _read_manifest(out: Path) -> dict[str, dict]:
 
 
 def _still_valid(row: dict, job: _Job) -> bool:
+    if row.get("source_stamp") != _source_stamp(job):
+        return False
     image = job.out / "images" / f"{job.sid}.npy"
     if not image.is_file() or hashlib.sha256(image.read_bytes()).hexdigest() != row["sha256"]:
         return False
