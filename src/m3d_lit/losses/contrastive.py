@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from m3d_lit.losses import at_least_fp32
+
 __all__ = ["clip_loss", "recall_at_k"]
 
 
@@ -26,7 +28,7 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor
             f"image_features {tuple(image_features.shape)} and text_features {tuple(text_features.shape)} "
             "must both be N x E"
         )
-    logits = logit_scale * image_features.float() @ text_features.float().t()
+    logits = logit_scale * at_least_fp32(image_features) @ at_least_fp32(text_features).t()
     target = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from m3d_lit.losses import at_least_fp32
+
 __all__ = ["dice_loss", "bce_loss"]
 
 
@@ -22,8 +24,8 @@ def dice_loss(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
         smooth: added to numerator and denominator; an empty prediction of an empty mask scores 0.
     """
     _check(logits, target)
-    prob = logits.float().sigmoid().flatten(1)
-    target = target.float().flatten(1)
+    prob = at_least_fp32(logits).sigmoid().flatten(1)
+    target = target.to(prob.dtype).flatten(1)
     inter = (prob * target).sum(1)
     return 1.0 - (2.0 * inter + smooth) / (prob.sum(1) + target.sum(1) + smooth)
 
@@ -31,5 +33,6 @@ def dice_loss(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
 def bce_loss(logits: Tensor, target: Tensor) -> Tensor:
     """Binary cross-entropy with logits, averaged over the voxels of each sample; returns shape B."""
     _check(logits, target)
-    loss = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
+    logits = at_least_fp32(logits)
+    loss = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none")
     return loss.flatten(1).mean(1)
