@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from m3d_lit.errors import InputError
-from m3d_lit.export import export, main
+from m3d_lit.export import _write_merged, export, main
 from m3d_lit.models.tokenizer import LAMED_TOKENS
 from m3d_lit.tasks import AlignTask, FinetuneTask
 
@@ -72,24 +73,74 @@ def sample_ids(model) -> torch.Tensor:
     return torch.tensor([[tok.bos_token_id, *new, *words], [tok.bos_token_id, *words, *reversed(new)]])
 
 
+def merged_in_float64(model, folder: Path, checkpoint: Path):
+    """`model`'s LLM merged by m3d-lit's own merge code, in float64, saved and loaded back in float64."""
+    from transformers import AutoModelForCausalLM
+
+    _write_merged(copy.deepcopy(model).double(), folder, torch.float64, checkpoint)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64, local_files_only=True).eval()
+
+
+def merge_rounding_bounds(model) -> dict[str, torch.Tensor]:
+    """Per-element bound on |fp32 merge - exact merge| of every LoRA-merged weight, by its merged key.
+
+    In fp32, B @ A over r terms is off by at most r u |B||A| (u = 2^-24, the unit roundoff); scaling it
+    and adding W round twice more, so W + s BA is off by at most u |W| + (r + 2) u s |B||A| + O(u^2).
+    Twice that covers the O(u^2) terms, whatever order a CPU's kernel sums in.
+    """
+    from peft.tuners.lora import Linear as LoraLinear
+
+    unit = 2.0**-24
+    bounds = {}
+    for name, module in model.llm.named_modules():
+        if isinstance(module, LoraLinear):
+            weight = module.base_layer.weight.detach().double().abs()
+            lora_a = module.lora_A["default"].weight.detach().double().abs()
+            lora_b = module.lora_B["default"].weight.detach().double().abs()
+            scale, rank = module.scaling["default"], lora_a.shape[0]
+            key = name.removeprefix("base_model.model.") + ".weight"
+            bounds[key] = 2 * unit * (weight + (rank + 2) * scale * (lora_b @ lora_a))
+    return bounds
+
+
+def assert_export_is_the_merge(model, exported: Path, folder: Path, checkpoint: Path) -> None:
+    """The exported fp32 merged LLM is the float64 merge rounded to fp32: LoRA weights within the
+    rounding bound, every other weight (new token rows included) exactly."""
+    from transformers import AutoModelForCausalLM
+
+    reference = merged_in_float64(model, folder, checkpoint).state_dict()
+    got = AutoModelForCausalLM.from_pretrained(exported, local_files_only=True).state_dict()
+    assert got.keys() == reference.keys()
+    bounds = merge_rounding_bounds(model)
+    assert bounds and bounds.keys() <= got.keys()
+    for key, value in got.items():
+        assert value.dtype == torch.float32, key
+        if key in bounds:
+            assert ((value.double() - reference[key]).abs() <= bounds[key]).all(), key
+        else:
+            assert torch.equal(value.double(), reference[key]), key
+
+
 def test_merged_llm_equals_lamed_with_lora(trained: tuple[FinetuneTask, Path], tmp_path: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     task, checkpoint = trained
     out = export(checkpoint, tmp_path / "export", merge=True)
     assert not (tmp_path / "export.tmp").exists()
     ids = sample_ids(task.model)
+    model64 = copy.deepcopy(task.model).double()
     with torch.no_grad():
-        expected = lamed_logits(task.model, ids)
-        with task.model.llm.disable_adapter():
-            without_lora = lamed_logits(task.model, ids)
-        merged = AutoModelForCausalLM.from_pretrained(out / "llm", local_files_only=True).eval()
-        got = merged(input_ids=ids).logits
+        expected = lamed_logits(model64, ids)
+        with model64.llm.disable_adapter():
+            without_lora = lamed_logits(model64, ids)
+        got = merged_in_float64(task.model, tmp_path / "merged64", checkpoint)(input_ids=ids).logits
     # the LoRA must matter, or equality would prove nothing about the merge
     assert (expected - without_lora).abs().max() > 1e-2
     assert got.shape == expected.shape
-    # fp32 rounding of W + BA against W x + B(A x); a wrong merge is off by more than 1e-2 (above)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # Both sides in float64 (unit roundoff 1.1e-16): W x + s B(A x) and (W + s BA) x differ by rounding
+    # alone, measured 9e-16 on logits up to 16 (LoRA moves them by 17); a wrong merge is off by > 1e-2.
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
+    assert_export_is_the_merge(task.model, out / "llm", tmp_path / "reference", checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(out / "llm", local_files_only=True)
     for token in LAMED_TOKENS:
         assert tokenizer.convert_tokens_to_ids(token) == task.model.tokenizer.convert_tokens_to_ids(token)
@@ -107,7 +158,14 @@ def test_adapter_and_components_reload(trained: tuple[FinetuneTask, Path], tmp_p
     fresh.model.llm = PeftModel.from_pretrained(fresh.model.llm.unload(), out / "adapter").eval()
     ids = sample_ids(task.model)
     with torch.no_grad():
-        assert torch.allclose(lamed_logits(fresh.model, ids), lamed_logits(task.model, ids), atol=1e-6)
+        reloaded = lamed_logits(fresh.model.double(), ids)
+        expected = lamed_logits(copy.deepcopy(task.model).double(), ids)
+        with fresh.model.llm.disable_adapter():
+            without = lamed_logits(fresh.model, ids)
+    # the same fp32 weights computed in float64 by the same code: only float64 rounding (~1e-15) may differ,
+    # while an adapter that lost a weight moves the logits by more than 1e-2
+    assert (expected - without).abs().max() > 1e-2
+    torch.testing.assert_close(reloaded, expected, atol=1e-10, rtol=0)
     model = task.model
     vision = load_file(out / "vision.safetensors")
     assert vision.keys() == model.vision.state_dict().keys()
@@ -158,16 +216,10 @@ def test_refuses_a_checkpoint_without_lora(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_export_of_a_trained_checkpoint(stage3_checkpoint: Path, tmp_path: Path) -> None:
     """The same through `m3d-lit export` on a checkpoint that Lightning wrote after real training steps."""
-    from transformers import AutoModelForCausalLM
-
     from m3d_lit.tasks.loading import load_task
 
     assert main(["--checkpoint", str(stage3_checkpoint), "--out", str(tmp_path / "export"), "--merge"]) == 0
     task, _ = load_task(stage3_checkpoint)
-    ids = sample_ids(task.model)
-    with torch.no_grad():
-        expected = lamed_logits(task.model, ids)
-        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "llm", local_files_only=True)
-        got = merged.eval()(input_ids=ids).logits
-    # fp32 rounding of W + BA against W x + B(A x); a wrong merge is off by more than 1e-2 (above)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert_export_is_the_merge(
+        task.model, tmp_path / "export" / "llm", tmp_path / "reference", stage3_checkpoint
+    )
