@@ -2,6 +2,7 @@
 
     m3d-lit eval --checkpoint checkpoints/stage3/last.ckpt --data data/cq500/qa_test.jsonl --out runs/eval
                  [--batch-size 8] [--blank-images | --swap-images] [--max-new-tokens 64] [--device cpu|cuda]
+                 [--dtype auto|float32|bfloat16|float64]
 
 Writes OUT/predictions.jsonl (one object per sample), OUT/metrics.json and OUT/report.md, and the metrics
 to TensorBoard under OUT/tensorboard. `--blank-images` replaces every volume with zeros: the control that
@@ -24,6 +25,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 __all__ = ["generate_records", "main", "write_jsonl"]
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -90,6 +93,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--limit", type=int, default=None, help="only the first N samples")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="auto",
+        help="weights and activations: auto = bfloat16 on CUDA, float32 on CPU; float64 makes greedy "
+        "decoding independent of how a machine orders its sums (exact comparisons, e.g. batch sizes)",
+    )
     parser.add_argument("--workers", type=int, default=0, help="data loader workers")
     return parser
 
@@ -108,8 +118,7 @@ def main(argv: list[str]) -> int:
     device = torch.device(args.device)
     task, _ = load_task(args.checkpoint, device=str(device))
     model = task.model
-    if device.type == "cuda":
-        model.to(torch.bfloat16)
+    model.to(DTYPES[args.dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32))
     img_size = tuple(model.img_size)
     dataset = QAJsonlDataset(
         args.data, img_size=img_size, blank_images=args.blank_images, swapped_images=args.swap_images
@@ -134,6 +143,7 @@ def main(argv: list[str]) -> int:
         "swapped_images": args.swap_images,
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_jsonl(args.out / "predictions.jsonl", records)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from m3d_lit.losses import at_least_fp32
 from m3d_lit.losses.segmentation import bce_loss, dice_loss
 from m3d_lit.models import registry
 from m3d_lit.models.llm import NewTokenRows, apply_lora, sample_next, unwrap
@@ -263,7 +264,7 @@ class LamedModel(nn.Module):
         seg_hidden: dict[int, Tensor] = {}
         steps: list[Tensor] = []
         for _ in range(max_new_tokens):
-            next_ids = sample_next(self.logits(hidden).float(), do_sample, temperature, top_p)
+            next_ids = sample_next(at_least_fp32(self.logits(hidden)), do_sample, temperature, top_p)
             next_ids = torch.where(done, torch.full_like(next_ids, pad), next_ids)
             for row in ((next_ids == self.seg_id) & ~done).nonzero().flatten().tolist():
                 seg_hidden.setdefault(row, hidden[row])
@@ -315,7 +316,7 @@ def _lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     shifted = labels[:, 1:]
     if not bool((shifted != -100).any()):
         return logits.sum() * 0.0
-    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    flat = at_least_fp32(logits[:, :-1].reshape(-1, logits.shape[-1]))
     return F.cross_entropy(flat, shifted.reshape(-1), ignore_index=-100)
 
 
