@@ -162,3 +162,100 @@ def test_released_layout_without_bert_folder_reads_bert_sizes_from_the_weights(t
     assert (text["vocab_size"], text["hidden_size"], text["num_hidden_layers"]) == (531, 96, 2)
     assert (text["intermediate_size"], text["max_position_embeddings"]) == (192, 512)
     assert text["num_attention_heads"] == 1  # BERT's 64-wide heads; bert-base (768 wide) gets its 12
+
+
+@pytest.fixture(scope="module")
+def m3d_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from m3d_lit.data import synthetic
+
+    base = tmp_path_factory.mktemp("m3d")
+    argv = ["--out", str(base), "--cq500", "0", "--physionet", "0", "--m3d-data", "9"]
+    assert synthetic.main([*argv, "--m3d-shape", "32", "64", "64"]) == 0
+    return base / "M3D-Data"
+
+
+def test_bench_retrieval_takes_an_m3d_clip_directory(m3d_data: Path, tmp_path: Path) -> None:
+    from m3d_lit.evaluation import bench
+
+    argv = ["--clip-checkpoint", str(KIT / "clip"), "--tasks", "retrieval", "--data", str(m3d_data)]
+    assert bench.main([*argv, "--out", str(tmp_path), "--device", "cpu"]) == 0
+    entry = json.loads((tmp_path / "metrics.json").read_text())["tasks"]["retrieval"]
+    assert entry["status"] == "ok" and entry["n"] >= 2
+    lines = (tmp_path / "retrieval" / "predictions.jsonl").read_text().splitlines()
+    ranks = [json.loads(line)["i2t_rank"] for line in lines]
+    # the same pairs through `embed`: the bench ranks each image's report as these logits do
+    from m3d_lit.evaluation.embed import embed, load_clip
+
+    pairs = json.loads((m3d_data / "M3D_Cap_npy" / "M3D_Cap.json").read_text())["test"]
+    texts = [(m3d_data / p["text"]).read_text().strip() for p in pairs]
+    logits = np.array(embed(load_clip(KIT / "clip"), [m3d_data / p["image"] for p in pairs], texts)["logits"])
+    expected = [int((row > row[i]).sum()) for i, row in enumerate(logits)]
+    assert ranks == expected
+
+
+@pytest.mark.slow
+def test_embed_with_a_stage1_checkpoint_uses_its_own_scale(m3d_data: Path, tmp_path: Path) -> None:
+    from lightning.pytorch import Trainer
+
+    from m3d_lit.data.datamodules import M3DCapDataModule
+    from m3d_lit.tasks import ClipTask
+
+    overrides = {"vision": {"num_layers": 1}, "text": {"num_hidden_layers": 1}}
+    task = ClipTask(preset="tiny", overrides=overrides)
+    cap = M3DCapDataModule(str(m3d_data), str(m3d_data / "M3D_Cap_npy" / "M3D_Cap.json"), batch_size=3)
+    trainer = Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(task, datamodule=cap)
+    checkpoint = tmp_path / "stage1.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    volumes = sorted(str(p) for p in (m3d_data / "M3D_Cap_npy").rglob("*.npy"))[:2]
+    out = tmp_path / "emb.json"
+    argv = ["embed", "--checkpoint", str(checkpoint), "--volume", *volumes, "--text", "a bleed", "no bleed"]
+    assert cli.main([*argv, "--out", str(out), "--device", "cpu"]) == 0
+    result = {k: np.array(v, dtype=np.float64) for k, v in json.loads(out.read_text()).items()}
+    assert result["image"].shape[0] == 2 and result["text"].shape[0] == 2
+    assert np.allclose(np.linalg.norm(result["image"], axis=1), 1.0, atol=1e-6)
+    scale = float(np.exp(task.model.logit_scale.item()))  # `exp` mode; far below the clamp after one step
+    assert np.abs(result["logits"] - scale * result["image"] @ result["text"].T).max() < 1e-4
+
+
+CLIP_VISION = {"vision": {"hidden_size": 96, "mlp_dim": 192, "num_layers": 2, "num_heads": 4}}
+
+
+def test_stage2_clip_path_refuses_other_sizes_and_a_second_vision_source(tmp_path: Path) -> None:
+    from m3d_lit.tasks import AlignTask
+
+    task = AlignTask(preset="tiny", clip_path=str(KIT / "clip"))  # tiny's ViT is 192 wide
+    with pytest.raises(
+        InputError, match=r"vision\.blocks\.0\.attn\.out_proj\.bias is \(96,\) there and \(192,\) here"
+    ):
+        task.load_clip_vision(str(KIT / "clip"))
+    with pytest.raises(InputError, match="would both start the vision encoder"):
+        AlignTask(preset="tiny", clip_path=str(KIT / "clip"), init_from="checkpoints/stage1/last.ckpt")
+    with pytest.raises(InputError, match="has no config.json"):
+        AlignTask(preset="tiny", overrides=CLIP_VISION, clip_path=str(tmp_path)).load_clip_vision(
+            str(tmp_path)
+        )
+
+
+@pytest.mark.slow
+def test_stage2_starts_its_vision_encoder_from_m3d_clip(m3d_data: Path) -> None:
+    from lightning.pytorch import Trainer
+
+    from m3d_lit.data.datamodules import M3DCapDataModule
+    from m3d_lit.tasks import AlignTask
+
+    overrides = {**CLIP_VISION, "llm": {"num_hidden_layers": 1}}
+    task = AlignTask(preset="tiny", overrides=overrides, clip_path=str(KIT / "clip"), log_examples=0)
+    cap = M3DCapDataModule(str(m3d_data), str(m3d_data / "M3D_Cap_npy" / "M3D_Cap.json"), batch_size=2)
+    trainer = Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(task, datamodule=cap)
+    weights = load_weights(KIT / "clip")
+    own = task.model.vision.state_dict()  # stage 2 keeps the vision encoder frozen
+    assert len(own) == sum(k.startswith("vision_encoder.") for k in weights)
+    assert all(torch.equal(own[k], weights[f"vision_encoder.{k}"]) for k in own)

@@ -16,18 +16,28 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from m3d_lit.errors import InputError
 
-__all__ = ["embed", "load_clip", "main"]
+__all__ = ["LoadedClip", "embed", "load_clip", "main"]
+
+DEFAULT_WINDOW = "brain"  # what `ask` uses when a checkpoint records none
 
 
-def load_clip(path: Path, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
-    """A CLIP model from a stage-1 checkpoint or an M3D-CLIP directory, with its preprocessing settings."""
+class LoadedClip(NamedTuple):
+    """A CLIP model with the text limit and CT window it was trained with."""
+
+    model: Any
+    max_length: int
+    window: str
+
+
+def load_clip(path: Path, device: str = "cpu") -> LoadedClip:
+    """The CLIP model of a stage-1 checkpoint or an M3D-CLIP directory."""
     from m3d_lit.models.official.clip import is_m3d_clip, load_m3d_clip
     from m3d_lit.models.official.files import read_config
     from m3d_lit.tasks.loading import load_task
@@ -35,15 +45,18 @@ def load_clip(path: Path, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
     path = Path(path)
     if path.is_dir():
         if is_m3d_clip(path):
-            return load_m3d_clip(path).to(device), {}
+            model = load_m3d_clip(path).to(device)
+            return LoadedClip(model, model.max_length, DEFAULT_WINDOW)
         kind = read_config(path).get("model_type")
         raise InputError(path, f"holds a {kind!r} model, not M3D-CLIP (model_type 'm3d_clip')")
     task, meta = load_task(path, device=device)
     if not hasattr(task.model, "encode_text"):
         raise InputError(
-            path, f"holds a {type(task).__name__}: embed needs a stage-1 (CLIP) checkpoint or M3D-CLIP"
+            path,
+            f"holds a {type(task).__name__}, but this needs a stage-1 (CLIP) checkpoint or an M3D-CLIP directory",
         )
-    return task.model, meta.get("preprocessing") or {}
+    window = (meta.get("preprocessing") or {}).get("window") or DEFAULT_WINDOW
+    return LoadedClip(task.model, int(task.hparams.text_max_length), window)
 
 
 @torch.no_grad()
@@ -60,20 +73,21 @@ def _images(model: Any, volumes: list[Path], window: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _texts(model: Any, texts: list[str]) -> torch.Tensor:
+def _texts(model: Any, texts: list[str], max_length: int) -> torch.Tensor:
     if not texts:
         return torch.zeros(0, 0)
     device = next(model.parameters()).device
     tokens = model.text_tokenizer(
-        texts, padding="longest", truncation=True, max_length=model.max_length, return_tensors="pt"
+        texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
     )
     out = model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
     return out.float().cpu()
 
 
-def embed(model: Any, volumes: list[Path], texts: list[str], window: str = "brain") -> dict[str, list]:
+def embed(clip: LoadedClip, volumes: list[Path], texts: list[str]) -> dict[str, list]:
     """`{"image", "text", "logits"}` as nested lists (rows: volumes, columns of `logits`: texts)."""
-    image, text = _images(model, volumes, window), _texts(model, texts)
+    model = clip.model
+    image, text = _images(model, volumes, clip.window), _texts(model, texts, clip.max_length)
     logits = []
     if len(image) and len(text):
         logits = (model.scale().detach().float().cpu() * image @ text.T).tolist()
@@ -107,10 +121,10 @@ def main(argv: list[str]) -> int:
     empty = [i for i, t in enumerate(args.text) if not t.strip()]
     if empty:
         raise InputError("--text", f"text {empty[0] + 1} is empty")
-    model, settings = load_clip(args.checkpoint, args.device)
+    clip = load_clip(args.checkpoint, args.device)
     if torch.device(args.device).type == "cuda":
-        model.to(torch.bfloat16)
-    result = embed(model, args.volume, args.text, settings.get("window") or "brain")
+        clip.model.to(torch.bfloat16)
+    result = embed(clip, args.volume, args.text)
     _write(args.out, result)
     print(f"m3d-lit embed: {len(result['image'])} images, {len(result['text'])} texts -> {args.out}")
     return 0
