@@ -63,6 +63,10 @@ def test_loader_reproduces_official_embeddings_and_logits(model, case: dict) -> 
     assert np.abs(logits - _ref(case, "logits_per_image")).max() < LOGIT_TOL
     # the official forward returns the symmetrised matrix; the same numbers give it
     assert np.abs((logits + logits.T) / 2 - _ref(case, "forward_logits")).max() < LOGIT_TOL
+    # stage 1's loss with the official scale is the official training loss (log-sum-exp of 3 logits ~ 1)
+    from m3d_lit.losses.contrastive import clip_loss
+
+    assert clip_loss(image, text, scale).item() == pytest.approx(case["forward_loss"], abs=FEATURE_TOL)
 
 
 def test_embed_command_reproduces_official_outputs(case: dict, tmp_path: Path) -> None:

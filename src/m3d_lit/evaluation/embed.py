@@ -53,7 +53,8 @@ def load_clip(path: Path, device: str = "cpu") -> LoadedClip:
     if not hasattr(task.model, "encode_text"):
         raise InputError(
             path,
-            f"holds a {type(task).__name__}, but this needs a stage-1 (CLIP) checkpoint or an M3D-CLIP directory",
+            f"holds a {type(task).__name__}, but this needs a stage-1 (CLIP) checkpoint "
+            "or an M3D-CLIP directory",
         )
     window = (meta.get("preprocessing") or {}).get("window") or DEFAULT_WINDOW
     return LoadedClip(task.model, int(task.hparams.text_max_length), window)

@@ -95,15 +95,15 @@ def _vision_sizes(config: dict, check: _Checker) -> dict[str, Any]:
     if c["pos_embed"] != "perceptron" or c["spatial_dims"] != 3:
         raise InputError(
             directory / "config.json",
-            f"pos_embed {c['pos_embed']!r}, spatial_dims {c['spatial_dims']}: only a 3D perceptron ViT is supported",
-        )  # fmt: skip
-    img, patch = (
-        _triple(c["img_size"], "img_size", directory),
-        _triple(c["patch_size"], "patch_size", directory),
-    )
+            f"pos_embed {c['pos_embed']!r}, spatial_dims {c['spatial_dims']}: "
+            "only a 3D ViT with a perceptron patch embedding is supported",
+        )
+    img = _triple(c["img_size"], "img_size", directory)
+    patch = _triple(c["patch_size"], "patch_size", directory)
     if any(i % p for i, p in zip(img, patch)):
         raise InputError(directory / "config.json", f"img_size {img} is not divisible by patch_size {patch}")
-    h, mlp, layers, heads, channels = (int(c[k]) for k in ("hidden_size", "mlp_dim", "num_layers", "num_heads", "in_channels"))  # fmt: skip
+    names = ("hidden_size", "mlp_dim", "num_layers", "num_heads", "in_channels")
+    h, mlp, layers, heads, channels = (int(c[k]) for k in names)
     if h % heads:
         raise InputError(directory / "config.json", f"hidden_size {h} is not divisible by num_heads {heads}")
     patches = math.prod(i // p for i, p in zip(img, patch))
