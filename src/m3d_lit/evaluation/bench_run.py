@@ -42,21 +42,32 @@ class Runner:
         self._models: dict[str, tuple[torch.nn.Module, Any]] = {}
 
     def _model(self, which: str) -> tuple[torch.nn.Module, Any]:
-        """The stage-3 LaMed (`lamed`) or stage-1 CLIP (`clip`) model and its task's collator, loaded once."""
-        from m3d_lit.tasks.loading import load_task
-
+        """The stage-3 LaMed (`lamed`) or stage-1 CLIP (`clip`) model and its collator, loaded once."""
         if which not in self._models:
-            path = self.args.checkpoint if which == "lamed" else self.args.clip_checkpoint
-            task, _ = load_task(path, device=str(self.device))
-            model = task.model
-            wanted = "generate" if which == "lamed" else "encode_text"
-            if not hasattr(model, wanted):
-                need = "stage-2 or stage-3" if which == "lamed" else "stage-1 (CLIP)"
-                raise InputError(path, f"holds a {type(task).__name__}, but this needs a {need} checkpoint")
+            model, collate = self._clip() if which == "clip" else self._lamed()
             if self.device.type == "cuda":
                 model.to(torch.bfloat16)
-            self._models[which] = (model, task.configure_collate())
+            self._models[which] = (model, collate)
         return self._models[which]
+
+    def _lamed(self) -> tuple[torch.nn.Module, Any]:
+        from m3d_lit.tasks.loading import load_task
+
+        task, _ = load_task(self.args.checkpoint, device=str(self.device))
+        if not hasattr(task.model, "generate"):
+            raise InputError(
+                self.args.checkpoint,
+                f"holds a {type(task).__name__}, but this needs a stage-2 or stage-3 checkpoint",
+            )
+        return task.model, task.configure_collate()
+
+    def _clip(self) -> tuple[torch.nn.Module, Any]:
+        """`--clip-checkpoint`: a stage-1 checkpoint or an M3D-CLIP directory."""
+        from m3d_lit.data.collate import ClipCollator
+        from m3d_lit.evaluation.embed import load_clip
+
+        loaded = load_clip(self.args.clip_checkpoint, str(self.device))
+        return loaded.model, ClipCollator(loaded.model.text_tokenizer, loaded.max_length)
 
     def fail(self, task: str, message: str) -> None:
         self.results[task] = {"status": "failed", "reason": message}

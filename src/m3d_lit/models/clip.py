@@ -9,15 +9,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
 
 from m3d_lit.models import registry
 from m3d_lit.models.presets import resolve
 from m3d_lit.models.tokenizer import build_text_tokenizer
 
-__all__ = ["ClipModel", "build_clip", "MAX_LOGIT_SCALE"]
+__all__ = ["ClipModel", "build_clip", "MAX_LOGIT_SCALE", "SCALE_MODES"]
 
 MAX_LOGIT_SCALE = 100.0
 _MODES = ("frozen", "full")
+# `exp`: the parameter is log(scale), exponentiated and clamped to <= 100 (CLIP's recipe, m3d-lit's default);
+# `direct`: the parameter multiplies the similarities as it is (what M3D-CLIP's code does).
+SCALE_MODES = ("exp", "direct")
 
 
 def _projection(head: str, width: int, embed_dim: int) -> nn.Module:
@@ -38,18 +42,31 @@ def _projection(head: str, width: int, embed_dim: int) -> nn.Module:
 class ClipModel(nn.Module):
     """Image-text contrastive model; `vision.*` names match `LamedModel`'s.
 
+    `config["clip"]["logit_scale"]` (`SCALE_MODES`, default `exp`) says how the `logit_scale` parameter
+    turns into the multiplier of the cosine similarities.
+
     Args:
         config: resolved preset dict (`presets.resolve`).
         text_path: local BERT directory (weights + tokenizer); None builds the preset's BERT from its
             config with a WordPiece tokenizer trained on the shipped corpus.
+        tokenizer: the text tokenizer to use instead of the one `text_path` gives (the BERT is then
+            built from `config["text"]` when `text_path` is None).
     """
 
-    def __init__(self, config: dict[str, Any], text_path: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        text_path: str | Path | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         self.img_size = tuple(config["img_size"])
         self.max_length = int(config["clip"]["max_length"])
-        self.text_tokenizer = build_text_tokenizer(text_path)
+        self.scale_mode = config["clip"].get("logit_scale", "exp")
+        if self.scale_mode not in SCALE_MODES:
+            raise ValueError(f"clip logit_scale {self.scale_mode!r} is not one of {SCALE_MODES}")
+        self.text_tokenizer = tokenizer if tokenizer is not None else build_text_tokenizer(text_path)
         self.vision = registry.build(
             "vit3d", img_size=self.img_size, patch_size=config["patch_size"], **config["vision"]
         )
@@ -89,12 +106,17 @@ class ClipModel(nn.Module):
         hidden = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
 
+    def scale(self) -> Tensor:
+        """The multiplier of the cosine similarities, as `scale_mode` makes it from `logit_scale`."""
+        if self.scale_mode == "direct":
+            return self.logit_scale.float()
+        return self.logit_scale.float().exp().clamp(max=MAX_LOGIT_SCALE)
+
     def forward(
         self, images: Tensor, input_ids: Tensor, attention_mask: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """(image features, text features, logit scale): the scale is exp(log scale) clamped to <= 100."""
-        scale = self.logit_scale.float().exp().clamp(max=MAX_LOGIT_SCALE)
-        return self.encode_image(images), self.encode_text(input_ids, attention_mask), scale
+        """(image features, text features, the multiplier `scale()`)."""
+        return self.encode_image(images), self.encode_text(input_ids, attention_mask), self.scale()
 
 
 def build_clip(

@@ -26,6 +26,8 @@ class AlignTask(BaseTask):
     Args:
         llm_path: local Hugging Face directory of the causal LM (None: random weights from the preset's
             config, for the tiny presets and benchmarks).
+        clip_path: an official M3D-CLIP directory whose vision encoder starts this stage's, in place of
+            `init_from`'s (read on a fresh run only; the preset's vision sizes must be M3D-CLIP's).
         log_examples: how many validation samples get their generated answer and middle slice logged to
             TensorBoard once per validation epoch.
         max_new_tokens: generation limit for those examples.
@@ -39,11 +41,47 @@ class AlignTask(BaseTask):
     def __init__(
         self,
         llm_path: str | None = None,
+        clip_path: str | None = None,
         log_examples: int = 4,
         max_new_tokens: int = 48,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if clip_path is not None:
+            self._check_clip_path(clip_path)
+
+    def _check_clip_path(self, clip_path: str) -> None:
+        # The directory itself is read in `setup`: a checkpoint rebuilt for eval must not need it.
+        from m3d_lit.errors import InputError
+
+        prefixes = self.hparams.init_prefixes or self.default_init_prefixes
+        vision = "model.vision."
+        if self.hparams.init_from and any(vision.startswith(p) or p.startswith(vision) for p in prefixes):
+            raise InputError(
+                clip_path,
+                f"clip_path and init_from ({self.hparams.init_from}) would both start the vision encoder; "
+                "set --model.init_from null (or init_prefixes without model.vision.)",
+            )
+
+    def load_clip_vision(self, path: str) -> None:
+        """Copy the vision encoder of an M3D-CLIP directory into `model.vision`; every shape must match."""
+        from lightning.pytorch.utilities import rank_zero_info
+
+        from m3d_lit.errors import InputError
+        from m3d_lit.models.official.clip import load_m3d_clip
+
+        source, own = load_m3d_clip(path).vision.state_dict(), self.model.vision.state_dict()
+        for name in sorted(set(source) | set(own)):
+            theirs = tuple(source[name].shape) if name in source else "absent"
+            ours = tuple(own[name].shape) if name in own else "absent"
+            if theirs != ours:
+                raise InputError(
+                    path,
+                    f"its vision encoder does not fit this model's: vision.{name} is {theirs} there and "
+                    f"{ours} here (set img_size, patch_size and vision in the overrides to M3D-CLIP's)",
+                )
+        self.model.vision.load_state_dict(source)
+        rank_zero_info(f"clip_path {path}: vision encoder loaded ({len(source)} tensors)")
 
     def configure_models(self) -> nn.Module:
         from m3d_lit.models.lamed import build_lamed
@@ -58,6 +96,8 @@ class AlignTask(BaseTask):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
+        if stage == "fit" and self.hparams.clip_path and not self.trainer.ckpt_path:
+            self.load_clip_vision(self.hparams.clip_path)
         if str(self.trainer.precision).startswith("bf16"):
             from m3d_lit.models.lamed import cast_for_training
 

@@ -1,0 +1,131 @@
+"""`m3d-lit embed`: normalised image and text embeddings, and their similarity logits, for retrieval.
+
+    m3d-lit embed --checkpoint CKPT_OR_M3D_CLIP_DIR --volume A.npy B.nii.gz ... --text "..." ...
+                  --out emb.json [--device cpu|cuda]
+
+CKPT is a stage-1 (CLIP) checkpoint of m3d-lit or an official M3D-CLIP directory. Each volume (DICOM
+folder, `.nii`/`.nii.gz`, `.npy`) goes through the same preprocessing as `ask`; an `.npy` already at the
+model's size goes in unchanged. `emb.json` holds `{"image": [[...]], "text": [[...]], "logits": [[...]]}`:
+one L2-normalised row per volume and per text, and `logits[i][j]` = scale x image i . text j with the
+model's own scale (see docs/architecture.md, "CLIP logit scale"). Either side may be left out; `logits`
+is then empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from m3d_lit.errors import InputError
+
+__all__ = ["LoadedClip", "embed", "load_clip", "main"]
+
+DEFAULT_WINDOW = "brain"  # what `ask` uses when a checkpoint records none
+
+
+class LoadedClip(NamedTuple):
+    """A CLIP model with the text limit and CT window it was trained with."""
+
+    model: Any
+    max_length: int
+    window: str
+
+
+def load_clip(path: Path, device: str = "cpu") -> LoadedClip:
+    """The CLIP model of a stage-1 checkpoint or an M3D-CLIP directory."""
+    from m3d_lit.models.official.clip import is_m3d_clip, load_m3d_clip
+    from m3d_lit.models.official.files import read_config
+    from m3d_lit.tasks.loading import load_task
+
+    path = Path(path)
+    if path.is_dir():
+        if is_m3d_clip(path):
+            model = load_m3d_clip(path).to(device)
+            return LoadedClip(model, model.max_length, DEFAULT_WINDOW)
+        kind = read_config(path).get("model_type")
+        raise InputError(path, f"holds a {kind!r} model, not M3D-CLIP (model_type 'm3d_clip')")
+    task, meta = load_task(path, device=device)
+    if not hasattr(task.model, "encode_text"):
+        raise InputError(
+            path,
+            f"holds a {type(task).__name__}, but this needs a stage-1 (CLIP) checkpoint "
+            "or an M3D-CLIP directory",
+        )
+    window = (meta.get("preprocessing") or {}).get("window") or DEFAULT_WINDOW
+    return LoadedClip(task.model, int(task.hparams.text_max_length), window)
+
+
+@torch.no_grad()
+def _images(model: Any, volumes: list[Path], window: str) -> torch.Tensor:
+    from m3d_lit.data.preprocess import load_and_preprocess
+
+    param = next(model.parameters())
+    rows = []
+    for volume in volumes:
+        image = load_and_preprocess(volume, size=tuple(model.img_size), window=window).image
+        batch = torch.from_numpy(np.asarray(image, dtype=np.float32))[None]
+        rows.append(model.encode_image(batch.to(param.device, param.dtype)).float().cpu())
+    return torch.cat(rows) if rows else torch.zeros(0, 0)
+
+
+@torch.no_grad()
+def _texts(model: Any, texts: list[str], max_length: int) -> torch.Tensor:
+    if not texts:
+        return torch.zeros(0, 0)
+    device = next(model.parameters()).device
+    tokens = model.text_tokenizer(
+        texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    out = model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+    return out.float().cpu()
+
+
+def embed(clip: LoadedClip, volumes: list[Path], texts: list[str]) -> dict[str, list]:
+    """`{"image", "text", "logits"}` as nested lists (rows: volumes, columns of `logits`: texts)."""
+    model = clip.model
+    image, text = _images(model, volumes, clip.window), _texts(model, texts, clip.max_length)
+    logits = []
+    if len(image) and len(text):
+        logits = (model.scale().detach().float().cpu() * image @ text.T).tolist()
+    return {"image": image.tolist(), "text": text.tolist(), "logits": logits}
+
+
+def _write(path: Path, result: dict[str, list]) -> None:
+    from m3d_lit.evaluation.report import atomic_output
+
+    text = json.dumps(result, allow_nan=False) + "\n"
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of `m3d-lit embed`."""
+    parser = argparse.ArgumentParser(prog="m3d-lit embed", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, type=Path, help="stage-1 checkpoint or M3D-CLIP dir")
+    parser.add_argument(
+        "--volume", nargs="+", type=Path, default=[], help="DICOM folders, .nii/.nii.gz, .npy"
+    )
+    parser.add_argument("--text", nargs="+", default=[], help="texts to embed")
+    parser.add_argument("--out", required=True, type=Path, help="the JSON file to write")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if not args.volume and not args.text:
+        raise InputError("--volume/--text", "give at least one volume or one text")
+    for volume in args.volume:
+        if not volume.exists():
+            raise InputError(volume, "does not exist")
+    empty = [i for i, t in enumerate(args.text) if not t.strip()]
+    if empty:
+        raise InputError("--text", f"text {empty[0] + 1} is empty")
+    clip = load_clip(args.checkpoint, args.device)
+    if torch.device(args.device).type == "cuda":
+        clip.model.to(torch.bfloat16)
+    result = embed(clip, args.volume, args.text)
+    _write(args.out, result)
+    print(f"m3d-lit embed: {len(result['image'])} images, {len(result['text'])} texts -> {args.out}")
+    return 0
