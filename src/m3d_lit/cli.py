@@ -23,7 +23,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "score": ("m3d_lit.evaluation.score", "score a predictions.jsonl (BLEU, ROUGE, METEOR, closed, Dice)"),
     "eval": ("m3d_lit.evaluation.evaluate", "generate answers for a QA split and write a report"),
     "ask": ("m3d_lit.evaluation.ask", "ask one question about one scan"),
-    "embed": ("m3d_lit.evaluation.embed", "image and text embeddings + logits (stage-1 checkpoint or M3D-CLIP)"),
+    "embed": (
+        "m3d_lit.evaluation.embed",
+        "image and text embeddings + logits (stage-1 checkpoint or M3D-CLIP)",
+    ),
     "export": ("m3d_lit.export", "stage-3 checkpoint -> LoRA adapter + weights (--merge: a merged HF model)"),
     "bench": (
         "m3d_lit.evaluation.bench",
