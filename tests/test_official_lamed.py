@@ -32,7 +32,7 @@ LM_MODELS = ("lamed_llama", "lamed_phi3")
 
 @pytest.fixture(scope="module")
 def models() -> dict:
-    return {name: build_official_lamed(KIT / name) for name in (*LM_MODELS, "lamed_llama_seg")}
+    return {name: build_official_lamed(KIT / name).eval() for name in (*LM_MODELS, "lamed_llama_seg")}
 
 
 def _volume(rel: str) -> torch.Tensor:

@@ -230,4 +230,4 @@ def build_official_lamed(directory: str | Path, dtype: torch.dtype | None = None
     model.decode_text = m3d_decoder(directory, tokenizer)
     if dtype is not None:
         model.to(dtype)
-    return model.eval()
+    return model
