@@ -89,3 +89,52 @@ def test_llm_path_beside_an_official_init_from_is_refused(tmp_path: Path, monkey
     assert main(fit_argv(root, KIT / "lamed_phi3", "--model.llm_path", str(tmp_path))) == 2
     assert "drop --model.llm_path" in capsys.readouterr().err
     assert os.listdir(tmp_path) == ["data"]
+
+
+def write_m3d_segvol(path: Path) -> dict:
+    """The kit's SegVol weights in the layout M3D's `pretrain_seg_module` reads (`model.*`, plus text encoder)."""
+    from m3d_lit.models.official.files import load_weights
+
+    state = load_weights(KIT / "lamed_llama_seg")
+    prefix = "model.seg_module."
+    seg = {"model." + k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    seg["model.text_encoder.embeddings.weight"] = torch.zeros(2, 3)
+    torch.save(seg, path)
+    return {"hidden_size": 96, "mlp_dim": 192, "num_layers": 2, "num_heads": 4, "decoder_depth": 2,
+            "decoder_heads": 4, "decoder_mlp_dim": 128, "iou_head_hidden_dim": 32}  # fmt: skip
+
+
+def test_segvol_weights_in_m3d_layout_compute_segvol_masks_only_with_the_full_decoder(tmp_path: Path) -> None:
+    from m3d_lit.models.segmentation import SegmentationModule, load_segvol_weights
+
+    sizes = write_m3d_segvol(tmp_path / "segvol.pth")
+    case = json.loads((KIT / "cases.json").read_text())["lamed_llama_seg"]["cases"][0]
+    image = torch.from_numpy(np.load(KIT / case["volume"]))[None]
+    prompt = torch.from_numpy(np.load(KIT / case["seg_prompt"]))
+    reference = torch.from_numpy(np.load(KIT / case["mask_logits"]))
+    results = {}
+    for full in (True, False):
+        module = SegmentationModule((32, 64, 64), (4, 16, 16), full_decoder=full, **sizes).eval()
+        loaded = load_segvol_weights(module, tmp_path / "segvol.pth")
+        assert "model.text_encoder.embeddings.weight" in loaded["skipped"]
+        with torch.no_grad():
+            results[full] = (module(image, prompt) - reference).abs().max()
+    assert results[True] < 1e-4  # fp32, as in test_official_lamed.py
+    assert results[False] > 1e-2  # the trimmed decoder computes something else with the same weights
+
+
+def test_stage3_starts_its_segmentation_module_from_segvol_path(tmp_path: Path, monkeypatch) -> None:
+    from m3d_lit.tasks.base import load_checkpoint
+
+    sizes = write_m3d_segvol(tmp_path / "segvol.pth")
+    root = write_prepared(tmp_path / "data", [32, 64, 64])
+    overrides = {"segmentation": {**sizes, "full_decoder": True}}
+    monkeypatch.chdir(tmp_path)
+    argv = fit_argv(root, "null", "--model.preset", "tiny", "--model.segvol_path", str(tmp_path / "segvol.pth"),
+                    "--model.overrides", json.dumps(overrides), "--trainer.max_steps", "1")  # fmt: skip
+    assert main(argv) == 0
+    state = load_checkpoint(tmp_path / "checkpoints" / "stage3" / "last.ckpt")["state_dict"]
+    source = torch.load(tmp_path / "segvol.pth", weights_only=True)
+    for key in ("mask_decoder.iou_token.weight", "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"):
+        # one AdamW step at lr 2e-5 (after warm-up scaling) moves a weight by at most ~2e-5
+        assert (state[f"model.segmentation.{key}"] - source[f"model.{key}"]).abs().max() < 1e-4

@@ -281,17 +281,17 @@ _DROPPED = (
     "prompt_encoder.point_embeddings.",
     "prompt_encoder.not_a_point_embed.",
     "prompt_encoder.mask_downscaling.",
-    "mask_decoder.iou_token.",
-    "mask_decoder.iou_prediction_head.",
 )
+_MULTIMASK = ("mask_decoder.iou_token.", "mask_decoder.iou_prediction_head.")
 
 
-def segvol_key(key: str) -> str | None:
+def segvol_key(key: str, full: bool = False) -> str | None:
     """SegVol (or M3D-LaMed `seg_module`) state-dict key -> this module's key; None for parts it lacks.
 
     Strips `module.` / `model.` / `seg_module.` prefixes; drops the CLIP text encoder, point/box/mask
-    prompt layers, the IoU head, hypernetworks 1..3 (multi-mask outputs) and stale MONAI `cross_attn`
-    keys. `mask_decoder.mask_tokens.weight` keeps its first row (the single-mask output).
+    prompt layers and stale MONAI `cross_attn` keys, and for the trimmed decoder (`full=False`) the IoU
+    token and head and hypernetworks 1..3 (multi-mask outputs); there `mask_decoder.mask_tokens.weight`
+    keeps its first row (the single-mask output).
     """
     stripped = True
     while stripped:
@@ -300,6 +300,10 @@ def segvol_key(key: str) -> str | None:
             if key.startswith(prefix):
                 key, stripped = key[len(prefix) :], True
     if key.startswith(_DROPPED) or ".cross_attn." in key:
+        return None
+    if full:
+        return key
+    if key.startswith(_MULTIMASK):
         return None
     hyper = "mask_decoder.output_hypernetworks_mlps."
     if key.startswith(hyper) and not key.startswith(hyper + "0."):
@@ -310,7 +314,9 @@ def segvol_key(key: str) -> str | None:
 def load_segvol_weights(module: SegmentationModule, path: str | Path) -> dict[str, list[str]]:
     """Load SegVol's published weights (a local `.pth`/`.pt`) into `module` through `segvol_key`.
 
-    Every weight of `module` must be found with its shape; returns `{"loaded": [...], "skipped": [...]}`
+    Reads SegVol's release (`{"model": {"module.model.*": ...}}`) and the flat `model.*` dict M3D's
+    `pretrain_seg_module` loads. A `full_decoder` module takes every decoder weight and computes what
+    SegVol computes; the trimmed one takes the single-mask part (and computes something else). Every weight of `module` must be found with its shape; returns `{"loaded": [...], "skipped": [...]}`
     (source keys mapped away or unknown to this module).
     """
     path = Path(path)
@@ -324,11 +330,12 @@ def load_segvol_weights(module: SegmentationModule, path: str | Path) -> dict[st
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     own = module.state_dict()
+    full = module.mask_decoder.iou_token is not None
     mapped: dict[str, Tensor] = {}
     skipped: list[str] = []
     for key, value in state.items():
-        target = segvol_key(key)
-        if target == "mask_decoder.mask_tokens.weight":
+        target = segvol_key(key, full)
+        if target == "mask_decoder.mask_tokens.weight" and not full:
             value = value[:1]
         if target is None or target not in own:
             skipped.append(key)
