@@ -93,7 +93,7 @@ class LamedModel(nn.Module):
         self.im_patch_id = self.tokenizer.convert_tokens_to_ids(IM_PATCH)
         self.seg_id = self.tokenizer.convert_tokens_to_ids(SEG)
         stops = [self.tokenizer.eos_token_id, *config.get("stop_token_ids", [])]
-        self.stop_ids = sorted({int(i) for i in stops})
+        self.stop_ids = sorted({int(i) for i in stops if i is not None})
         # how answers become text; the official loader puts M3D's decoding here
         self.decode_text: Any = None
         decoder = unwrap(self.llm).get_decoder()
