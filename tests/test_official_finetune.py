@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from m3d_lit.cli import main
+from m3d_lit.models.official.lamed import build_official_lamed
 
 REPO = Path(__file__).resolve().parents[1]
 KIT = REPO.parent / "shared" / "data" / "m3d_official"
@@ -27,7 +28,9 @@ def write_prepared(out: Path, size: list[int]) -> Path:
         lines = []
         for i in range(3):
             sid = f"{split}-{i}"
-            np.save(out / "images" / f"{sid}.npy", np.load(KIT / "inputs" / f"volume_{i}.npy").astype(np.float16))
+            np.save(
+                out / "images" / f"{sid}.npy", np.load(KIT / "inputs" / f"volume_{i}.npy").astype(np.float16)
+            )
             base = {"id": sid, "image": f"images/{sid}.npy", "dataset": "physionet", "patient": sid,
                     "label": {"ICH": i % 2}}  # fmt: skip
             lines += [
@@ -72,9 +75,24 @@ def test_finetune_two_steps_from_the_official_directory(tmp_path: Path, monkeypa
                          (model.seg_head[0].weight, "model.seg_projector.0.weight")):  # fmt: skip
         change = (ours.detach() - official[theirs]).abs().max()
         assert 0 < change < 1e-3
+    # the fine-tuned model in M3D's layout (LoRA merged) computes what the checkpoint computes
+    case = json.loads((KIT / "cases.json").read_text())["lamed_llama_seg"]["train_forward"]
+    ids, attention = torch.tensor(case["input_ids"]), torch.tensor(case["attention_mask"])
+    images = torch.stack([torch.from_numpy(np.load(KIT / v)) for v in case["volumes"]])
+    assert (
+        main(["export", "--checkpoint", "checkpoints/stage3/last.ckpt", "--out", "m3d", "--format", "m3d"])
+        == 0
+    )
+    exported = build_official_lamed(tmp_path / "m3d").eval()
+    with torch.no_grad():
+        ours, theirs = model(images, ids, attention)["logits"], exported(images, ids, attention)["logits"]
+    # merging LoRA into W changes only the fp32 rounding of W x + B A x (logits of order 10)
+    assert (ours - theirs)[attention.bool()].abs().max() < 1e-4
 
 
-def test_data_prepared_at_another_size_is_refused_with_the_size_to_use(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_data_prepared_at_another_size_is_refused_with_the_size_to_use(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
     root = write_prepared(tmp_path / "data", [32, 128, 128])
     monkeypatch.chdir(tmp_path)
     assert main(fit_argv(root, KIT / "lamed_llama")) == 2
@@ -135,6 +153,9 @@ def test_stage3_starts_its_segmentation_module_from_segvol_path(tmp_path: Path, 
     assert main(argv) == 0
     state = load_checkpoint(tmp_path / "checkpoints" / "stage3" / "last.ckpt")["state_dict"]
     source = torch.load(tmp_path / "segvol.pth", weights_only=True)
-    for key in ("mask_decoder.iou_token.weight", "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"):
+    for key in (
+        "mask_decoder.iou_token.weight",
+        "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",
+    ):
         # one AdamW step at lr 2e-5 (after warm-up scaling) moves a weight by at most ~2e-5
         assert (state[f"model.segmentation.{key}"] - source[f"model.{key}"]).abs().max() < 1e-4

@@ -152,7 +152,12 @@ def test_training_forward_losses_match(models: dict) -> None:
     with torch.no_grad():
         out = model(images, ids, attention, torch.tensor(case["labels"]), masks, masks.flatten(1).any(1))
     assert out["seg_rows"].tolist() == case["seg_ids_used"]
-    for ours, theirs in (("lm_loss", "loss_lm"), ("dice", "loss_dice"), ("bce", "loss_bce"), ("loss", "loss_total")):
+    for ours, theirs in (
+        ("lm_loss", "loss_lm"),
+        ("dice", "loss_dice"),
+        ("bce", "loss_bce"),
+        ("loss", "loss_total"),
+    ):
         assert abs(float(out[ours]) - case[theirs]) < 1e-5, ours
     reference = torch.from_numpy(np.load(KIT / case["mask_logits"]))
     assert (out["seg_logits"] - reference).abs().max() < 1e-4
@@ -233,7 +238,9 @@ def test_tokenizer_without_the_m3d_tokens_is_refused(tmp_path: Path, capsys) -> 
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config["added_tokens_decoder"].pop("603")
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    (folder / "added_tokens.json").write_text(json.dumps({"<im_patch>": 600, "<bx_start>": 601, "<bx_end>": 602}))
+    (folder / "added_tokens.json").write_text(
+        json.dumps({"<im_patch>": 600, "<bx_start>": 601, "<bx_end>": 602})
+    )
     assert "tokenizer lacks the M3D tokens ['[SEG]']" in _ask_fails(folder, tmp_path, capsys)
 
 
@@ -244,3 +251,30 @@ def test_missing_weights_are_refused(tmp_path: Path) -> None:
     (folder / "model.safetensors.index.json").unlink()
     with pytest.raises(InputError, match="has no weights"):
         build_official_lamed(folder)
+
+
+# -- export --format m3d -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ("lamed_phi3", "lamed_llama_seg"))
+def test_export_m3d_gives_back_the_official_tensors_bit_for_bit(name: str, tmp_path: Path, capsys) -> None:
+    from m3d_lit.models.official.files import load_weights, read_config
+
+    out = tmp_path / "out"
+    assert main(["export", "--checkpoint", str(KIT / name), "--out", str(out), "--format", "m3d"]) == 0
+    source, written = load_weights(KIT / name), load_weights(out)
+    assert sorted(written) == sorted(source)
+    for key, value in source.items():
+        assert written[key].dtype == value.dtype and torch.equal(written[key], value), key
+    assert read_config(out) == read_config(KIT / name)
+    for file in ("tokenizer.model", "tokenizer_config.json", "added_tokens.json", "generation_config.json"):
+        assert (out / file).read_bytes() == (KIT / name / file).read_bytes()
+    assert not (tmp_path / "out.tmp").exists()
+
+
+def test_export_m3d_refuses_a_model_not_built_from_an_official_directory(stage3_checkpoint, tmp_path) -> None:
+    from m3d_lit.export import export
+
+    with pytest.raises(InputError, match="not an official M3D-LaMed directory"):
+        export(stage3_checkpoint, tmp_path / "out", format="m3d")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()

@@ -83,7 +83,9 @@ def projector(kind: str, in_dim: int, out_dim: int, depth: int | None = None) ->
             raise ValueError(f"proj {kind!r} with depth {depth}: M3D's layout is linear or mlp, depth >= 1")
         layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
         for _ in range(depth - 1):
-            layers += [nn.GELU(), nn.Linear(out_dim, out_dim)] if kind == "mlp" else [nn.Linear(out_dim, out_dim)]
+            layers += (
+                [nn.GELU(), nn.Linear(out_dim, out_dim)] if kind == "mlp" else [nn.Linear(out_dim, out_dim)]
+            )
         return nn.Sequential(*layers)
     if kind == "linear":
         return nn.Linear(in_dim, out_dim)

@@ -144,7 +144,9 @@ def official_config(directory: Path, config: dict, vocab_rows: int) -> dict[str,
                         ("vision_select_feature", "patch"), ("segmentation_module", "segvol"),
                         ("image_channel", 1)):  # fmt: skip
         if config.get(key, wanted) != wanted:
-            raise InputError(directory / "config.json", f"{key} {config[key]!r} is not supported ({wanted!r})")
+            raise InputError(
+                directory / "config.json", f"{key} {config[key]!r} is not supported ({wanted!r})"
+            )
     hard = {**HARDWIRED, **(config.get("fixture_hardwired") or {})}
     mm_hidden = int(_get(config, "mm_hidden_size", directory))
     if int(hard["vit3d"]["hidden_size"]) != mm_hidden:
