@@ -275,6 +275,36 @@ def test_export_m3d_gives_back_the_official_tensors_bit_for_bit(name: str, tmp_p
 def test_export_m3d_refuses_a_model_not_built_from_an_official_directory(stage3_checkpoint, tmp_path) -> None:
     from m3d_lit.export import export
 
-    with pytest.raises(InputError, match="not an official M3D-LaMed directory"):
+    with pytest.raises(InputError, match="not built from an official M3D-LaMed directory"):
         export(stage3_checkpoint, tmp_path / "out", format="m3d")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+
+
+def test_dice_smoothing_the_denominator_only_is_m3ds() -> None:
+    from m3d_lit.losses.segmentation import dice_loss
+
+    half = torch.zeros(1, 4, dtype=torch.float64)  # sigmoid(0) = 0.5 on 4 voxels
+    target = torch.tensor([[1.0, 1.0, 0.0, 0.0]], dtype=torch.float64)
+    # |p t| = 1, |p| + |t| = 4: M3D 1 - 2 / 5, m3d-lit's own 1 - 3 / 5
+    assert float(dice_loss(half, target, smooth_numerator=False)) == pytest.approx(0.6, abs=1e-12)
+    assert float(dice_loss(half, target)) == pytest.approx(0.4, abs=1e-12)
+    empty = torch.full((1, 4), -1e4, dtype=torch.float64)
+    assert float(dice_loss(empty, torch.zeros_like(empty), smooth_numerator=False)) == 1.0
+
+
+@pytest.mark.parametrize("name", LM_MODELS)
+def test_eval_command_on_the_directory_in_batches(name: str, tmp_path: Path) -> None:
+    cases = CASES[name]["cases"]
+    (tmp_path / "images").mkdir()
+    lines = []
+    for case in cases:
+        image = f"images/{case['case']}.npy"
+        shutil.copy(KIT / case["volume"], tmp_path / image)
+        lines.append({"id": str(case["case"]), "image": image, "question": case["question"],
+                      "answer": case.get("answer_text", ""), "kind": "open", "dataset": "kit"})  # fmt: skip
+    (tmp_path / "qa_test.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    argv = ["eval", "--checkpoint", str(KIT / name), "--data", str(tmp_path / "qa_test.jsonl"),
+            "--out", str(tmp_path / "eval"), "--batch-size", "3", "--max-new-tokens", "12", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in rows] == [c["generated_text"].strip() for c in cases]

@@ -94,11 +94,14 @@ class NewTokenRows(nn.Module):
             )
         ids = torch.tensor(token_ids, dtype=torch.long)
         self.register_buffer("token_ids", ids)
-        slot = torch.full((vocab_size,), -1, dtype=torch.long)
-        slot[ids] = torch.arange(ids.numel())
-        self.register_buffer("slot", slot, persistent=False)
+        self.register_buffer("slot", _slots(ids, vocab_size), persistent=False)
         self.input_rows = nn.Parameter(torch.zeros(ids.numel(), hidden_size))
         self.output_rows = nn.Parameter(torch.zeros(ids.numel(), hidden_size))
+
+    def rebuild_slot(self) -> None:
+        """Recompute the id -> row lookup from `token_ids` (after weights were assigned to a model built
+        on the meta device, where this unsaved buffer has no values)."""
+        self.slot = _slots(self.token_ids, self.slot.shape[0]).to(self.token_ids.device)
 
     @torch.no_grad()
     def init_from(self, embedding: Tensor, head: Tensor | None) -> None:
@@ -128,6 +131,12 @@ class NewTokenRows(nn.Module):
         embedding[self.token_ids] = self.input_rows.to(embedding.dtype)
         if head is not None:
             head[self.token_ids] = self.output_rows.to(head.dtype)
+
+
+def _slots(token_ids: Tensor, vocab_size: int) -> Tensor:
+    slot = torch.full((vocab_size,), -1, dtype=torch.long, device=token_ids.device)
+    slot[token_ids] = torch.arange(token_ids.numel(), device=token_ids.device)
+    return slot
 
 
 def apply_lora(llm: PreTrainedModel, lora: dict[str, Any]) -> nn.Module:

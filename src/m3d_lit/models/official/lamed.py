@@ -19,6 +19,7 @@ import torch
 from m3d_lit.errors import InputError
 from m3d_lit.models.official.files import load_weights, read_config
 from m3d_lit.models.official.text import build_tokenizer, m3d_decoder
+from m3d_lit.models.tokenizer import LAMED_TOKENS
 
 __all__ = ["FAMILIES", "build_official_lamed", "is_official_lamed", "official_config", "official_to_lamed"]
 
@@ -204,7 +205,11 @@ def _map_weights(directory: Path, state: dict[str, torch.Tensor], own: dict[str,
 
 
 def build_official_lamed(directory: str | Path, dtype: torch.dtype | None = None) -> Any:
-    """`LamedModel` holding every weight of an official M3D-LaMed directory, computing as M3D does."""
+    """`LamedModel` holding every weight of an official M3D-LaMed directory, computing as M3D does.
+
+    Built on the meta device and given the directory's tensors, so a 7B model is never initialised at
+    random first; `dtype` (default float32) is the weights' dtype.
+    """
     from m3d_lit.models.lamed import LamedModel
 
     directory = Path(directory)
@@ -216,20 +221,40 @@ def build_official_lamed(directory: str | Path, dtype: torch.dtype | None = None
     if embed is None:
         raise InputError(directory, "has no model.embed_tokens.weight")
     tokenizer = build_tokenizer(directory, rows=embed.shape[0])
-    model = LamedModel(official_config(directory, config, embed.shape[0]), tokenizer=tokenizer)
+    with torch.device("meta"):
+        model = LamedModel(official_config(directory, config, embed.shape[0]), tokenizer=tokenizer)
     own = model.state_dict()
     mapped = _map_weights(directory, state, own)
-    ids = model.new_tokens.token_ids
-    mapped["new_tokens.token_ids"] = ids.clone()
-    mapped["new_tokens.input_rows"] = embed[ids]
+    ids = torch.tensor([tokenizer.convert_tokens_to_ids(t) for t in LAMED_TOKENS])
     head = state.get("lm_head.weight", embed)
-    mapped["new_tokens.output_rows"] = head[ids]
+    mapped.update(
+        {
+            "new_tokens.token_ids": ids,
+            "new_tokens.input_rows": embed[ids],
+            "new_tokens.output_rows": head[ids],
+        }
+    )
     missing = [k for k in own if k not in mapped]
     if missing:
         raise InputError(directory, f"lacks {len(missing)} weights the model needs, e.g. {missing[:2]}")
-    model.load_state_dict(mapped, strict=True)
+    model.load_state_dict(mapped, strict=True, assign=True)
+    _materialise_unsaved(model)
+    model.to(dtype or torch.float32)
     model.unused_official_weights = {k: v for k, v in state.items() if official_to_lamed(k) is None}
     model.decode_text = m3d_decoder(directory, tokenizer)
-    if dtype is not None:
-        model.to(dtype)
     return model
+
+
+def _materialise_unsaved(model: Any) -> None:
+    """Give the buffers no checkpoint holds (rotary frequencies, the added rows' lookup) their values."""
+    from m3d_lit.models.llm import unwrap
+
+    llm = unwrap(model.llm)
+    if llm.config.tie_word_embeddings:
+        llm.tie_weights()
+    decoder = llm.get_decoder()
+    decoder.rotary_emb = type(decoder.rotary_emb)(config=decoder.config)
+    model.new_tokens.rebuild_slot()
+    left = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
+    if left:
+        raise RuntimeError(f"tensors left without values after loading: {left[:3]}")
