@@ -61,6 +61,12 @@ def run_lightning(argv: list[str] | None) -> None:
     )
 
 
+def _input_cause(err: BaseException | None) -> InputError | None:
+    while err is not None and not isinstance(err, InputError):
+        err = err.__cause__
+    return err
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `m3d-lit` console script."""
     explicit = argv is not None
@@ -73,7 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0]
     try:
         if command in LIGHTNING_COMMANDS:
-            run_lightning(argv if explicit else None)
+            try:
+                run_lightning(argv if explicit else None)
+            except ValueError as err:
+                # jsonargparse wraps what a task's __init__ raises; a bad input file stays one line
+                cause = _input_cause(err)
+                if cause is None:
+                    raise
+                raise cause from None
             return 0
         if command not in SUBCOMMANDS:
             print(f"m3d-lit: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)

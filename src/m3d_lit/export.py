@@ -10,6 +10,11 @@ DIR/m3d_lit.json             the resolved preset config, token ids, preprocessin
 DIR/llm/                     with --merge: LoRA merged into the base weights and the new rows written into
                              the embedding and output matrices; a plain Hugging Face model + tokenizer
 ```
+`--format m3d` writes instead a directory in M3D-LaMed's own layout and key names (config.json,
+model.safetensors, tokenizer) that the official code loads, for a model built from an official
+M3D-LaMed directory (that directory, or a stage-3 checkpoint fine-tuned from it): LoRA merged, the added
+rows written in (`models/official/write.py`).
+
 The adapter alone does not carry the added tokens' embeddings (a base LLM lacks those rows): use it with
 `new_tokens.safetensors` and the tokenizer beside it, or export with `--merge`. Everything is written
 into `DIR.tmp` and renamed to `DIR` at the end, so a failed export leaves no half-written `DIR`.
@@ -126,7 +131,8 @@ def export(
     out: str | Path,
     merge: bool = False,
     overwrite: bool = False,
-    dtype: str = "float32",
+    dtype: str | None = None,
+    format: str = "m3d-lit",
 ) -> Path:
     """Write a stage-3 checkpoint's adapter and components (and the merged LLM with `merge`) to `out`.
 
@@ -135,16 +141,24 @@ def export(
         out: the export folder; refused if it exists unless `overwrite`.
         merge: also write the merged Hugging Face model under `out/llm/`.
         overwrite: replace an existing `out`.
-        dtype: weight dtype of the saved merged LLM (`float32`, `bfloat16`, `float16`); the merge itself
-            runs in the dtype the model loads in.
+        dtype: weight dtype of the saved merged LLM (`float32`, `bfloat16`, `float16`; None: float32, or
+            with `format="m3d"` the source directory's); the merge itself runs in the dtype the model
+            loads in.
+        format: `m3d-lit` (adapter + components) or `m3d` (M3D-LaMed's layout, see the module doc).
     """
     checkpoint, out = Path(checkpoint), Path(out)
-    if dtype not in DTYPES:
+    if format not in ("m3d-lit", "m3d"):
+        raise ValueError(f"format {format!r} is not 'm3d-lit' or 'm3d'")
+    if format == "m3d-lit":
+        dtype = dtype or "float32"
+    if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     if out.exists() and not (overwrite and out.is_dir()):
         raise InputError(
             out, "already exists: pass --overwrite to replace it" if out.is_dir() else "is a file"
         )
+    if format == "m3d":
+        return _export_m3d(checkpoint, out, dtype)
     model, record, hparams = _load_lamed(checkpoint)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # left by an export that was killed
@@ -166,8 +180,29 @@ def export(
     return out
 
 
+def _export_m3d(checkpoint: Path, out: Path, dtype: str | None) -> Path:
+    from m3d_lit.models.official.write import write_m3d
+    from m3d_lit.tasks.loading import load_task
+
+    task, _ = load_task(checkpoint)
+    source = task.hparams.get("llm_path")
+    if not hasattr(task.model, "new_tokens") or not source:
+        raise InputError(
+            checkpoint, "was not built from an official M3D-LaMed directory: --format m3d needs one"
+        )
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an export that was killed
+    try:
+        write_m3d(task.model, Path(source), tmp, dtype)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`m3d-lit export --checkpoint CKPT --out DIR [--merge] [--dtype D] [--overwrite]`."""
+    """`m3d-lit export --checkpoint CKPT --out DIR [--format m3d-lit|m3d] [--merge] [--dtype D] [--overwrite]`."""
     parser = argparse.ArgumentParser(
         prog="m3d-lit export",
         description="Export a stage-3 checkpoint: the LoRA adapter (peft format), the vision, perceiver "
@@ -178,9 +213,29 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", required=True, help="export folder (written as OUT.tmp, then renamed)")
     parser.add_argument("--merge", action="store_true", help="also write OUT/llm/: LoRA merged, new rows in")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights of OUT/llm/")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        help="weights of OUT/llm/ (float32), or with --format m3d of OUT "
+        "(default: the source directory's torch_dtype)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    parser.add_argument(
+        "--format",
+        choices=("m3d-lit", "m3d"),
+        default="m3d-lit",
+        help="m3d: M3D-LaMed's own directory layout (a model built from an official directory)",
+    )
     args = parser.parse_args(argv)
-    out = export(args.checkpoint, args.out, merge=args.merge, overwrite=args.overwrite, dtype=args.dtype)
+    if args.format == "m3d" and args.merge:
+        parser.error("--merge is for --format m3d-lit (--format m3d always merges)")
+    out = export(
+        args.checkpoint,
+        args.out,
+        merge=args.merge,
+        overwrite=args.overwrite,
+        dtype=args.dtype,
+        format=args.format,
+    )
     print(f"wrote {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
     return 0

@@ -3,9 +3,11 @@
     m3d-lit ask --checkpoint checkpoints/stage3/last.ckpt --volume SCAN --question "Is there a fracture?"
                 [--mask-out mask.nii.gz] [--max-new-tokens 64] [--device cpu|cuda]
 
-SCAN is a DICOM series folder, a `.nii`/`.nii.gz` file or an `.npy` volume. It goes through the same
-preprocessing as the training data (window and size stored in the checkpoint). When the answer holds
-`[SEG]`, `--mask-out` writes the predicted mask as NIfTI on the preprocessed 1 x D x H x W grid (the
+`--checkpoint` may also name an official M3D-LaMed directory (config.json, weights, tokenizer): it answers
+as the official demo does (its prompt, greedy decoding, its text), except that a `[SEG]` answered first
+still gets its mask. SCAN is a DICOM series folder, a `.nii`/`.nii.gz` file or an `.npy` volume (an
+`.npy` already at the model's size goes in unchanged). It goes through the same preprocessing as the
+training data (window and size stored in the checkpoint). When the answer holds `[SEG]`, `--mask-out` writes the predicted mask as NIfTI on the preprocessed 1 x D x H x W grid (the
 cropped and resized volume the model saw; spacing left at 1 mm).
 """
 
@@ -72,7 +74,9 @@ def _write_mask(path: Path, logits: torch.Tensor) -> None:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="m3d-lit ask", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, type=Path)
+    parser.add_argument(
+        "--checkpoint", required=True, type=Path, help="stage-2/3 checkpoint or an M3D-LaMed directory"
+    )
     parser.add_argument("--volume", required=True, type=Path, help="DICOM folder, .nii/.nii.gz or .npy")
     parser.add_argument("--question", required=True)
     parser.add_argument("--mask-out", type=Path, help="where to write the mask when the answer holds [SEG]")

@@ -81,7 +81,9 @@ def generate_records(
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m3d-lit eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, type=Path, help="stage-2 or stage-3 checkpoint")
+    parser.add_argument(
+        "--checkpoint", required=True, type=Path, help="stage-2/3 checkpoint or an M3D-LaMed directory"
+    )
     parser.add_argument("--data", required=True, type=Path, help="a qa_*.jsonl written by m3d-lit prepare")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--batch-size", type=int, default=8, help="generation batch (1 = one by one)")

@@ -19,6 +19,7 @@ from m3d_lit.losses import at_least_fp32
 from m3d_lit.losses.segmentation import bce_loss, dice_loss
 from m3d_lit.models import registry
 from m3d_lit.models.llm import NewTokenRows, apply_lora, sample_next, unwrap
+from m3d_lit.models.official.lamed import build_official_lamed, is_official_lamed
 from m3d_lit.models.perceiver import build_perceiver
 from m3d_lit.models.presets import resolve
 from m3d_lit.models.tokenizer import IM_PATCH, LAMED_TOKENS, SEG, build_llm_tokenizer
@@ -42,16 +43,27 @@ class LamedModel(nn.Module):
         llm_path: local directory of the LLM and its tokenizer; None builds the preset's LLM from its
             config with a tokenizer trained on the shipped corpus.
         dtype: weight dtype of an LLM loaded from `llm_path`.
+        tokenizer: a ready tokenizer (with the LaMed tokens) instead of the one `llm_path` names.
+
+    Optional config keys select M3D-LaMed's computation (`models/official/lamed.py` sets them for an
+    official directory; m3d-lit's presets leave them out): `seg_head_dropout` (a Dropout after the
+    `[SEG]` head), `seg_prompt` (`first`: the hidden state before the first `[SEG]`; `mean`: averaged
+    over every `[SEG]`), `loss.dice_smooth` (`both` or `denominator`), `stop_token_ids` (the ids that
+    end an answer besides EOS) and `segmentation.full_decoder`.
     """
 
     def __init__(
-        self, config: dict[str, Any], llm_path: str | Path | None = None, dtype: torch.dtype | None = None
+        self,
+        config: dict[str, Any],
+        llm_path: str | Path | None = None,
+        dtype: torch.dtype | None = None,
+        tokenizer: Any = None,
     ):
         super().__init__()
         self.config = config
         self.img_size = tuple(config["img_size"])
         self.max_length = int(config["max_length"])
-        self.tokenizer = build_llm_tokenizer(llm_path)
+        self.tokenizer = build_llm_tokenizer(llm_path) if tokenizer is None else tokenizer
         self.vision = registry.build(
             "vit3d", img_size=self.img_size, patch_size=config["patch_size"], **config["vision"]
         )
@@ -71,9 +83,19 @@ class LamedModel(nn.Module):
             "segvol", img_size=self.img_size, patch_size=config["patch_size"], **config["segmentation"]
         )
         prompt_dim = self.segmentation.prompt_dim
-        self.seg_head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, prompt_dim))
+        head = [nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, prompt_dim)]
+        if config.get("seg_head_dropout"):
+            head.append(nn.Dropout(float(config["seg_head_dropout"])))
+        self.seg_head = nn.Sequential(*head)
+        self.seg_prompt = config.get("seg_prompt", "first")
+        if self.seg_prompt not in ("first", "mean"):
+            raise ValueError(f"seg_prompt {self.seg_prompt!r} must be 'first' or 'mean'")
         self.im_patch_id = self.tokenizer.convert_tokens_to_ids(IM_PATCH)
         self.seg_id = self.tokenizer.convert_tokens_to_ids(SEG)
+        stops = [self.tokenizer.eos_token_id, *config.get("stop_token_ids", [])]
+        self.stop_ids = sorted({int(i) for i in stops if i is not None})
+        # how answers become text; the official loader puts M3D's decoding here
+        self.decode_text: Any = None
         decoder = unwrap(self.llm).get_decoder()
         self._cache_kw = (
             "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
@@ -213,18 +235,28 @@ class LamedModel(nn.Module):
         if rows.numel() == 0:
             zero = self._zero_seg_term(hidden)
             return {"dice": zero, "bce": zero, "seg_logits": None, "seg_rows": rows}
-        # The hidden state at the position that predicts [SEG] (the one before its first occurrence).
-        where = is_seg[rows].float().argmax(1).clamp(min=1) - 1
-        prompts = self.seg_head(hidden[rows, where])
+        prompts = self.seg_head(self._seg_hidden(is_seg[rows], hidden[rows]))
         seg_dtype = self.segmentation.prompt_encoder.no_mask_embed.weight.dtype
         seg_logits = self.segmentation(images[rows].to(seg_dtype), prompts.to(seg_dtype))
         target = masks[rows]
+        numerator = self.config.get("loss", {}).get("dice_smooth", "both") == "both"
         return {
-            "dice": dice_loss(seg_logits, target).mean(),
+            "dice": dice_loss(seg_logits, target, smooth_numerator=numerator).mean(),
             "bce": bce_loss(seg_logits, target).mean(),
             "seg_logits": seg_logits,
             "seg_rows": rows,
         }
+
+    def _seg_hidden(self, is_seg: Tensor, hidden: Tensor) -> Tensor:
+        """Hidden states (S x H) at the positions that predict `[SEG]` (the ones just before it): the
+        first of them, or with `seg_prompt: mean` their average, as M3D-LaMed takes them."""
+        before = torch.zeros_like(is_seg)
+        before[:, :-1] = is_seg[:, 1:]
+        if self.seg_prompt == "mean":
+            weights = before.to(hidden.dtype).unsqueeze(-1)
+            return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+        where = before.float().argmax(1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), where]
 
     def _zero_seg_term(self, hidden: Tensor) -> Tensor:
         # DDP needs a gradient for every trainable parameter each step: touch them with weight 0.
@@ -244,32 +276,36 @@ class LamedModel(nn.Module):
         temperature: float = 1.0,
         top_p: float = 1.0,
     ) -> dict[str, list]:
-        """Batched answers to left-padded prompts, with a KV cache; each row stops at EOS.
+        """Batched answers to left-padded prompts, with a KV cache; each row stops at EOS (or another
+        of `stop_ids`).
 
-        Returns `texts` (answers without special tokens except `[SEG]`/box tokens) and `seg_logits`
-        (1 x D x H x W mask logits per row that produced `[SEG]`, else None).
+        Returns `texts` (answers without special tokens except `[SEG]`/box tokens), `ids` (the new
+        token ids of each row up to and including its stop token) and `seg_logits` (1 x D x H x W mask
+        logits per row that produced `[SEG]`, else None). A `[SEG]` that is the first new token gets
+        its mask too (M3D-LaMed's own `generate` returns none there).
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens {max_new_tokens} must be >= 1")
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("generate needs left-padded prompts (the last column of attention_mask is 0)")
         batch = input_ids.shape[0]
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        pad = self.tokenizer.pad_token_id
+        stops = torch.tensor(self.stop_ids, device=input_ids.device)
         positions = _positions(attention_mask)
         hidden, cache = self.decode(
             self.embed(images, input_ids), attention_mask, positions, cache=_new_cache()
         )
         hidden = hidden[:, -1]
         done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        seg_hidden: dict[int, Tensor] = {}
+        seg_hidden: dict[int, list[Tensor]] = {}
         steps: list[Tensor] = []
         for _ in range(max_new_tokens):
             next_ids = sample_next(at_least_fp32(self.logits(hidden)), do_sample, temperature, top_p)
             next_ids = torch.where(done, torch.full_like(next_ids, pad), next_ids)
             for row in ((next_ids == self.seg_id) & ~done).nonzero().flatten().tolist():
-                seg_hidden.setdefault(row, hidden[row])
+                seg_hidden.setdefault(row, []).append(hidden[row])
             steps.append(next_ids)
-            done = done | (next_ids == eos)
+            done = done | torch.isin(next_ids, stops)
             if bool(done.all()):
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
@@ -278,22 +314,30 @@ class LamedModel(nn.Module):
                 self.token_embeds(next_ids[:, None]), attention_mask, positions, cache
             )
             hidden = hidden[:, -1]
-        tokens = torch.stack(steps, dim=1).tolist()
-        texts = [self._detokenize(row) for row in tokens]
-        return {"texts": texts, "seg_logits": self._segment_rows(images, seg_hidden, batch)}
+        ids = [self._until_stop(row) for row in torch.stack(steps, dim=1).tolist()]
+        texts = [self._detokenize(row) for row in ids]
+        return {"texts": texts, "ids": ids, "seg_logits": self._segment_rows(images, seg_hidden, batch)}
+
+    def _until_stop(self, ids: list[int]) -> list[int]:
+        ends = [i for i, token in enumerate(ids) if token in self.stop_ids]
+        return ids[: ends[0] + 1] if ends else ids
 
     def _detokenize(self, ids: list[int]) -> str:
-        eos = self.tokenizer.eos_token_id
-        ids = ids[: ids.index(eos)] if eos in ids else ids
+        if self.decode_text is not None:
+            return self.decode_text(ids)
+        ids = ids[:-1] if ids and ids[-1] in self.stop_ids else ids
         drop = {self.tokenizer.pad_token_id, self.tokenizer.bos_token_id}
         return self.tokenizer.decode([i for i in ids if i not in drop], skip_special_tokens=False).strip()
 
-    def _segment_rows(self, images: Tensor, seg_hidden: dict[int, Tensor], batch: int) -> list[Tensor | None]:
+    def _segment_rows(
+        self, images: Tensor, seg_hidden: dict[int, list[Tensor]], batch: int
+    ) -> list[Tensor | None]:
         out: list[Tensor | None] = [None] * batch
         if seg_hidden:
             rows = sorted(seg_hidden)
+            take = (lambda h: torch.stack(h).mean(0)) if self.seg_prompt == "mean" else (lambda h: h[0])
             seg_dtype = self.segmentation.prompt_encoder.no_mask_embed.weight.dtype
-            prompts = self.seg_head(torch.stack([seg_hidden[r] for r in rows])).to(seg_dtype)
+            prompts = self.seg_head(torch.stack([take(seg_hidden[r]) for r in rows])).to(seg_dtype)
             logits = self.segmentation(images[rows].to(seg_dtype), prompts)
             for i, row in enumerate(rows):
                 out[row] = logits[i]
@@ -348,10 +392,15 @@ def build_lamed(
     Args:
         preset: `tiny`, `small` or `paper`.
         overrides: nested values deep-merged into the preset.
-        llm_path: local LLM directory (weights + tokenizer); None builds from the preset.
+        llm_path: local LLM directory (weights + tokenizer); None builds from the preset. An official
+            M3D-LaMed directory builds that whole model instead (preset and overrides are not used).
         device: where parameters are created; `"meta"` builds without memory (parameter counts).
         dtype: weight dtype of an LLM loaded from `llm_path`.
     """
+    if llm_path is not None and is_official_lamed(llm_path):
+        if device is not None:
+            raise ValueError("an official M3D-LaMed directory is built on the CPU (device must be None)")
+        return build_official_lamed(llm_path, dtype)
     config = resolve(preset, overrides)
     if device is None:
         return LamedModel(config, llm_path, dtype)

@@ -10,11 +10,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    PreTrainedModel,
+)
 
 from m3d_lit.errors import InputError
 
-__all__ = ["build_causal_lm", "NewTokenRows", "apply_lora", "sample_next", "unwrap"]
+FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "phi3": (Phi3Config, Phi3ForCausalLM)}
+
+__all__ = ["FAMILIES", "build_causal_lm", "NewTokenRows", "apply_lora", "sample_next", "unwrap"]
 
 
 def build_causal_lm(
@@ -28,7 +37,8 @@ def build_causal_lm(
         path: local model directory (e.g. LLaMA-2-7B); `trust_remote_code` stays off.
         config: `LlamaConfig` fields for a randomly initialised model (used when `path` is None), plus
             optional `layer_initializer_range`: the init std of the decoder layers' linear weights, when
-            it should differ from `initializer_range` (which then sets the embeddings and LM head).
+            it should differ from `initializer_range` (which then sets the embeddings and LM head), and
+            optional `family` (`llama` by default, or `phi3`: then the fields are `Phi3Config`'s).
         dtype: weight dtype when loading from `path` (bf16 on GPU saves half the memory).
     """
     if path is not None:
@@ -45,7 +55,11 @@ def build_causal_lm(
         raise ValueError("build_causal_lm needs a path, or a config with vocab_size")
     options = dict(config)
     layer_std = options.pop("layer_initializer_range", None)
-    model = LlamaForCausalLM(LlamaConfig(**{"attn_implementation": "sdpa", **options}))
+    family = options.pop("family", "llama")
+    if family not in FAMILIES:
+        raise ValueError(f"LLM family {family!r} is not one of {sorted(FAMILIES)}")
+    config_class, model_class = FAMILIES[family]
+    model = model_class(config_class(**{"attn_implementation": "sdpa", **options}))
     if layer_std is not None:
         with torch.no_grad():
             for module in model.model.layers.modules():
@@ -80,11 +94,14 @@ class NewTokenRows(nn.Module):
             )
         ids = torch.tensor(token_ids, dtype=torch.long)
         self.register_buffer("token_ids", ids)
-        slot = torch.full((vocab_size,), -1, dtype=torch.long)
-        slot[ids] = torch.arange(ids.numel())
-        self.register_buffer("slot", slot, persistent=False)
+        self.register_buffer("slot", _slots(ids, vocab_size), persistent=False)
         self.input_rows = nn.Parameter(torch.zeros(ids.numel(), hidden_size))
         self.output_rows = nn.Parameter(torch.zeros(ids.numel(), hidden_size))
+
+    def rebuild_slot(self) -> None:
+        """Recompute the id -> row lookup from `token_ids` (after weights were assigned to a model built
+        on the meta device, where this unsaved buffer has no values)."""
+        self.slot = _slots(self.token_ids, self.slot.shape[0]).to(self.token_ids.device)
 
     @torch.no_grad()
     def init_from(self, embedding: Tensor, head: Tensor | None) -> None:
@@ -114,6 +131,12 @@ class NewTokenRows(nn.Module):
         embedding[self.token_ids] = self.input_rows.to(embedding.dtype)
         if head is not None:
             head[self.token_ids] = self.output_rows.to(head.dtype)
+
+
+def _slots(token_ids: Tensor, vocab_size: int) -> Tensor:
+    slot = torch.full((vocab_size,), -1, dtype=torch.long, device=token_ids.device)
+    slot[token_ids] = torch.arange(token_ids.numel(), device=token_ids.device)
+    return slot
 
 
 def apply_lora(llm: PreTrainedModel, lora: dict[str, Any]) -> nn.Module:

@@ -72,8 +72,21 @@ class BatchNormMLP(nn.Sequential):
         return tokens
 
 
-def projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
-    """`linear` (one layer), `mlp` (two layers with GELU), or `bn_mlp` (`BatchNormMLP`)."""
+def projector(kind: str, in_dim: int, out_dim: int, depth: int | None = None) -> nn.Module:
+    """`linear` (one layer), `mlp` (two layers with GELU), or `bn_mlp` (`BatchNormMLP`).
+
+    `depth` builds M3D's projector layout instead: `depth` linear layers in an `nn.Sequential` (with
+    GELU between them for `mlp`), so M3D-LaMed's `mm_projector.projector.N` weights load by index.
+    """
+    if depth is not None:
+        if kind not in ("linear", "mlp") or depth < 1:
+            raise ValueError(f"proj {kind!r} with depth {depth}: M3D's layout is linear or mlp, depth >= 1")
+        layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
+        for _ in range(depth - 1):
+            layers += (
+                [nn.GELU(), nn.Linear(out_dim, out_dim)] if kind == "mlp" else [nn.Linear(out_dim, out_dim)]
+            )
+        return nn.Sequential(*layers)
     if kind == "linear":
         return nn.Linear(in_dim, out_dim)
     if kind == "mlp":
@@ -96,10 +109,17 @@ class SpatialPoolPerceiver(nn.Module):
         out_dim: LLM width.
         pool: pooling kernel (= stride) per axis, one int or three; must divide `grid`.
         proj: `linear`, `mlp` or `bn_mlp`.
+        depth: M3D's projector layout with this many linear layers (`projector`); None: m3d-lit's.
     """
 
     def __init__(
-        self, grid: Sequence[int], in_dim: int, out_dim: int, pool: int | Sequence[int] = 2, proj: str = "mlp"
+        self,
+        grid: Sequence[int],
+        in_dim: int,
+        out_dim: int,
+        pool: int | Sequence[int] = 2,
+        proj: str = "mlp",
+        depth: int | None = None,
     ) -> None:
         super().__init__()
         self.grid = as_triple(grid, "grid")
@@ -109,7 +129,7 @@ class SpatialPoolPerceiver(nn.Module):
         self.out_grid = tuple(g // p for g, p in zip(self.grid, self.pool))
         self.num_tokens = self.out_grid[0] * self.out_grid[1] * self.out_grid[2]
         self.in_dim = in_dim
-        self.projector = projector(proj, in_dim, out_dim)
+        self.projector = projector(proj, in_dim, out_dim, depth)
 
     def forward(self, tokens: Tensor, stats_rows: Tensor | None = None) -> Tensor:
         """tokens B x N x in_dim (N = prod(grid)) -> B x num_tokens x out_dim; `stats_rows` (bool, B):
@@ -132,16 +152,25 @@ class SequencePoolPerceiver(nn.Module):
         out_dim: LLM width.
         pool: tokens averaged into one; must divide `num_patches`.
         proj: `linear`, `mlp` or `bn_mlp`.
+        depth: as in `SpatialPoolPerceiver`.
     """
 
-    def __init__(self, num_patches: int, in_dim: int, out_dim: int, pool: int = 8, proj: str = "mlp") -> None:
+    def __init__(
+        self,
+        num_patches: int,
+        in_dim: int,
+        out_dim: int,
+        pool: int = 8,
+        proj: str = "mlp",
+        depth: int | None = None,
+    ) -> None:
         super().__init__()
         if pool < 1 or num_patches % pool:
             raise ValueError(f"num_patches {num_patches} is not divisible by pool {pool}")
         self.num_patches = num_patches
         self.pool = pool
         self.num_tokens = num_patches // pool
-        self.projector = projector(proj, in_dim, out_dim)
+        self.projector = projector(proj, in_dim, out_dim, depth)
 
     def forward(self, tokens: Tensor, stats_rows: Tensor | None = None) -> Tensor:
         """tokens B x num_patches x in_dim -> B x num_tokens x out_dim; `stats_rows` as in

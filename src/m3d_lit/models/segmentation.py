@@ -146,12 +146,34 @@ class PromptEncoder(nn.Module):
 
 
 class MaskDecoder(nn.Module):
-    def __init__(self, dim: int, grid: Sequence[int], depth: int, heads: int, mlp_dim: int) -> None:
+    """SAM's mask decoder; `full` keeps SegVol's IoU token and all its mask tokens.
+
+    The trimmed decoder (`full=False`) runs one mask token beside the prompt. SegVol's own decoder runs
+    the IoU token and `num_multimask_outputs + 1` mask tokens through the two-way transformer and reads
+    the first mask token's output; since every token attends to the others, only `full=True` computes
+    what SegVol (and M3D-LaMed) compute with their weights. Its IoU head and extra hypernetworks feed
+    outputs nobody reads (multi-mask choice); they are kept so those weights load and export unchanged.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        grid: Sequence[int],
+        depth: int,
+        heads: int,
+        mlp_dim: int,
+        full: bool = False,
+        num_multimask_outputs: int = 3,
+        iou_head_depth: int = 3,
+        iou_head_hidden_dim: int = 256,
+    ) -> None:
         super().__init__()
         if dim % 8:
             raise ValueError(f"segmentation hidden_size {dim} must be divisible by 8 (upscaling widths)")
         self.transformer = TwoWayTransformer(dim, depth, heads, mlp_dim)
-        self.mask_tokens = nn.Embedding(1, dim)
+        num_masks = num_multimask_outputs + 1 if full else 1
+        self.iou_token = nn.Embedding(1, dim) if full else None
+        self.mask_tokens = nn.Embedding(num_masks, dim)
         up_grid = tuple(2 * g for g in grid)
         self.output_upscaling = nn.Sequential(
             nn.ConvTranspose3d(dim, dim // 4, kernel_size=2, stride=2),
@@ -160,7 +182,12 @@ class MaskDecoder(nn.Module):
             nn.ConvTranspose3d(dim // 4, dim // 8, kernel_size=2, stride=2),
             nn.GELU(),
         )
-        self.output_hypernetworks_mlps = nn.ModuleList([HyperMLP([dim, dim, dim, dim // 8])])
+        self.output_hypernetworks_mlps = nn.ModuleList(
+            HyperMLP([dim, dim, dim, dim // 8]) for _ in range(num_masks)
+        )
+        if full:
+            hidden = [iou_head_hidden_dim] * (iou_head_depth - 1)
+            self.iou_prediction_head = HyperMLP([dim, *hidden, num_masks])
         self.txt_align_upscaled_embedding = nn.Linear(dim, dim // 8)
 
     def forward(
@@ -168,11 +195,16 @@ class MaskDecoder(nn.Module):
     ) -> Tensor:
         """Low-resolution mask logits B x 1 x (4 x grid)."""
         b = prompts.shape[0]
-        tokens = torch.cat([self.mask_tokens.weight.expand(b, -1, -1).to(sparse.dtype), sparse], dim=1)
+        fixed = self.mask_tokens.weight
+        if self.iou_token is not None:
+            fixed = torch.cat([self.iou_token.weight, fixed], dim=0)
+        tokens = torch.cat([fixed.expand(b, -1, -1).to(sparse.dtype), sparse], dim=1)
         hs, keys = self.transformer(image + dense, image_pe.expand(b, -1, -1, -1, -1), tokens)
         up = self.output_upscaling(keys.transpose(1, 2).reshape(image.shape))
+        first_mask = 0 if self.iou_token is None else 1
         # Mask = hypernetwork(mask token) . features, plus SegVol's direct prompt-feature similarity.
-        weights = self.output_hypernetworks_mlps[0](hs[:, 0]) + self.txt_align_upscaled_embedding(prompts)
+        weights = self.output_hypernetworks_mlps[0](hs[:, first_mask])
+        weights = weights + self.txt_align_upscaled_embedding(prompts)
         return torch.einsum("bc,bcdhw->bdhw", weights, up).unsqueeze(1)
 
 
@@ -189,6 +221,11 @@ class SegmentationModule(nn.Module):
         decoder_depth: two-way transformer layers.
         decoder_heads: decoder heads; must divide hidden_size / 2.
         decoder_mlp_dim: decoder feed-forward width.
+        full_decoder: keep SegVol's IoU token and all mask tokens (`MaskDecoder`); what SegVol and
+            M3D-LaMed compute. Off in m3d-lit's presets (the trimmed decoder trains from scratch).
+        num_multimask_outputs: SegVol's extra mask tokens (with `full_decoder`).
+        iou_head_depth: layers of the IoU head (with `full_decoder`).
+        iou_head_hidden_dim: width of the IoU head (with `full_decoder`).
     """
 
     def __init__(
@@ -202,6 +239,10 @@ class SegmentationModule(nn.Module):
         decoder_depth: int = 2,
         decoder_heads: int = 8,
         decoder_mlp_dim: int = 2048,
+        full_decoder: bool = False,
+        num_multimask_outputs: int = 3,
+        iou_head_depth: int = 3,
+        iou_head_hidden_dim: int = 256,
     ) -> None:
         super().__init__()
         self.image_encoder = ViT3D(
@@ -210,7 +251,17 @@ class SegmentationModule(nn.Module):
         self.img_size, self.grid = self.image_encoder.img_size, self.image_encoder.grid
         self.prompt_dim = hidden_size
         self.prompt_encoder = PromptEncoder(hidden_size, self.grid)
-        self.mask_decoder = MaskDecoder(hidden_size, self.grid, decoder_depth, decoder_heads, decoder_mlp_dim)
+        self.mask_decoder = MaskDecoder(
+            hidden_size,
+            self.grid,
+            decoder_depth,
+            decoder_heads,
+            decoder_mlp_dim,
+            full_decoder,
+            num_multimask_outputs,
+            iou_head_depth,
+            iou_head_hidden_dim,
+        )
 
     def forward(self, images: Tensor, prompts: Tensor) -> Tensor:
         """images B x 1 x D x H x W, prompts B x hidden_size -> mask logits B x 1 x D x H x W."""
@@ -230,17 +281,17 @@ _DROPPED = (
     "prompt_encoder.point_embeddings.",
     "prompt_encoder.not_a_point_embed.",
     "prompt_encoder.mask_downscaling.",
-    "mask_decoder.iou_token.",
-    "mask_decoder.iou_prediction_head.",
 )
+_MULTIMASK = ("mask_decoder.iou_token.", "mask_decoder.iou_prediction_head.")
 
 
-def segvol_key(key: str) -> str | None:
+def segvol_key(key: str, full: bool = False) -> str | None:
     """SegVol (or M3D-LaMed `seg_module`) state-dict key -> this module's key; None for parts it lacks.
 
     Strips `module.` / `model.` / `seg_module.` prefixes; drops the CLIP text encoder, point/box/mask
-    prompt layers, the IoU head, hypernetworks 1..3 (multi-mask outputs) and stale MONAI `cross_attn`
-    keys. `mask_decoder.mask_tokens.weight` keeps its first row (the single-mask output).
+    prompt layers and stale MONAI `cross_attn` keys, and for the trimmed decoder (`full=False`) the IoU
+    token and head and hypernetworks 1..3 (multi-mask outputs); there `mask_decoder.mask_tokens.weight`
+    keeps its first row (the single-mask output).
     """
     stripped = True
     while stripped:
@@ -249,6 +300,10 @@ def segvol_key(key: str) -> str | None:
             if key.startswith(prefix):
                 key, stripped = key[len(prefix) :], True
     if key.startswith(_DROPPED) or ".cross_attn." in key:
+        return None
+    if full:
+        return key
+    if key.startswith(_MULTIMASK):
         return None
     hyper = "mask_decoder.output_hypernetworks_mlps."
     if key.startswith(hyper) and not key.startswith(hyper + "0."):
@@ -259,7 +314,9 @@ def segvol_key(key: str) -> str | None:
 def load_segvol_weights(module: SegmentationModule, path: str | Path) -> dict[str, list[str]]:
     """Load SegVol's published weights (a local `.pth`/`.pt`) into `module` through `segvol_key`.
 
-    Every weight of `module` must be found with its shape; returns `{"loaded": [...], "skipped": [...]}`
+    Reads SegVol's release (`{"model": {"module.model.*": ...}}`) and the flat `model.*` dict M3D's
+    `pretrain_seg_module` loads. A `full_decoder` module takes every decoder weight and computes what
+    SegVol computes; the trimmed one takes the single-mask part (and computes something else). Every weight of `module` must be found with its shape; returns `{"loaded": [...], "skipped": [...]}`
     (source keys mapped away or unknown to this module).
     """
     path = Path(path)
@@ -273,11 +330,12 @@ def load_segvol_weights(module: SegmentationModule, path: str | Path) -> dict[st
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     own = module.state_dict()
+    full = module.mask_decoder.iou_token is not None
     mapped: dict[str, Tensor] = {}
     skipped: list[str] = []
     for key, value in state.items():
-        target = segvol_key(key)
-        if target == "mask_decoder.mask_tokens.weight":
+        target = segvol_key(key, full)
+        if target == "mask_decoder.mask_tokens.weight" and not full:
             value = value[:1]
         if target is None or target not in own:
             skipped.append(key)

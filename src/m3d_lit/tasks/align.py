@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from m3d_lit.errors import InputError
 from m3d_lit.tasks.base import BaseTask
 
 __all__ = ["AlignTask", "token_accuracy"]
@@ -25,7 +28,8 @@ class AlignTask(BaseTask):
 
     Args:
         llm_path: local Hugging Face directory of the causal LM (None: random weights from the preset's
-            config, for the tiny presets and benchmarks).
+            config, for the tiny presets and benchmarks), or an official M3D-LaMed directory (the whole
+            model is built from it; `init_from` such a directory sets this).
         clip_path: an official M3D-CLIP directory whose vision encoder starts this stage's, in place of
             `init_from`'s (read on a fresh run only; the preset's vision sizes must be M3D-CLIP's).
         log_examples: how many validation samples get their generated answer and middle slice logged to
@@ -86,6 +90,7 @@ class AlignTask(BaseTask):
     def configure_models(self) -> nn.Module:
         from m3d_lit.models.lamed import build_lamed
 
+        self._official_init()
         model = build_lamed(self.hparams.preset, self.hparams.overrides, llm_path=self.hparams.llm_path)
         trainable = self.trainable_config()
         model.set_trainable(trainable, lora=self.hparams.get("lora"))
@@ -94,16 +99,52 @@ class AlignTask(BaseTask):
             model.enable_gradient_checkpointing(llm=mode in ("llm", "all"), vision=mode in ("vision", "all"))
         return model
 
+    def _official_init(self) -> None:
+        """`init_from` an official M3D-LaMed directory builds the model from it: it becomes `llm_path`, so
+        the model (every weight of the directory) and later checkpoints are rebuilt from it."""
+        from m3d_lit.tasks.official import official_kind
+
+        source = self.hparams.init_from
+        if not source or official_kind(source) != "lamed":
+            return
+        if self.hparams.llm_path and Path(self.hparams.llm_path) != Path(source):
+            raise InputError(
+                source,
+                f"is an M3D-LaMed directory, which brings its own LLM: drop --model.llm_path "
+                f"{self.hparams.llm_path}",
+            )
+        self.hparams.llm_path = str(source)
+
+    def load_init_weights(self, path: str | Path) -> None:
+        if self.hparams.llm_path and Path(path) == Path(self.hparams.llm_path):
+            rank_zero_info(f"init_from {path}: the model was built from this M3D-LaMed directory")
+            return
+        super().load_init_weights(path)
+
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if stage == "fit" and self.hparams.clip_path and not self.trainer.ckpt_path:
             self.load_clip_vision(self.hparams.clip_path)
+        self._check_data_size()
         if str(self.trainer.precision).startswith("bf16"):
             from m3d_lit.models.lamed import cast_for_training
 
             # bf16-mixed keeps fp32 weights by default: for a frozen 7B LLM that is 25 GiB, which does not
             # fit a 24 GB card. Frozen weights go to bf16, the trainable ones stay fp32 for the optimizer.
             cast_for_training(self.model, torch.bfloat16)
+
+    def _check_data_size(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        settings = getattr(datamodule, "preprocessing", None) if datamodule is not None else None
+        size = (settings or {}).get("size")
+        want = tuple(int(s) for s in self.model.img_size)
+        if size is not None and tuple(int(s) for s in size) != want:
+            root = (getattr(datamodule, "roots", None) or ["the data"])[0]
+            raise InputError(
+                root,
+                f"was prepared at size {list(size)}, but the model takes {list(want)}: prepare it again "
+                f"with `m3d-lit prepare ... --size {' '.join(map(str, want))}`",
+            )
 
     def configure_collate(self) -> Any:
         from m3d_lit.data.collate import LMCollator

@@ -18,6 +18,9 @@ class FinetuneTask(AlignTask):
         lora: LoRA settings for the LLM (`r`, `alpha`, `dropout`; paper: 16, 32, 0.1).
         w_dice: weight of the Dice loss.
         w_bce: weight of the binary cross-entropy of the mask.
+        segvol_path: SegVol's released checkpoint (or the `model.*` dict M3D's `pretrain_seg_module`
+            reads) to start the segmentation module from, on a fresh run like `init_from`; set
+            `overrides.segmentation.full_decoder: true` so the decoder computes what SegVol computes.
         **kwargs: see `AlignTask` and `BaseTask`.
     """
 
@@ -30,9 +33,20 @@ class FinetuneTask(AlignTask):
         lora: dict[str, Any] | None = None,
         w_dice: float = 1.0,
         w_bce: float = 1.0,
+        segvol_path: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.hparams.segvol_path and not self.trainer.ckpt_path:
+            from lightning.pytorch.utilities import rank_zero_info
+
+            from m3d_lit.models.segmentation import load_segvol_weights
+
+            loaded = load_segvol_weights(self.model.segmentation, self.hparams.segvol_path)
+            rank_zero_info(f"segvol_path {self.hparams.segvol_path}: loaded {len(loaded['loaded'])} tensors")
 
     def compute_loss(self, out: dict[str, Tensor], batch: dict[str, Any], split: str) -> Tensor:
         loss = out["lm_loss"] + self.hparams.w_dice * out["dice"] + self.hparams.w_bce * out["bce"]

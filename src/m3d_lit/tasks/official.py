@@ -1,0 +1,43 @@
+"""Official M3D directories where m3d-lit takes a checkpoint (`--checkpoint`, `--model.init_from`).
+
+An M3D-LaMed directory becomes a stage-3 `FinetuneTask` whose model is built from the directory
+(`llm_path` names it, so a fine-tuned checkpoint is rebuilt from the same directory before its own
+weights load). For `eval`, `ask`, `bench` and `export` it is used as released: nothing is trainable
+and no LoRA is added.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from m3d_lit.errors import InputError
+
+__all__ = ["load_official_task", "official_kind"]
+
+FROZEN = {k: "frozen" for k in ("vision", "perceiver", "llm", "segmentation", "new_token_rows")}
+
+
+def official_kind(path: str | Path) -> str | None:
+    """`lamed` for an official M3D-LaMed directory, else None."""
+    from m3d_lit.models.official.lamed import is_official_lamed
+
+    return "lamed" if is_official_lamed(path) else None
+
+
+def load_official_task(path: Path, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
+    """(task in eval mode, its record) for an official directory; `InputError` for any other folder."""
+    from m3d_lit.models.official.files import read_config
+    from m3d_lit.models.official.lamed import FAMILIES
+    from m3d_lit.tasks.finetune import FinetuneTask
+
+    if official_kind(path) is None:
+        config = read_config(path)  # raises, naming a missing config.json
+        raise InputError(
+            path,
+            f"is neither an m3d-lit checkpoint (a .ckpt file) nor an official M3D-LaMed directory: its "
+            f"config.json has model_type {config.get('model_type')!r}, not one of {sorted(FAMILIES)}",
+        )
+    task = FinetuneTask(llm_path=str(path), trainable=dict(FROZEN), log_examples=0)
+    record = {"task": f"{FinetuneTask.__module__}.FinetuneTask", "preprocessing": None, "official": str(path)}
+    return task.to(device).eval(), record
