@@ -53,11 +53,6 @@ def test_stage_chain_moves_weights(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: after a mid-epoch resume, a stop at max_steps early in the next epoch leaves "
-    "last.ckpt at the previous epoch's end (step 3 of 4 here); the run itself trains to step 4",
-)
 def test_resume_continues_step_count(
     prepared: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
