@@ -42,12 +42,11 @@ def _usage() -> str:
 
 def run_lightning(argv: list[str] | None) -> None:
     """Run LightningCLI with the project's base classes in subclass mode (argv None: `sys.argv`)."""
-    from lightning.pytorch.cli import LightningCLI
-
     from m3d_lit.data.datamodules import BaseDataModule
+    from m3d_lit.lightning_cli import M3dLightningCLI
     from m3d_lit.tasks.base import BaseTask
 
-    LightningCLI(
+    M3dLightningCLI(
         BaseTask,
         BaseDataModule,
         subclass_mode_model=True,
