@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(SUBCOMMANDS[command][0])
         return int(module.main(argv[1:]) or 0)
     except InputError as err:
-        print(f"m3d-lit {command}: error: {err}", file=sys.stderr)
+        # one line, even where a library's message inside the problem spans several
+        print(f"m3d-lit {command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except TrainingError as err:
         print(f"m3d-lit {command}: stopped: {err}", file=sys.stderr)

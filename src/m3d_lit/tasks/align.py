@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from m3d_lit.errors import InputError
 from m3d_lit.tasks.base import BaseTask
 
 __all__ = ["AlignTask", "token_accuracy"]
@@ -26,6 +27,8 @@ class AlignTask(BaseTask):
     Args:
         llm_path: local Hugging Face directory of the causal LM (None: random weights from the preset's
             config, for the tiny presets and benchmarks).
+        random_llm: with the `paper` preset and no `llm_path`, build the random 7B LLM anyway (memory and
+            speed tests); without it that combination is refused, as it would train against noise.
         log_examples: how many validation samples get their generated answer and middle slice logged to
             TensorBoard once per validation epoch.
         max_new_tokens: generation limit for those examples.
@@ -39,10 +42,17 @@ class AlignTask(BaseTask):
     def __init__(
         self,
         llm_path: str | None = None,
+        random_llm: bool = False,
         log_examples: int = 4,
         max_new_tokens: int = 48,
         **kwargs: Any,
     ) -> None:
+        if kwargs.get("preset", "tiny") == "paper" and llm_path is None and not random_llm:
+            raise InputError(
+                "llm_path",
+                "the paper preset needs the pretrained LLM: pass --model.llm_path /models/Llama-2-7b-hf "
+                "(null would build a random 6.7B-parameter LLM; --model.random_llm true does so on purpose)",
+            )
         super().__init__(**kwargs)
 
     def configure_models(self) -> nn.Module:

@@ -80,14 +80,18 @@ class BaseTask(LightningModule):
     ) -> None:
         super().__init__()
         if not 0.0 <= warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio {warmup_ratio} must be in [0, 1)")
+            raise InputError("warmup_ratio", f"{warmup_ratio} must be in [0, 1)")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise InputError("min_lr_ratio", f"{min_lr_ratio} must be in [0, 1]")
         if gradient_checkpointing not in ("none", "llm", "vision", "all"):
-            raise ValueError(
-                f"gradient_checkpointing {gradient_checkpointing!r} is not none | llm | vision | all"
+            raise InputError(
+                "gradient_checkpointing", f"{gradient_checkpointing!r} is not none | llm | vision | all"
             )
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
         self.model: nn.Module = self.configure_models()
+        self._init_loaded = False
+        self.param_groups()  # an lr_scale naming no trainable part is refused now, not at the first step
         self._init_reliability()
 
     # -- what each stage provides -------------------------------------------------------------------
@@ -113,7 +117,7 @@ class BaseTask(LightningModule):
         if stage == "fit" and self.hparams.init_from:
             if self.trainer.ckpt_path:
                 rank_zero_info(f"resuming from {self.trainer.ckpt_path}: init_from is not read")
-            else:
+            elif not self._init_loaded:  # `m3d-lit fit` loads it before the run writes anything
                 self.load_init_weights(self.hparams.init_from)
 
     def on_fit_start(self) -> None:
@@ -151,6 +155,7 @@ class BaseTask(LightningModule):
                 f"{tuple(own[bad[0]].shape)}): made with another preset?",
             )
         self.load_state_dict({k: source[k] for k in wanted}, strict=False)
+        self._init_loaded = True
         rank_zero_info(f"init_from {path}: loaded {len(wanted)} tensors under {list(prefixes)}")
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -167,7 +172,8 @@ class BaseTask(LightningModule):
         if "grad_2.0_norm_total" in norms:
             self.log("train/grad_norm", norms["grad_2.0_norm_total"], on_step=True, on_epoch=False)
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def param_groups(self) -> list[dict[str, Any]]:
+        """One optimizer group per top-level part with trainable weights, each with its `lr_scale`."""
         scale = self.hparams.lr_scale or {}
         groups = []
         for name, module in self.model.named_children():
@@ -177,10 +183,16 @@ class BaseTask(LightningModule):
         direct = [p for n, p in self.model.named_parameters(recurse=False) if p.requires_grad]
         if direct:
             groups.append({"params": direct, "name": "model", "lr_scale": scale.get("model", 1.0)})
-        unknown = set(scale) - {g["name"] for g in groups}
+        names = [g["name"] for g in groups]
+        unknown = set(scale) - set(names)
         if unknown:
-            raise ValueError(f"lr_scale names {sorted(unknown)}, which have no trainable parameters")
-        optimizer = self.optimizer_factory(groups)
+            raise InputError(
+                "lr_scale", f"names {sorted(unknown)}, which have no trainable weights here; trainable: {names}"
+            )
+        return groups
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(self.param_groups())
         for group in optimizer.param_groups:
             group["lr"] *= group["lr_scale"]
         total = max(1, int(self.trainer.estimated_stepping_batches))
