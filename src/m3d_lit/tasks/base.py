@@ -52,7 +52,8 @@ class BaseTask(LightningModule):
         overrides: values deep-merged into the preset (e.g. `{llm: {num_hidden_layers: 2}}`).
         trainable: per component `frozen | full | lora`; missing keys take the stage's defaults.
         init_from: checkpoint of the previous stage whose weights start this one (only on a fresh run).
-        init_prefixes: state-dict prefixes taken from `init_from`; every matching key must be present.
+        init_prefixes: state-dict prefixes taken from `init_from`; every matching key must be present (unset:
+            the stage's defaults, plus every other weight of the checkpoint that fits this model).
         optimizer: optimizer factory (LightningCLI injects it from YAML: class_path + init_args).
         warmup_ratio: share of the total steps spent in linear warm-up.
         min_lr_ratio: final learning rate of the cosine decay, as a share of the peak.
@@ -129,8 +130,14 @@ class BaseTask(LightningModule):
             write_hparams(writer, self.hparams, self.hparams_metrics)
 
     def load_init_weights(self, path: str | Path) -> None:
-        """Copy the `init_prefixes` weights of another stage's checkpoint; all of them must be there."""
-        from m3d_lit.tasks.loading import check_init_source
+        """Start from another stage's checkpoint: the `init_prefixes` weights must all be there.
+
+        With `init_prefixes` unset, the stage's default prefixes are required and every other weight of
+        the checkpoint that this model has, with the same shape, is taken too: a segmentation module or
+        LoRA adapters trained or loaded earlier carry on. The log names, per part, what came from the
+        checkpoint and what starts as built here (`init_summary` keeps the counts).
+        """
+        from m3d_lit.tasks.loading import check_init_source, summarise_init
 
         prefixes = tuple(self.hparams.init_prefixes or self.default_init_prefixes)
         checkpoint = load_checkpoint(path)
@@ -154,9 +161,15 @@ class BaseTask(LightningModule):
                 f"shape mismatch for {bad[:3]} (checkpoint {tuple(source[bad[0]].shape)} vs model "
                 f"{tuple(own[bad[0]].shape)}): made with another preset?",
             )
+        if not self.hparams.init_prefixes:
+            required = set(wanted)
+            wanted += [
+                k for k in own if k not in required and k in source and source[k].shape == own[k].shape
+            ]
         self.load_state_dict({k: source[k] for k in wanted}, strict=False)
         self._init_loaded = True
-        rank_zero_info(f"init_from {path}: loaded {len(wanted)} tensors under {list(prefixes)}")
+        self.init_summary, text = summarise_init(own, source, wanted, self.hparams.get("llm_path"))
+        rank_zero_info(f"init_from {path}: {text}")
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         return self.model_step(batch, "train")
