@@ -20,12 +20,38 @@ from torch import Tensor, nn
 
 from m3d_lit.errors import InputError
 
-__all__ = ["BaseTask", "load_checkpoint", "warmup_cosine"]
+__all__ = ["BaseTask", "load_checkpoint", "warmup_cosine", "zero_checkpoint_problem"]
+
+
+def zero_checkpoint_problem(path: str | Path) -> str | None:
+    """For a DeepSpeed ZeRO checkpoint folder (the `zero2` preset's `last.ckpt`): how to make it one file.
+
+    The conversion reads DeepSpeed's pickles (`weights_only=False`), so it is left to a command the user
+    runs on their own files rather than done silently on load.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    tag = (path / "latest").read_text().strip() if (path / "latest").is_file() else None
+    if tag is None or not any((path / tag).glob("*model_states.pt")):
+        return "is a folder, not a checkpoint file (nor a DeepSpeed checkpoint folder with a `latest` tag)"
+    out = path.with_name(f"{path.stem}.fp32.ckpt")
+    command = (
+        'python -c "from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict '
+        f"as convert; convert('{path}', '{out}')\""
+    )
+    return (
+        f"is a DeepSpeed ZeRO checkpoint folder (tag {tag!r}), not one file: convert it with `{command}` "
+        f"(needs `pip install deepspeed`), then pass {out}"
+    )
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a Lightning checkpoint safely (`weights_only=True`), with a clear error for a bad file."""
     path = Path(path)
+    problem = zero_checkpoint_problem(path)
+    if problem:
+        raise InputError(path, problem)
     if not path.is_file():
         raise InputError(path, "checkpoint not found")
     try:
@@ -112,9 +138,15 @@ class BaseTask(LightningModule):
         return {**STAGE_TRAINABLE[self.stage], **(self.hparams.trainable or {})}
 
     def setup(self, stage: str) -> None:
+        from m3d_lit.models.perceiver import set_batchnorm_sync
+
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None:
             datamodule.collate_fn = self.configure_collate()
+        # `sync_batchnorm=True` converts torch's batch norms; the perceiver's synchronises itself
+        sync = getattr(self.trainer.strategy, "_layer_sync", None) is not None
+        if set_batchnorm_sync(self, sync) and sync:
+            rank_zero_info("sync_batchnorm: the perceiver's batch norm takes its statistics over all ranks")
         if stage == "fit" and self.hparams.init_from:
             if self.trainer.ckpt_path:
                 rank_zero_info(f"resuming from {self.trainer.ckpt_path}: init_from is not read")
@@ -200,7 +232,8 @@ class BaseTask(LightningModule):
         unknown = set(scale) - set(names)
         if unknown:
             raise InputError(
-                "lr_scale", f"names {sorted(unknown)}, which have no trainable weights here; trainable: {names}"
+                "lr_scale",
+                f"names {sorted(unknown)}, which have no trainable weights here; trainable: {names}",
             )
         return groups
 
