@@ -254,6 +254,32 @@ def corrupt_checkpoint(tmp: Path):
     return lambda: load_task(path), path, problem
 
 
+def zero2_checkpoint_folder(tmp: Path):
+    from m3d_lit.tasks.loading import load_task
+
+    # the layout DeepSpeed writes for `last.ckpt` under the zero2 preset (the files are never opened)
+    folder = tmp / "checkpoints" / "last.ckpt"
+    (folder / "checkpoint").mkdir(parents=True)
+    (folder / "latest").write_text("checkpoint\n")
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        (folder / "checkpoint" / name).write_bytes(b"deepspeed")
+    out = tmp / "checkpoints" / "last.fp32.ckpt"
+    problem = re.escape(
+        "is a DeepSpeed ZeRO checkpoint folder (tag 'checkpoint'), not one file: convert it with `python -c "
+        '"from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict as '
+        f"convert; convert('{folder}', '{out}')\"` (needs `pip install deepspeed`), then pass {out}"
+    )
+    return lambda: load_task(folder), folder, problem
+
+
+def folder_given_as_checkpoint(tmp: Path):
+    from m3d_lit.tasks.loading import load_task
+
+    (tmp / "runs").mkdir()
+    problem = r"is a folder, not a checkpoint file \(nor a DeepSpeed checkpoint folder with a `latest` tag\)"
+    return lambda: load_task(tmp / "runs"), tmp / "runs", problem
+
+
 def _tokenizer_dir(folder: Path, eos: bool) -> Path:
     from tokenizers import Tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -298,8 +324,8 @@ CASES = {
         volume_of_nan, volume_of_inf, constant_volume, image_2d_where_3d_expected, single_slice_scan,
         reads_missing_column, reads_duplicate_scan, reads_value_not_0_1, physionet_slice_count_mismatch,
         m3d_vqa_empty_answer, qa_line_not_json, checkpoint_of_another_preset,
-        checkpoint_of_another_configuration, corrupt_checkpoint, tokenizer_without_special_tokens,
-        out_folder_of_another_dataset,
+        checkpoint_of_another_configuration, corrupt_checkpoint, zero2_checkpoint_folder,
+        folder_given_as_checkpoint, tokenizer_without_special_tokens, out_folder_of_another_dataset,
     )
 }  # fmt: skip
 NOT_YET: dict[str, str] = {}

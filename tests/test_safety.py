@@ -22,6 +22,7 @@ from m3d_lit.tasks.callbacks import (
     NonFiniteError,
     NonFiniteGuard,
     PreemptionCheckpoint,
+    StageCheckpoint,
     atomic_torch_save,
 )
 
@@ -139,6 +140,42 @@ def test_skip_limit_drops_bad_steps_then_stops(tmp_path: Path) -> None:
         _fit(tmp_path / "c", [NonFiniteGuard(skip_limit=2)], task=third)
     with pytest.raises(ValueError, match="skip_limit must be >= 0"):
         NonFiniteGuard(skip_limit=-1)
+
+
+class _PlateauTask(_ToyTask):
+    """Validation logs the same `val/loss` every epoch: only the first epoch ever enters the top k."""
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.log("val/loss", 1.0, batch_size=len(batch))
+
+    def val_dataloader(self) -> ResumableDataLoader:
+        return self.train_dataloader()
+
+
+class _LastStepAtEpochStart(Callback):
+    def __init__(self, path: Path) -> None:
+        self.path, self.seen = path, []
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module) -> None:
+        if self.path.exists():
+            self.seen.append(load_checkpoint(self.path)["global_step"])
+
+
+def test_last_checkpoint_is_the_newest_state_even_when_the_monitor_stops_improving(tmp_path: Path) -> None:
+    # 8 batches per epoch: epochs end at steps 8 and 16, and max_steps 20 stops inside the third epoch
+    checkpoint = StageCheckpoint(
+        dirpath=tmp_path, filename="{epoch}-{step}", monitor="val/loss", save_top_k=1, save_last=True,
+        save_on_train_epoch_end=True,
+    )  # fmt: skip
+    probe = _LastStepAtEpochStart(tmp_path / "last.ckpt")
+    trainer = Trainer(
+        accelerator="cpu", max_steps=20, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, callbacks=[checkpoint, probe], default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(_PlateauTask())
+    assert probe.seen == [8, 16]  # Lightning's save_last stays at step 8, the only top-k save
+    assert load_checkpoint(tmp_path / "last.ckpt")["global_step"] == 20
+    assert sorted(p.name for p in tmp_path.glob("epoch=*.ckpt")) == ["epoch=0-step=8.ckpt"]
 
 
 class _SendSignal(Callback):

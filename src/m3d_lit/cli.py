@@ -46,12 +46,11 @@ def _usage() -> str:
 
 def run_lightning(argv: list[str] | None) -> None:
     """Run LightningCLI with the project's base classes in subclass mode (argv None: `sys.argv`)."""
-    from lightning.pytorch.cli import LightningCLI
-
     from m3d_lit.data.datamodules import BaseDataModule
+    from m3d_lit.lightning_cli import M3dLightningCLI
     from m3d_lit.tasks.base import BaseTask
 
-    LightningCLI(
+    M3dLightningCLI(
         BaseTask,
         BaseDataModule,
         subclass_mode_model=True,
@@ -94,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(SUBCOMMANDS[command][0])
         return int(module.main(argv[1:]) or 0)
     except InputError as err:
-        print(f"m3d-lit {command}: error: {err}", file=sys.stderr)
+        # one line, even where a library's message inside the problem spans several
+        print(f"m3d-lit {command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except TrainingError as err:
         print(f"m3d-lit {command}: stopped: {err}", file=sys.stderr)

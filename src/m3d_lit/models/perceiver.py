@@ -17,10 +17,11 @@ __all__ = [
     "TokenBatchNorm",
     "build_perceiver",
     "projector",
+    "set_batchnorm_sync",
 ]
 
 
-class TokenBatchNorm(nn.BatchNorm1d):
+class TokenBatchNorm(nn.Module):
     """Batch normalisation of each feature over all tokens of a batch (B x T x C in and out).
 
     The patch tokens of a ViT trained from scratch on look-alike volumes are one large vector shared by
@@ -32,31 +33,71 @@ class TokenBatchNorm(nn.BatchNorm1d):
     is normalised with them. An empty volume (image dropout, `blank_prob`) lies 8-30 across-scan
     standard deviations from the scans, and one such row in a batch of 8 would inflate the variance
     ~10-fold and squash the real scans' differences in that batch and in the running statistics.
+
+    With `sync` set under DDP (`BaseTask` sets it when the trainer has `sync_batchnorm=True`), the
+    statistics are those of the chosen rows of all ranks: sums and counts are all-reduced through
+    autograd, so the gradient is that of the global batch. It holds BatchNorm1d's parameters and buffers
+    (same state-dict keys) but is not a torch `_BatchNorm`: `SyncBatchNorm.convert_sync_batchnorm` would
+    replace it by a SyncBatchNorm that knows neither the B x T x C layout nor `stats_rows`.
     """
 
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.eps, self.momentum, self.sync = eps, momentum, False
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
     def forward(self, tokens: Tensor, stats_rows: Tensor | None = None) -> Tensor:
-        # outside autocast, in the statistics' dtype: CPU autocast hands batch norm bf16 activations,
-        # which it refuses beside fp32 weights
+        # outside autocast, in the statistics' dtype: CPU autocast hands it bf16 activations
         with torch.autocast(tokens.device.type, enabled=False):
             x = tokens.to(self.running_mean.dtype)
-            if self.training and stats_rows is not None and not bool(stats_rows.all()):
-                normed = self._normalise_by_rows(x, stats_rows.to(x.device))
-            else:
-                normed = super().forward(x.transpose(1, 2)).transpose(1, 2)
+            mean, var = self.running_mean, self.running_var
+            if self.training:
+                rows = x if stats_rows is None else x[stats_rows.to(x.device)]
+                mean, var = self._batch_statistics(rows.reshape(-1, x.shape[-1]))
+            normed = (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
         return normed.to(tokens.dtype)
 
-    def _normalise_by_rows(self, x: Tensor, rows: Tensor) -> Tensor:
-        sample = x[rows].reshape(-1, x.shape[-1])
-        if sample.shape[0] < 2:  # nothing to estimate from: the running statistics, left as they are
-            mean, var = self.running_mean, self.running_var
-        else:
-            mean, var = sample.mean(0), sample.var(0, unbiased=False)
-            with torch.no_grad():
-                n = sample.shape[0]
-                self.running_mean.lerp_(mean.detach(), self.momentum)
-                self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
-                self.num_batches_tracked += 1
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+    def _synchronised(self) -> bool:
+        dist = torch.distributed
+        return self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def _batch_statistics(self, sample: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and biased variance of `sample` (N x C) on this rank, or over all ranks when synchronised;
+        the running statistics when fewer than 2 tokens make them (left as they are)."""
+        total, count = sample.sum(0), torch.tensor(float(sample.shape[0]), device=sample.device)
+        if self._synchronised():
+            from torch.distributed.nn.functional import all_reduce
+
+            total = all_reduce(total)
+            torch.distributed.all_reduce(count)
+        n = float(count)  # the same on every rank, so all of them take the same branch below
+        if n < 2:
+            return self.running_mean, self.running_var
+        mean = total / n
+        # two passes, as torch's batch norm: E[x^2] - E[x]^2 loses the small variances of look-alike scans
+        squares = ((sample - mean) ** 2).sum(0)
+        if self._synchronised():
+            from torch.distributed.nn.functional import all_reduce
+
+            squares = all_reduce(squares)
+        var = squares / n
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
+            self.num_batches_tracked += 1
+        return mean, var
+
+
+def set_batchnorm_sync(model: nn.Module, sync: bool) -> int:
+    """Switch cross-rank statistics of every `TokenBatchNorm` in `model`; returns how many there are."""
+    layers = [m for m in model.modules() if isinstance(m, TokenBatchNorm)]
+    for layer in layers:
+        layer.sync = sync
+    return len(layers)
 
 
 class BatchNormMLP(nn.Sequential):

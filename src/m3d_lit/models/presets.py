@@ -169,13 +169,15 @@ def resolve(preset: str, overrides: dict[str, Any] | None = None) -> dict[str, A
 
     Args:
         preset: one of `PRESETS`.
-        overrides: nested values to replace, e.g. `{"vision": {"num_layers": 2}}`.
+        overrides: nested values to replace, e.g. `{"vision": {"num_layers": 2}}`; every key must name a
+            setting of its section (`overrides.check_overrides`), or `InputError` lists the valid ones.
     """
+    from m3d_lit.errors import InputError
+    from m3d_lit.models.overrides import check_overrides
+
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    unknown = set(overrides or {}) - set(PRESETS[preset]) - {"preset"}
-    if unknown:
-        raise ValueError(f"overrides name unknown keys {sorted(unknown)}; known: {sorted(PRESETS[preset])}")
+        raise InputError("preset", f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    check_overrides(PRESETS[preset], overrides or {})
     config = deep_merge(PRESETS[preset], overrides or {})
     config["preset"] = preset
     return config

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from m3d_lit.errors import InputError
 from m3d_lit.tasks.base import BaseTask
+from m3d_lit.tasks.official import official_kind
 
 __all__ = ["AlignTask", "token_accuracy"]
 
@@ -32,6 +33,8 @@ class AlignTask(BaseTask):
             model is built from it; `init_from` such a directory sets this).
         clip_path: an official M3D-CLIP directory whose vision encoder starts this stage's, in place of
             `init_from`'s (read on a fresh run only; the preset's vision sizes must be M3D-CLIP's).
+        random_llm: with the `paper` preset and no `llm_path`, build the random 7B LLM anyway (memory and
+            speed tests); without it that combination is refused, as it would train against noise.
         log_examples: how many validation samples get their generated answer and middle slice logged to
             TensorBoard once per validation epoch.
         max_new_tokens: generation limit for those examples.
@@ -46,10 +49,18 @@ class AlignTask(BaseTask):
         self,
         llm_path: str | None = None,
         clip_path: str | None = None,
+        random_llm: bool = False,
         log_examples: int = 4,
         max_new_tokens: int = 48,
         **kwargs: Any,
     ) -> None:
+        official = kwargs.get("init_from") and official_kind(kwargs["init_from"]) == "lamed"
+        if kwargs.get("preset", "tiny") == "paper" and llm_path is None and not random_llm and not official:
+            raise InputError(
+                "llm_path",
+                "the paper preset needs the pretrained LLM: pass --model.llm_path /models/Llama-2-7b-hf "
+                "(null would build a random 6.7B-parameter LLM; --model.random_llm true does so on purpose)",
+            )
         super().__init__(**kwargs)
         if clip_path is not None:
             self._check_clip_path(clip_path)
@@ -102,8 +113,6 @@ class AlignTask(BaseTask):
     def _official_init(self) -> None:
         """`init_from` an official M3D-LaMed directory builds the model from it: it becomes `llm_path`, so
         the model (every weight of the directory) and later checkpoints are rebuilt from it."""
-        from m3d_lit.tasks.official import official_kind
-
         source = self.hparams.init_from
         if not source or official_kind(source) != "lamed":
             return

@@ -20,12 +20,38 @@ from torch import Tensor, nn
 
 from m3d_lit.errors import InputError
 
-__all__ = ["BaseTask", "load_checkpoint", "warmup_cosine"]
+__all__ = ["BaseTask", "load_checkpoint", "warmup_cosine", "zero_checkpoint_problem"]
+
+
+def zero_checkpoint_problem(path: str | Path) -> str | None:
+    """For a DeepSpeed ZeRO checkpoint folder (the `zero2` preset's `last.ckpt`): how to make it one file.
+
+    The conversion reads DeepSpeed's pickles (`weights_only=False`), so it is left to a command the user
+    runs on their own files rather than done silently on load.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    tag = (path / "latest").read_text().strip() if (path / "latest").is_file() else None
+    if tag is None or not any((path / tag).glob("*model_states.pt")):
+        return "is a folder, not a checkpoint file (nor a DeepSpeed checkpoint folder with a `latest` tag)"
+    out = path.with_name(f"{path.stem}.fp32.ckpt")
+    command = (
+        'python -c "from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict '
+        f"as convert; convert('{path}', '{out}')\""
+    )
+    return (
+        f"is a DeepSpeed ZeRO checkpoint folder (tag {tag!r}), not one file: convert it with `{command}` "
+        f"(needs `pip install deepspeed`), then pass {out}"
+    )
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a Lightning checkpoint safely (`weights_only=True`), with a clear error for a bad file."""
     path = Path(path)
+    problem = zero_checkpoint_problem(path)
+    if problem:
+        raise InputError(path, problem)
     if not path.is_file():
         raise InputError(path, "checkpoint not found")
     try:
@@ -52,7 +78,8 @@ class BaseTask(LightningModule):
         overrides: values deep-merged into the preset (e.g. `{llm: {num_hidden_layers: 2}}`).
         trainable: per component `frozen | full | lora`; missing keys take the stage's defaults.
         init_from: checkpoint of the previous stage whose weights start this one (only on a fresh run).
-        init_prefixes: state-dict prefixes taken from `init_from`; every matching key must be present.
+        init_prefixes: state-dict prefixes taken from `init_from`; every matching key must be present (unset:
+            the stage's defaults, plus every other weight of the checkpoint that fits this model).
         optimizer: optimizer factory (LightningCLI injects it from YAML: class_path + init_args).
         warmup_ratio: share of the total steps spent in linear warm-up.
         min_lr_ratio: final learning rate of the cosine decay, as a share of the peak.
@@ -80,14 +107,18 @@ class BaseTask(LightningModule):
     ) -> None:
         super().__init__()
         if not 0.0 <= warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio {warmup_ratio} must be in [0, 1)")
+            raise InputError("warmup_ratio", f"{warmup_ratio} must be in [0, 1)")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise InputError("min_lr_ratio", f"{min_lr_ratio} must be in [0, 1]")
         if gradient_checkpointing not in ("none", "llm", "vision", "all"):
-            raise ValueError(
-                f"gradient_checkpointing {gradient_checkpointing!r} is not none | llm | vision | all"
+            raise InputError(
+                "gradient_checkpointing", f"{gradient_checkpointing!r} is not none | llm | vision | all"
             )
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
         self.model: nn.Module = self.configure_models()
+        self._init_loaded = False
+        self.param_groups()  # an lr_scale naming no trainable part is refused now, not at the first step
         self._init_reliability()
 
     # -- what each stage provides -------------------------------------------------------------------
@@ -107,13 +138,19 @@ class BaseTask(LightningModule):
         return {**STAGE_TRAINABLE[self.stage], **(self.hparams.trainable or {})}
 
     def setup(self, stage: str) -> None:
+        from m3d_lit.models.perceiver import set_batchnorm_sync
+
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None:
             datamodule.collate_fn = self.configure_collate()
+        # `sync_batchnorm=True` converts torch's batch norms; the perceiver's synchronises itself
+        sync = getattr(self.trainer.strategy, "_layer_sync", None) is not None
+        if set_batchnorm_sync(self, sync) and sync:
+            rank_zero_info("sync_batchnorm: the perceiver's batch norm takes its statistics over all ranks")
         if stage == "fit" and self.hparams.init_from:
             if self.trainer.ckpt_path:
                 rank_zero_info(f"resuming from {self.trainer.ckpt_path}: init_from is not read")
-            else:
+            elif not self._init_loaded:  # `m3d-lit fit` loads it before the run writes anything
                 self.load_init_weights(self.hparams.init_from)
 
     def on_fit_start(self) -> None:
@@ -125,8 +162,14 @@ class BaseTask(LightningModule):
             write_hparams(writer, self.hparams, self.hparams_metrics)
 
     def load_init_weights(self, path: str | Path) -> None:
-        """Copy the `init_prefixes` weights of another stage's checkpoint; all of them must be there."""
-        from m3d_lit.tasks.loading import check_init_source
+        """Start from another stage's checkpoint: the `init_prefixes` weights must all be there.
+
+        With `init_prefixes` unset, the stage's default prefixes are required and every other weight of
+        the checkpoint that this model has, with the same shape, is taken too: a segmentation module or
+        LoRA adapters trained or loaded earlier carry on. The log names, per part, what came from the
+        checkpoint and what starts as built here (`init_summary` keeps the counts).
+        """
+        from m3d_lit.tasks.loading import check_init_source, summarise_init
 
         prefixes = tuple(self.hparams.init_prefixes or self.default_init_prefixes)
         checkpoint = load_checkpoint(path)
@@ -150,8 +193,15 @@ class BaseTask(LightningModule):
                 f"shape mismatch for {bad[:3]} (checkpoint {tuple(source[bad[0]].shape)} vs model "
                 f"{tuple(own[bad[0]].shape)}): made with another preset?",
             )
+        if not self.hparams.init_prefixes:
+            required = set(wanted)
+            wanted += [
+                k for k in own if k not in required and k in source and source[k].shape == own[k].shape
+            ]
         self.load_state_dict({k: source[k] for k in wanted}, strict=False)
-        rank_zero_info(f"init_from {path}: loaded {len(wanted)} tensors under {list(prefixes)}")
+        self._init_loaded = True
+        self.init_summary, text = summarise_init(own, source, wanted, self.hparams.get("llm_path"))
+        rank_zero_info(f"init_from {path}: {text}")
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         return self.model_step(batch, "train")
@@ -167,7 +217,8 @@ class BaseTask(LightningModule):
         if "grad_2.0_norm_total" in norms:
             self.log("train/grad_norm", norms["grad_2.0_norm_total"], on_step=True, on_epoch=False)
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def param_groups(self) -> list[dict[str, Any]]:
+        """One optimizer group per top-level part with trainable weights, each with its `lr_scale`."""
         scale = self.hparams.lr_scale or {}
         groups = []
         for name, module in self.model.named_children():
@@ -177,10 +228,17 @@ class BaseTask(LightningModule):
         direct = [p for n, p in self.model.named_parameters(recurse=False) if p.requires_grad]
         if direct:
             groups.append({"params": direct, "name": "model", "lr_scale": scale.get("model", 1.0)})
-        unknown = set(scale) - {g["name"] for g in groups}
+        names = [g["name"] for g in groups]
+        unknown = set(scale) - set(names)
         if unknown:
-            raise ValueError(f"lr_scale names {sorted(unknown)}, which have no trainable parameters")
-        optimizer = self.optimizer_factory(groups)
+            raise InputError(
+                "lr_scale",
+                f"names {sorted(unknown)}, which have no trainable weights here; trainable: {names}",
+            )
+        return groups
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(self.param_groups())
         for group in optimizer.param_groups:
             group["lr"] *= group["lr_scale"]
         total = max(1, int(self.trainer.estimated_stepping_batches))

@@ -1,8 +1,8 @@
-"""Reliability pieces of a training run: atomic checkpoint files, a guard against non-finite steps, and a
-checkpoint saved when the job is told to stop (SIGTERM, SLURM's SIGUSR1).
+"""Reliability pieces of a training run: atomic checkpoint files, a `last.ckpt` that holds the newest state,
+a guard against non-finite steps, and a checkpoint saved when the job is told to stop (SIGTERM, SIGUSR1).
 
 They are listed in the stage recipes (`stages/*.yaml`): `AtomicCheckpointIO` under `trainer.plugins`,
-`NonFiniteGuard` and `PreemptionCheckpoint` under `trainer.callbacks`.
+`StageCheckpoint`, `NonFiniteGuard` and `PreemptionCheckpoint` under `trainer.callbacks`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ __all__ = [
     "NonFiniteError",
     "NonFiniteGuard",
     "PreemptionCheckpoint",
+    "StageCheckpoint",
     "atomic_torch_save",
 ]
 
@@ -71,6 +72,36 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         atomic_torch_save(checkpoint, path)
+
+
+class StageCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` whose `last.ckpt` is the newest state at each epoch's end and at the end of training.
+
+    Lightning's `save_last=True` writes `last.ckpt` only together with a top-k checkpoint of the same step.
+    With `monitor: val/loss` it then stays at the best epoch when the loss stops improving, and a run that
+    ends at `max_steps` inside an epoch (a resumed one, say) leaves it at the previous epoch's end, so the
+    next stage's `init_from` and `--ckpt_path last` would read stale weights. Here `last.ckpt` is also
+    written when no top-k checkpoint was; the top-k files keep Lightning's rules.
+    """
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._every_n_epochs >= 1 and self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self._every_n_epochs >= 1 and not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._refresh_last(trainer)
+        super().on_train_end(trainer, pl_module)
+
+    def _refresh_last(self, trainer: Trainer) -> None:
+        # the skip check also covers "already saved at this step", so a step is never written twice
+        if self.save_last is True and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class NonFiniteError(TrainingError):

@@ -31,6 +31,7 @@ __all__ = [
     "restore_frozen_base",
     "rng_states",
     "set_rng_states",
+    "summarise_init",
 ]
 SAMPLES_PER_TENSOR = 64
 
@@ -148,6 +149,52 @@ def check_init_source(path: str | Path, checkpoint: dict[str, Any], task: BaseTa
         problem = _llm_mismatch(saved["llm"], own["llm"])
         if problem:
             raise InputError(path, f"was trained against another LLM: {problem}")
+
+
+def _part(key: str) -> str:
+    """`model.segmentation.x.weight` -> `segmentation`; LoRA adapters apart from the LLM they adapt."""
+    name = key.split(".")[1] if key.startswith("model.") else key.split(".")[0]
+    return f"{name} LoRA" if "lora_" in key else name
+
+
+def summarise_init(
+    own: dict[str, torch.Tensor], source: dict[str, torch.Tensor], loaded: list[str], llm_path: str | None
+) -> tuple[dict[str, dict[str, int]], str]:
+    """Tensor counts per part, by where each starts: `init_from`, the base LLM, fresh; and in words.
+
+    The base LLM is not taken from `init_from` (`check_init_source` has made sure it is the same model):
+    it comes from `llm_path`, or is built from the preset. A part whose weights the checkpoint holds with
+    other shapes, or outside an explicit `init_prefixes`, starts fresh and is named as such.
+    """
+    taken = set(loaded)
+    kinds = ("init_from", "base", "fresh", "other shapes", "not selected")
+    summary: dict[str, dict[str, int]] = {kind: {} for kind in kinds}
+    for key in own:
+        part = _part(key)
+        if key in taken:
+            kind = "init_from"
+        elif key in source:
+            kind = "other shapes" if source[key].shape != own[key].shape else "not selected"
+        elif part == "llm":
+            kind = "base"
+        else:
+            kind = "fresh"
+        summary[kind][part] = summary[kind].get(part, 0) + 1
+
+    def listed(kind: str) -> str:
+        return ", ".join(f"{part} ({n} tensors)" for part, n in summary[kind].items())
+
+    words = [f"took {listed('init_from')}"]
+    if summary["base"]:
+        origin = f"llm_path {llm_path}" if llm_path else "the preset (random, as in the checkpoint)"
+        words.append(f"from {origin}: {listed('base')}")
+    if summary["fresh"]:
+        words.append(f"fresh (not in the checkpoint): {listed('fresh')}")
+    if summary["other shapes"]:
+        words.append(f"fresh (the checkpoint's have other shapes): {listed('other shapes')}")
+    if summary["not selected"]:
+        words.append(f"fresh (outside init_prefixes): {listed('not selected')}")
+    return summary, "; ".join(words)
 
 
 def rng_states() -> dict[str, Any]:

@@ -1,0 +1,169 @@
+"""LightningCLI for the training recipes: options checked before anything is built, mistakes in one line.
+
+LightningCLI's automatic `--optimizer` would replace the task's `configure_optimizers` (per-component
+`lr_scale` groups, warm-up + cosine) with a bare optimizer over all parameters and only a warning. Here
+`--optimizer` becomes the task's `model.optimizer`, so the groups and the schedule stay; `--lr_scheduler`
+is refused with the options that shape the task's own schedule.
+
+jsonargparse reports a bad value as a usage screen and a nested, multi-line message (a bad value given to
+a task's constructor also with a traceback); here each becomes an `InputError` of one line, which the
+`m3d-lit` command prints and turns into exit status 2.
+"""
+
+from __future__ import annotations
+
+import re
+from argparse import ArgumentError
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import Namespace
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from m3d_lit.errors import InputError
+from m3d_lit.tasks.base import zero_checkpoint_problem
+
+__all__ = ["M3dLightningCLI", "check_paths", "fold_optimizer_options", "one_line"]
+
+SCHEDULE_OPTIONS = (
+    "the task schedules the learning rate itself (linear warm-up, then cosine decay, per step, with "
+    "per-component lr_scale): set --model.warmup_ratio, --model.min_lr_ratio and --model.lr_scale, and the "
+    "peak rate with --model.optimizer.lr"
+)
+_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value type:")
+_PARTS = {"BaseTask": "--model", "BaseDataModule": "--data"}
+# values of --ckpt_path that Lightning resolves itself rather than as a file
+_CKPT_NAMES = {"last", "best", "hpc", "registry"}
+
+
+def one_line(message: str) -> tuple[str, str]:
+    """(option, problem) from a jsonargparse message: the nested causes, without the usage noise."""
+    lines = [line.strip().removeprefix("- ").strip() for line in message.splitlines()]
+    option = "configuration"
+    given = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Given value:")), None)
+    subtypes = next((line for line in lines if line.startswith("Subtypes:")), "")
+    option = next((flag for name, flag in _PARTS.items() if f".{name}'>" in subtypes), option)
+    kept = [
+        line for line in lines
+        if line and not line.startswith(_NOISE) and not line.startswith("Given value:")
+        and line != "Expected a <class 'NoneType'>"
+    ]  # fmt: skip
+    if kept and (key := re.match(r'Parser key "([^"]+)":\s*(.*)', kept[0])):
+        option = "-c/--config" if key.group(1) == "config" else f"--{key.group(1)}"
+        kept = [key.group(2), *kept[1:]] if key.group(2) else kept[1:]
+    expected = [line.removeprefix("Expected a ") for line in kept if line.startswith("Expected a ")]
+    if expected and len(expected) == len(kept):
+        text = "expected " + " or ".join(expected) + (f"; got {given}" if given else "")
+    else:
+        text = " ".join(kept)
+    text = re.sub(r"typing\.Literal\[(.*?)\]", r"one of \1", text)
+    return option, re.sub(r"<class '([\w.]+)'>", r"\1", text)
+
+
+def _describe(optimizer: Namespace) -> str:
+    args = optimizer.get("init_args") or Namespace()
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(vars(args).items()))
+    return f"{optimizer.class_path}({shown})"
+
+
+def fold_optimizer_options(config: Namespace) -> None:
+    """Move a top-level `optimizer` into `model.init_args.optimizer`; refuse a top-level `lr_scheduler`.
+
+    `--optimizer X --optimizer.lr 1e-4` means what it means in any LightningCLI: optimizer X with the
+    arguments given and X's defaults for the rest. It replaces the recipe's `model.optimizer` whole.
+    """
+    if config.get("lr_scheduler"):
+        raise InputError("--lr_scheduler", SCHEDULE_OPTIONS)
+    optimizer = config.get("optimizer")
+    if not optimizer:
+        return
+    init_args = config.model.get("init_args") if isinstance(config.get("model"), Namespace) else None
+    if init_args is None or "optimizer" not in init_args:
+        raise InputError(
+            "--optimizer", "this model takes no optimizer argument; set it under --model instead"
+        )
+    replaced = init_args.get("optimizer")
+    init_args.optimizer = optimizer.clone()
+    config.optimizer = None
+    was = f", replacing model.optimizer {_describe(replaced)}" if isinstance(replaced, Namespace) else ""
+    rank_zero_info(
+        f"--optimizer: {_describe(optimizer)}{was}; the task keeps its lr_scale groups and warm-up + cosine"
+    )
+
+
+def check_paths(config: Namespace) -> None:
+    """Files the run will read, checked before the run writes anything (its config, logs, checkpoints)."""
+    init_args = config.model.get("init_args") if isinstance(config.get("model"), Namespace) else None
+    init_args = init_args or Namespace()
+    ckpt = config.get("ckpt_path")
+    if ckpt and str(ckpt) not in _CKPT_NAMES and "://" not in str(ckpt) and not Path(ckpt).exists():
+        raise InputError(
+            ckpt, "--ckpt_path: checkpoint not found (or use --ckpt_path last to resume the newest)"
+        )
+    init_from = init_args.get("init_from")
+    if init_from and not ckpt and zero_checkpoint_problem(init_from):
+        raise InputError(init_from, f"--model.init_from: {zero_checkpoint_problem(init_from)}")
+    if init_from and not ckpt and not Path(init_from).is_file():
+        raise InputError(
+            init_from,
+            "--model.init_from: checkpoint not found (run the previous stage, or pass null to start fresh)",
+        )
+    for key in ("llm_path", "text_path"):
+        folder = init_args.get(key)
+        if folder and not Path(folder).is_dir():
+            raise InputError(folder, f"--model.{key}: directory not found")
+
+
+def _check_preset(config: Namespace) -> None:
+    from m3d_lit.models.presets import resolve
+
+    init_args = config.model.get("init_args") if isinstance(config.get("model"), Namespace) else None
+    if init_args is not None and "preset" in init_args:
+        resolve(init_args.preset, init_args.get("overrides"))
+
+
+class M3dLightningCLI(LightningCLI):
+    """LightningCLI whose configuration is checked and completed before the classes are built."""
+
+    def init_parser(self, **kwargs: Any) -> Any:
+        kwargs.setdefault("exit_on_error", False)
+        return super().init_parser(**kwargs)
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        # checked here, before the seed is set or anything is built, so a refusal is the only output
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise InputError(*one_line(str(err))) from None
+        config = self._subcommand_config()
+        fold_optimizer_options(config)
+        _check_preset(config)
+        check_paths(config)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        # Read what the run reads first: the trainer creates its log folder and writes its config there.
+        stage = self.subcommand
+        if stage in ("fit", "validate", "test") and self.datamodule is not None:
+            self.datamodule.setup(stage)
+        init_from = self.model.hparams.get("init_from") if self.model is not None else None
+        if stage == "fit" and init_from and not self._subcommand_config().get("ckpt_path"):
+            self.model.load_init_weights(init_from)
+        return super().instantiate_trainer(**kwargs)
+
+    def _subcommand_config(self) -> Namespace:
+        subcommand = self.config.get("subcommand")
+        return self.config[subcommand] if subcommand else self.config
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except InputError:
+            raise
+        except (ArgumentError, ValueError, TypeError, MisconfigurationException) as err:
+            # what reaches here was raised by a constructor given the user's values
+            option, problem = one_line(str(err))
+            raise InputError(
+                "--trainer" if isinstance(err, MisconfigurationException) else option, problem
+            ) from None
