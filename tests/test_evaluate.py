@@ -24,9 +24,13 @@ def test_eval_batched_equals_one_by_one(
     stage3_checkpoint: Path, prepared: list[Path], tmp_path: Path
 ) -> None:
     data = prepared[0] / "qa_test.jsonl"
-    batched = _eval(stage3_checkpoint, data, tmp_path / "b4", "--batch-size", "4")
+    batched = _eval(stage3_checkpoint, data, tmp_path / "b4", "--batch-size", "4", "--save-masks")
     single = _eval(stage3_checkpoint, data, tmp_path / "b1", "--batch-size", "1")
     assert [r["prediction"] for r in batched] == [r["prediction"] for r in single]
+    for record in batched:  # every [SEG] answer has its mask file (test_geometry checks where masks lie)
+        if record["kind"] == "seg":
+            assert ("mask_file" in record) == record["produced_seg"]
+        assert "mask_file" not in record or (tmp_path / "b4" / record["mask_file"]).is_file()
     assert len({r["id"] for r in batched}) == len(batched) == 9
     metrics = json.loads((tmp_path / "b4" / "metrics.json").read_text())
     for key in ("bleu1", "bleu4", "rougeL", "meteor", "by_dataset", "by_kind"):
