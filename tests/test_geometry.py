@@ -8,6 +8,7 @@ position, computed here from the affine or the DICOM tags the test writes, never
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -231,8 +232,14 @@ def test_geometry_json_round_trip_and_bad_text(tmp_path: Path) -> None:
     affine, shape = nifti_affine(*CASES["oblique"])
     geometry = ScanGeometry.build(shape, affine, (slice(1, 50), slice(3, 40), slice(None)), SIZE)
     assert ScanGeometry.from_json(geometry.to_json(), "m.csv") == geometry
-    for bad in ("{", '{"shape": [1, 2]}', geometry.to_json().replace('"box": [[', '"box": [[-5, 0], [')):
-        with pytest.raises(InputError, match="m.csv: .*(geometry|box)"):
+    degenerate = json.dumps({**json.loads(geometry.to_json()), "affine": np.zeros((4, 4)).tolist()})
+    for bad in (
+        "{",
+        '{"shape": [1, 2]}',
+        geometry.to_json().replace('"box": [[', '"box": [[-5, 0], ['),
+        degenerate,
+    ):
+        with pytest.raises(InputError, match="m.csv: .*(geometry|box|affine)"):
             ScanGeometry.from_json(bad, "m.csv")
 
 

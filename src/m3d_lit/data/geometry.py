@@ -118,8 +118,12 @@ class ScanGeometry:
         if grid.shape != self.size:
             raise ValueError(f"mask of shape {grid.shape} is not on the model grid {self.size}")
         crop = tuple(hi - lo for lo, hi in self.box)
+        # the inverse of `preprocess.resize`'s mapping (voxel centres, align_corners=False)
         up = F.interpolate(
-            torch.from_numpy(np.ascontiguousarray(grid))[None, None], size=crop, mode="trilinear"
+            torch.from_numpy(np.ascontiguousarray(grid))[None, None],
+            size=crop,
+            mode="trilinear",
+            align_corners=False,
         )
         canonical = np.zeros(self.canonical_shape, np.uint8)
         canonical[tuple(slice(lo, hi) for lo, hi in self.box)] = up[0, 0].numpy() > 0.5
@@ -145,6 +149,8 @@ class ScanGeometry:
             raise InputError(
                 where, "scan geometry needs a 3D shape, a 4 x 4 affine, 3 box ranges and a 3D size"
             )
+        if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+            raise InputError(where, "scan geometry has a degenerate or non-finite affine")
         geometry = cls(shape, tuple(tuple(row) for row in affine.tolist()), box, size)
         if any(not 0 <= lo < hi <= n for (lo, hi), n in zip(box, geometry.canonical_shape)):
             raise InputError(where, f"crop box {box} lies outside the volume {geometry.canonical_shape}")
