@@ -26,9 +26,14 @@ def test_eval_batched_equals_one_by_one(
     data = prepared[0] / "qa_test.jsonl"
     # float64: padding reorders sums only (~1e-15), so no near-tie of two fp32 logits can pick another
     # token in one run and not the other, on any CPU
-    batched = _eval(stage3_checkpoint, data, tmp_path / "b4", "--batch-size", "4", "--dtype", "float64")
-    single = _eval(stage3_checkpoint, data, tmp_path / "b1", "--batch-size", "1", "--dtype", "float64")
+    float64 = ("--dtype", "float64")
+    batched = _eval(stage3_checkpoint, data, tmp_path / "b4", "--batch-size", "4", "--save-masks", *float64)
+    single = _eval(stage3_checkpoint, data, tmp_path / "b1", "--batch-size", "1", *float64)
     assert [r["prediction"] for r in batched] == [r["prediction"] for r in single]
+    for record in batched:  # every [SEG] answer has its mask file (test_geometry checks where masks lie)
+        if record["kind"] == "seg":
+            assert ("mask_file" in record) == record["produced_seg"]
+        assert "mask_file" not in record or (tmp_path / "b4" / record["mask_file"]).is_file()
     assert len({r["id"] for r in batched}) == len(batched) == 9
     metrics = json.loads((tmp_path / "b4" / "metrics.json").read_text())
     for key in ("bleu1", "bleu4", "rougeL", "meteor", "by_dataset", "by_kind"):

@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from m3d_lit.data.augment import ALL_AXES, BRAIN_CT_FLIP_AXES, VolumeAugment
 from m3d_lit.data.datasets import Record, RecordDataset, check_paths, read_qa_jsonl
@@ -121,6 +122,14 @@ class BaseDataModule(L.LightningDataModule):
         replicas, rank = self._ranks()
         return EpochSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=self.seed)
 
+    def eval_sampler(self, dataset: Dataset) -> Sampler | None:
+        """Under DDP each val/test sample goes to exactly one rank (Lightning's sampler repeats samples to
+        even the ranks out, biasing epoch metrics); a set smaller than the rank count is left to Lightning."""
+        replicas, rank = self._ranks()
+        if replicas <= 1 or len(dataset) < replicas:
+            return None
+        return UnrepeatedDistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=False)
+
     def _loader(self, split: str) -> DataLoader | list:
         if self.collate_fn is None:
             raise RuntimeError(
@@ -132,10 +141,10 @@ class BaseDataModule(L.LightningDataModule):
         if split not in self.datasets:
             raise RuntimeError(f"split {split!r} is not set up: call setup() with the matching stage first")
         dataset = self.datasets[split]
-        sampler = self.train_sampler(dataset) if split == "train" else None
+        sampler = self.train_sampler(dataset) if split == "train" else self.eval_sampler(dataset)
         generator = torch.Generator().manual_seed(self.seed + self._ranks()[1])
         # the training loader records its place in the epoch so a mid-epoch checkpoint resumes exactly
-        loader_class = ResumableDataLoader if sampler is not None else DataLoader
+        loader_class = ResumableDataLoader if split == "train" else DataLoader
         return loader_class(
             dataset,
             batch_size=self.batch_size,

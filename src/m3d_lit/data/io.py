@@ -19,24 +19,28 @@ import pydicom
 from nibabel import orientations
 from pydicom.errors import InvalidDicomError
 
+from m3d_lit.data.geometry import CANONICAL_AXES, Scan, to_canonical_transform
 from m3d_lit.errors import InputError
 
 __all__ = [
     "CANONICAL_AXES",
+    "Scan",
     "check_finite",
     "choose_series",
     "cq500_scan_id",
     "find_cq500_scans",
     "list_series",
+    "load_scan",
     "load_series_list",
     "load_volume",
+    "read_dicom_scan",
     "read_dicom_series",
     "read_nifti",
+    "read_nifti_scan",
     "read_nifti_with_mask",
     "read_npy",
 ]
 
-CANONICAL_AXES = ("S", "P", "L")  # nibabel axis codes of D, H, W
 DICOM_SUFFIXES = {"", ".dcm", ".dicom"}
 Spacing = tuple[float, float, float]
 _CQ500_NAME = re.compile(r"^CQ500-?CT-?(\d+)(?: CQ500-?CT-?(\d+))?$", re.IGNORECASE)
@@ -56,8 +60,7 @@ def _canonical(volume: np.ndarray, affine_ras: np.ndarray, path: Path) -> tuple[
     """Reorient a volume with a voxel->RAS affine to the canonical D x H x W axes; spacing to match."""
     if not np.isfinite(affine_ras).all() or abs(np.linalg.det(affine_ras[:3, :3])) < 1e-9:
         raise InputError(path, "the voxel-to-world affine is degenerate or not finite")
-    start = orientations.io_orientation(affine_ras)
-    transform = orientations.ornt_transform(start, orientations.axcodes2ornt(CANONICAL_AXES))
+    transform = to_canonical_transform(affine_ras)
     out = np.ascontiguousarray(orientations.apply_orientation(volume, transform))
     zooms = np.sqrt((affine_ras[:3, :3] ** 2).sum(axis=0))
     spacing = [0.0, 0.0, 0.0]
@@ -130,15 +133,22 @@ def _series_geometry(folder: Path, files: list[Path], slices: list) -> tuple[np.
 
 
 def read_dicom_series(folder: str | PathLike) -> tuple[np.ndarray, Spacing]:
-    """Read one DICOM series folder as HU.
+    """Read one DICOM series folder as HU: (float32 D x H x W, spacing); see `read_dicom_scan`."""
+    scan = read_dicom_scan(folder)
+    return scan.hu, scan.spacing
+
+
+def read_dicom_scan(folder: str | PathLike) -> Scan:
+    """Read one DICOM series folder as HU, with its patient-coordinate geometry.
 
     Args:
         folder: a folder holding the slices of one series (files `*.dcm`, `*.dicom` or no suffix;
             hidden files and other suffixes are ignored). A single `.dcm` file is a one-slice series.
 
     Returns:
-        (hu, spacing): float32 D x H x W in canonical orientation, slices ordered by
-        ImagePositionPatient along the slice normal; spacing (slice, row, column) in mm.
+        a `Scan`: HU in canonical orientation, slices ordered by ImagePositionPatient along the slice
+        normal; the stored array is (column, row, slice) with its affine from ImagePositionPatient,
+        ImageOrientationPatient, PixelSpacing and the slice step.
     """
     folder = Path(folder)
     files = [folder] if folder.is_file() else (_dicom_files(folder) if folder.is_dir() else [])
@@ -152,19 +162,22 @@ def read_dicom_series(folder: str | PathLike) -> tuple[np.ndarray, Spacing]:
     if len(sizes) > 1:
         raise InputError(folder, f"mixed slice sizes {sizes} in one series")
     orient, order, step = _series_geometry(folder, files, slices)
-    hu = np.stack([_slice_hu(slices[i], files[i]) for i in order])
     row_mm, col_mm = (float(v) for v in slices[0].PixelSpacing)
     if min(row_mm, col_mm, step) <= 0:
         raise InputError(folder, f"non-positive spacing (rows {row_mm}, columns {col_mm}, slices {step})")
-    # Array axes (slice, row, column) in LPS: slice -> normal, row -> column cosine, column -> row cosine.
+    # NIfTI's habit (as dcm2niix): x = column (along the row cosine), y = row (along the column cosine),
+    # z = slice (along the normal, in the sorted order).
+    stored = np.ascontiguousarray(
+        np.stack([_slice_hu(slices[i], files[i]) for i in order]).transpose(2, 1, 0)
+    )
     affine = np.eye(4)
-    affine[:3, 0] = np.cross(orient[0], orient[1]) * step
+    affine[:3, 0] = orient[0] * col_mm
     affine[:3, 1] = orient[1] * row_mm
-    affine[:3, 2] = orient[0] * col_mm
+    affine[:3, 2] = np.cross(orient[0], orient[1]) * step
     affine[:3, 3] = [float(v) for v in slices[order[0]].ImagePositionPatient]
     affine[:2] *= -1  # LPS -> RAS
-    hu, spacing = _canonical(hu, affine, folder)
-    return check_finite(hu, folder), spacing
+    hu, spacing = _canonical(stored, affine, folder)
+    return Scan(check_finite(hu, folder), spacing, affine, stored.shape)
 
 
 # ---------------------------------------------------------------- CQ500 scan folders and series
@@ -281,26 +294,37 @@ def _nifti_data(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def read_nifti(path: str | PathLike) -> tuple[np.ndarray, Spacing]:
     """Read a NIfTI volume (`.nii`, `.nii.gz`) reoriented to canonical axes: (float32 D x H x W, spacing)."""
-    path = Path(path)
-    data, affine = _nifti_data(path)
-    volume, spacing = _canonical(data, affine, path)
-    return check_finite(volume, path), spacing
+    scan, _ = read_nifti_scan(path)
+    return scan.hu, scan.spacing
 
 
 def read_nifti_with_mask(
     path: str | PathLike, mask_path: str | PathLike
 ) -> tuple[np.ndarray, np.ndarray, Spacing]:
-    """Read a NIfTI image and its mask; the mask goes through exactly the image's reorientation.
+    """Read a NIfTI image and its mask: (volume float32, mask uint8 {0, 1}, spacing); see `read_nifti_scan`."""
+    scan, mask = read_nifti_scan(path, mask_path)
+    return scan.hu, mask, scan.spacing
+
+
+def read_nifti_scan(
+    path: str | PathLike, mask_path: str | PathLike | None = None
+) -> tuple[Scan, np.ndarray | None]:
+    """Read a NIfTI image (and its mask), both through exactly the image's reorientation.
 
     Args:
         path: the image.
         mask_path: a mask on the same voxel grid (same shape and affine); any non-zero voxel is 1.
 
     Returns:
-        (volume float32 D x H x W, mask uint8 {0, 1} D x H x W, spacing).
+        (the `Scan`, the mask as uint8 {0, 1} D x H x W or None).
     """
-    path, mask_path = Path(path), Path(mask_path)
+    path = Path(path)
     data, affine = _nifti_data(path)
+    volume, spacing = _canonical(data, affine, path)
+    scan = Scan(check_finite(volume, path), spacing, affine, data.shape)
+    if mask_path is None:
+        return scan, None
+    mask_path = Path(mask_path)
     mask, mask_affine = _nifti_data(mask_path)
     if mask.shape != data.shape:
         raise InputError(
@@ -309,9 +333,8 @@ def read_nifti_with_mask(
     if not np.allclose(mask_affine, affine, atol=1e-3):
         raise InputError(mask_path, f"mask affine differs from the affine of {path.name}")
     check_finite(mask, mask_path)
-    volume, spacing = _canonical(data, affine, path)
     mask, _ = _canonical(mask, affine, path)
-    return check_finite(volume, path), (mask > 0).astype(np.uint8), spacing
+    return scan, (mask > 0).astype(np.uint8)
 
 
 def read_npy(path: str | PathLike) -> np.ndarray:
@@ -334,18 +357,24 @@ def read_npy(path: str | PathLike) -> np.ndarray:
 
 
 def load_volume(path: str | PathLike) -> tuple[np.ndarray, Spacing]:
-    """Read one scan in HU: a DICOM series folder (or a CQ500 scan folder: its series is chosen by
-    `choose_series`), a `.dcm` file, or a NIfTI file. Returns (hu D x H x W float32, spacing in mm)."""
+    """Read one scan in HU (see `load_scan`): (hu D x H x W float32, spacing in mm)."""
+    scan = load_scan(path)
+    return scan.hu, scan.spacing
+
+
+def load_scan(path: str | PathLike) -> Scan:
+    """Read one scan in HU with its geometry: a DICOM series folder (or a CQ500 scan folder: its series is
+    chosen by `choose_series`), a `.dcm` file, or a NIfTI file."""
     path = Path(path)
     name = path.name.lower()
     if path.is_dir():
-        return read_dicom_series(path if _dicom_files(path) else choose_series(path))
+        return read_dicom_scan(path if _dicom_files(path) else choose_series(path))
     if not path.exists():
         raise InputError(path, "does not exist")
     if name.endswith((".nii", ".nii.gz")):
-        return read_nifti(path)
+        return read_nifti_scan(path)[0]
     if path.suffix.lower() in DICOM_SUFFIXES:
-        return read_dicom_series(path)
+        return read_dicom_scan(path)
     if name.endswith(".npy"):
         raise InputError(path, ".npy volumes hold normalised values, not HU; use load_and_preprocess")
     raise InputError(path, "unknown volume format (expected a DICOM folder, .dcm, .nii, .nii.gz or .npy)")

@@ -26,20 +26,23 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from m3d_lit.data.geometry import ScanGeometry
 from m3d_lit.data.io import (
     choose_series,
     find_cq500_scans,
     load_series_list,
-    read_dicom_series,
-    read_nifti_with_mask,
+    read_dicom_scan,
+    read_nifti_scan,
 )
-from m3d_lit.data.preprocess import DEFAULT_SIZE, WINDOWS, check_size, preprocess_with_mask
+from m3d_lit.data.preprocess import DEFAULT_SIZE, WINDOWS, check_size, preprocess_with_box
 from m3d_lit.errors import InputError
 
 __all__ = ["DATASETS", "MANIFEST_COLUMNS", "PrepareResult", "main", "prepare_volumes", "safe_id"]
 
 DATASETS = ("cq500", "physionet")
-MANIFEST_COLUMNS = ("id", "source", "orig_shape", "orig_spacing", "out_shape", "sha256", "source_stamp")
+MANIFEST_COLUMNS = (
+    "id", "source", "orig_shape", "orig_spacing", "out_shape", "sha256", "source_stamp", "geometry",
+)  # fmt: skip
 SKIPPED_COLUMNS = ("id", "path", "reason")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -119,14 +122,14 @@ def _prepare_one(job: _Job) -> tuple[dict | None, tuple[str, str, str] | None]:
         if job.mask is None:
             series = choose_series(job.image, {job.sid: job.series} if job.series else None)
             source = series
-            hu, spacing = read_dicom_series(series)
-            mask = None
+            scan, mask = read_dicom_scan(series), None
         else:
             source = job.image
-            hu, mask, spacing = read_nifti_with_mask(job.image, job.mask)
+            scan, mask = read_nifti_scan(job.image, job.mask)
+        hu = scan.hu
         if hu.shape[0] < 2:
             raise InputError(source, f"a single 2D slice (shape {hu.shape}), expected a 3D volume")
-        image, out_mask = preprocess_with_mask(hu, mask, job.size, job.window, source)
+        image, out_mask, box = preprocess_with_box(hu, mask, job.size, job.window, source)
         if float(image.max() - image.min()) < 1e-6:
             raise InputError(source, "constant volume (no contrast after windowing)")
     except InputError as e:
@@ -139,10 +142,11 @@ def _prepare_one(job: _Job) -> tuple[dict | None, tuple[str, str, str] | None]:
         "id": job.sid,
         "source": _relative(source, job.root),
         "orig_shape": _fmt(hu.shape),
-        "orig_spacing": _fmt(spacing),
+        "orig_spacing": _fmt(scan.spacing),
         "out_shape": _fmt(image.shape),
         "sha256": hashlib.sha256(data).hexdigest(),
         "source_stamp": _source_stamp(job),
+        "geometry": ScanGeometry.build(scan.stored_shape, scan.affine, box, job.size).to_json(),
     }
     return row, None
 
@@ -228,7 +232,8 @@ def _read_manifest(out: Path) -> dict[str, dict]:
 
 
 def _still_valid(row: dict, job: _Job) -> bool:
-    if row.get("source_stamp") != _source_stamp(job):
+    # a row from before the geometry was recorded is redone: eval --save-masks needs it
+    if row.get("source_stamp") != _source_stamp(job) or not row.get("geometry"):
         return False
     image = job.out / "images" / f"{job.sid}.npy"
     if not image.is_file() or hashlib.sha256(image.read_bytes()).hexdigest() != row["sha256"]:

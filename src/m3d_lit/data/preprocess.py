@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from m3d_lit.data.io import check_finite, load_volume, read_nifti_with_mask, read_npy
+from m3d_lit.data.geometry import ScanGeometry
+from m3d_lit.data.io import check_finite, load_scan, read_nifti_scan, read_npy
 from m3d_lit.errors import InputError
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "load_and_preprocess",
     "minmax",
     "preprocess",
+    "preprocess_with_box",
     "preprocess_with_mask",
     "resize",
 ]
@@ -54,12 +56,15 @@ class Prepared(NamedTuple):
         mask: uint8 {0, 1} 1 x D x H x W on the image's grid, or None.
         orig_shape: D x H x W as read (canonical orientation).
         spacing: (slice, row, column) spacing in mm as read; (1, 1, 1) for npy input.
+        geometry: what takes a mask on the image's grid back to the source scan's shape and affine;
+            None for npy input, which has no world coordinates (its masks stay on the model grid).
     """
 
     image: np.ndarray
     mask: np.ndarray | None
     orig_shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
+    geometry: ScanGeometry | None = None
 
 
 def check_size(size: Sequence[int], patch: Sequence[int] = DEFAULT_PATCH) -> tuple[int, int, int]:
@@ -145,6 +150,17 @@ def preprocess_with_mask(
     source: str | PathLike = "volume",
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """As `preprocess`, with a mask cropped and resized on exactly the image's grid (nearest, binary)."""
+    return preprocess_with_box(hu, mask, size, window, source)[:2]
+
+
+def preprocess_with_box(
+    hu: np.ndarray,
+    mask: np.ndarray | None,
+    size: Sequence[int] = DEFAULT_SIZE,
+    window: str = "brain",
+    source: str | PathLike = "volume",
+) -> tuple[np.ndarray, np.ndarray | None, tuple[slice, slice, slice]]:
+    """As `preprocess_with_mask`, plus the crop box (in the canonical volume) that a `ScanGeometry` records."""
     size = check_size(size)
     if hu.ndim != 3:
         raise InputError(source, f"expected a 3D volume, got shape {hu.shape}")
@@ -154,8 +170,8 @@ def preprocess_with_mask(
     box = foreground_box(hu)
     image = resize(apply_window(hu[box], window), size)[None]
     if mask is None:
-        return image, None
-    return image, resize(mask[box] > 0, size, mask=True)[None]
+        return image, None, box
+    return image, resize(mask[box] > 0, size, mask=True)[None], box
 
 
 def load_and_preprocess(
@@ -173,6 +189,9 @@ def load_and_preprocess(
         size: output (D, H, W), divisible by the patch size (4, 16, 16).
         window: a name in `WINDOWS` (ignored for npy).
         mask_path: a NIfTI mask on the image's grid (NIfTI images only).
+
+    The returned `geometry` takes a mask on the model grid back to the scan as stored
+    (`ScanGeometry.to_source`, `geometry.write_mask`).
     """
     path, size = Path(path), check_size(size)
     if path.name.lower().endswith(".npy"):
@@ -181,8 +200,9 @@ def load_and_preprocess(
         volume = read_npy(path)
         return Prepared(resize(volume, size)[None], None, volume.shape, (1.0, 1.0, 1.0))
     if mask_path is not None:
-        hu, mask, spacing = read_nifti_with_mask(path, mask_path)
+        scan, mask = read_nifti_scan(path, mask_path)
     else:
-        (hu, spacing), mask = load_volume(path), None
-    image, out_mask = preprocess_with_mask(hu, mask, size, window, path)
-    return Prepared(image, out_mask, hu.shape, spacing)
+        scan, mask = load_scan(path), None
+    image, out_mask, box = preprocess_with_box(scan.hu, mask, size, window, path)
+    geometry = ScanGeometry.build(scan.stored_shape, scan.affine, box, size)
+    return Prepared(image, out_mask, scan.hu.shape, scan.spacing, geometry)

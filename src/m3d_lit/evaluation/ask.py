@@ -7,22 +7,36 @@
 as the official demo does (its prompt, greedy decoding, its text), except that a `[SEG]` answered first
 still gets its mask. SCAN is a DICOM series folder, a `.nii`/`.nii.gz` file or an `.npy` volume (an
 `.npy` already at the model's size goes in unchanged). It goes through the same preprocessing as the
-training data (window and size stored in the checkpoint). When the answer holds `[SEG]`, `--mask-out` writes the predicted mask as NIfTI on the preprocessed 1 x D x H x W grid (the
-cropped and resized volume the model saw; spacing left at 1 mm).
+training data (window and size stored in the checkpoint). When the answer holds `[SEG]`, `--mask-out`
+writes the predicted mask in the scan's own geometry, to lay over it in any viewer:
+for a NIfTI scan a NIfTI with its shape and affine, for a DICOM series a NIfTI in the series' patient
+coordinates (crop and resize undone, orientation restored). An `.npy` scan has no world coordinates: its
+mask stays on the model's D x H x W grid, with an affine that says which way the model's axes point.
+A `--mask-out` ending in `.npy` always gets the model grid (uint8 1 x D x H x W, like prepared masks).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from m3d_lit.data.geometry import check_mask_path, write_mask
+from m3d_lit.data.preprocess import Prepared
 from m3d_lit.errors import InputError
 
-__all__ = ["ask", "main"]
+__all__ = ["Answer", "ask", "main"]
+
+
+class Answer(NamedTuple):
+    """What `ask` returns: the text, the mask logits (1 x D x H x W) or None, and the preprocessed scan."""
+
+    text: str
+    seg_logits: torch.Tensor | None
+    prepared: Prepared
 
 
 def ask(
@@ -31,8 +45,8 @@ def ask(
     question: str,
     max_new_tokens: int = 64,
     device: str = "cpu",
-) -> tuple[str, torch.Tensor | None, np.ndarray]:
-    """Answer `question` about `volume`: (answer text, mask logits or None, the preprocessed volume)."""
+) -> Answer:
+    """Answer `question` about `volume`."""
     from m3d_lit.data.collate import LMCollator
     from m3d_lit.data.preprocess import load_and_preprocess
     from m3d_lit.tasks.loading import load_task
@@ -45,8 +59,8 @@ def ask(
         raise InputError(checkpoint, "is a stage-1 (contrastive) checkpoint: it cannot answer questions")
     settings = meta.get("preprocessing") or {}
     size = tuple(model.img_size)
-    image = load_and_preprocess(volume, size=size, window=settings.get("window") or "brain").image
-    item = {"id": volume.name, "image": torch.from_numpy(np.asarray(image, dtype=np.float32)),
+    prepared = load_and_preprocess(volume, size=size, window=settings.get("window") or "brain")
+    item = {"id": volume.name, "image": torch.from_numpy(np.asarray(prepared.image, dtype=np.float32)),
             "question": question.strip(), "answer": "", "kind": "open", "mask": None, "dataset": "ask"}  # fmt: skip
     collate = LMCollator(model.tokenizer, model.num_visual_tokens, model.max_length, size, generation=True)
     batch = collate([item])
@@ -57,19 +71,7 @@ def ask(
             batch["attention_mask"].to(device),
             max_new_tokens=max_new_tokens,
         )
-    return out["texts"][0].strip(), out["seg_logits"][0], image
-
-
-def _write_mask(path: Path, logits: torch.Tensor) -> None:
-    import nibabel as nib
-
-    mask = (logits.float().sigmoid() > 0.5).cpu().numpy().astype(np.uint8)[0]  # D x H x W
-    # NIfTI stores x (W), y (H), z (D); the model's grid is depth-first
-    image = nib.Nifti1Image(np.ascontiguousarray(mask.transpose(2, 1, 0)), affine=np.eye(4))
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    tmp = path.with_name(path.name + ".tmp" + suffix)
-    nib.save(image, str(tmp))
-    os.replace(tmp, path)
+    return Answer(out["texts"][0].strip(), out["seg_logits"][0], prepared)
 
 
 def main(argv: list[str]) -> int:
@@ -85,10 +87,13 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if not args.volume.exists():
         raise InputError(args.volume, "does not exist")
-    answer, logits, _ = ask(args.checkpoint, args.volume, args.question, args.max_new_tokens, args.device)
-    print(answer)
-    if logits is not None and args.mask_out is not None:
-        _write_mask(args.mask_out, logits)
+    if args.mask_out is not None:
+        check_mask_path(args.mask_out)
+    answer = ask(args.checkpoint, args.volume, args.question, args.max_new_tokens, args.device)
+    print(answer.text)
+    if answer.seg_logits is not None and args.mask_out is not None:
+        probabilities = answer.seg_logits.float().sigmoid()[0].cpu().numpy()
+        write_mask(args.mask_out, probabilities, answer.prepared.geometry)
         print(f"mask written to {args.mask_out}")
     elif args.mask_out is not None:
         print("no [SEG] in the answer: no mask written")

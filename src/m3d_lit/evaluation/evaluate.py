@@ -1,11 +1,14 @@
 """`m3d-lit eval`: batched generation over a QA split, then metrics and a report.
 
     m3d-lit eval --checkpoint checkpoints/stage3/last.ckpt --data data/cq500/qa_test.jsonl --out runs/eval
-                 [--batch-size 8] [--blank-images | --swap-images] [--max-new-tokens 64] [--device cpu|cuda]
-                 [--dtype auto|float32|bfloat16|float64]
+                 [--batch-size 8] [--blank-images | --swap-images] [--save-masks] [--max-new-tokens 64]
+                 [--device cpu|cuda] [--dtype auto|float32|bfloat16|float64]
 
 Writes OUT/predictions.jsonl (one object per sample), OUT/metrics.json and OUT/report.md, and the metrics
-to TensorBoard under OUT/tensorboard. `--blank-images` replaces every volume with zeros: the control that
+to TensorBoard under OUT/tensorboard. `--save-masks` writes each predicted mask to OUT/masks/<id>.nii.gz
+in the source scan's geometry (shape and affine of the NIfTI or DICOM series that `prepare` read, as its
+manifest records), so it lies over the original file in a viewer; its path goes in the prediction's
+`mask_file`. Volumes without a recorded geometry (M3D-Data `.npy`) keep the model grid. `--blank-images` replaces every volume with zeros: the control that
 shows whether the answers depend on the scan at all. `--swap-images` gives every question another patient's
 scan from the same file, a control that stays among real head CTs (a model that reads the scan drops to
 chance there, while a zero volume may throw it off entirely).
@@ -16,7 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-__all__ = ["generate_records", "main", "write_jsonl"]
+__all__ = ["MaskSaver", "generate_records", "main", "write_jsonl"]
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -55,8 +59,13 @@ def generate_records(
     loader: DataLoader,
     max_new_tokens: int,
     device: torch.device,
+    save_mask: Callable[[dict[str, Any], torch.Tensor], str] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Generate an answer per sample (greedy, batched) and yield one prediction record per sample."""
+    """Generate an answer per sample (greedy, batched) and yield one prediction record per sample.
+
+    `save_mask(record, seg_logits)`, when given, is called for every sample that produced `[SEG]`; the
+    path it returns goes in the record's `mask_file`.
+    """
     for batch in loader:
         out = model.generate(
             batch["images"].to(device),
@@ -76,7 +85,43 @@ def generate_records(
             if record["kind"] == "seg":
                 mask = batch["masks"][i] if bool(batch["seg_flags"][i]) else None
                 record.update(_seg_scores(out["seg_logits"][i], mask))
+            if save_mask is not None and out["seg_logits"][i] is not None:
+                record["mask_file"] = save_mask(record, out["seg_logits"][i])
             yield record
+
+
+class MaskSaver:
+    """Writes predicted masks to `folder/<id>.nii.gz` in the geometry of the scan each sample was read from.
+
+    Args:
+        folder: where the masks go (created).
+        images: sample id -> the prepared image it was given (`OUT/images/<id>.npy` of `prepare`).
+    """
+
+    def __init__(self, folder: Path, images: dict[str, Path]) -> None:
+        self.folder, self.images = folder, images
+        self.names: set[str] = set()
+        self.geometries: dict[Path, Any] = {}
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, record: dict[str, Any], seg_logits: torch.Tensor) -> str:
+        from m3d_lit.data.geometry import manifest_geometry, write_mask
+
+        image = self.images[record["id"]]
+        if image not in self.geometries:
+            self.geometries[image] = manifest_geometry(image)
+            if self.geometries[image] is None:
+                tqdm.write(
+                    f"m3d-lit eval: no scan geometry recorded for {image}: its masks stay on the model grid"
+                )
+        geometry = self.geometries[image]
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", record["id"])
+        while name in self.names:  # ids that differ only in characters a file name cannot hold
+            name += "_"
+        self.names.add(name)
+        path = self.folder / f"{name}.nii.gz"
+        write_mask(path, seg_logits.float().sigmoid()[0].cpu().numpy(), geometry)
+        return f"{self.folder.name}/{path.name}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,6 +137,9 @@ def _parser() -> argparse.ArgumentParser:
     control.add_argument("--blank-images", action="store_true", help="replace every volume with zeros")
     control.add_argument(
         "--swap-images", action="store_true", help="give every question another patient's scan"
+    )
+    parser.add_argument(
+        "--save-masks", action="store_true", help="write predicted masks to OUT/masks/ in the scans' geometry"
     )
     parser.add_argument("--limit", type=int, default=None, help="only the first N samples")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -125,6 +173,9 @@ def main(argv: list[str]) -> int:
     dataset = QAJsonlDataset(
         args.data, img_size=img_size, blank_images=args.blank_images, swapped_images=args.swap_images
     )
+    save_mask = None
+    if args.save_masks:
+        save_mask = MaskSaver(args.out / "masks", {r.id: r.image for r in dataset.records})
     if args.limit is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(args.limit, len(dataset))))
     collate = LMCollator(
@@ -134,7 +185,7 @@ def main(argv: list[str]) -> int:
     records = []
     label = "blank scans" if args.blank_images else "swapped scans" if args.swap_images else "scans"
     with tqdm(total=len(dataset), desc=f"eval {args.data.name} ({label})", unit="sample") as bar:
-        for record in generate_records(model, loader, args.max_new_tokens, device):
+        for record in generate_records(model, loader, args.max_new_tokens, device, save_mask):
             records.append(record)
             bar.update(1)
     metrics = compute_metrics(records)
@@ -146,6 +197,7 @@ def main(argv: list[str]) -> int:
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "save_masks": args.save_masks,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_jsonl(args.out / "predictions.jsonl", records)

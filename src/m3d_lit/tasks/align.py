@@ -13,15 +13,7 @@ from m3d_lit.errors import InputError
 from m3d_lit.tasks.base import BaseTask
 from m3d_lit.tasks.official import official_kind
 
-__all__ = ["AlignTask", "token_accuracy"]
-
-
-def token_accuracy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Share of answer tokens (labels != -100) predicted exactly, with the causal shift."""
-    predicted = logits[:, :-1].argmax(-1)
-    target = labels[:, 1:]
-    valid = target != -100
-    return (predicted[valid] == target[valid]).float().mean() if valid.any() else logits.new_zeros(())
+__all__ = ["AlignTask"]
 
 
 class AlignTask(BaseTask):
@@ -155,6 +147,11 @@ class AlignTask(BaseTask):
                 f"with `m3d-lit prepare ... --size {' '.join(map(str, want))}`",
             )
 
+    def configure_metrics(self) -> nn.ModuleDict:
+        from m3d_lit.tasks.metrics import TokenAccuracy
+
+        return nn.ModuleDict({"token_acc": TokenAccuracy()})
+
     def configure_collate(self) -> Any:
         from m3d_lit.data.collate import LMCollator
 
@@ -182,8 +179,7 @@ class AlignTask(BaseTask):
         self.log(f"{split}/loss", loss, batch_size=size, prog_bar=True, sync_dist=sync)
         self.log(f"{split}/lm_loss", out["lm_loss"], batch_size=size, sync_dist=sync)
         if split != "train":
-            acc = token_accuracy(out["logits"].detach(), batch["labels"])
-            self.log(f"{split}/token_acc", acc, batch_size=size, sync_dist=True)
+            self.eval_metrics[split]["token_acc"].update(out["logits"].detach(), batch["labels"])
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:

@@ -20,7 +20,9 @@ from torch import Tensor, nn
 
 from m3d_lit.errors import InputError
 
-__all__ = ["BaseTask", "load_checkpoint", "warmup_cosine", "zero_checkpoint_problem"]
+__all__ = ["EVAL_SPLITS", "BaseTask", "load_checkpoint", "warmup_cosine", "zero_checkpoint_problem"]
+
+EVAL_SPLITS = ("val", "test")
 
 
 def zero_checkpoint_problem(path: str | Path) -> str | None:
@@ -119,6 +121,8 @@ class BaseTask(LightningModule):
         self.model: nn.Module = self.configure_models()
         self._init_loaded = False
         self.param_groups()  # an lr_scale naming no trainable part is refused now, not at the first step
+
+        self.eval_metrics = nn.ModuleDict({split: self.configure_metrics() for split in EVAL_SPLITS})
         self._init_reliability()
 
     # -- what each stage provides -------------------------------------------------------------------
@@ -130,6 +134,11 @@ class BaseTask(LightningModule):
 
     def model_step(self, batch: dict[str, Any], split: str) -> Tensor:
         raise NotImplementedError
+
+    def configure_metrics(self) -> nn.ModuleDict:
+        """torchmetrics of one evaluation split (`val`, `test`): `model_step` updates them, the epoch's end
+        logs them (`log_epoch_metrics`). A metric's `compute` gives a value or a dict of named values."""
+        return nn.ModuleDict()
 
     # -- shared machinery ---------------------------------------------------------------------------
     def trainable_config(self) -> dict[str, str]:
@@ -211,6 +220,27 @@ class BaseTask(LightningModule):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         return self.model_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_epoch_metrics("test")
+
+    def log_epoch_metrics(self, split: str) -> None:
+        """Log each metric of `split` over the whole epoch and reset it.
+
+        Every rank calls `compute`, which synchronises the metric's state across ranks, so every rank holds
+        the same epoch value. A value that is not finite (nothing seen, e.g. no `[SEG]` row) is not logged.
+        """
+        for name, metric in self.eval_metrics[split].items():
+            result = metric.compute()
+            metric.reset()
+            for key, value in (result if isinstance(result, dict) else {name: result}).items():
+                value = torch.as_tensor(value, dtype=torch.float64, device=self.device)
+                if bool(torch.isfinite(value)):
+                    # already equal on every rank: "max" keeps it exact where a mean would round
+                    self.log(f"{split}/{key}", value, sync_dist=True, reduce_fx="max")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         norms = grad_norm(self.model, norm_type=2)

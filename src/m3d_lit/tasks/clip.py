@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from m3d_lit.tasks.base import BaseTask
@@ -29,7 +28,6 @@ class ClipTask(BaseTask):
 
     def __init__(self, text_path: str | None = None, text_max_length: int = 128, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._val_features: list[tuple[Tensor, Tensor]] = []
 
     def configure_models(self) -> nn.Module:
         from m3d_lit.models.clip import build_clip
@@ -37,6 +35,11 @@ class ClipTask(BaseTask):
         model = build_clip(self.hparams.preset, self.hparams.overrides, text_path=self.hparams.text_path)
         model.set_trainable(self.trainable_config())
         return model
+
+    def configure_metrics(self) -> nn.ModuleDict:
+        from m3d_lit.tasks.metrics import RetrievalRecall
+
+        return nn.ModuleDict({"recall": RetrievalRecall(ks=(1, 5, 10))})
 
     def configure_collate(self) -> Any:
         from m3d_lit.data.collate import ClipCollator
@@ -60,20 +63,5 @@ class ClipTask(BaseTask):
         if split == "train":
             self.log("train/logit_scale", scale, batch_size=size)
         else:
-            self._val_features.append((image.detach(), text.detach()))
+            self.eval_metrics[split]["recall"].update(image, text)
         return loss
-
-    def on_validation_epoch_start(self) -> None:
-        self._val_features.clear()
-
-    def on_validation_epoch_end(self) -> None:
-        from m3d_lit.losses.contrastive import recall_at_k
-
-        if not self._val_features:
-            return
-        image = self._gather(torch.cat([f[0] for f in self._val_features]))
-        text = self._gather(torch.cat([f[1] for f in self._val_features]))
-        self._val_features.clear()
-        sim = image.float() @ text.float().T
-        for name, value in recall_at_k(sim, ks=(1, 5, 10)).items():
-            self.log(f"val/{name}", value, rank_zero_only=True)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from m3d_lit.tasks.align import AlignTask
 
@@ -48,21 +49,33 @@ class FinetuneTask(AlignTask):
             loaded = load_segvol_weights(self.model.segmentation, self.hparams.segvol_path)
             rank_zero_info(f"segvol_path {self.hparams.segvol_path}: loaded {len(loaded['loaded'])} tensors")
 
+    def configure_metrics(self) -> nn.ModuleDict:
+        from torchmetrics import MeanMetric
+
+        from m3d_lit.tasks.metrics import MeanDice
+
+        metrics = super().configure_metrics()
+        metrics["dice"] = MeanDice()
+        # The mask loss terms, weighted by their rows: a rank whose share holds no [SEG] row still takes
+        # part in the epoch-end sync, where a `self.log(..., sync_dist=True)` it never called would hang.
+        for name in ("loss_dice", "loss_bce"):
+            metrics[name] = MeanMetric().set_dtype(torch.float64)
+        return metrics
+
     def compute_loss(self, out: dict[str, Tensor], batch: dict[str, Any], split: str) -> Tensor:
         loss = out["lm_loss"] + self.hparams.w_dice * out["dice"] + self.hparams.w_bce * out["bce"]
         flags = batch.get("seg_flags")
-        if flags is not None and bool(flags.any()):
-            size = int(flags.sum())
-            self.log(f"{split}/loss_dice", out["dice"], batch_size=size, sync_dist=split != "train")
-            self.log(f"{split}/loss_bce", out["bce"], batch_size=size, sync_dist=split != "train")
-            if split != "train" and out.get("seg_logits") is not None:
-                from m3d_lit.evaluation.metrics import dice_iou
-
-                # seg_logits row j belongs to batch row seg_rows[j] (rows whose [SEG] survived truncation)
-                rows = out["seg_rows"].tolist()
-                scores = [
-                    dice_iou(out["seg_logits"][j].float(), batch["masks"][row].float())[0]
-                    for j, row in enumerate(rows)
-                ]
-                self.log(f"{split}/dice", sum(scores) / len(scores), batch_size=size, sync_dist=True)
+        if flags is None or not bool(flags.any()):
+            return loss
+        size = int(flags.sum())
+        if split == "train":
+            self.log("train/loss_dice", out["dice"], batch_size=size)
+            self.log("train/loss_bce", out["bce"], batch_size=size)
+            return loss
+        metrics = self.eval_metrics[split]
+        metrics["loss_dice"].update(out["dice"].detach(), weight=size)
+        metrics["loss_bce"].update(out["bce"].detach(), weight=size)
+        if out.get("seg_logits") is not None:
+            # seg_logits row j belongs to batch row seg_rows[j] (rows whose [SEG] survived truncation)
+            metrics["dice"].update(out["seg_logits"].detach(), batch["masks"][out["seg_rows"]])
         return loss

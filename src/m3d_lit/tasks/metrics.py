@@ -1,0 +1,103 @@
+"""Validation metrics as torchmetrics `Metric`s: exact epoch values, whatever the batch size or rank count.
+
+Each metric keeps sums (or, for retrieval, the features themselves) and divides only in `compute`, which
+torchmetrics synchronises across DDP ranks: the epoch value is the one a single process gets over the
+same samples, not a mean of per-batch means. Counts are integers and sums float64, so the only difference
+between one process and several is the order of float64 additions (relative 1e-15).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+__all__ = ["MeanDice", "RetrievalRecall", "TokenAccuracy"]
+
+
+class TokenAccuracy(Metric):
+    """Share of answer tokens (labels != -100) predicted exactly, with the causal shift, over every token seen.
+
+    `compute` gives NaN before any answer token was seen.
+    """
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, ignore_index: int = -100, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.ignore_index = ignore_index
+        self.add_state("correct", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: Tensor, labels: Tensor) -> None:
+        """logits B x L x V, labels B x L (position t predicts token t + 1)."""
+        predicted = logits[:, :-1].argmax(-1)
+        target = labels[:, 1:]
+        valid = target != self.ignore_index
+        self.correct += (predicted[valid] == target[valid]).sum()
+        self.total += valid.sum()
+
+    def compute(self) -> Tensor:
+        return self.correct.double() / self.total if self.total > 0 else torch.tensor(float("nan"))
+
+
+class MeanDice(Metric):
+    """Mean over samples of each sample's Dice, mask = sigmoid(logits) > 0.5 (as `evaluation.metrics.dice_iou`:
+    both masks empty counts 1). `compute` gives NaN before any sample was seen."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("dice_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("samples", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: Tensor, masks: Tensor) -> None:
+        """logits and masks N x ... (one sample per row); foreground: logits > 0, masks > 0.5."""
+        pred, truth = (logits > 0).flatten(1), (masks > 0.5).flatten(1)
+        inter = (pred & truth).sum(1).double()
+        total = (pred.sum(1) + truth.sum(1)).double()
+        dice = torch.where(total > 0, 2.0 * inter / total.clamp_min(1.0), torch.ones_like(total))
+        self.dice_sum += dice.sum()
+        self.samples += dice.numel()
+
+    def compute(self) -> Tensor:
+        return self.dice_sum / self.samples if self.samples > 0 else torch.tensor(float("nan"))
+
+
+class RetrievalRecall(Metric):
+    """Image-to-text and text-to-image recall@k over every pair seen (pair i: image i with text i).
+
+    The features of all ranks are concatenated in `compute`, so each image competes with every text of the
+    epoch, as in one process. `compute` gives `{"i2t_R@k": ..., "t2i_R@k": ...}` (see
+    `losses.contrastive.recall_at_k`), or an empty dict before any pair was seen.
+    """
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, ks: Sequence[int] = (1, 5, 10), **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.ks = tuple(int(k) for k in ks)
+        self.add_state("image", default=[], dist_reduce_fx="cat")
+        self.add_state("text", default=[], dist_reduce_fx="cat")
+
+    def update(self, image: Tensor, text: Tensor) -> None:
+        """image and text features, N x E each."""
+        if image.shape != text.shape or image.dim() != 2:
+            raise ValueError(f"image {tuple(image.shape)} and text {tuple(text.shape)} must both be N x E")
+        self.image.append(image.detach().double())
+        self.text.append(text.detach().double())
+
+    def compute(self) -> dict[str, float]:
+        from m3d_lit.losses.contrastive import recall_at_k
+
+        if isinstance(self.image, list) and not self.image:
+            return {}
+        image, text = dim_zero_cat(self.image), dim_zero_cat(self.text)  # a list, or one tensor once synced
+        return recall_at_k(image @ text.T, self.ks)
