@@ -171,7 +171,10 @@ class Runner:
             return scores.seg_metrics(predictions, group=lambda r: r["id"].split("/", 3)[3])
         if task == "refseg":
             return scores.seg_metrics(predictions)
-        metrics = compute_metrics(predictions)
+        # each task is one kind of record: its text metrics cover all of them
+        metrics = compute_metrics(
+            predictions, self.args.protocol, separate=(), resamples=self.args.bootstrap, seed=self.args.seed
+        )
         if task == "reg":
             metrics.update(scores.reg_name_metrics(predictions))
         return metrics
@@ -198,6 +201,7 @@ class Runner:
             "limit": self.args.limit,
             "max_new_tokens": self.args.max_new_tokens,
             "pool_sizes": list(POOL_SIZES),
+            "protocol": self.args.protocol,
         }
         summary = {"setup": setup, "tasks": {t: {"title": TASKS[t], **self.results[t]} for t in tasks}}
         self.args.out.mkdir(parents=True, exist_ok=True)
@@ -248,7 +252,7 @@ def report_lines(summary: dict[str, Any]) -> list[str]:
         "",
         f"Retrieval: recall@k both ways over the first min(pool, available) test pairs, pools {setup['pool_sizes']};"
         " a pool smaller than asked is marked capped (recall@k with k >= pool size is 1 by definition).",
-        "Text metrics as in `m3d-lit eval`'s report; closed VQA: the chosen letter (or the one choice named)"
+        f"Text metrics under the `{setup['protocol']}` protocol, as in `m3d-lit eval`'s report; closed VQA: the chosen letter (or the one choice named)"
         " against the reference, by question type in vqa_closed/metrics.json; REC: IoU of the first box;"
         " Dice over samples with a non-empty mask (negative_seg_rate: [SEG] produced where there is nothing).",
         "Each task's predictions.jsonl and full metrics.json are in its folder.",

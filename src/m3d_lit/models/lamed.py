@@ -245,8 +245,9 @@ class LamedModel(nn.Module):
     ) -> dict[str, list]:
         """Batched answers to left-padded prompts, with a KV cache; each row stops at EOS.
 
-        Returns `texts` (answers without special tokens except `[SEG]`/box tokens) and `seg_logits`
-        (1 x D x H x W mask logits per row that produced `[SEG]`, else None).
+        Returns `texts` (answers without special tokens except `[SEG]`/box tokens), `seg_logits`
+        (1 x D x H x W mask logits per row that produced `[SEG]`, else None) and `first_logits` (B x V
+        float32 logits of the first answer token, e.g. to score Yes against No).
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens {max_new_tokens} must be >= 1")
@@ -262,8 +263,11 @@ class LamedModel(nn.Module):
         done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         seg_hidden: dict[int, Tensor] = {}
         steps: list[Tensor] = []
+        first_logits = None
         for _ in range(max_new_tokens):
-            next_ids = sample_next(self.logits(hidden).float(), do_sample, temperature, top_p)
+            logits = self.logits(hidden).float()
+            first_logits = logits if first_logits is None else first_logits
+            next_ids = sample_next(logits, do_sample, temperature, top_p)
             next_ids = torch.where(done, torch.full_like(next_ids, pad), next_ids)
             for row in ((next_ids == self.seg_id) & ~done).nonzero().flatten().tolist():
                 seg_hidden.setdefault(row, hidden[row])
@@ -279,7 +283,8 @@ class LamedModel(nn.Module):
             hidden = hidden[:, -1]
         tokens = torch.stack(steps, dim=1).tolist()
         texts = [self._detokenize(row) for row in tokens]
-        return {"texts": texts, "seg_logits": self._segment_rows(images, seg_hidden, batch)}
+        seg_logits = self._segment_rows(images, seg_hidden, batch)
+        return {"texts": texts, "seg_logits": seg_logits, "first_logits": first_logits}
 
     def _detokenize(self, ids: list[int]) -> str:
         eos = self.tokenizer.eos_token_id
