@@ -7,6 +7,7 @@ import pytest
 import torch
 from matplotlib.image import imread
 
+from m3d_lit.data import phrasing
 from m3d_lit.evaluation.metrics import compute_metrics
 from m3d_lit.evaluation.report import PAPER_TABLE1, write_report
 
@@ -61,7 +62,10 @@ def test_closed_table_has_baselines_and_plot(report):
 
 def test_segmentation_and_definitions(report):
     _, _, text, _ = report
-    assert "| PhysioNet | 1 | seg (reference mask non-empty) | 0.4000 [0.400, 0.400] | 0.2500 [0.250, 0.250] |" in text
+    assert (
+        "| PhysioNet | 1 | seg (reference mask non-empty) | 0.4000 [0.400, 0.400] | 0.2500 [0.250, 0.250] |"
+        in text
+    )
     for phrase in ("13a", "max_order=n", "without stemming", "single_meteor_score", "WordNet 3.0", "Punkt"):
         assert phrase in text
 
@@ -111,3 +115,33 @@ def test_records_without_dataset_get_an_all_row(tmp_path):
     assert "## Examples" not in text
     with pytest.raises(ValueError, match="examples must be >= 0"):
         write_report(tmp_path, compute_metrics(records), records, title="t", examples=-1)
+
+
+def test_closed_findings_beside_chilamkurthy_with_roc_and_open_findings(tmp_path):
+    def closed(pid, finding, truth, p_yes):
+        answer = phrasing.closed_answer(finding, truth)
+        prediction = "Yes." if p_yes > 0.5 else "No."
+        return {"id": f"{pid}:{finding}", "kind": "closed", "dataset": "cq500", "finding": finding,
+                "question": phrasing.closed_question(finding), "answer": answer, "prediction": prediction, "p_yes": p_yes}  # fmt: skip
+
+    records = [
+        closed("A", "MassEffect", 1, 0.9), closed("B", "MassEffect", 0, 0.2), closed("C", "MassEffect", 1, 0.4),
+        closed("A", "ChronicBleed", 0, 0.3), closed("B", "ChronicBleed", 0, 0.1),
+        {"id": "A:hemorrhage", "kind": "open", "dataset": "cq500", "question": "Is there hemorrhage?",
+         "answer": "Subdural hemorrhage on the left side.", "prediction": "Subdural hemorrhage on the right side."},
+    ]  # fmt: skip
+    metrics = compute_metrics(records, resamples=200)
+    text = write_report(tmp_path, metrics, records, title="t", examples=0).read_text()
+    mass = metrics["by_dataset"]["cq500"]["closed"]["MassEffect"]
+    low, high = mass["ci95"]["auroc"]
+    assert f"| CQ500: MassEffect | 3 | 2 | {mass['auroc']:.3f} [{low:.3f}, {high:.3f}] | 0.92 |" in text
+    assert "| CQ500: ChronicBleed | 2 | 0 | (undefined: every reference is No (2 records)) | - |" in text
+    assert "**CQ500: pooled**" in text and "Chilamkurthy S, et al." in text and "Lancet 2018" in text
+    assert "(closed_roc.png)" in text
+    roc = imread(tmp_path / "closed_roc.png")
+    assert roc.ndim == 3 and roc.shape[0] > 100
+    assert (
+        "| CQ500: SDH | 1 | 1 | 1.000" in text
+        and "| CQ500: side (where the reference names one) | 1 |" in text
+    )
+    assert "nan" not in text.lower()
