@@ -184,3 +184,14 @@ def test_score_protocol_option(tmp_path, capsys):
     written = json.loads((tmp_path / "m.json").read_text())
     assert written["protocol"] == "m3d" and "bootstrap" not in written and "ci95" not in written
     assert "bleu1 [m3d]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["score", "eval", "bench"])
+def test_unknown_protocol_is_refused_by_every_command(command, capsys):
+    from m3d_lit.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--protocol", "bleurt"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert "argument --protocol: invalid choice: 'bleurt' (choose from 'm3d', 'corpus')" in err
