@@ -172,9 +172,7 @@ class Runner:
         if task == "refseg":
             return scores.seg_metrics(predictions)
         # each task is one kind of record: its text metrics cover all of them
-        metrics = compute_metrics(
-            predictions, self.args.protocol, separate=(), resamples=self.args.bootstrap, seed=self.args.seed
-        )
+        metrics = compute_metrics(predictions, self.args.protocol, separate=(), **self.args.scoring)
         if task == "reg":
             metrics.update(scores.reg_name_metrics(predictions))
         return metrics

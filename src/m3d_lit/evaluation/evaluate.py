@@ -2,7 +2,7 @@
 
     m3d-lit eval --checkpoint checkpoints/stage3/last.ckpt --data data/cq500/qa_test.jsonl --out runs/eval
                  [--batch-size 8] [--blank-images | --swap-images] [--max-new-tokens 64] [--device cpu|cuda]
-                 [--protocol m3d|corpus] [--bootstrap 1000] [--seed 0]
+                 [--protocol m3d|corpus] [--bootstrap 1000] [--seed 0] [--bertscore-model DIR]
 
 Writes OUT/predictions.jsonl (one object per sample; closed Yes/No answers carry `p_yes`, the softmax of
 the first answer token's `Yes` and `No` logits), OUT/metrics.json and OUT/report.md, and the headline
@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from m3d_lit.evaluation.score import add_protocol_options
+from m3d_lit.evaluation.score import add_protocol_options, protocol_options
 
 __all__ = ["generate_records", "main", "write_jsonl"]
 
@@ -137,9 +137,11 @@ def main(argv: list[str]) -> int:
     from m3d_lit.evaluation.score import write_json
     from m3d_lit.tasks.loading import load_task
 
-    args = _parser().parse_args(argv)
-    if args.batch_size < 1 or args.bootstrap < 0:
-        raise SystemExit("m3d-lit eval: --batch-size must be at least 1 and --bootstrap at least 0")
+    parser = _parser()
+    args = parser.parse_args(argv)
+    options = protocol_options(parser, args)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
     device = torch.device(args.device)
     task, saved = load_task(args.checkpoint, device=str(device))
     model = task.model
@@ -162,7 +164,7 @@ def main(argv: list[str]) -> int:
             records.append(record)
             bar.update(1)
     annotate(records, args.data)
-    metrics = compute_metrics(records, args.protocol, resamples=args.bootstrap, seed=args.seed)
+    metrics = compute_metrics(records, args.protocol, **options)
     metrics["setup"] = {
         "checkpoint": str(args.checkpoint),
         "data": str(args.data),

@@ -98,6 +98,9 @@ def metric_definitions(protocol: str = "m3d") -> list[str]:
             f"Porter stemmer, WordNet {wordnet}, on `word_tokenize`'s two steps with an untrained Punkt "
             "sentence splitter (nltk's English model is not installable offline); the same tokens for every "
             "text with at most one sentence-final mark.",
+            "BERTScore F1 (m3d, only with `--bertscore-model DIR`): `bert_score`'s greedy cosine matching of "
+            "the local model's layer-L token vectors (no idf, no rescaling; L = 17 for roberta-large, "
+            "`evaluate`'s English default, else the last layer or `--bertscore-layer`).",
         ]
     else:
         lines += [
@@ -156,6 +159,7 @@ def _text_row(label: str, source: str, group: dict[str, Any], keys: list[str]) -
 
 def _table1(metrics: dict[str, Any]) -> list[str]:
     protocol = metrics.get("protocol", "m3d")
+    keys_shown = TEXT_KEYS[protocol] + (["bertscore_f1"] if "bertscore_f1" in metrics else [])
     names = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-1", "METEOR"]
     keys = ["bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "meteor"]
     head = "| Dataset | Source | " + " | ".join(f"{n} ({protocol})" for n in names) + " | n records | kinds |"
@@ -192,15 +196,15 @@ def _table1(metrics: dict[str, Any]) -> list[str]:
         f"All text metrics ({protocol} protocol), per group:",
         "",
         "| Group | "
-        + " | ".join(f"{k} ({protocol})" for k in TEXT_KEYS[protocol])
+        + " | ".join(f"{k} ({protocol})" for k in keys_shown)
         + " | n records | kinds |",
-        "|" + " --- |" * (len(TEXT_KEYS[protocol]) + 3),
+        "|" + " --- |" * (len(keys_shown) + 3),
     ]
     rows = [("all", metrics)] + list((metrics.get("by_dataset") or {}).items())
     rows += [(f"kind: {k}", g) for k, g in (metrics.get("by_kind") or {}).items()]
     for name, group in rows:
         if "n_text" in group:
-            cells = [_fmt(group.get(k)) for k in TEXT_KEYS[protocol]] + [
+            cells = [_fmt(group.get(k)) for k in keys_shown] + [
                 str(group["n_text"]),
                 ", ".join(group["text_kinds"]),
             ]

@@ -19,18 +19,26 @@ from m3d_lit.evaluation.metrics import compute_metrics
 from m3d_lit.evaluation.report import atomic_output
 from m3d_lit.evaluation.scoring import PROTOCOLS, check_p_yes
 
-__all__ = ["add_protocol_options", "format_closed", "format_table", "main", "read_predictions", "write_json"]
+__all__ = [
+    "add_protocol_options",
+    "protocol_options",
+    "format_closed",
+    "format_table",
+    "main",
+    "read_predictions",
+    "write_json",
+]
 
 ROWS = (
     ["n", "n_text"]
     + [f"bleu{n}" for n in range(1, 5)]
     + [f"bleu{n}_sent" for n in range(1, 5)]
-    + ["rouge1", "rouge2", "rougeL", "meteor"]
+    + ["rouge1", "rouge2", "rougeL", "meteor", "bertscore_f1"]
     + ["n_closed", "closed_positives", "closed_unparsed", "accuracy", "sensitivity", "specificity"]
     + ["balanced_accuracy", "f1", "majority_accuracy", "majority_balanced_accuracy", "n_seg", "dice", "iou"]
 )
 TEXT_ROWS = {f"bleu{n}" for n in range(1, 5)} | {f"bleu{n}_sent" for n in range(1, 5)}
-TEXT_ROWS |= {"rouge1", "rouge2", "rougeL", "meteor"}
+TEXT_ROWS |= {"rouge1", "rouge2", "rougeL", "meteor", "bertscore_f1"}
 
 
 def read_predictions(path: Path) -> list[dict[str, Any]]:
@@ -157,6 +165,32 @@ def add_protocol_options(parser: argparse.ArgumentParser) -> None:
         help="patient-level bootstrap resamples for 95%% CIs (0: none)",
     )
     parser.add_argument("--seed", type=int, default=SEED, help="the bootstrap's seed")
+    parser.add_argument(
+        "--bertscore-model",
+        type=Path,
+        default=None,
+        help="m3d protocol: a local model directory (roberta-large for M3D's setting) to add BERTScore F1",
+    )
+    parser.add_argument(
+        "--bertscore-layer",
+        type=int,
+        default=None,
+        help="its hidden layer (default 17 for roberta-large, else the last)",
+    )
+
+
+def protocol_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """The `compute_metrics` keywords of the options `add_protocol_options` adds, checked."""
+    if args.bootstrap < 0:
+        parser.error(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    if args.bertscore_model is not None and args.protocol != "m3d":
+        parser.error("--bertscore-model belongs to --protocol m3d")
+    return {
+        "resamples": args.bootstrap,
+        "seed": args.seed,
+        "bertscore_model": None if args.bertscore_model is None else str(args.bertscore_model),
+        "bertscore_layer": args.bertscore_layer,
+    }
 
 
 def main(argv: list[str]) -> int:
@@ -170,10 +204,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write all metrics to this JSON file")
     add_protocol_options(parser)
     args = parser.parse_args(argv)
-    if args.bootstrap < 0:
-        parser.error(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    options = protocol_options(parser, args)
     records = read_predictions(args.predictions)
-    metrics = compute_metrics(records, args.protocol, resamples=args.bootstrap, seed=args.seed)
+    metrics = compute_metrics(records, args.protocol, **options)
     print(f"{args.predictions}: {metrics['n']} samples, protocol {metrics['protocol']}")
     print(format_table(metrics))
     closed = format_closed(metrics)

@@ -180,6 +180,8 @@ def compute_metrics(
     separate: Collection[str] = SEPARATE_KINDS,
     resamples: int = RESAMPLES,
     seed: int = SEED,
+    bertscore_model: str | None = None,
+    bertscore_layer: int | None = None,
 ) -> dict[str, Any]:
     """All metrics for all records, plus the same keys per `dataset` and per `kind` (when given).
 
@@ -193,9 +195,13 @@ def compute_metrics(
         separate: kinds kept out of the text metrics of all records and of each dataset.
         resamples: patient-level bootstrap resamples for `ci95` (0: none).
         seed: the bootstrap's seed.
+        bertscore_model: `m3d` only: a local model directory; adds per-sample `bertscore_f1`.
+        bertscore_layer: its hidden layer (default: `bertscore.default_layer`).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    if bertscore_model is not None and protocol != "m3d":
+        raise ValueError("BERTScore belongs to the m3d protocol; use protocol 'm3d' with a BERTScore model")
     if resamples < 0:
         raise ValueError(f"resamples must be >= 0, got {resamples}")
     _check(records)
@@ -204,6 +210,10 @@ def compute_metrics(
         from m3d_lit.evaluation.m3d_protocol import m3d_sample_scores
 
         raw = m3d_sample_scores(predictions, answers)
+        if bertscore_model is not None:
+            from m3d_lit.evaluation.bertscore import bertscore_f1
+
+            raw["bertscore_f1"] = bertscore_f1(predictions, answers, bertscore_model, bertscore_layer)
     else:
         raw = sample_scores(predictions, answers)
     counts = _bleu_counts(predictions, answers) if protocol == "corpus" and resamples else None
@@ -220,6 +230,8 @@ def compute_metrics(
             result[f"by_{field}"] = {
                 name: _summarise(ctx, idx, own, ci=field == "dataset") for name, idx in sorted(groups.items())
             }
+    if bertscore_model is not None:
+        result["bertscore"] = {"model": str(bertscore_model), "layer": bertscore_layer}
     if resamples:
         result["bootstrap"] = {"resamples": resamples, "seed": seed, "unit": "patient", "level": 0.95}
     return result
