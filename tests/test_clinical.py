@@ -14,7 +14,7 @@ from nltk.translate.bleu_score import corpus_bleu
 
 from m3d_lit.data import phrasing
 from m3d_lit.errors import InputError
-from m3d_lit.evaluation.bootstrap import interval, patient_of, patient_weights, weighted_auroc
+from m3d_lit.evaluation.bootstrap import auroc_rows, interval, patient_of, patient_weights, weighted_auroc
 from m3d_lit.evaluation.closed import closed_scores, rate_intervals, rates
 from m3d_lit.evaluation.metrics import compute_metrics, tokenize
 from m3d_lit.evaluation.open_findings import OpenFindings, open_scores, parse_open
@@ -46,6 +46,12 @@ def test_auroc_equals_mann_whitney(seed):
     got = weighted_auroc(scores, labels, weights)
     # float64 sums of at most 30 small-integer products are exact; only the final division rounds
     assert got == pytest.approx(_mann_whitney(scores.tolist(), labels.tolist(), weights.tolist()), abs=1e-12)
+    rows = rng.integers(0, 3, (4, n)).astype(float)
+    rows[:, :2] = 1.0
+    for row, value in zip(rows, auroc_rows(scores, labels, rows)):
+        assert value == pytest.approx(
+            _mann_whitney(scores.tolist(), labels.tolist(), row.tolist()), abs=1e-12
+        )
     # integer weights are duplicated records
     repeated = np.repeat(np.arange(n), weights.astype(int))
     assert weighted_auroc(scores[repeated], labels[repeated]) == pytest.approx(got, abs=1e-12)

@@ -9,7 +9,7 @@ interpolation) over the resamples where the score is defined.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -19,7 +19,6 @@ __all__ = [
     "interval",
     "patient_of",
     "patient_weights",
-    "resampled",
     "weighted_auroc",
     "weighted_means",
 ]
@@ -69,24 +68,25 @@ def weighted_means(weights: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 def weighted_auroc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> float:
-    """Area under the ROC curve (ties count half), records weighted; NaN when a class is absent.
+    """Area under the ROC curve (ties count half), records weighted; NaN when a class is absent."""
+    scores = np.asarray(scores, dtype=np.float64)
+    rows = np.ones((1, scores.size)) if weights is None else np.asarray(weights, dtype=np.float64)[None]
+    return float(auroc_rows(scores, labels, rows)[0])
+
+
+def auroc_rows(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """`weighted_auroc` under each row of `weights` (resamples x records), all rows at once.
 
     The Mann-Whitney form: the weighted share of (positive, negative) pairs in which the positive
-    scores higher, computed from the negatives' cumulative weight below each score.
+    scores higher, from the negatives' cumulative weight below each distinct score.
     """
-    scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels).astype(bool)
-    weights = np.ones_like(scores) if weights is None else np.asarray(weights, dtype=np.float64)
-    pos_total, neg_total = weights[labels].sum(), weights[~labels].sum()
-    if pos_total <= 0 or neg_total <= 0:
-        return float("nan")
-    unique, inverse = np.unique(scores, return_inverse=True)
-    neg_at = np.bincount(inverse, weights=np.where(labels, 0.0, weights), minlength=len(unique))
-    below = np.cumsum(neg_at) - neg_at
-    credit = below[inverse] + 0.5 * neg_at[inverse]
-    return float(np.sum(np.where(labels, weights, 0.0) * credit) / (pos_total * neg_total))
-
-
-def resampled(weights: np.ndarray, score: Callable[[np.ndarray], float]) -> list[float] | None:
-    """The interval of `score(record weights)` over the rows of `weights`."""
-    return interval(np.array([score(row) for row in weights]))
+    unique, inverse = np.unique(np.asarray(scores, dtype=np.float64), return_inverse=True)
+    onehot = np.zeros((labels.size, unique.size))
+    onehot[np.arange(labels.size), inverse] = 1.0
+    neg_at = (weights * ~labels) @ onehot
+    credit = (np.cumsum(neg_at, axis=1) - 0.5 * neg_at)[:, inverse]
+    pos_total, neg_total = weights[:, labels].sum(1), weights[:, ~labels].sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        value = (weights * labels * credit).sum(1) / (pos_total * neg_total)
+    return np.where((pos_total > 0) & (neg_total > 0), value, np.nan)

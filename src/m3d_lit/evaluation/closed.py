@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from m3d_lit.evaluation.bootstrap import interval, resampled, weighted_auroc
+from m3d_lit.evaluation.bootstrap import auroc_rows, interval, weighted_auroc
 
 __all__ = [
     "POOLED",
@@ -121,9 +121,7 @@ def _entry(records: list[dict], weights: np.ndarray | None) -> dict[str, Any]:
         pred = np.array([1 - t if p is None else p for t, p in zip(truth, parsed)])
         ci = rate_intervals(truth, pred, weights, CI_KEYS)
         if result["auroc"] is not None:
-            ci["auroc"] = resampled(
-                weights[:, has_p], lambda w: weighted_auroc(p_yes[has_p], truth[has_p], w)
-            )
+            ci["auroc"] = interval(auroc_rows(p_yes[has_p], truth[has_p], weights[:, has_p]))
         result["ci95"] = ci
     return result
 

@@ -195,9 +195,7 @@ def _table1(metrics: dict[str, Any]) -> list[str]:
         "",
         f"All text metrics ({protocol} protocol), per group:",
         "",
-        "| Group | "
-        + " | ".join(f"{k} ({protocol})" for k in keys_shown)
-        + " | n records | kinds |",
+        "| Group | " + " | ".join(f"{k} ({protocol})" for k in keys_shown) + " | n records | kinds |",
         "|" + " --- |" * (len(keys_shown) + 3),
     ]
     rows = [("all", metrics)] + list((metrics.get("by_dataset") or {}).items())
