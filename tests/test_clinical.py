@@ -19,6 +19,7 @@ from m3d_lit.evaluation.closed import closed_scores, rate_intervals, rates
 from m3d_lit.evaluation.metrics import compute_metrics, tokenize
 from m3d_lit.evaluation.open_findings import OpenFindings, open_scores, parse_open
 from m3d_lit.evaluation.report_clinical import roc_points
+from m3d_lit.evaluation.score import format_open
 from m3d_lit.evaluation.score import main as score_main
 from m3d_lit.evaluation.scoring import _bleu_counts, corpus_bleu_from_counts
 
@@ -200,6 +201,9 @@ def test_open_scores_hand_case():
         {"id": "E:s", "kind": "seg", "answer": "It is [SEG].", "prediction": "It is [SEG]."},
     ]  # fmt: skip
     got = open_scores(records, patient_weights(["A", "B", "C", "D", "E"], 200, seed=0))
+    table = format_open({"open_findings": got}).splitlines()
+    assert table[4].split() == ["SDH", "4", "1", "0.667", "1.000", "0.667"]
+    assert table[-1].split() == ["side", "accuracy", "2", "-", "0.500"]
     assert got["n"] == 4
     sdh = got["types"]["SDH"]  # truth A; predicted A, B: tp 1, fp 1, tn 2
     assert (sdh["sensitivity"], sdh["specificity"], sdh["f1"]) == (1.0, 2 / 3, pytest.approx(2 / 3))

@@ -136,7 +136,8 @@ def _plot_roc(groups: list[tuple[str, str, dict[str, Any]]], records: list[dict]
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for label, fpr, tpr in curves:
-        ax.plot(fpr, tpr, drawstyle="steps-post", label=label if len(label) <= 70 else label[:67] + "...")
+        # straight segments between thresholds: tied scores count half, as in the AUROC
+        ax.plot(fpr, tpr, label=label if len(label) <= 70 else label[:67] + "...")
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="chance")
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - specificity", ylabel="sensitivity")
     ax.set_title("Closed findings: ROC from p_yes", fontsize=10)

@@ -23,6 +23,7 @@ __all__ = [
     "add_protocol_options",
     "protocol_options",
     "format_closed",
+    "format_open",
     "format_table",
     "main",
     "read_predictions",
@@ -149,6 +150,22 @@ def format_closed(metrics: dict[str, Any]) -> str:
     return "\n".join(lines + notes)
 
 
+def format_open(metrics: dict[str, Any]) -> str:
+    """A plain-text table of the open hemorrhage question read as findings: per type, and side accuracy."""
+    found = metrics.get("open_findings")
+    if not found:
+        return ""
+    lines = [f"{'open question finding':<24}{'n':>5}{'present':>9}{'F1':>8}{'sens':>8}{'spec':>8}"]
+    for key, row in found["types"].items():
+        lines.append(
+            f"{key:<24}{row['n']:>5}{row['positives']:>9}{_number(row['f1']):>8}"
+            f"{_number(row['sensitivity']):>8}{_number(row['specificity']):>8}"
+        )
+    side = found["side"]
+    lines.append(f"{'side accuracy':<24}{side['n']:>5}{'-':>9}{_number(side['accuracy']):>8}")
+    return "\n".join(lines)
+
+
 def add_protocol_options(parser: argparse.ArgumentParser) -> None:
     """`--protocol`, `--bootstrap` and `--seed`, shared by `score`, `eval` and `bench`."""
     parser.add_argument(
@@ -209,9 +226,9 @@ def main(argv: list[str]) -> int:
     metrics = compute_metrics(records, args.protocol, **options)
     print(f"{args.predictions}: {metrics['n']} samples, protocol {metrics['protocol']}")
     print(format_table(metrics))
-    closed = format_closed(metrics)
-    if closed:
-        print(f"\n{closed}")
+    for table in (format_closed(metrics), format_open(metrics)):
+        if table:
+            print(f"\n{table}")
     if args.out is not None:
         write_json(args.out, metrics)
         print(f"wrote {args.out}")
