@@ -82,10 +82,13 @@ def atomic_output(path: Path) -> Iterator[Path]:
 
 def metric_definitions(protocol: str = "m3d") -> list[str]:
     """How each metric is computed, in words, with library and WordNet versions (for the report)."""
-    wordnet = require_wordnet().get_version()
     lines = [f"Text metrics follow the `{protocol}` protocol (`--protocol`); each name says so."]
+    return lines + _text_definitions(protocol, require_wordnet().get_version()) + _other_definitions()
+
+
+def _text_definitions(protocol: str, wordnet: str) -> list[str]:
     if protocol == "m3d":
-        lines += [
+        return [
             "`m3d` is M3D's own `Bench/eval/eval_vqa.py`: each sample scored alone (texts stripped), then the "
             "mean over samples.",
             "BLEU-n (m3d): Hugging Face `evaluate`'s `bleu` with `max_order=n`: sacrebleu "
@@ -102,21 +105,23 @@ def metric_definitions(protocol: str = "m3d") -> list[str]:
             "the local model's layer-L token vectors (no idf, no rescaling; L = 17 for roberta-large, "
             "`evaluate`'s English default, else the last layer or `--bertscore-layer`).",
         ]
-    else:
-        lines += [
-            "Tokens: the text lowercased, then split by nltk's `TreebankWordTokenizer` "
-            f"(nltk {version('nltk')}).",
-            "BLEU-n (corpus) (`bleu1`..`bleu4`): corpus-level BLEU over all samples of the group, uniform "
-            "weights 1/n up to n-grams, no smoothing, nltk `corpus_bleu` on those tokens.",
-            "Sentence BLEU-n (corpus) (`bleu1_sent`..`bleu4_sent`): mean over samples of nltk `sentence_bleu`, "
-            "uniform weights up to n, `SmoothingFunction().method1` (epsilon 0.1 for zero n-gram counts).",
-            "ROUGE-1/2/L (corpus): mean over samples of the F1 of Google's `rouge-score` "
-            f"{version('rouge-score')} (`RougeScorer(use_stemmer=True)`, its own lowercasing, "
-            "alphanumeric tokenizer and Porter stemmer) on the raw prediction and reference strings.",
-            f"METEOR (corpus): mean over samples of nltk `meteor_score` on the tokens, WordNet {wordnet} "
-            "synonyms, nltk `PorterStemmer`, alpha 0.9, beta 3, gamma 0.5. Never falls back to exact match.",
-        ]
-    return lines + [
+    return [
+        "Tokens: the text lowercased, then split by nltk's `TreebankWordTokenizer` "
+        f"(nltk {version('nltk')}).",
+        "BLEU-n (corpus) (`bleu1`..`bleu4`): corpus-level BLEU over all samples of the group, uniform "
+        "weights 1/n up to n-grams, no smoothing, nltk `corpus_bleu` on those tokens.",
+        "Sentence BLEU-n (corpus) (`bleu1_sent`..`bleu4_sent`): mean over samples of nltk `sentence_bleu`, "
+        "uniform weights up to n, `SmoothingFunction().method1` (epsilon 0.1 for zero n-gram counts).",
+        "ROUGE-1/2/L (corpus): mean over samples of the F1 of Google's `rouge-score` "
+        f"{version('rouge-score')} (`RougeScorer(use_stemmer=True)`, its own lowercasing, "
+        "alphanumeric tokenizer and Porter stemmer) on the raw prediction and reference strings.",
+        f"METEOR (corpus): mean over samples of nltk `meteor_score` on the tokens, WordNet {wordnet} "
+        "synonyms, nltk `PorterStemmer`, alpha 0.9, beta 3, gamma 0.5. Never falls back to exact match.",
+    ]
+
+
+def _other_definitions() -> list[str]:
+    return [
         "Table 1 rows cover the question-answer records only (per CQ500 scan the open question and the five "
         "closed ones, per PhysioNet patient the open question and the fracture question); segmentation "
         "and box samples are scored in their own tables.",
@@ -193,6 +198,12 @@ def _table1(metrics: dict[str, Any]) -> list[str]:
         f"Paper values: {PAPER_SOURCE}. ROUGE is ROUGE-1 F1, what M3D's `eval_vqa.py` reports; {comparable}. "
         "Brackets: patient-level bootstrap 95% CI. The rows cover the question-answer records only.",
         "",
+    ]
+    return lines + _all_text(metrics, protocol, keys_shown)
+
+
+def _all_text(metrics: dict[str, Any], protocol: str, keys_shown: list[str]) -> list[str]:
+    lines = [
         f"All text metrics ({protocol} protocol), per group:",
         "",
         "| Group | " + " | ".join(f"{k} ({protocol})" for k in keys_shown) + " | n records | kinds |",

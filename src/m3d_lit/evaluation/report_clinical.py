@@ -74,7 +74,7 @@ def closed_section(
     lines = [
         "## Closed findings: AUROC, sensitivity, specificity",
         "",
-        "AUROC ranks the answers by `p_yes`, the model's probability of Yes (see the definitions); "
+        "Records: the closed Yes/No questions (kind `closed`), n per finding and pooled. AUROC ranks the answers by `p_yes`, the model's probability of Yes (see the definitions); "
         "sensitivity and specificity take the answer's first word (an unparsable answer counts as wrong). "
         "Brackets: patient-level bootstrap 95% CI. The published column is not our model: it is "
         f"{CHILAMKURTHY_SOURCE}.",
@@ -155,7 +155,7 @@ def open_section(groups: list[tuple[str, str, dict[str, Any]]]) -> list[str]:
     lines = [
         "## Open question read as findings",
         "",
-        "The types and side each answer names, read by the wording rules that wrote the references "
+        "Records: the open hemorrhage questions (kind `open`), n per row. The types and side each answer names, read by the wording rules that wrote the references "
         "(`m3d_lit.evaluation.open_findings`); ICH = any hemorrhage. Brackets: patient-level bootstrap 95% "
         "CI. The published AUROC (Chilamkurthy et al. 2018, as above) scores a classifier's probability, "
         "not a parsed answer: a reference point only.",

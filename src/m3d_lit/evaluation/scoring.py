@@ -174,6 +174,22 @@ def _summarise(ctx: _Scored, index: list[int], separate: Collection[str], ci: bo
     return result
 
 
+def _by_field(ctx: _Scored, separate: Collection[str]) -> dict[str, Any]:
+    """`by_dataset` (text metrics without `separate` kinds, with intervals) and `by_kind` (each kind's own)."""
+    out = {}
+    for field in ("dataset", "kind"):
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, record in enumerate(ctx.records):
+            if record.get(field) is not None:
+                groups[str(record[field])].append(i)
+        if groups:
+            own = separate if field == "dataset" else ()
+            out[f"by_{field}"] = {
+                name: _summarise(ctx, idx, own, ci=field == "dataset") for name, idx in sorted(groups.items())
+            }
+    return out
+
+
 def compute_metrics(
     records: list[dict],
     protocol: str = "m3d",
@@ -220,16 +236,7 @@ def compute_metrics(
     scores = {key: np.asarray(values, dtype=np.float64) for key, values in raw.items()}
     ctx = _Scored(records, protocol, scores, counts, resamples, seed)
     result = {"protocol": protocol, **_summarise(ctx, list(range(len(records))), separate, ci=True)}
-    for field in ("dataset", "kind"):
-        groups: dict[str, list[int]] = defaultdict(list)
-        for i, record in enumerate(records):
-            if record.get(field) is not None:
-                groups[str(record[field])].append(i)
-        if groups:
-            own = separate if field == "dataset" else ()
-            result[f"by_{field}"] = {
-                name: _summarise(ctx, idx, own, ci=field == "dataset") for name, idx in sorted(groups.items())
-            }
+    result.update(_by_field(ctx, separate))
     if bertscore_model is not None:
         result["bertscore"] = {"model": str(bertscore_model), "layer": bertscore_layer}
     if resamples:
