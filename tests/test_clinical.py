@@ -194,10 +194,10 @@ def test_parse_open_on_free_predictions():
 
 def test_open_scores_hand_case():
     records = [
-        {"id": "A:h", "kind": "open", "answer": "Subdural hemorrhage on the left side.", "prediction": "Subdural hemorrhage on the left side."},
-        {"id": "B:h", "kind": "open", "answer": "Epidural hemorrhage on the right side.", "prediction": "Subdural hemorrhage on the left side."},
-        {"id": "C:h", "kind": "open", "answer": "No intracranial hemorrhage.", "prediction": "Subarachnoid hemorrhage."},
-        {"id": "D:h", "kind": "open", "answer": "No intracranial hemorrhage.", "prediction": "No intracranial hemorrhage."},
+        {"id": "A:h", "kind": "open", "question": phrasing.open_question(True), "answer": "Subdural hemorrhage on the left side.", "prediction": "Subdural hemorrhage on the left side."},
+        {"id": "B:h", "kind": "open", "dataset": "cq500", "answer": "Epidural hemorrhage on the right side.", "prediction": "Subdural hemorrhage on the left side."},
+        {"id": "C:h", "kind": "open", "dataset": "cq500", "answer": "No intracranial hemorrhage.", "prediction": "Subarachnoid hemorrhage."},
+        {"id": "D:h", "kind": "open", "dataset": "cq500", "answer": "No intracranial hemorrhage.", "prediction": "No intracranial hemorrhage."},
         {"id": "E:s", "kind": "seg", "answer": "It is [SEG].", "prediction": "It is [SEG]."},
     ]  # fmt: skip
     got = open_scores(records, patient_weights(["A", "B", "C", "D", "E"], 200, seed=0))
@@ -205,6 +205,14 @@ def test_open_scores_hand_case():
     assert table[4].split() == ["SDH", "4", "1", "0.667", "1.000", "0.667"]
     assert table[-1].split() == ["side", "accuracy", "2", "-", "0.500"]
     assert got["n"] == 4
+    other = {
+        "kind": "open",
+        "dataset": "m3d_vqa",
+        "question": "Which abnormality?",
+        "answer": "A hemorrhage.",
+        "prediction": "x",
+    }
+    assert open_scores([other]) is None  # another dataset's open answer is not this question
     sdh = got["types"]["SDH"]  # truth A; predicted A, B: tp 1, fp 1, tn 2
     assert (sdh["sensitivity"], sdh["specificity"], sdh["f1"]) == (1.0, 2 / 3, pytest.approx(2 / 3))
     edh = got["types"]["EDH"]

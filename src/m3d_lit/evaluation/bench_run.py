@@ -214,7 +214,7 @@ def _cell(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def _results(task: str, entry: dict[str, Any]) -> str:
+def _results(task: str, entry: dict[str, Any], protocol: str) -> str:
     if entry["status"] != "ok":
         return entry["reason"].replace("|", "/").replace("\n", " ")
     if task == "retrieval":
@@ -224,7 +224,11 @@ def _results(task: str, entry: dict[str, Any]) -> str:
             recalls = ", ".join(f"{k.replace('_', ' ')} {_cell(v)}" for k, v in pool.items() if "_R@" in k)
             parts.append(f"pool {key.removeprefix('pool_')}{size}: {recalls}")
         return "; ".join(parts)
-    return ", ".join(f"{k} {_cell(v)}" for k, v in entry["headline"].items())
+    text = ("bleu", "rouge", "meteor", "bertscore")
+    return ", ".join(
+        f"{k} ({protocol}) {_cell(v)}" if k.startswith(text) else f"{k} {_cell(v)}"
+        for k, v in entry["headline"].items()
+    )
 
 
 def report_lines(summary: dict[str, Any]) -> list[str]:
@@ -245,7 +249,7 @@ def report_lines(summary: dict[str, Any]) -> list[str]:
     for task, entry in summary["tasks"].items():
         data = ", ".join(entry.get("datasets", [])) or "-"
         row = [str(names.index(task) + 1), entry["title"], entry["status"], _cell(entry.get("n")), data]
-        lines.append("| " + " | ".join(row + [_results(task, entry)]) + " |")
+        lines.append("| " + " | ".join(row + [_results(task, entry, setup["protocol"])]) + " |")
     lines += [
         "",
         f"Retrieval: recall@k both ways over the first min(pool, available) test pairs, pools {setup['pool_sizes']};"

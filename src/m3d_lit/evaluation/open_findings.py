@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from m3d_lit.data.phrasing import TYPE_NAMES
+from m3d_lit.data.phrasing import OPEN_QUESTIONS, TYPE_NAMES
 from m3d_lit.evaluation.bootstrap import interval, weighted_means
 from m3d_lit.evaluation.closed import rate_intervals, rates
 
@@ -25,6 +25,7 @@ _WORD = {name: re.compile(rf"\b{name}\b") for name in TYPE_NAMES.values()}
 _BLEED = re.compile(r"\b(hemorrhage|haemorrhage|bleed|bleeding)\b")
 _DENIED = re.compile(r"\bno\s+(?:\w+\s+){0,2}?(hemorrhage|haemorrhage|bleed|bleeding)\b")
 CI_KEYS = ("f1", "sensitivity", "specificity")
+_QUESTIONS = {q for options in OPEN_QUESTIONS.values() for q in options}
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,10 @@ def parse_open(text: str) -> OpenFindings:
 
 
 def _is_hemorrhage_answer(record: dict) -> bool:
-    return record.get("kind") == "open" and _BLEED.search(record["answer"].lower()) is not None
+    """The brain-CT open hemorrhage question (by its wording or its dataset), not any open answer that
+    happens to say "hemorrhage" (M3D-VQA's, say)."""
+    ours = record.get("question") in _QUESTIONS or record.get("dataset") in ("cq500", "physionet")
+    return record.get("kind") == "open" and ours and _BLEED.search(record["answer"].lower()) is not None
 
 
 def _detection(truth: np.ndarray, pred: np.ndarray, weights: np.ndarray | None) -> dict[str, Any]:
@@ -66,7 +70,8 @@ def open_scores(records: list[dict], weights: np.ndarray | None = None) -> dict[
     """Per-type detection and side accuracy over the open hemorrhage records; None when there are none.
 
     Args:
-        records: prediction records; those of kind `open` whose reference mentions a hemorrhage count.
+        records: prediction records; the brain-CT open questions whose reference mentions a hemorrhage
+            count (all of them: "No intracranial hemorrhage." too).
         weights: bootstrap weights (resamples x records) for `ci95`, or None.
     """
     index = [i for i, r in enumerate(records) if _is_hemorrhage_answer(r)]
