@@ -6,8 +6,8 @@
 
 Writes OUT/predictions.jsonl (one object per sample; closed Yes/No answers carry `p_yes`, the softmax of
 the first answer token's `Yes` and `No` logits), OUT/metrics.json and OUT/report.md, and the headline
-scores to TensorBoard under OUT/tensorboard at the checkpoint's global step. `--blank-images` replaces every volume with zeros: the control that
-shows whether the answers depend on the scan at all. `--swap-images` gives every question another patient's
+scores to TensorBoard under OUT/tensorboard at the checkpoint's global step. `--blank-images` replaces
+every volume with zeros: the control that shows whether the answers depend on the scan at all. `--swap-images` gives every question another patient's
 scan from the same file, a control that stays among real head CTs (a model that reads the scan drops to
 chance there, while a zero volume may throw it off entirely).
 """
@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from m3d_lit.evaluation.score import add_protocol_options, protocol_options
 
-__all__ = ["generate_records", "main", "write_jsonl"]
+__all__ = ["annotate", "generate_records", "main", "tensorboard_scalars", "write_jsonl", "yes_no_ids"]
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -201,7 +201,7 @@ def tensorboard_scalars(metrics: dict[str, Any]) -> dict[str, float]:
     for name, group in groups:
         for key, value in group.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                text = key.startswith(("bleu", "rouge", "meteor"))
+                text = key.startswith(("bleu", "rouge", "meteor", "bertscore"))
                 out[f"eval/{name}/{key}" + (f"_{protocol}" if text else "")] = float(value)
         for finding, row in (group.get("closed") or {}).items():
             tag = "".join(c if c.isalnum() else "_" for c in finding)
