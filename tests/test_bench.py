@@ -228,6 +228,9 @@ def test_all_eight_tasks_run(setup: dict[str, Path], tmp_path: Path) -> None:
     assert "dice_by_class" in json.loads((tmp_path / "seg" / "metrics.json").read_text())
     report = (tmp_path / "report.md").read_text()
     assert report.count("| ok |") == 8 and "capped at 3" in report
+    assert "bleu1 (m3d) " in report and "meteor (m3d) " in report and summary["setup"]["protocol"] == "m3d"
+    vqa_open = json.loads((tmp_path / "vqa_open" / "metrics.json").read_text())
+    assert vqa_open["protocol"] == "m3d" and vqa_open["n_text"] == 7 and "ci95" in vqa_open
 
 
 @pytest.mark.slow

@@ -19,11 +19,14 @@ def test_quick_demo_runs_every_step(tmp_path: Path, capsys: pytest.CaptureFixtur
             metrics = summary[dataset][variant]
             assert {"bleu1", "bleu4", "rougeL", "meteor"} <= set(metrics)
     assert "balanced_accuracy" in summary["cq500"]["scans"]
+    assert summary["cq500"]["scans"]["protocol"] == "m3d" and "rouge1" in summary["cq500"]["scans"]
+    assert "pooled" in summary["cq500"]["scans"]["closed"]
     assert {"synth", "stage 1", "stage 2", "stage 3", "total"} <= set(summary["seconds"])
     assert (tmp_path / "checkpoints" / "stage3" / "last.ckpt").is_file()
     assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
     out = capsys.readouterr().out
     assert "physionet" in out and "blank" in out and "scans against the controls" in out
+    assert "cq500 pooled closed AUROC: scans " in out and "ROUGE-1" in out
 
 
 class _Stop(Exception):
@@ -48,3 +51,49 @@ def test_rerun_reuses_the_synthetic_scans_of_the_same_plan_and_seed(
     monkeypatch.setattr(demo, "_run", _stop_at_first_step)
     with pytest.raises(_Stop, match=first_step):
         main(["--quick", "--out", str(tmp_path), "--seed", "0"])
+
+
+def _metrics(auroc, ci, balanced, note=None):
+    pooled = (
+        {"auroc": auroc, "ci95": {"auroc": ci}} if auroc is not None else {"auroc": None, "auroc_note": note}
+    )
+    return {"bleu1": 0.5, "rouge1": 0.25, "meteor": 0.125, "balanced_accuracy": balanced,
+            "closed": {"pooled": pooled}}  # fmt: skip
+
+
+def test_table_and_margins_show_pooled_auroc_with_ci_for_scans_and_controls() -> None:
+    from m3d_lit import demo
+
+    summary = {
+        "cq500": {
+            "scans": _metrics(0.9, [0.85, 0.95], 0.75),
+            "blank": _metrics(0.5, [0.4, 0.6], 0.5),
+            "swapped": _metrics(None, None, 0.5, "undefined: every reference is No (3 records)"),
+        },
+        "physionet": {
+            v: {"bleu1": 0.1, "dice": d} for v, d in (("scans", 0.5), ("blank", 0.0), ("swapped", 0.1))
+        },
+    }
+    table = demo._table(summary).splitlines()
+    assert "m3d protocol" in table[0] and "ROUGE-1" in table[1] and "ROUGE-L" not in table[1]
+    assert table[3].split() == [
+        "cq500",
+        "scans",
+        "0.5000",
+        "-",
+        "-",
+        "-",
+        "0.2500",
+        "0.1250",
+        "0.7500",
+        "0.9000",
+        "-",
+    ]
+    margins = demo._margins(summary)
+    assert (
+        "cq500 pooled closed AUROC: scans 0.900 [95% CI 0.850, 0.950]; blank 0.500 [95% CI 0.400, 0.600]; "
+        "swapped undefined: every reference is No (3 records)" in margins
+    )
+    assert (
+        "physionet pooled" not in margins and "physionet dice: scans 0.500; blank 0.000 (+0.500)" in margins
+    )

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from m3d_lit.cli import main
+from m3d_lit.data import phrasing
 
 
 def _eval(checkpoint: Path, data: Path, out: Path, *extra: str) -> list[dict]:
@@ -39,6 +40,58 @@ def test_eval_batched_equals_one_by_one(
     for key in ("bleu1", "bleu4", "rougeL", "meteor", "by_dataset", "by_kind"):
         assert key in metrics
     assert "Table 1" in (tmp_path / "b4" / "report.md").read_text()
+    assert metrics["protocol"] == "m3d" and metrics["setup"]["global_step"] == 2
+    closed = [r for r in single if r["kind"] == "closed"]
+    assert closed and all(0.0 <= r["p_yes"] <= 1.0 for r in closed)
+    assert all("p_yes" not in r for r in single if r["kind"] != "closed")
+    assert {r["finding"] for r in closed} <= set(phrasing.CLOSED_FINDINGS)
+    assert all(r["patient"] == r["id"].rsplit(":", 1)[0] for r in single)
+    assert "pooled" in metrics["closed"] and metrics["closed"]["pooled"]["n_p_yes"] == len(closed)
+    _check_p_yes(stage3_checkpoint, data, closed[0])
+    _check_tensorboard(tmp_path / "b4" / "tensorboard", metrics, step=2)
+
+
+def _check_p_yes(checkpoint: Path, data: Path, record: dict) -> None:
+    """p_yes again, from one plain forward pass over the prompt alone (no cache, no batch)."""
+    import torch
+
+    from m3d_lit.data.collate import LMCollator
+    from m3d_lit.data.datasets import QAJsonlDataset
+    from m3d_lit.evaluation.evaluate import yes_no_ids
+    from m3d_lit.tasks.loading import load_task
+
+    model = load_task(checkpoint)[0].model
+    dataset = QAJsonlDataset(data, img_size=tuple(model.img_size))
+    item = next(dataset[i] for i in range(len(dataset)) if dataset[i]["id"] == record["id"])
+    batch = LMCollator(
+        model.tokenizer, model.num_visual_tokens, model.max_length, model.img_size, generation=True
+    )([item])
+    with torch.no_grad():
+        positions = torch.arange(batch["input_ids"].shape[1])[None]
+        hidden, _ = model.decode(
+            model.embed(batch["images"], batch["input_ids"]), batch["attention_mask"], positions
+        )
+        logits = model.logits(hidden[:, -1]).double()[0]
+    yes, no = yes_no_ids(model.tokenizer)
+    want = float(torch.softmax(logits[[yes, no]], dim=0)[0])
+    # The same float32 network on the same unpadded prompt (measured: identical to the last bit; in a
+    # left-padded batch of 4 the float32 logits round differently and p_yes moves by up to 2e-7).
+    assert record["p_yes"] == pytest.approx(want, abs=1e-6)
+
+
+def _check_tensorboard(folder: Path, metrics: dict, step: int) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = folder.glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"eval/all/bleu1_m3d", "eval/all/meteor_m3d", "eval/all/balanced_accuracy"} <= tags
+    assert "eval/all/closed/pooled/auroc" in tags or metrics["closed"]["pooled"]["auroc"] is None
+    (point,) = acc.Scalars("eval/all/bleu1_m3d")
+    assert point.step == step and point.value == pytest.approx(
+        metrics["bleu1"], rel=1e-6
+    )  # stored as float32
 
 
 @pytest.mark.slow

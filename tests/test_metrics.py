@@ -81,7 +81,7 @@ def _reference(pairs):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_text_metrics_equal_reference_implementations():
-    got = compute_metrics(_records())
+    got = compute_metrics(_records(), "corpus")
     want = _reference(PAIRS)
     for key, value in want.items():
         assert got[key] == pytest.approx(value, abs=1e-9), key
@@ -93,17 +93,17 @@ def test_text_metrics_equal_reference_implementations():
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("pair", PAIRS, ids=range(len(PAIRS)))
 def test_each_pair_alone_equals_reference(pair):
-    got = compute_metrics(_records([pair]))
+    got = compute_metrics(_records([pair]), "corpus")
     for key, value in _reference([pair]).items():
         assert got[key] == pytest.approx(value, abs=1e-9), key
 
 
 def test_exact_match_scores_one_and_empty_prediction_zero():
-    same = compute_metrics(_records([PAIRS[0]]))
+    same = compute_metrics(_records([PAIRS[0]]), "corpus")
     for key in ("bleu1", "bleu4", "bleu4_sent", "rouge1", "rouge2", "rougeL"):
         assert same[key] == pytest.approx(1.0)
     assert same["meteor"] > 0.99  # METEOR's fragmentation penalty keeps it just below 1
-    empty = compute_metrics(_records([PAIRS[1]]))
+    empty = compute_metrics(_records([PAIRS[1]]), "corpus")
     for key in ("bleu1", "bleu1_sent", "rouge1", "meteor"):
         assert empty[key] == 0.0
 
@@ -187,18 +187,22 @@ def test_groups_closed_and_segmentation_keys():
         {"prediction": "It is [SEG].", "answer": "It is [SEG].", "kind": "seg", "dataset": "physionet", "dice": 0.5, "iou": 0.25},
         {"prediction": "It is [SEG].", "answer": "It is [SEG].", "kind": "seg", "dataset": "physionet", "dice": 0.7, "iou": 0.45},
     ]  # fmt: skip
-    got = compute_metrics(records)
+    got = compute_metrics(records, "corpus")
     json.dumps(got, allow_nan=False)  # never NaN
     assert set(got["by_dataset"]) == {"cq500", "physionet"}
     assert set(got["by_kind"]) == {"closed", "open", "seg"}
     assert got["n_closed"] == 3 and got["closed_unparsed"] == 1 and got["closed_positives"] == 2
     assert got["accuracy"] == pytest.approx(1 / 3)
     # Whitespace in the question does not split its row.
-    assert set(got["closed_by_question"]) == {"Is there SDH?", "Is there EDH?"}
-    assert got["closed_by_question"]["Is there SDH?"]["accuracy"] == pytest.approx(0.5)
+    assert set(got["closed"]) == {"Is there SDH?", "Is there EDH?", "pooled"}
+    assert got["closed"]["Is there SDH?"]["accuracy"] == pytest.approx(0.5)
+    assert got["closed"]["pooled"]["accuracy"] == pytest.approx(1 / 3)
     assert got["dice"] == pytest.approx(0.6) and got["iou"] == pytest.approx(0.35)
     assert "dice" not in got["by_dataset"]["cq500"] and "accuracy" not in got["by_dataset"]["physionet"]
     assert got["by_kind"]["seg"]["n"] == 2 and got["by_kind"]["seg"]["bleu1"] == pytest.approx(1.0)
+    # Segmentation samples have their own table: the text metrics of all records leave them out.
+    assert got["n_text"] == 4 and got["text_kinds"] == ["closed", "open"]
+    assert got["by_dataset"]["physionet"]["n_text"] == 1 and got["by_dataset"]["physionet"]["n"] == 3
     # An open answer starting with "No" is not a closed question.
     assert "accuracy" not in got["by_kind"]["open"]
 

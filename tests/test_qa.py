@@ -328,3 +328,24 @@ def test_real_physionet_builds_three_samples_per_patient(tmp_path):
         "SDH": 4,
     }
     assert len(read_jsonl(tmp_path / "out" / "reports.jsonl")) == 75
+
+
+def test_physionet_segmentation_sample_is_optional():
+    record = physionet_record({"SDH"}, fracture=0)
+    without = build_physionet_samples("049", record, seg=False)
+    assert [s["kind"] for s in without] == ["open", "closed"]
+    assert without == build_physionet_samples("049", record)[:2]
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason="shared label files absent")
+def test_write_qa_without_physionet_segmentation(tmp_path):
+    (tmp_path / "raw").mkdir()
+    shutil.copy(
+        REAL / "physionet_hemorrhage_diagnosis_raw_ct.csv",
+        tmp_path / "raw" / "hemorrhage_diagnosis_raw_ct.csv",
+    )
+    ids = [f"{n:03d}" for n in range(49, 131) if not 59 <= n <= 65]
+    summary = write_qa("physionet", tmp_path / "raw", tmp_path / "out", ids, seed=1, seg=False)
+    assert sum(summary["samples"].values()) == 2 * 75
+    rows = [r for s in ("train", "val", "test") for r in read_jsonl(tmp_path / "out" / f"qa_{s}.jsonl")]
+    assert sorted({r["kind"] for r in rows}) == ["closed", "open"] and not any("mask" in r for r in rows)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from matplotlib.image import imread
 
+from m3d_lit.data import phrasing
 from m3d_lit.evaluation.metrics import compute_metrics
 from m3d_lit.evaluation.report import PAPER_TABLE1, write_report
 
@@ -40,15 +41,17 @@ def test_table1_rows_beside_paper_values(report):
     paper = PAPER_TABLE1["cq500"]
     assert f"| CQ500 | paper | {paper['bleu1']:.4f} | {paper['bleu2']:.4f}" in text
     ours = metrics["by_dataset"]["cq500"]
-    assert f"| CQ500 | ours, corpus BLEU | {ours['bleu1']:.4f} |" in text
-    assert f"| CQ500 | ours, sentence BLEU | {ours['bleu1_sent']:.4f} |" in text
-    assert f"| {ours['rouge1']:.4f} | {ours['meteor']:.4f} | 4 |" in text
-    assert "| PhysioNet | paper | 0.3958 |" in text
+    low, high = ours["ci95"]["bleu1"]
+    assert f"| CQ500 | ours | {ours['bleu1']:.4f} [{low:.3f}, {high:.3f}] |" in text
+    assert "| BLEU-1 (m3d) |" in text and "| ROUGE-1 (m3d) |" in text and "| meteor (m3d) |" in text
+    assert f"| {ours['meteor']:.4f} [" in text and "| 4 | closed, open |" in text
+    # PhysioNet's only record here is a segmentation sample: no Table 1 row of ours, only the paper's.
+    assert "| PhysioNet | paper | 0.3958 |" in text and "| PhysioNet | ours |" not in text
 
 
 def test_closed_table_has_baselines_and_plot(report):
     out, _, text, metrics = report
-    bleed = metrics["by_dataset"]["cq500"]["closed_by_question"]["Is there a bleed?"]
+    bleed = metrics["by_dataset"]["cq500"]["closed"]["Is there a bleed?"]
     assert bleed["balanced_accuracy"] == 1.0
     assert "| CQ500: Is there a bleed? | 2 | 1 | 1.0000 | 0.5000 | 1.0000 | 0.5000 | 1.0000 | No |" in text
     assert "| **CQ500: all closed** | 3 | 2 | 0.6667 | 0.6667 |" in text
@@ -59,15 +62,22 @@ def test_closed_table_has_baselines_and_plot(report):
 
 def test_segmentation_and_definitions(report):
     _, _, text, _ = report
-    assert "| PhysioNet | 1 | 0.4000 | 0.2500 | 0.3100 |" in text
-    for phrase in (
-        "TreebankWordTokenizer",
-        "corpus_bleu",
-        "method1",
-        "use_stemmer=True",
-        "WordNet 3.0",
-        "PorterStemmer",
-    ):
+    assert (
+        "| PhysioNet | 1 | seg (reference mask non-empty) | 0.4000 [0.400, 0.400] | 0.2500 [0.250, 0.250] |"
+        in text
+    )
+    for phrase in ("13a", "max_order=n", "without stemming", "single_meteor_score", "WordNet 3.0", "Punkt"):
+        assert phrase in text
+
+
+def test_corpus_protocol_report_names_it(tmp_path):
+    metrics = compute_metrics(RECORDS, "corpus", resamples=0)
+    text = write_report(tmp_path, metrics, RECORDS, title="t", examples=0).read_text()
+    ours = metrics["by_dataset"]["cq500"]
+    assert f"| CQ500 | ours | {ours['bleu1']:.4f} | " in text  # no bootstrap, no brackets
+    assert f"| CQ500 | ours, sentence BLEU | {ours['bleu1_sent']:.4f} |" in text
+    assert "| BLEU-1 (corpus) |" in text and "not a like-for-like comparison" in text
+    for phrase in ("TreebankWordTokenizer", "corpus_bleu", "method1", "use_stemmer=True", "PorterStemmer"):
         assert phrase in text
 
 
@@ -97,7 +107,7 @@ def test_open_answer_text_stays_on_one_table_safe_line(tmp_path):
 def test_records_without_dataset_get_an_all_row(tmp_path):
     records = [{"prediction": "yes", "answer": "Yes"}, {"prediction": "no", "answer": "Yes"}]
     text = write_report(tmp_path, compute_metrics(records), records, title="t", examples=0).read_text()
-    assert "| all | ours, corpus BLEU |" in text and "| paper |" not in text
+    assert "| all | ours |" in text and "| paper |" not in text
     assert (
         "| all: (no question) | 2 | 2 |" in text
         and "| **all: all closed** | 2 | 2 | 0.5000 | 1.0000 |" in text
@@ -105,3 +115,33 @@ def test_records_without_dataset_get_an_all_row(tmp_path):
     assert "## Examples" not in text
     with pytest.raises(ValueError, match="examples must be >= 0"):
         write_report(tmp_path, compute_metrics(records), records, title="t", examples=-1)
+
+
+def test_closed_findings_beside_chilamkurthy_with_roc_and_open_findings(tmp_path):
+    def closed(pid, finding, truth, p_yes):
+        answer = phrasing.closed_answer(finding, truth)
+        prediction = "Yes." if p_yes > 0.5 else "No."
+        return {"id": f"{pid}:{finding}", "kind": "closed", "dataset": "cq500", "finding": finding,
+                "question": phrasing.closed_question(finding), "answer": answer, "prediction": prediction, "p_yes": p_yes}  # fmt: skip
+
+    records = [
+        closed("A", "MassEffect", 1, 0.9), closed("B", "MassEffect", 0, 0.2), closed("C", "MassEffect", 1, 0.4),
+        closed("A", "ChronicBleed", 0, 0.3), closed("B", "ChronicBleed", 0, 0.1),
+        {"id": "A:hemorrhage", "kind": "open", "dataset": "cq500", "question": "Is there hemorrhage?",
+         "answer": "Subdural hemorrhage on the left side.", "prediction": "Subdural hemorrhage on the right side."},
+    ]  # fmt: skip
+    metrics = compute_metrics(records, resamples=200)
+    text = write_report(tmp_path, metrics, records, title="t", examples=0).read_text()
+    mass = metrics["by_dataset"]["cq500"]["closed"]["MassEffect"]
+    low, high = mass["ci95"]["auroc"]
+    assert f"| CQ500: MassEffect | 3 | 2 | {mass['auroc']:.3f} [{low:.3f}, {high:.3f}] | 0.92 |" in text
+    assert "| CQ500: ChronicBleed | 2 | 0 | (undefined: every reference is No (2 records)) | - |" in text
+    assert "**CQ500: pooled**" in text and "Chilamkurthy S, et al." in text and "Lancet 2018" in text
+    assert "(closed_roc.png)" in text
+    roc = imread(tmp_path / "closed_roc.png")
+    assert roc.ndim == 3 and roc.shape[0] > 100
+    assert (
+        "| CQ500: SDH | 1 | 1 | 1.000" in text
+        and "| CQ500: side (where the reference names one) | 1 |" in text
+    )
+    assert "nan" not in text.lower()

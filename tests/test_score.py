@@ -29,18 +29,20 @@ def test_score_writes_metrics_and_prints_table(tmp_path, capsys):
         [json.dumps(r) for r in RECORDS[:2]] + [""] + [json.dumps(r) for r in RECORDS[2:]],
     )
     out = tmp_path / "sub" / "metrics.json"
-    assert main([str(preds), "--out", str(out)]) == 0
+    assert main([str(preds), "--out", str(out), "--protocol", "corpus"]) == 0
     written = json.loads(out.read_text())
-    expected = compute_metrics(RECORDS)
-    assert written.keys() == expected.keys()
+    expected = compute_metrics(RECORDS, "corpus")
+    assert written.keys() == expected.keys() and written["protocol"] == "corpus"
     for key in ("bleu1", "bleu4", "bleu2_sent", "rougeL", "meteor", "accuracy", "dice"):
         assert written[key] == pytest.approx(expected[key], abs=1e-12)
+    assert written["ci95"] == expected["ci95"]  # the seeded bootstrap repeats exactly
     assert written["by_dataset"]["physionet"]["dice"] == pytest.approx(0.4)
     assert sorted(p.name for p in out.parent.iterdir()) == ["metrics.json"]  # no temp file left
     printed = capsys.readouterr().out
     assert "4 samples" in printed and "physionet" in printed and "kind:seg" in printed
     assert "Is there a bleed?" in printed  # the closed-question table
-    assert f"{expected['meteor']:.4f}" in printed
+    assert f"{expected['meteor']:.4f}" in printed and "meteor [corpus]" in printed
+    assert "AUROC no p_yes in the records" in printed
 
 
 def test_score_without_out_only_prints(tmp_path, capsys):

@@ -20,7 +20,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("m3d_lit.data.prepare", "raw scans -> cached volumes, QA files and splits"),
     "describe": ("m3d_lit.models.describe", "parameter counts of a preset, without loading weights"),
     "plan": ("m3d_lit.models.plan", "memory and FLOP estimate of a preset on a GPU"),
-    "score": ("m3d_lit.evaluation.score", "score a predictions.jsonl (BLEU, ROUGE, METEOR, closed, Dice)"),
+    "score": (
+        "m3d_lit.evaluation.score",
+        "score a predictions.jsonl (BLEU, ROUGE, METEOR; closed AUROC, open findings, Dice; 95% CIs)",
+    ),
     "eval": ("m3d_lit.evaluation.evaluate", "generate answers for a QA split and write a report"),
     "ask": ("m3d_lit.evaluation.ask", "ask one question about one scan"),
     "embed": (

@@ -8,7 +8,9 @@
    model preset given as command-line overrides, each starting from the previous stage's checkpoint;
 4. `m3d-lit eval` scores both test splits with the scans, with blank scans and with swapped scans (each
    question given another patient's scan): the two controls;
-5. one table compares them; `OUT/summary.json` holds the same figures and the time of each step.
+5. one table compares them (text metrics under the `m3d` protocol, ROUGE-1 as the paper's Table 1, the
+   pooled closed AUROC from `p_yes`), the lines under it give each control's distance and the pooled
+   closed AUROC with its 95% CI; `OUT/summary.json` holds the same figures and the time of each step.
 
 Every step is the command a user would type, printed before it runs. `--quick` is the smoke test that
 `make test` runs: fewer scans and steps, no claim on the margin.
@@ -30,7 +32,12 @@ __all__ = ["DemoPlan", "main"]
 
 REPO = Path(__file__).resolve().parents[2]
 VARIANTS = {"scans": [], "blank": ["--blank-images"], "swapped": ["--swap-images"]}
-TABLE_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "rougeL", "meteor", "balanced_accuracy", "dice")
+PROTOCOL = "m3d"
+# (summary key, column title): the text metrics are the paper's Table 1 columns, scored as M3D scores them
+TABLE_COLUMNS = (
+    ("bleu1", "BLEU-1"), ("bleu2", "BLEU-2"), ("bleu3", "BLEU-3"), ("bleu4", "BLEU-4"), ("rouge1", "ROUGE-1"),
+    ("meteor", "METEOR"), ("balanced_accuracy", "bal.acc"), ("closed_auroc", "AUROC"), ("dice", "Dice"),
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -79,18 +86,39 @@ def _stage(recipe: str, steps: int, batch: int, data: list[Path], mode: str, ext
     ]  # fmt: skip
 
 
+def _pooled(metrics: dict[str, Any]) -> dict[str, Any]:
+    return (metrics.get("closed") or {}).get("pooled") or {}
+
+
+def _value(metrics: dict[str, Any], key: str) -> Any:
+    return _pooled(metrics).get("auroc") if key == "closed_auroc" else metrics.get(key)
+
+
 def _table(summary: dict[str, Any]) -> str:
-    header = f"{'dataset':<10} {'input':<7} " + " ".join(f"{k:>9}" for k in TABLE_KEYS)
-    lines = [header, "-" * len(header)]
+    header = f"{'dataset':<10} {'input':<7} " + " ".join(f"{title:>8}" for _, title in TABLE_COLUMNS)
+    lines = [
+        f"text metrics: {PROTOCOL} protocol (per sample, as M3D's eval_vqa.py) on the question-answer "
+        "records; AUROC: pooled closed questions, from p_yes",
+        header,
+        "-" * len(header),
+    ]
     for dataset in ("cq500", "physionet"):
         for variant in VARIANTS:
             metrics = summary[dataset][variant]
             cells = []
-            for key in TABLE_KEYS:
-                value = metrics.get(key)
-                cells.append(f"{value:>9.4f}" if isinstance(value, (int, float)) else f"{'-':>9}")
+            for key, _ in TABLE_COLUMNS:
+                value = _value(metrics, key)
+                cells.append(f"{value:>8.4f}" if isinstance(value, (int, float)) else f"{'-':>8}")
             lines.append(f"{dataset:<10} {variant:<7} " + " ".join(cells))
     return "\n".join(lines)
+
+
+def _auroc_text(metrics: dict[str, Any]) -> str:
+    pooled = _pooled(metrics)
+    if pooled.get("auroc") is None:
+        return pooled.get("auroc_note", "no closed questions")
+    ci = (pooled.get("ci95") or {}).get("auroc")
+    return f"{pooled['auroc']:.3f}" + (f" [95% CI {ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
 def _margins(summary: dict[str, Any]) -> str:
@@ -106,6 +134,10 @@ def _margins(summary: dict[str, Any]) -> str:
             if isinstance(summary[dataset][variant].get(key), (int, float))
         )
         lines.append(f"{dataset} {key}: scans {scans:.3f}; {gaps}")
+    for dataset in ("cq500", "physionet"):
+        if _pooled(summary[dataset]["scans"]):
+            runs = "; ".join(f"{variant} {_auroc_text(summary[dataset][variant])}" for variant in VARIANTS)
+            lines.append(f"{dataset} pooled closed AUROC: {runs}")
     return "scans against the controls (scans minus control in brackets):\n  " + "\n  ".join(lines)
 
 
@@ -163,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             limit = [] if plan.eval_limit is None else ["--limit", str(plan.eval_limit)]
             _run(f"eval {name} {variant}", [*m3d, "eval", "--checkpoint", str(checkpoint), "--data",
                                             str(data / name / "qa_test.jsonl"), "--out", str(folder),
-                                            *flag, *limit], out, seconds)  # fmt: skip
+                                            "--protocol", PROTOCOL, *flag, *limit], out, seconds)  # fmt: skip
             summary[name][variant] = json.loads((folder / "metrics.json").read_text())
     seconds["total"] = round(time.perf_counter() - total, 1)
     summary["seconds"] = seconds

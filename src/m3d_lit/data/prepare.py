@@ -361,6 +361,13 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--strict", action="store_true", help="stop at the first scan that cannot be read")
     ap.add_argument("--seed", type=int, default=0, help="seed of the QA splits")
     ap.add_argument("--series-list", type=Path, help="cq500: file of '<scan>/<series path>' lines")
+    ap.add_argument(
+        "--seg",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="physionet: also write each patient's segmentation question (stage 3 trains [SEG] on it; "
+        "it is scored by Dice on its own, never with the text metrics)",
+    )
     return ap
 
 
@@ -379,5 +386,5 @@ def main(argv: list[str]) -> int:
         raise InputError(args.root, "no scan could be prepared; see skipped.csv for the reasons")
     from m3d_lit.data.qa import write_qa  # written in parallel with this module; imported only when needed
 
-    write_qa(args.dataset, args.root, args.out, result.ids, args.seed)
+    write_qa(args.dataset, args.root, args.out, result.ids, args.seed, seg=args.seg)
     return 0

@@ -9,6 +9,7 @@ reader -> {finding: 0/1} for the same findings.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -98,13 +99,19 @@ def build_cq500_samples(name: str, record: Mapping, rng: random.Random | None = 
     return samples
 
 
-def build_physionet_samples(pid: str, record: Mapping, rng: random.Random | None = None) -> list[dict]:
-    """An open hemorrhage question, a closed fracture question and a segmentation sample for one patient.
+def build_physionet_samples(
+    pid: str, record: Mapping, rng: random.Random | None = None, seg: bool = True
+) -> list[dict]:
+    """An open hemorrhage question, a closed fracture question and (with `seg`) a segmentation sample.
+
+    The first two are the paper's QA records for a PhysioNet patient; the segmentation sample trains the
+    `[SEG]` path (stage 3) and is scored on its own (Dice), never with the text metrics.
 
     Args:
         pid: the 3-digit patient id, e.g. "049" (also the image and mask file stem).
         record: a `read_physionet_labels` record.
         rng: picks the paraphrases (training); None gives the canonical wording.
+        seg: add the segmentation sample.
     """
     findings = physionet_findings(record)
     hemorrhage = {k: findings[k] for k in ("ICH", *phrasing.HEMORRHAGE_TYPES)}
@@ -113,15 +120,17 @@ def build_physionet_samples(pid: str, record: Mapping, rng: random.Random | None
         phrasing.closed_question("Fracture", rng),
         phrasing.closed_answer("Fracture", findings["Fracture"], rng),
     )
-    seg_qa = (phrasing.seg_question(rng), phrasing.seg_answer(findings["ICH"], rng))
-    seg = _sample("physionet", pid, "segment", "seg", *seg_qa, {"ICH": findings["ICH"]})
-    # Negatives carry their (empty) mask too, so training also learns to predict nothing.
-    seg["mask"] = f"masks/{pid}.npy"
-    return [
+    samples = [
         _sample("physionet", pid, "hemorrhage", "open", *open_qa, hemorrhage),
         _sample("physionet", pid, "Fracture", "closed", *fracture_qa, {"Fracture": findings["Fracture"]}),
-        seg,
     ]
+    if not seg:
+        return samples
+    seg_qa = (phrasing.seg_question(rng), phrasing.seg_answer(findings["ICH"], rng))
+    segment = _sample("physionet", pid, "segment", "seg", *seg_qa, {"ICH": findings["ICH"]})
+    # Negatives carry their (empty) mask too, so training also learns to predict nothing.
+    segment["mask"] = f"masks/{pid}.npy"
+    return samples + [segment]
 
 
 def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
@@ -274,6 +283,7 @@ def write_qa(
     ids: list[str],
     seed: int = 0,
     fractions: Sequence[float] = (0.7, 0.1, 0.2),
+    seg: bool = True,
 ) -> dict:
     """Write `qa_{train,val,test}.jsonl`, `splits.json` and `reports.jsonl` into `out_dir`.
 
@@ -284,6 +294,7 @@ def write_qa(
         ids: the prepared ids; only those with labels get questions, the others are warned about.
         seed: picks the training paraphrases and the first split; later runs reuse `splits.json`.
         fractions: train, val, test shares of patients for the first split.
+        seg: PhysioNet only: write each patient's segmentation sample too.
 
     Returns:
         {"samples": {split: n}, "patients": {split: n}, "unlabeled": [...], "unprepared": [...]}.
@@ -291,7 +302,7 @@ def write_qa(
     raw_root, out_dir = Path(raw_root), Path(out_dir)
     label_path, records = _load_labels(dataset, raw_root)
     findings = cq500_findings if dataset == "cq500" else physionet_findings
-    build = build_cq500_samples if dataset == "cq500" else build_physionet_samples
+    build = build_cq500_samples if dataset == "cq500" else functools.partial(build_physionet_samples, seg=seg)
     prepared = set(ids)
     usable = sorted(prepared & set(records))
     unlabeled, unprepared = sorted(prepared - set(records)), sorted(set(records) - prepared)

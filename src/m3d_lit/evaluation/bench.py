@@ -3,6 +3,7 @@
     m3d-lit bench --checkpoint checkpoints/stage3/last.ckpt [--clip-checkpoint checkpoints/stage1/last.ckpt]
                   [--tasks all|retrieval,report,...|1,2,...] --out runs/bench
                   [--data data/M3D-Data data/cq500 data/physionet] [--judge /models/judge] [--limit N]
+                  [--protocol m3d|corpus] [--bootstrap 1000] [--seed 0] [--bertscore-model DIR]
 
 `--data` folders are M3D-Data folders (`M3D_Cap_npy/`, `M3D_VQA/`, `M3D_Seg_npy/`, as `m3d-lit synth
 --m3d-data` writes them) or `m3d-lit prepare` outputs (`qa_test.jsonl`, `reports.jsonl`). The tasks:
@@ -35,6 +36,7 @@ from typing import Any
 import torch
 
 from m3d_lit.errors import InputError
+from m3d_lit.evaluation.score import add_protocol_options, protocol_options
 
 __all__ = ["POOL_SIZES", "TASKS", "BenchData", "find_data", "main"]
 
@@ -192,6 +194,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--limit", type=int, help="only the first N samples of each task")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_protocol_options(ap)
     return ap
 
 
@@ -219,7 +222,9 @@ def main(argv: list[str]) -> int:
     """Entry point of `m3d-lit bench`."""
     from m3d_lit.evaluation.bench_run import Runner
 
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    args.scoring = protocol_options(parser, args)
     if args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
         raise ValueError(
             f"--batch-size {args.batch_size}, --max-new-tokens {args.max_new_tokens} and --limit {args.limit} must be >= 1"

@@ -182,7 +182,8 @@ class Runner:
             return scores.seg_metrics(predictions, group=lambda r: r["id"].split("/", 3)[3])
         if task == "refseg":
             return scores.seg_metrics(predictions)
-        metrics = compute_metrics(predictions)
+        # each task is one kind of record: its text metrics cover all of them
+        metrics = compute_metrics(predictions, self.args.protocol, separate=(), **self.args.scoring)
         if task == "reg":
             metrics.update(scores.reg_name_metrics(predictions))
         return metrics
@@ -209,6 +210,7 @@ class Runner:
             "limit": self.args.limit,
             "max_new_tokens": self.args.max_new_tokens,
             "pool_sizes": list(POOL_SIZES),
+            "protocol": self.args.protocol,
         }
         summary = {"setup": setup, "tasks": {t: {"title": TASKS[t], **self.results[t]} for t in tasks}}
         self.args.out.mkdir(parents=True, exist_ok=True)
@@ -223,7 +225,7 @@ def _cell(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def _results(task: str, entry: dict[str, Any]) -> str:
+def _results(task: str, entry: dict[str, Any], protocol: str) -> str:
     if entry["status"] != "ok":
         return entry["reason"].replace("|", "/").replace("\n", " ")
     if task == "retrieval":
@@ -233,7 +235,11 @@ def _results(task: str, entry: dict[str, Any]) -> str:
             recalls = ", ".join(f"{k.replace('_', ' ')} {_cell(v)}" for k, v in pool.items() if "_R@" in k)
             parts.append(f"pool {key.removeprefix('pool_')}{size}: {recalls}")
         return "; ".join(parts)
-    return ", ".join(f"{k} {_cell(v)}" for k, v in entry["headline"].items())
+    text = ("bleu", "rouge", "meteor", "bertscore")
+    return ", ".join(
+        f"{k} ({protocol}) {_cell(v)}" if k.startswith(text) else f"{k} {_cell(v)}"
+        for k, v in entry["headline"].items()
+    )
 
 
 def report_lines(summary: dict[str, Any]) -> list[str]:
@@ -254,12 +260,12 @@ def report_lines(summary: dict[str, Any]) -> list[str]:
     for task, entry in summary["tasks"].items():
         data = ", ".join(entry.get("datasets", [])) or "-"
         row = [str(names.index(task) + 1), entry["title"], entry["status"], _cell(entry.get("n")), data]
-        lines.append("| " + " | ".join(row + [_results(task, entry)]) + " |")
+        lines.append("| " + " | ".join(row + [_results(task, entry, setup["protocol"])]) + " |")
     lines += [
         "",
         f"Retrieval: recall@k both ways over the first min(pool, available) test pairs, pools {setup['pool_sizes']};"
         " a pool smaller than asked is marked capped (recall@k with k >= pool size is 1 by definition).",
-        "Text metrics as in `m3d-lit eval`'s report; closed VQA: the chosen letter (or the one choice named)"
+        f"Text metrics under the `{setup['protocol']}` protocol, as in `m3d-lit eval`'s report; closed VQA: the chosen letter (or the one choice named)"
         " against the reference, by question type in vqa_closed/metrics.json; REC: IoU of the first box;"
         " Dice over samples with a non-empty mask (negative_seg_rate: [SEG] produced where there is nothing).",
         "Each task's predictions.jsonl and full metrics.json are in its folder.",

@@ -3,12 +3,15 @@
     m3d-lit eval --checkpoint checkpoints/stage3/last.ckpt --data data/cq500/qa_test.jsonl --out runs/eval
                  [--batch-size 8] [--blank-images | --swap-images] [--save-masks] [--max-new-tokens 64]
                  [--device cpu|cuda] [--dtype auto|float32|bfloat16|float64]
+                 [--protocol m3d|corpus] [--bootstrap 1000] [--seed 0] [--bertscore-model DIR]
 
-Writes OUT/predictions.jsonl (one object per sample), OUT/metrics.json and OUT/report.md, and the metrics
-to TensorBoard under OUT/tensorboard. `--save-masks` writes each predicted mask to OUT/masks/<id>.nii.gz
-in the source scan's geometry (shape and affine of the NIfTI or DICOM series that `prepare` read, as its
-manifest records), so it lies over the original file in a viewer; its path goes in the prediction's
-`mask_file`. Volumes without a recorded geometry (M3D-Data `.npy`) keep the model grid. `--blank-images` replaces every volume with zeros: the control that
+Writes OUT/predictions.jsonl (one object per sample; closed Yes/No answers carry `p_yes`, the softmax of
+the first answer token's `Yes` and `No` logits), OUT/metrics.json and OUT/report.md, and the headline
+scores to TensorBoard under OUT/tensorboard at the checkpoint's global step. `--save-masks` writes each
+predicted mask to OUT/masks/<id>.nii.gz in the source scan's geometry (shape and affine of the NIfTI or
+DICOM series that `prepare` read, as its manifest records), so it lies over the original file in a viewer;
+its path goes in the prediction's `mask_file`. Volumes without a recorded geometry (M3D-Data `.npy`) keep
+the model grid. `--blank-images` replaces every volume with zeros: the control that
 shows whether the answers depend on the scan at all. `--swap-images` gives every question another patient's
 scan from the same file, a control that stays among real head CTs (a model that reads the scan drops to
 chance there, while a zero volume may throw it off entirely).
@@ -28,7 +31,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-__all__ = ["MaskSaver", "generate_records", "main", "write_jsonl"]
+from m3d_lit.evaluation.score import add_protocol_options, protocol_options
+
+__all__ = [
+    "MaskSaver", "annotate", "generate_records", "main", "tensorboard_scalars", "write_jsonl", "yes_no_ids",
+]  # fmt: skip
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -53,6 +60,14 @@ def _seg_scores(seg_logits: torch.Tensor | None, mask: torch.Tensor | None) -> d
     return {"produced_seg": seg_logits is not None, "dice": float(dice), "iou": float(iou)}
 
 
+def yes_no_ids(tokenizer: Any) -> tuple[int, int]:
+    """The first token of an answer starting with `Yes`, and of one starting with `No`."""
+    yes, no = (tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in ("Yes", "No"))
+    if yes == no:
+        raise ValueError(f"the tokenizer starts 'Yes' and 'No' with the same token ({yes})")
+    return yes, no
+
+
 @torch.no_grad()
 def generate_records(
     model: torch.nn.Module,
@@ -63,9 +78,14 @@ def generate_records(
 ) -> Iterator[dict[str, Any]]:
     """Generate an answer per sample (greedy, batched) and yield one prediction record per sample.
 
-    `save_mask(record, seg_logits)`, when given, is called for every sample that produced `[SEG]`; the
-    path it returns goes in the record's `mask_file`.
+    A closed Yes/No question's record also holds `p_yes`: P(Yes) / (P(Yes) + P(No)) of the first
+    answer token, from the logits the greedy answer starts from. `save_mask(record, seg_logits)`, when
+    given, is called for every sample that produced `[SEG]`; the path it returns goes in the record's
+    `mask_file`.
     """
+    from m3d_lit.evaluation.closed import parse_closed
+
+    yes, no = yes_no_ids(model.tokenizer)
     for batch in loader:
         out = model.generate(
             batch["images"].to(device),
@@ -82,6 +102,9 @@ def generate_records(
                 "answer": batch["answers"][i],
                 "prediction": text.strip(),
             }
+            if record["kind"] == "closed" and parse_closed(record["answer"]) is not None:
+                pair = out["first_logits"][i, [yes, no]].double()
+                record["p_yes"] = float(torch.softmax(pair, dim=0)[0])
             if record["kind"] == "seg":
                 mask = batch["masks"][i] if bool(batch["seg_flags"][i]) else None
                 record.update(_seg_scores(out["seg_logits"][i], mask))
@@ -151,7 +174,20 @@ def _parser() -> argparse.ArgumentParser:
         "decoding independent of how a machine orders its sums (exact comparisons, e.g. batch sizes)",
     )
     parser.add_argument("--workers", type=int, default=0, help="data loader workers")
+    add_protocol_options(parser)
     return parser
+
+
+def annotate(records: list[dict[str, Any]], data: Path) -> None:
+    """Add each record's `patient` (bootstrap unit) and, for closed questions, its `finding` (the
+    question key of its `qid`), from the QA file's lines."""
+    lines = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+    by_qid = {str(obj.get("qid") or obj.get("id")): obj for obj in lines if isinstance(obj, dict)}
+    for record in records:
+        source = by_qid.get(record["id"], {})
+        record["patient"] = str(source.get("patient") or source.get("id") or record["id"])
+        if record["kind"] == "closed" and ":" in str(source.get("qid", "")):
+            record["finding"] = source["qid"].rsplit(":", 1)[1]
 
 
 def main(argv: list[str]) -> int:
@@ -162,11 +198,13 @@ def main(argv: list[str]) -> int:
     from m3d_lit.evaluation.score import write_json
     from m3d_lit.tasks.loading import load_task
 
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    options = protocol_options(parser, args)
     if args.batch_size < 1:
-        raise SystemExit("m3d-lit eval: --batch-size must be at least 1")
+        parser.error("--batch-size must be at least 1")
     device = torch.device(args.device)
-    task, _ = load_task(args.checkpoint, device=str(device))
+    task, saved = load_task(args.checkpoint, device=str(device))
     model = task.model
     model.to(DTYPES[args.dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32))
     img_size = tuple(model.img_size)
@@ -188,7 +226,8 @@ def main(argv: list[str]) -> int:
         for record in generate_records(model, loader, args.max_new_tokens, device, save_mask):
             records.append(record)
             bar.update(1)
-    metrics = compute_metrics(records)
+    annotate(records, args.data)
+    metrics = compute_metrics(records, args.protocol, **options)
     metrics["setup"] = {
         "checkpoint": str(args.checkpoint),
         "data": str(args.data),
@@ -198,6 +237,8 @@ def main(argv: list[str]) -> int:
         "max_new_tokens": args.max_new_tokens,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "save_masks": args.save_masks,
+        "global_step": saved.get("global_step"),
+        "p_yes": "softmax of the first answer token's Yes and No logits",
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_jsonl(args.out / "predictions.jsonl", records)
@@ -210,15 +251,36 @@ def main(argv: list[str]) -> int:
         title=f"{args.data} ({label})",
         images=lambda record: dataset[position[record["id"]]]["image"],
     )
-    _to_tensorboard(args.out / "tensorboard", metrics)
+    _to_tensorboard(args.out / "tensorboard", metrics, saved.get("global_step") or 0)
     print(f"wrote {args.out / 'predictions.jsonl'}, metrics.json and report.md")
     return 0
 
 
-def _to_tensorboard(folder: Path, metrics: dict[str, Any]) -> None:
+def tensorboard_scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """The report's headline numbers as TensorBoard tags: text metrics (tagged with the protocol), closed
+    AUROC/sensitivity/specificity/balanced accuracy per finding and pooled, open-question F1 per type,
+    Dice; for all records and per dataset."""
+    out: dict[str, float] = {}
+    protocol = metrics.get("protocol", "m3d")
+    groups = [("all", metrics)] + list((metrics.get("by_dataset") or {}).items())
+    for name, group in groups:
+        for key, value in group.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                text = key.startswith(("bleu", "rouge", "meteor", "bertscore"))
+                out[f"eval/{name}/{key}" + (f"_{protocol}" if text else "")] = float(value)
+        for finding, row in (group.get("closed") or {}).items():
+            tag = "".join(c if c.isalnum() else "_" for c in finding)
+            for key in ("auroc", "sensitivity", "specificity", "balanced_accuracy"):
+                if row.get(key) is not None:
+                    out[f"eval/{name}/closed/{tag}/{key}"] = float(row[key])
+        for key, row in ((group.get("open_findings") or {}).get("types") or {}).items():
+            out[f"eval/{name}/open/{key}/f1"] = float(row["f1"])
+    return out
+
+
+def _to_tensorboard(folder: Path, metrics: dict[str, Any], step: int) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(folder)) as writer:
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                writer.add_scalar(f"eval/{key}", value, 0)
+        for tag, value in tensorboard_scalars(metrics).items():
+            writer.add_scalar(tag, value, step)

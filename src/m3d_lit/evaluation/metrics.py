@@ -1,9 +1,12 @@
 """Offline answer metrics: BLEU-1..4, ROUGE, METEOR, closed Yes/No scores, Dice/IoU.
 
-One definition, shared by `m3d-lit score`, `m3d-lit eval` and the report (which states it in words).
-Text metrics are nltk's and Google's `rouge-score` reference implementations called on the same
-tokens, so values equal theirs; the speed comes from computing each sample once and caching the
-tokenizer, scorer, stemmer and WordNet look-ups, never from re-implementing the formulas.
+One definition, shared by `m3d-lit score`, `m3d-lit eval`, `m3d-lit bench` and the report (which states
+it in words). Two text protocols: `m3d` (per sample as M3D's own evaluation, `m3d_protocol.py`) and
+`corpus` (this module: corpus-level BLEU, smoothed sentence BLEU, ROUGE with stemming, METEOR). Both
+call nltk's and Google's `rouge-score` reference implementations, so values equal theirs; the speed
+comes from computing each sample once and caching the tokenizer, scorer, stemmer and WordNet
+look-ups, never from re-implementing the formulas. `compute_metrics` (groups, clinical scores and
+bootstrap intervals) lives in `scoring.py`.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import re
 import sys
 import warnings
 from collections import defaultdict
@@ -22,22 +24,24 @@ from typing import Any
 import numpy as np
 
 from m3d_lit.errors import InputError
+from m3d_lit.evaluation.closed import closed_metrics, parse_closed
 
 __all__ = [
     "WordNetMissingError",
     "closed_metrics",
     "compute_metrics",
+    "corpus_bleu",
     "dice_iou",
     "nltk_data_dirs",
     "parse_closed",
     "require_wordnet",
+    "meteor_tools",
     "sample_scores",
     "tokenize",
 ]
 
 BLEU_WEIGHTS = [tuple([1.0 / n] * n) for n in range(1, 5)]
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
-_CLOSED = re.compile(r"^\W*(yes|no)\b", re.IGNORECASE)
 _WORDNET_VERSION = "3.0"
 
 
@@ -174,14 +178,6 @@ def _tokens(text: str) -> tuple[str, ...]:
     return tuple(_scorers()[0].tokenize(text.lower()))
 
 
-def parse_closed(text: str) -> int | None:
-    """1 for an answer starting with Yes, 0 for No (any case, leading punctuation/space), else None."""
-    match = _CLOSED.match(text or "")
-    if match is None:
-        return None
-    return 1 if match.group(1).lower() == "yes" else 0
-
-
 def _to_numpy(array: Any) -> np.ndarray:
     if hasattr(array, "detach"):
         tensor = array.detach().cpu()
@@ -226,8 +222,8 @@ def sample_scores(predictions: Sequence[str], answers: Sequence[str]) -> dict[st
 
     if len(predictions) != len(answers):
         raise ValueError(f"{len(predictions)} predictions but {len(answers)} answers")
-    wordnet = _CachedWordNet(require_wordnet())
-    _, rouge, stemmer = _scorers()
+    wordnet, stemmer = meteor_tools()
+    rouge = _scorers()[1]
     smooth = SmoothingFunction().method1
     out: dict[str, list[float]] = defaultdict(list)
     for pred, ans in zip(predictions, answers):
@@ -243,134 +239,25 @@ def sample_scores(predictions: Sequence[str], answers: Sequence[str]) -> dict[st
     return dict(out)
 
 
-def _corpus_bleu(predictions: Iterable[str], answers: Iterable[str]) -> dict[str, float]:
-    from nltk.translate.bleu_score import corpus_bleu
+def meteor_tools() -> tuple[Any, Any]:
+    """nltk's WordNet 3.0 reader and Porter stemmer as METEOR calls them, memoised (same values)."""
+    return _CachedWordNet(require_wordnet()), _scorers()[2]
+
+
+def corpus_bleu(predictions: Iterable[str], answers: Iterable[str]) -> dict[str, float]:
+    """Corpus-level BLEU-1..4 (nltk `corpus_bleu`, uniform weights, no smoothing) on `tokenize`d texts."""
+    from nltk.translate.bleu_score import corpus_bleu as nltk_corpus_bleu
 
     hyps = [tokenize(p) for p in predictions]
     refs = [[tokenize(a)] for a in answers]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        values = corpus_bleu(refs, hyps, weights=BLEU_WEIGHTS)
+        values = nltk_corpus_bleu(refs, hyps, weights=BLEU_WEIGHTS)
     return {f"bleu{n}": float(v) for n, v in enumerate(values, start=1)}
 
 
-def _rates(truth: Sequence[int], pred: Sequence[int]) -> dict[str, float]:
-    tp = sum(t == 1 and p == 1 for t, p in zip(truth, pred))
-    fp = sum(t == 0 and p == 1 for t, p in zip(truth, pred))
-    fn = sum(t == 1 and p == 0 for t, p in zip(truth, pred))
-    tn = len(truth) - tp - fp - fn
-    recalls = [hits / count for hits, count in ((tp, tp + fn), (tn, tn + fp)) if count > 0]
-    return {
-        "accuracy": (tp + tn) / len(truth),
-        # Mean recall over the classes present, as scikit-learn defines it.
-        "balanced_accuracy": sum(recalls) / len(recalls),
-        # No positives at all (true or predicted): F1 is 0/0, reported as 0 like scikit-learn.
-        "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0,
-    }
+def compute_metrics(records: list[dict], protocol: str = "m3d", **options: Any) -> dict[str, Any]:
+    """All metrics of prediction records; see `m3d_lit.evaluation.scoring.compute_metrics`."""
+    from m3d_lit.evaluation.scoring import compute_metrics as compute
 
-
-def closed_metrics(truth: Sequence[int], predicted: Sequence[int | None]) -> dict[str, Any]:
-    """Accuracy, balanced accuracy, F1 (Yes = positive) and the always-majority baseline.
-
-    Args:
-        truth: reference answers, 1 = Yes, 0 = No.
-        predicted: parsed predictions; None (no Yes/No at the start) always counts as wrong.
-    """
-    if len(truth) != len(predicted) or not truth:
-        raise ValueError(
-            f"need equal, non-zero lengths, got {len(truth)} truths, {len(predicted)} predictions"
-        )
-    pred = [1 - t if p is None else p for t, p in zip(truth, predicted)]
-    positives = sum(truth)
-    majority = 1 if positives * 2 > len(truth) else 0  # ties go to No, the usual finding-absent answer
-    baseline = _rates(truth, [majority] * len(truth))
-    return {
-        "n": len(truth),
-        "positives": positives,
-        "unparsed": sum(p is None for p in predicted),
-        **_rates(truth, pred),
-        "majority_baseline": {
-            "answer": "Yes" if majority else "No",
-            "accuracy": baseline["accuracy"],
-            "balanced_accuracy": baseline["balanced_accuracy"],
-        },
-    }
-
-
-def _is_closed(record: dict) -> bool:
-    return record.get("kind") in (None, "closed") and parse_closed(record["answer"]) is not None
-
-
-def _summarise(records: list[dict], scores: dict[str, list[float]], index: list[int]) -> dict[str, Any]:
-    """Every key for one group of records (given by their positions in the scored list)."""
-    chosen = [records[i] for i in index]
-    result: dict[str, Any] = {"n": len(chosen)}
-    result.update(_corpus_bleu([r["prediction"] for r in chosen], [r["answer"] for r in chosen]))
-    for key, values in scores.items():
-        result[key] = math.fsum(values[i] for i in index) / len(index)
-    closed = [r for r in chosen if _is_closed(r)]
-    if closed:
-        overall = closed_metrics(
-            [parse_closed(r["answer"]) for r in closed], [parse_closed(r["prediction"]) for r in closed]
-        )
-        result["n_closed"] = overall.pop("n")
-        result["closed_positives"] = overall.pop("positives")
-        result["closed_unparsed"] = overall.pop("unparsed")
-        result.update(overall)
-        result["closed_by_question"] = _by_question(closed)
-    seg = [r for r in chosen if r.get("dice") is not None]
-    if seg:
-        result["n_seg"] = len(seg)
-        result["dice"] = math.fsum(float(r["dice"]) for r in seg) / len(seg)
-        result["iou"] = math.fsum(float(r["iou"]) for r in seg) / len(seg)
-    return result
-
-
-def _by_question(closed: list[dict]) -> dict[str, dict[str, Any]]:
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for record in closed:
-        groups[" ".join(str(record.get("question") or "(no question)").split())].append(record)
-    return {
-        question: closed_metrics(
-            [parse_closed(r["answer"]) for r in group], [parse_closed(r["prediction"]) for r in group]
-        )
-        for question, group in sorted(groups.items())
-    }
-
-
-def _check(records: list[dict]) -> None:
-    if not records:
-        raise ValueError("compute_metrics needs at least one record, got none")
-    for i, record in enumerate(records):
-        for key in ("prediction", "answer"):
-            if not isinstance(record.get(key), str):
-                raise ValueError(f"record {i} needs a string {key!r}, got {record.get(key)!r}")
-        if (record.get("dice") is None) != (record.get("iou") is None):
-            raise ValueError(f"record {i} has only one of 'dice' and 'iou'")
-        for key in ("dice", "iou"):
-            if record.get(key) is not None and not math.isfinite(float(record[key])):
-                raise ValueError(f"record {i} has a non-finite {key!r}: {record[key]!r}")
-
-
-def compute_metrics(records: list[dict]) -> dict[str, Any]:
-    """All metrics for all records, plus the same keys per `dataset` and per `kind` (when given).
-
-    Records need `prediction` and `answer` strings; optional `kind`, `question`, `dataset`. Text
-    metrics cover every record. Closed metrics cover records whose reference starts with Yes/No
-    (and whose `kind`, if given, is "closed"), one table per normalised question text.
-    Segmentation samples carry per-sample `dice` and `iou` (computed by the caller with `dice_iou`,
-    since masks do not travel in predictions.jsonl). Keys that do not apply are absent; no NaN.
-    """
-    _check(records)
-    scores = sample_scores([r["prediction"] for r in records], [r["answer"] for r in records])
-    result = _summarise(records, scores, list(range(len(records))))
-    for field in ("dataset", "kind"):
-        groups: dict[str, list[int]] = defaultdict(list)
-        for i, record in enumerate(records):
-            if record.get(field) is not None:
-                groups[str(record[field])].append(i)
-        if groups:
-            result[f"by_{field}"] = {
-                name: _summarise(records, scores, idx) for name, idx in sorted(groups.items())
-            }
-    return result
+    return compute(records, protocol, **options)

@@ -1,8 +1,10 @@
 """`report.md`: the evaluation in the layout of the paper's Table 1, for people to read.
 
-Sections: text metrics per dataset beside the published values, closed Yes/No questions beside the
-always-majority baseline (with a PNG of per-question balanced accuracy), segmentation Dice, a few
-examples with the middle axial slice, and how every metric is computed.
+Sections: the Table 1 rows (question-answer records only) per dataset beside the published values,
+every text metric per group, closed findings with AUROC beside Chilamkurthy et al. 2018 (ROC curves and
+per-question balanced accuracy as PNGs), the open question read as findings, segmentation Dice in its
+own table, a few examples with the middle axial slice, and how every metric is computed. Each table
+says how many records and which kinds it covers; brackets hold patient-level bootstrap 95% CIs.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from m3d_lit.evaluation.closed import POOLED
 from m3d_lit.evaluation.metrics import require_wordnet
+from m3d_lit.evaluation.report_clinical import closed_section, open_section
 
 __all__ = [
     "PAPER_SEG_DICE",
@@ -54,8 +58,12 @@ PAPER_TABLE1: dict[str, dict[str, float]] = {
 PAPER_SEG_SOURCE = "CT-ICH U-Net baseline (Hssayeni et al.), as recorded in shared/FORMATS.md"
 PAPER_SEG_DICE: dict[str, float] = {"physionet": 0.31}
 DATASET_NAMES = {"cq500": "CQ500", "physionet": "PhysioNet"}
-TEXT_KEYS = [f"bleu{n}" for n in range(1, 5)] + [f"bleu{n}_sent" for n in range(1, 5)]
-TEXT_KEYS += ["rouge1", "rouge2", "rougeL", "meteor"]
+TEXT_KEYS = {
+    "m3d": ["bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rougeL", "meteor"],
+    "corpus": [f"bleu{n}" for n in range(1, 5)]
+    + [f"bleu{n}_sent" for n in range(1, 5)]
+    + ["rouge1", "rouge2", "rougeL", "meteor"],
+}
 PLOT_NAME = "closed_balanced_accuracy.png"
 
 
@@ -72,26 +80,61 @@ def atomic_output(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def metric_definitions() -> list[str]:
+def metric_definitions(protocol: str = "m3d") -> list[str]:
     """How each metric is computed, in words, with library and WordNet versions (for the report)."""
-    wordnet = require_wordnet().get_version()
+    lines = [f"Text metrics follow the `{protocol}` protocol (`--protocol`); each name says so."]
+    return lines + _text_definitions(protocol, require_wordnet().get_version()) + _other_definitions()
+
+
+def _text_definitions(protocol: str, wordnet: str) -> list[str]:
+    if protocol == "m3d":
+        return [
+            "`m3d` is M3D's own `Bench/eval/eval_vqa.py`: each sample scored alone (texts stripped), then the "
+            "mean over samples.",
+            "BLEU-n (m3d): Hugging Face `evaluate`'s `bleu` with `max_order=n`: sacrebleu "
+            f"{version('sacrebleu')}'s 13a tokens (case kept), modified n-gram precision of orders 1..n, "
+            "uniform weights, no smoothing (0 when an order has no match), brevity penalty exp(1 - r/c) "
+            "when c < r; an empty prediction or reference scores 0 (where `evaluate` divides by zero).",
+            f"ROUGE-1 and ROUGE-L (m3d): F-measure of `rouge-score` {version('rouge-score')} without "
+            "stemming (its lowercasing, alphanumeric tokens).",
+            f"METEOR (m3d): nltk {version('nltk')} `single_meteor_score`, alpha 0.9, beta 3, gamma 0.5, "
+            f"Porter stemmer, WordNet {wordnet}, on `word_tokenize`'s two steps with an untrained Punkt "
+            "sentence splitter (nltk's English model is not installable offline); the same tokens for every "
+            "text with at most one sentence-final mark.",
+            "BERTScore F1 (m3d, only with `--bertscore-model DIR`): `bert_score`'s greedy cosine matching of "
+            "the local model's layer-L token vectors (no idf, no rescaling; L = 17 for roberta-large, "
+            "`evaluate`'s English default, else the last layer or `--bertscore-layer`).",
+        ]
     return [
         "Tokens: the text lowercased, then split by nltk's `TreebankWordTokenizer` "
         f"(nltk {version('nltk')}).",
-        "BLEU-n (`bleu1`..`bleu4`): corpus-level BLEU over all samples of the group, uniform weights "
-        "1/n up to n-grams, no smoothing, nltk `corpus_bleu` on those tokens.",
-        "Sentence BLEU-n (`bleu1_sent`..`bleu4_sent`): mean over samples of nltk `sentence_bleu`, uniform "
-        "weights up to n, `SmoothingFunction().method1` (epsilon 0.1 for zero n-gram counts).",
-        "ROUGE-1/2/L: mean over samples of the F1 of Google's `rouge-score` "
+        "BLEU-n (corpus) (`bleu1`..`bleu4`): corpus-level BLEU over all samples of the group, uniform "
+        "weights 1/n up to n-grams, no smoothing, nltk `corpus_bleu` on those tokens.",
+        "Sentence BLEU-n (corpus) (`bleu1_sent`..`bleu4_sent`): mean over samples of nltk `sentence_bleu`, "
+        "uniform weights up to n, `SmoothingFunction().method1` (epsilon 0.1 for zero n-gram counts).",
+        "ROUGE-1/2/L (corpus): mean over samples of the F1 of Google's `rouge-score` "
         f"{version('rouge-score')} (`RougeScorer(use_stemmer=True)`, its own lowercasing, "
         "alphanumeric tokenizer and Porter stemmer) on the raw prediction and reference strings.",
-        f"METEOR: mean over samples of nltk `meteor_score` on the tokens, WordNet {wordnet} synonyms, "
-        "nltk `PorterStemmer`, alpha 0.9, beta 3, gamma 0.5. Never falls back to exact match.",
+        f"METEOR (corpus): mean over samples of nltk `meteor_score` on the tokens, WordNet {wordnet} "
+        "synonyms, nltk `PorterStemmer`, alpha 0.9, beta 3, gamma 0.5. Never falls back to exact match.",
+    ]
+
+
+def _other_definitions() -> list[str]:
+    return [
+        "Table 1 rows cover the question-answer records only (per CQ500 scan the open question and the five "
+        "closed ones, per PhysioNet patient the open question and the fracture question); segmentation "
+        "and box samples are scored in their own tables.",
         "Closed questions: samples whose reference starts with Yes/No (kind `closed` when given). "
         "A prediction counts as Yes/No by its first word (case, spaces and punctuation ignored); "
-        "any other prediction counts as wrong. F1 takes Yes as positive (0 when there are no "
-        "positives at all). Balanced accuracy = mean recall over the classes present. The majority "
-        "baseline always answers the group's most frequent reference (ties: No).",
+        "any other prediction counts as wrong. Yes is positive: sensitivity, specificity, F1 (0 when "
+        "there are no positives at all); balanced accuracy = mean recall over the classes present. The "
+        "majority baseline always answers the group's most frequent reference (ties: No). AUROC ranks "
+        "`p_yes` (ties count half); with a single class it is undefined and reported as such.",
+        "`p_yes` (from `m3d-lit eval`): softmax over the two logits of the answer's first token, `Yes` "
+        "against `No`, at the first generated position (the same forward pass as the greedy answer).",
+        "Confidence intervals: 2.5th-97.5th percentile over bootstrap resamples of patients (all records "
+        "of a drawn patient, as often as drawn), seeded; `metrics.json` `bootstrap` gives the count and seed.",
         "Segmentation: per sample, mask = sigmoid(logits) > 0.5; Dice = 2|P&T|/(|P|+|T|), "
         "IoU = |P&T|/|P or T| (both 1 when both masks are empty); the table shows means over samples.",
     ]
@@ -109,9 +152,23 @@ def _groups(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return list(by_dataset.items()) or [("all", metrics)]
 
 
+def _with_ci(group: dict[str, Any], key: str, ci_key: str = "ci95") -> str:
+    value, ci = group.get(key), (group.get(ci_key) or {}).get(key)
+    return _fmt(value) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if value is not None and ci else "")
+
+
+def _text_row(label: str, source: str, group: dict[str, Any], keys: list[str]) -> str:
+    cells = [_with_ci(group, k) for k in keys] + [str(group["n_text"]), ", ".join(group["text_kinds"])]
+    return f"| {label} | {source} | " + " | ".join(cells) + " |"
+
+
 def _table1(metrics: dict[str, Any]) -> list[str]:
-    head = "| Dataset | Source | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | ROUGE | METEOR | n |"
-    lines = ["## Open-ended answers (layout of the paper's Table 1)", "", head, "|" + " --- |" * 9]
+    protocol = metrics.get("protocol", "m3d")
+    keys_shown = TEXT_KEYS[protocol] + (["bertscore_f1"] if "bertscore_f1" in metrics else [])
+    names = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-1", "METEOR"]
+    keys = ["bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "meteor"]
+    head = "| Dataset | Source | " + " | ".join(f"{n} ({protocol})" for n in names) + " | n records | kinds |"
+    lines = ["## Question answering: the rows of the paper's Table 1", "", head, "|" + " --- |" * 10]
     for name, group in _groups(metrics):
         label = DATASET_NAMES.get(name, name)
         paper = PAPER_TABLE1.get(name)
@@ -119,44 +176,60 @@ def _table1(metrics: dict[str, Any]) -> list[str]:
             values = " | ".join(
                 _fmt(paper[k]) for k in ("bleu1", "bleu2", "bleu3", "bleu4", "rouge", "meteor")
             )
-            lines.append(f"| {label} | paper | {values} | - |")
-        for source, suffix in (("ours, corpus BLEU", ""), ("ours, sentence BLEU", "_sent")):
-            bleus = " | ".join(_fmt(group[f"bleu{n}{suffix}"]) for n in range(1, 5))
-            tail = f"{_fmt(group['rouge1'])} | {_fmt(group['meteor'])} | {group['n']}"
-            lines.append(f"| {label} | {source} | {bleus} | {tail} |")
+            lines.append(f"| {label} | paper | {values} | - | open, closed |")
+        if "n_text" not in group:
+            continue
+        lines.append(_text_row(label, "ours", group, keys))
+        if protocol == "corpus":
+            lines.append(
+                _text_row(
+                    label, "ours, sentence BLEU", group, [f"bleu{n}_sent" for n in range(1, 5)] + keys[4:]
+                )
+            )
+    comparable = (
+        "the `m3d` protocol scores as the paper's evaluation code does, so the rows compare like for like "
+        "(up to the METEOR tokenizer note below)"
+        if protocol == "m3d"
+        else "the `corpus` protocol is not how the paper scored (use `--protocol m3d` for that): its rows are "
+        "a reference point, not a like-for-like comparison"
+    )
     lines += [
         "",
-        f"Paper values: {PAPER_SOURCE}. ROUGE here is ROUGE-1 F1. The paper's evaluation scored one "
-        "sample at a time with other tokenizers, so its numbers are a reference point, not an exact "
-        "like-for-like comparison; sentence BLEU is the closer analogue of a per-sample average.",
+        f"Paper values: {PAPER_SOURCE}. ROUGE is ROUGE-1 F1, what M3D's `eval_vqa.py` reports; {comparable}. "
+        "Brackets: patient-level bootstrap 95% CI. The rows cover the question-answer records only.",
         "",
-        "All text metrics, per group:",
+    ]
+    return lines + _all_text(metrics, protocol, keys_shown)
+
+
+def _all_text(metrics: dict[str, Any], protocol: str, keys_shown: list[str]) -> list[str]:
+    lines = [
+        f"All text metrics ({protocol} protocol), per group:",
         "",
-        "| Group | " + " | ".join(TEXT_KEYS) + " | n |",
-        "|" + " --- |" * (len(TEXT_KEYS) + 2),
+        "| Group | " + " | ".join(f"{k} ({protocol})" for k in keys_shown) + " | n records | kinds |",
+        "|" + " --- |" * (len(keys_shown) + 3),
     ]
     rows = [("all", metrics)] + list((metrics.get("by_dataset") or {}).items())
     rows += [(f"kind: {k}", g) for k, g in (metrics.get("by_kind") or {}).items()]
     for name, group in rows:
-        lines.append(
-            f"| {name} | " + " | ".join(_fmt(group.get(k)) for k in TEXT_KEYS) + f" | {group['n']} |"
-        )
+        if "n_text" in group:
+            cells = [_fmt(group.get(k)) for k in keys_shown] + [
+                str(group["n_text"]),
+                ", ".join(group["text_kinds"]),
+            ]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 
-def _closed_row(label: str, n: int, positives: int, row: dict[str, Any]) -> str:
-    base = row["majority_baseline"]
-    cells = [n, positives, row["accuracy"], base["accuracy"]]
-    cells += [row["balanced_accuracy"], base["balanced_accuracy"], row["f1"], base["answer"]]
-    return f"| {label} | " + " | ".join(c if isinstance(c, str) else _fmt(c) for c in cells) + " |"
-
-
-def _closed(metrics: dict[str, Any], out_dir: Path) -> list[str]:
-    groups = [(name, g) for name, g in _groups(metrics) if "closed_by_question" in g]
+def _closed(metrics: dict[str, Any], records: list[dict], out_dir: Path) -> list[str]:
+    groups = [(name, g) for name, g in _groups(metrics) if "closed" in g]
     if not groups:
         return []
-    lines = [
-        "## Closed Yes/No questions",
+    labelled = [(DATASET_NAMES.get(name, name), name, g) for name, g in groups]
+    lines = closed_section(labelled, records, out_dir)
+    lines += [
+        "",
+        "### Closed Yes/No answers beside the always-majority baseline",
         "",
         "Accuracy alone misleads on rare findings: each score stands beside the baseline that always "
         "gives the majority answer. An answer not starting with Yes/No counts as wrong "
@@ -168,13 +241,21 @@ def _closed(metrics: dict[str, Any], out_dir: Path) -> list[str]:
     ]
     for name, group in groups:
         prefix = DATASET_NAMES.get(name, name)
-        for question, row in group["closed_by_question"].items():
-            lines.append(_closed_row(f"{prefix}: {question}", row["n"], row["positives"], row))
+        for question, row in group["closed"].items():
+            if question != POOLED:
+                lines.append(_closed_row(f"{prefix}: {question}", row["n"], row["positives"], row))
         total = f"**{prefix}: all closed**"
         lines.append(_closed_row(total, group["n_closed"], group["closed_positives"], group))
     _plot_closed(groups, out_dir / PLOT_NAME)
     lines += ["", f"![balanced accuracy per question]({PLOT_NAME})"]
     return lines
+
+
+def _closed_row(label: str, n: int, positives: int, row: dict[str, Any]) -> str:
+    base = row["majority_baseline"]
+    cells = [n, positives, row["accuracy"], base["accuracy"]]
+    cells += [row["balanced_accuracy"], base["balanced_accuracy"], row["f1"], base["answer"]]
+    return f"| {label} | " + " | ".join(c if isinstance(c, str) else _fmt(c) for c in cells) + " |"
 
 
 def _plot_closed(groups: list[tuple[str, dict[str, Any]]], path: Path) -> None:
@@ -183,7 +264,9 @@ def _plot_closed(groups: list[tuple[str, dict[str, Any]]], path: Path) -> None:
 
     labels, values = [], []
     for name, group in groups:
-        for question, row in group["closed_by_question"].items():
+        for question, row in group["closed"].items():
+            if question == POOLED:
+                continue
             text = f"{DATASET_NAMES.get(name, name)}: {question}"
             labels.append(text if len(text) <= 60 else text[:57] + "...")
             values.append(row["balanced_accuracy"])
@@ -207,10 +290,16 @@ def _segmentation(metrics: dict[str, Any]) -> list[str]:
     groups = [(name, g) for name, g in _groups(metrics) if "dice" in g]
     if not groups:
         return []
-    lines = ["## Segmentation", "", "| Dataset | n | Dice | IoU | Published Dice |", "|" + " --- |" * 5]
+    lines = [
+        "## Segmentation (its own records, kept out of the text metrics)",
+        "",
+        "| Dataset | n records | kinds | Dice | IoU | Published Dice |",
+        "|" + " --- |" * 6,
+    ]
     for name, group in groups:
         published = _fmt(PAPER_SEG_DICE.get(name))
-        row = f"{group['n_seg']} | {_fmt(group['dice'])} | {_fmt(group['iou'])} | {published}"
+        dice, iou = _with_ci(group, "dice", "ci95_seg"), _with_ci(group, "iou", "ci95_seg")
+        row = f"{group['n_seg']} | seg (reference mask non-empty) | {dice} | {iou} | {published}"
         lines.append(f"| {DATASET_NAMES.get(name, name)} | {row} |")
     return lines + ["", f"Published Dice: {PAPER_SEG_SOURCE}."]
 
@@ -279,7 +368,7 @@ def write_report(
     """Write `out_dir/report.md` (+ the closed-question plot and example slices); return its path.
 
     Args:
-        out_dir: folder for report.md, closed_balanced_accuracy.png and examples/*.png.
+        out_dir: folder for report.md, closed_roc.png, closed_balanced_accuracy.png and examples/*.png.
         metrics: the dict from `compute_metrics(records)`.
         records: the scored prediction records (examples are drawn from them).
         title: the report's heading, e.g. the checkpoint and data file.
@@ -291,11 +380,14 @@ def write_report(
         raise ValueError(f"examples must be >= 0, got {examples}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = [f"# {title}", "", f"{metrics['n']} samples.", ""]
-    for section in (_table1(metrics), _closed(metrics, out_dir), _segmentation(metrics)):
+    protocol = metrics.get("protocol", "m3d")
+    lines = [f"# {title}", "", f"{metrics['n']} samples; text metrics under the `{protocol}` protocol.", ""]
+    labelled = [(DATASET_NAMES.get(name, name), name, g) for name, g in _groups(metrics)]
+    sections = (_table1(metrics), _closed(metrics, records, out_dir), open_section(labelled))
+    for section in (*sections, _segmentation(metrics)):
         lines += section + ([""] if section else [])
     lines += _examples(records, out_dir, images, examples)
-    lines += ["## How each metric is computed", ""] + [f"- {line}" for line in metric_definitions()]
+    lines += ["## How each metric is computed", ""] + [f"- {line}" for line in metric_definitions(protocol)]
     path = out_dir / "report.md"
     with atomic_output(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")

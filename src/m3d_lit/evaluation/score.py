@@ -1,7 +1,8 @@
-"""`m3d-lit score PREDICTIONS.jsonl [--out metrics.json]`: score any model's answers offline.
+"""`m3d-lit score PREDICTIONS.jsonl [--protocol m3d|corpus] [--out metrics.json]`: score answers offline.
 
 Each line of the file is one JSON object with at least `prediction` and `answer` (strings), and
-optionally `kind`, `question`, `dataset`, and per-sample `dice`/`iou` for segmentation samples.
+optionally `kind`, `question`, `finding`, `dataset`, `patient`, `p_yes` (closed answers: the model's
+probability of Yes, a number in [0, 1]) and per-sample `dice`/`iou` for segmentation samples.
 """
 
 from __future__ import annotations
@@ -13,19 +14,32 @@ from pathlib import Path
 from typing import Any
 
 from m3d_lit.errors import InputError
+from m3d_lit.evaluation.bootstrap import RESAMPLES, SEED
 from m3d_lit.evaluation.metrics import compute_metrics
 from m3d_lit.evaluation.report import atomic_output
+from m3d_lit.evaluation.scoring import PROTOCOLS, check_p_yes
 
-__all__ = ["format_closed", "format_table", "main", "read_predictions", "write_json"]
+__all__ = [
+    "add_protocol_options",
+    "protocol_options",
+    "format_closed",
+    "format_open",
+    "format_table",
+    "main",
+    "read_predictions",
+    "write_json",
+]
 
 ROWS = (
-    ["n"]
+    ["n", "n_text"]
     + [f"bleu{n}" for n in range(1, 5)]
     + [f"bleu{n}_sent" for n in range(1, 5)]
-    + ["rouge1", "rouge2", "rougeL", "meteor"]
-    + ["n_closed", "closed_positives", "closed_unparsed", "accuracy", "balanced_accuracy", "f1"]
-    + ["majority_accuracy", "majority_balanced_accuracy", "n_seg", "dice", "iou"]
+    + ["rouge1", "rouge2", "rougeL", "meteor", "bertscore_f1"]
+    + ["n_closed", "closed_positives", "closed_unparsed", "accuracy", "sensitivity", "specificity"]
+    + ["balanced_accuracy", "f1", "majority_accuracy", "majority_balanced_accuracy", "n_seg", "dice", "iou"]
 )
+TEXT_ROWS = {f"bleu{n}" for n in range(1, 5)} | {f"bleu{n}_sent" for n in range(1, 5)}
+TEXT_ROWS |= {"rouge1", "rouge2", "rougeL", "meteor", "bertscore_f1"}
 
 
 def read_predictions(path: Path) -> list[dict[str, Any]]:
@@ -67,7 +81,7 @@ def _problem(record: Any) -> str | None:
             isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
         ):
             return f"{key!r} must be a finite number, got {value!r}"
-    return None
+    return check_p_yes(record.get("p_yes"))
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -88,50 +102,133 @@ def _cell(group: dict[str, Any], row: str) -> str:
 
 
 def format_table(metrics: dict[str, Any]) -> str:
-    """A plain-text table: one row per metric, one column for all samples and each dataset and kind."""
+    """A plain-text table: one row per metric, one column for all samples and each dataset and kind.
+
+    Text metrics carry the protocol's name (`bleu1 [m3d]`)."""
     columns = [("all", metrics)]
     columns += [(name, group) for name, group in metrics.get("by_dataset", {}).items()]
     columns += [(f"kind:{name}", group) for name, group in metrics.get("by_kind", {}).items()]
     width = max(12, *(len(name) + 2 for name, _ in columns))
+    protocol = metrics.get("protocol")
     lines = [f"{'metric':<28}" + "".join(f"{name:>{width}}" for name, _ in columns)]
     for row in ROWS:
         cells = [_cell(group, row) for _, group in columns]
+        label = f"{row} [{protocol}]" if protocol and row in TEXT_ROWS else row
         if any(cell != "-" for cell in cells):
-            lines.append(f"{row:<28}" + "".join(f"{cell:>{width}}" for cell in cells))
+            lines.append(f"{label:<28}" + "".join(f"{cell:>{width}}" for cell in cells))
     return "\n".join(lines)
+
+
+def _number(value: Any, ci: list[float] | None = None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
 def format_closed(metrics: dict[str, Any]) -> str:
-    """A plain-text table of the closed Yes/No questions, each beside its always-majority baseline."""
-    table = metrics.get("closed_by_question", {})
+    """A plain-text table of the closed findings and the pooled row: AUROC (95% CI), sensitivity,
+    specificity and balanced accuracy beside the always-majority baseline's."""
+    table = metrics.get("closed", {})
     if not table:
         return ""
-    head = f"{'closed question':<60}{'n':>6}{'yes':>6}{'acc':>8}{'maj acc':>9}{'bal acc':>9}{'f1':>8}"
-    lines = [head]
-    for question, row in table.items():
-        label = question if len(question) <= 58 else question[:55] + "..."
+    head = (
+        f"{'closed finding':<44}{'n':>5}{'yes':>5}{'AUROC [95% CI]':>24}{'sens':>7}{'spec':>7}{'bal acc':>9}"
+    )
+    lines = [head + f"{'maj bal':>9}"]
+    for finding, row in table.items():
+        label = finding if len(finding) <= 42 else finding[:39] + "..."
+        ci = row.get("ci95", {})
+        auroc = _number(row["auroc"], ci.get("auroc")) if row["auroc"] is not None else "undefined"
         lines.append(
-            f"{label:<60}{row['n']:>6}{row['positives']:>6}{row['accuracy']:>8.4f}"
-            f"{row['majority_baseline']['accuracy']:>9.4f}{row['balanced_accuracy']:>9.4f}{row['f1']:>8.4f}"
+            f"{label:<44}{row['n']:>5}{row['positives']:>5}{auroc:>24}{_number(row['sensitivity']):>7}"
+            f"{_number(row['specificity']):>7}{row['balanced_accuracy']:>9.3f}"
+            f"{row['majority_baseline']['balanced_accuracy']:>9.3f}"
         )
+    notes = sorted(
+        {f"{name}: AUROC {row['auroc_note']}" for name, row in table.items() if "auroc_note" in row}
+    )
+    return "\n".join(lines + notes)
+
+
+def format_open(metrics: dict[str, Any]) -> str:
+    """A plain-text table of the open hemorrhage question read as findings: per type, and side accuracy."""
+    found = metrics.get("open_findings")
+    if not found:
+        return ""
+    lines = [f"{'open question finding':<24}{'n':>5}{'present':>9}{'F1':>8}{'sens':>8}{'spec':>8}"]
+    for key, row in found["types"].items():
+        lines.append(
+            f"{key:<24}{row['n']:>5}{row['positives']:>9}{_number(row['f1']):>8}"
+            f"{_number(row['sensitivity']):>8}{_number(row['specificity']):>8}"
+        )
+    side = found["side"]
+    lines.append(f"{'side accuracy':<24}{side['n']:>5}{'-':>9}{_number(side['accuracy']):>8}")
     return "\n".join(lines)
+
+
+def add_protocol_options(parser: argparse.ArgumentParser) -> None:
+    """`--protocol`, `--bootstrap` and `--seed`, shared by `score`, `eval` and `bench`."""
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="m3d",
+        help="text metrics: m3d (per sample, as M3D's eval_vqa.py; default) or corpus (corpus BLEU, "
+        "sentence BLEU, stemmed ROUGE)",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=RESAMPLES,
+        help="patient-level bootstrap resamples for 95%% CIs (0: none)",
+    )
+    parser.add_argument("--seed", type=int, default=SEED, help="the bootstrap's seed")
+    parser.add_argument(
+        "--bertscore-model",
+        type=Path,
+        default=None,
+        help="m3d protocol: a local model directory (roberta-large for M3D's setting) to add BERTScore F1",
+    )
+    parser.add_argument(
+        "--bertscore-layer",
+        type=int,
+        default=None,
+        help="its hidden layer (default 17 for roberta-large, else the last)",
+    )
+
+
+def protocol_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """The `compute_metrics` keywords of the options `add_protocol_options` adds, checked."""
+    if args.bootstrap < 0:
+        parser.error(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    if args.bertscore_model is not None and args.protocol != "m3d":
+        parser.error("--bertscore-model belongs to --protocol m3d")
+    return {
+        "resamples": args.bootstrap,
+        "seed": args.seed,
+        "bertscore_model": None if args.bertscore_model is None else str(args.bertscore_model),
+        "bertscore_layer": args.bertscore_layer,
+    }
 
 
 def main(argv: list[str]) -> int:
     """Score a predictions file, print the table, optionally write metrics.json."""
     parser = argparse.ArgumentParser(
         prog="m3d-lit score",
-        description="Score a predictions .jsonl (BLEU-1..4, ROUGE, METEOR, closed Yes/No, Dice/IoU) offline.",
+        description="Score a predictions .jsonl (BLEU-1..4, ROUGE, METEOR, closed Yes/No with AUROC, open "
+        "findings, Dice/IoU) offline.",
     )
     parser.add_argument("predictions", type=Path, help="jsonl: one object per line with prediction, answer")
     parser.add_argument("--out", type=Path, default=None, help="write all metrics to this JSON file")
+    add_protocol_options(parser)
     args = parser.parse_args(argv)
-    metrics = compute_metrics(read_predictions(args.predictions))
-    print(f"{args.predictions}: {metrics['n']} samples")
+    options = protocol_options(parser, args)
+    records = read_predictions(args.predictions)
+    metrics = compute_metrics(records, args.protocol, **options)
+    print(f"{args.predictions}: {metrics['n']} samples, protocol {metrics['protocol']}")
     print(format_table(metrics))
-    closed = format_closed(metrics)
-    if closed:
-        print(f"\n{closed}")
+    for table in (format_closed(metrics), format_open(metrics)):
+        if table:
+            print(f"\n{table}")
     if args.out is not None:
         write_json(args.out, metrics)
         print(f"wrote {args.out}")

@@ -280,9 +280,10 @@ class LamedModel(nn.Module):
         of `stop_ids`).
 
         Returns `texts` (answers without special tokens except `[SEG]`/box tokens), `ids` (the new
-        token ids of each row up to and including its stop token) and `seg_logits` (1 x D x H x W mask
-        logits per row that produced `[SEG]`, else None). A `[SEG]` that is the first new token gets
-        its mask too (M3D-LaMed's own `generate` returns none there).
+        token ids of each row up to and including its stop token), `seg_logits` (1 x D x H x W mask
+        logits per row that produced `[SEG]`, else None; a `[SEG]` that is the first new token gets its
+        mask too, where M3D-LaMed's own `generate` returns none) and `first_logits` (B x V logits, at
+        least float32, of the first answer token, e.g. to score Yes against No).
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens {max_new_tokens} must be >= 1")
@@ -299,8 +300,11 @@ class LamedModel(nn.Module):
         done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         seg_hidden: dict[int, list[Tensor]] = {}
         steps: list[Tensor] = []
+        first_logits = None
         for _ in range(max_new_tokens):
-            next_ids = sample_next(at_least_fp32(self.logits(hidden)), do_sample, temperature, top_p)
+            logits = at_least_fp32(self.logits(hidden))
+            first_logits = logits if first_logits is None else first_logits
+            next_ids = sample_next(logits, do_sample, temperature, top_p)
             next_ids = torch.where(done, torch.full_like(next_ids, pad), next_ids)
             for row in ((next_ids == self.seg_id) & ~done).nonzero().flatten().tolist():
                 seg_hidden.setdefault(row, []).append(hidden[row])
@@ -316,7 +320,8 @@ class LamedModel(nn.Module):
             hidden = hidden[:, -1]
         ids = [self._until_stop(row) for row in torch.stack(steps, dim=1).tolist()]
         texts = [self._detokenize(row) for row in ids]
-        return {"texts": texts, "ids": ids, "seg_logits": self._segment_rows(images, seg_hidden, batch)}
+        seg_logits = self._segment_rows(images, seg_hidden, batch)
+        return {"texts": texts, "ids": ids, "seg_logits": seg_logits, "first_logits": first_logits}
 
     def _until_stop(self, ids: list[int]) -> list[int]:
         ends = [i for i, token in enumerate(ids) if token in self.stop_ids]

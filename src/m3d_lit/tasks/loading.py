@@ -233,9 +233,9 @@ def _task_class(path: Path, checkpoint: dict[str, Any]) -> type[BaseTask]:
 
 
 def load_task(path: str | Path, device: str = "cpu") -> tuple[BaseTask, dict[str, Any]]:
-    """The task of a checkpoint with its weights, in eval mode, and the checkpoint's m3d_lit record.
-
-    A directory is read as an official M3D model (`tasks/official.py`).
+    """The task of a checkpoint with its weights, in eval mode, and the checkpoint's m3d_lit record
+    (with the checkpoint's `global_step` added). A directory is read as an official M3D model
+    (`tasks/official.py`).
     """
     path = Path(path)
     if path.is_dir():
@@ -264,4 +264,4 @@ def load_task(path: str | Path, device: str = "cpu") -> tuple[BaseTask, dict[str
             f"{len(result.unexpected_keys)} unexpected weights, e.g. "
             f"{(result.missing_keys or result.unexpected_keys)[:2]}): another preset or a damaged file",
         )
-    return task.to(device).eval(), checkpoint["m3d_lit"]
+    return task.to(device).eval(), {**checkpoint["m3d_lit"], "global_step": checkpoint.get("global_step")}
