@@ -40,7 +40,7 @@ class PreparedScan:
     questions: list[PreparedQuestion] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(eq=False)
 class Scan:
     """One scan of a session.
 
@@ -155,7 +155,9 @@ def load_prepared(key: str, entry: PreparedScan, size) -> Scan:
 
     image = load_volume(entry.image).numpy()
     if tuple(image.shape) != (1, *size):
-        raise InputError(entry.image, f"volume of shape {tuple(image.shape)}, the checkpoint needs {(1, *size)}")
+        raise InputError(
+            entry.image, f"volume of shape {tuple(image.shape)}, the checkpoint needs {(1, *size)}"
+        )
     reference = None
     for line in entry.questions:
         if line.mask is not None:

@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", nargs="*", type=Path, default=[],
                         help="`m3d-lit prepare` folders whose qa_test.jsonl scans the page offers")  # fmt: skip
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: this machine only)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
@@ -80,7 +82,7 @@ def serve(args: argparse.Namespace, workdir: Path) -> None:
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if not args.checkpoint.is_file():
-        raise InputError(args.checkpoint, "does not exist")
+        raise InputError(args.checkpoint, "does not exist (`make demo` writes the demo's; or pass --checkpoint)")
     for folder in args.data:
         if not folder.is_dir():
             raise InputError(folder, "is not a folder (expected an `m3d-lit prepare` output folder)")

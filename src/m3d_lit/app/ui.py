@@ -23,12 +23,19 @@ from m3d_lit.errors import InputError
 
 __all__ = ["Session", "build_app", "focus"]
 
-FALLBACK_QUESTIONS = ("Is there an intracranial hemorrhage?", "Is there a fracture?", "Segment the hemorrhage.")
+FALLBACK_QUESTIONS = (
+    "Is there an intracranial hemorrhage?",
+    "Is there a fracture?",
+    "Segment the hemorrhage.",
+)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Session:
-    """One browser session: its scan, the last predicted mask on the scan's grid and that mask's file."""
+    """One browser session: its scan, the last predicted mask on the scan's grid and that mask's file.
+
+    Compared and hashed by identity: Gradio hashes a session's state to see whether an event changed it.
+    """
 
     scan: Scan | None = None
     predicted: np.ndarray | None = None
@@ -141,7 +148,9 @@ class App:
             session = replace(session, predicted=None, mask_file=None)
         else:
             predicted = (part.seg_logits.float().sigmoid() > 0.5).cpu().numpy().astype(np.uint8)[0]
-            session = replace(session, predicted=predicted, mask_file=self._mask_file(session.scan, part.seg_logits))
+            session = replace(
+                session, predicted=predicted, mask_file=self._mask_file(session.scan, part.seg_logits)
+            )
         at = focus(session.predicted, session.scan.display.shape)
         views = views_html(session.scan, at, preset, {k: k in shown for k in OVERLAYS}, session.predicted)
         yield {**out, "session": session, "views": views, "at": at, "mask": session.mask_file}
@@ -161,7 +170,9 @@ def build_app(engine: Engine, data: list[Path], workdir: Path) -> gr.Blocks:
         gr.Markdown("## m3d-lit: look at a scan, ask about it, see the mask")
         with gr.Row():
             with gr.Column(scale=1):
-                pick = gr.Dropdown(sorted(app.prepared), label="Prepared test scan", elem_id="m3d-prepared")
+                pick = gr.Dropdown(
+                    sorted(app.prepared), value=None, label="Prepared test scan", elem_id="m3d-prepared"
+                )
                 upload = gr.File(label="...or upload a NIfTI, a .zip of a DICOM series or an .npy",
                                  file_types=[".nii", ".gz", ".npy", ".zip"], type="filepath",
                                  elem_id="m3d-upload")  # fmt: skip
@@ -176,14 +187,18 @@ def build_app(engine: Engine, data: list[Path], workdir: Path) -> gr.Blocks:
                     shown = gr.CheckboxGroup(list(OVERLAYS), value=list(OVERLAYS), label="Masks shown",
                                              elem_id="m3d-overlays")  # fmt: skip
         with gr.Row():
-            known = gr.Dropdown(app.questions, label="One of the dataset's questions", elem_id="m3d-known")
+            known = gr.Dropdown(
+                app.questions, value=None, label="One of the dataset's questions", elem_id="m3d-known"
+            )
             question = gr.Textbox(label="Question", elem_id="m3d-question", scale=2)
             blank = gr.Checkbox(label="Also without the image (blank volume)", elem_id="m3d-blank")
             ask = gr.Button("Ask", variant="primary", elem_id="m3d-ask")
         with gr.Row():
             answer = gr.Textbox(label="Answer (with the scan)", elem_id="m3d-answer", interactive=False)
             p_yes = gr.Textbox(label="P(Yes) vs No, first token", elem_id="m3d-pyes", interactive=False)
-            blank_answer = gr.Textbox(label="Answer (blank volume)", elem_id="m3d-answer-blank", interactive=False)
+            blank_answer = gr.Textbox(
+                label="Answer (blank volume)", elem_id="m3d-answer-blank", interactive=False
+            )
             blank_p = gr.Textbox(label="P(Yes), blank volume", elem_id="m3d-pyes-blank", interactive=False)
         status = gr.Markdown(elem_id="m3d-status")
         mask = gr.File(label="Predicted mask (NIfTI)", elem_id="m3d-mask", interactive=False)

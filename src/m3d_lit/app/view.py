@@ -21,7 +21,7 @@ PLANES = ("axial", "coronal", "sagittal")
 PRESETS = ("brain", "subdural", "bone")  # names in `preprocess.WINDOWS`
 OVERLAYS = {"predicted": (255, 40, 40), "reference": (40, 220, 80)}
 ALPHA = 0.45
-WIDTH = 320  # pixels of each view's width in the page
+WIDTH = 240  # pixels of each view's width in the page: three side by side
 
 
 def window(display: np.ndarray, preset: str, hu: bool) -> np.ndarray:
@@ -90,7 +90,7 @@ def views_html(
         figures.append(
             f"<figure style='margin:0 8px 0 0;display:inline-block;vertical-align:top'>"
             f"<img id='m3d-{name}' alt='{name} slice {index}' src='{uri}'/>"
-            f"<figcaption>{name} {index + 1}/{limit + 1}</figcaption></figure>"
+            f"<figcaption>{name} {index} (0-{limit})</figcaption></figure>"
         )
     note = "" if scan.hu else " (values already windowed when prepared: the presets need HU)"
     caption = f"<p id='m3d-scan-name'>{html.escape(scan.name)}{note}</p>"
