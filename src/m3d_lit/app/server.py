@@ -82,7 +82,9 @@ def serve(args: argparse.Namespace, workdir: Path) -> None:
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if not args.checkpoint.is_file():
-        raise InputError(args.checkpoint, "does not exist (`make demo` writes the demo's; or pass --checkpoint)")
+        raise InputError(
+            args.checkpoint, "does not exist (`make demo` writes the demo's; or pass --checkpoint)"
+        )
     for folder in args.data:
         if not folder.is_dir():
             raise InputError(folder, "is not a folder (expected an `m3d-lit prepare` output folder)")
