@@ -108,7 +108,8 @@ def load_upload(path: Path, name: str, size, window: str, workdir: Path) -> Scan
             try:
                 hu, spacing = load_volume(_unzip(path, name, Path(folder)))
             except InputError as err:
-                raise InputError(_inside(err.path, Path(folder), name), err.problem) from None
+                problem = err.problem.replace(str(Path(folder)), name)
+                raise InputError(_inside(err.path, Path(folder), name), problem) from None
             return _from_hu(hu, spacing, size, window, name)
     try:
         if lower.endswith(".npy"):
@@ -118,8 +119,8 @@ def load_upload(path: Path, name: str, size, window: str, workdir: Path) -> Scan
         if lower.endswith((".nii", ".nii.gz")):
             hu, spacing = load_volume(path)
             return _from_hu(hu, spacing, size, window, name)
-    except InputError as err:
-        raise InputError(name, err.problem) from None
+    except InputError as err:  # a reader's own message may quote the temporary path too
+        raise InputError(name, err.problem.replace(str(path), name)) from None
     raise InputError(name, "unknown format (expected .nii, .nii.gz, .npy or a .zip of one DICOM series)")
 
 
