@@ -151,9 +151,12 @@ class App:
             session = replace(
                 session, predicted=predicted, mask_file=self._mask_file(session.scan, part.seg_logits)
             )
-        at = focus(session.predicted, session.scan.display.shape)
-        views = views_html(session.scan, at, preset, {k: k in shown for k in OVERLAYS}, session.predicted)
-        yield {**out, "session": session, "views": views, "at": at, "mask": session.mask_file}
+        if session.predicted is None:  # the slices stay where the reader left them
+            yield {**out, "session": session, "mask": None}
+        else:
+            at = focus(session.predicted, session.scan.display.shape)
+            views = views_html(session.scan, at, preset, {k: k in shown for k in OVERLAYS}, session.predicted)
+            yield {**out, "session": session, "views": views, "at": at, "mask": session.mask_file}
         if blank:
             for part in self.engine.stream(np.zeros_like(session.scan.image), question):
                 out.update(blank=part.text, blank_p_yes=_fmt_p(part.p_yes))
