@@ -17,23 +17,26 @@ EVAL_OUT ?= runs/eval
 CLIP_CKPT ?= checkpoints/stage1/last.ckpt
 BENCH_DATA ?= data/M3D-Data data/cq500 data/physionet
 EXPORT_OUT ?= runs/export
+APP_CKPT ?= runs/demo/checkpoints/stage3/last.ckpt
+APP_DATA ?= runs/demo/data/cq500 runs/demo/data/physionet
 M3D := $(BIN)/m3d-lit
 fit = $(M3D) fit -c stages/$(1).yaml -c $(TRAINER) $(if $(DATA),--data $(DATA)) $(ARGS)
 
-.PHONY: help setup test lint demo stage1 stage2 stage3 eval m3d-bench export bench tensorboard
+.PHONY: help setup test lint demo stage1 stage2 stage3 eval m3d-bench export bench tensorboard app
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml scripts/setup_wordnet.sh
+$(STAMP): pyproject.toml scripts/setup_wordnet.sh scripts/setup_chromium.sh
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,app]'
 	bash scripts/setup_wordnet.sh $(NLTK_DATA)
+	bash scripts/setup_chromium.sh
 	@touch $(STAMP)
 
-setup: $(STAMP)  ## create .venv and install m3d-lit with dev extras and offline WordNet (safe to re-run)
+setup: $(STAMP)  ## create .venv and install m3d-lit with dev and app extras, offline WordNet, Chromium for the app test
 
 test: setup  ## run the test suite (CPU, offline)
 	$(BIN)/pytest -q tests
@@ -64,6 +67,9 @@ export: setup  ## stage-3 checkpoint -> LoRA adapter, weights and a merged HF mo
 
 bench: setup  ## CPU benchmarks -> bench/results.json (not part of make test)
 	$(BIN)/python bench/run_all.py
+
+app: setup  ## the local web app on http://127.0.0.1:7860 (after make demo; APP_CKPT=, APP_DATA=, ARGS="--port N")
+	$(M3D) app --checkpoint $(APP_CKPT) --data $(APP_DATA) $(ARGS)
 
 tensorboard: setup  ## serve the TensorBoard logs under runs/
 	$(BIN)/tensorboard --logdir runs --bind_all

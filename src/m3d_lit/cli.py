@@ -1,7 +1,7 @@
 """The `m3d-lit` command: LightningCLI for training, plain subcommands for everything else.
 
 `m3d-lit fit|validate|test -c stages/<stage>.yaml [--data datamodules/<source>.yaml] [--key value ...]`
-runs a training recipe. `m3d-lit synth|prepare|describe|plan|score|eval|ask|embed ...` dispatch to the
+runs a training recipe. `m3d-lit synth|prepare|describe|plan|score|eval|ask|embed|app ...` dispatch to the
 `main(argv)` of their module, imported only when used so `--help` stays fast.
 """
 
@@ -30,6 +30,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "m3d_lit.evaluation.embed",
         "image and text embeddings + logits (stage-1 checkpoint or M3D-CLIP)",
     ),
+    "app": ("m3d_lit.app.server", "a local web page: look at a scan, ask about it, see the mask"),
     "export": ("m3d_lit.export", "stage-3 checkpoint -> LoRA adapter + weights (--merge: a merged HF model)"),
     "bench": (
         "m3d_lit.evaluation.bench",

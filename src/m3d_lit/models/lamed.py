@@ -8,6 +8,7 @@ stage 1 weights move into stage 2 by prefix.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -275,9 +276,13 @@ class LamedModel(nn.Module):
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        on_step: Callable[[Tensor, Tensor], None] | None = None,
     ) -> dict[str, list]:
         """Batched answers to left-padded prompts, with a KV cache; each row stops at EOS (or another
         of `stop_ids`).
+
+        `on_step`, if given, sees each step's logits (B x V, at least float32) and chosen ids (B; pad once
+        a row is done) as they are made: what streaming an answer or reading its first token's scores needs.
 
         Returns `texts` (answers without special tokens except `[SEG]`/box tokens), `ids` (the new
         token ids of each row up to and including its stop token), `seg_logits` (1 x D x H x W mask
@@ -306,6 +311,8 @@ class LamedModel(nn.Module):
             first_logits = logits if first_logits is None else first_logits
             next_ids = sample_next(logits, do_sample, temperature, top_p)
             next_ids = torch.where(done, torch.full_like(next_ids, pad), next_ids)
+            if on_step is not None:
+                on_step(logits, next_ids)
             for row in ((next_ids == self.seg_id) & ~done).nonzero().flatten().tolist():
                 seg_hidden.setdefault(row, []).append(hidden[row])
             steps.append(next_ids)

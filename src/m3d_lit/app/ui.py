@@ -1,0 +1,231 @@
+"""The page of `m3d-lit app` (Gradio Blocks): load a scan, look at it, ask about it, download the mask.
+
+Each browser session keeps its own `Session` (scan, predicted mask, mask file); the model is shared and
+the ask event runs one at a time (`concurrency_limit=1`), so a second question waits in Gradio's queue.
+"""
+
+from __future__ import annotations
+
+import html
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+
+from m3d_lit.app.engine import Engine, write_mask
+from m3d_lit.app.scans import PreparedScan, Scan, find_prepared, load_prepared, load_upload
+from m3d_lit.app.view import OVERLAYS, PLANES, PRESETS, views_html
+from m3d_lit.errors import InputError
+
+__all__ = ["Session", "build_app", "focus"]
+
+FALLBACK_QUESTIONS = (
+    "Is there an intracranial hemorrhage?",
+    "Is there a fracture?",
+    "Segment the hemorrhage.",
+)
+
+
+@dataclass(frozen=True, eq=False)
+class Session:
+    """One browser session: its scan, the last predicted mask on the scan's grid and that mask's file.
+
+    Compared and hashed by identity: Gradio hashes a session's state to see whether an event changed it.
+    """
+
+    scan: Scan | None = None
+    predicted: np.ndarray | None = None
+    mask_file: Path | None = None
+
+
+def _drop_mask_file(session: Session | None) -> None:
+    if session is not None and session.mask_file is not None:
+        shutil.rmtree(session.mask_file.parent, ignore_errors=True)
+
+
+def focus(mask: np.ndarray | None, shape: tuple[int, ...]) -> dict[str, int]:
+    """Slice per plane through the most voxels of `mask`, or the middle slices without one."""
+    if mask is None or not mask.any():
+        return {name: n // 2 for name, n in zip(PLANES, shape)}
+    sums = {name: mask.sum(axis=tuple(a for a in range(3) if a != axis)) for axis, name in enumerate(PLANES)}
+    return {name: int(np.argmax(values)) for name, values in sums.items()}
+
+
+def _slider_updates(shape: tuple[int, ...], at: dict[str, int]) -> list[dict]:
+    return [gr.update(maximum=n - 1, value=at[name]) for name, n in zip(PLANES, shape)]
+
+
+def _reference_table(scan: Scan) -> str:
+    if not scan.questions:
+        return "Uploaded scan: no reference answers."
+    rows = ["| kind | question | reference answer |", "| --- | --- | --- |"]
+    for line in scan.questions:
+        cells = (html.escape(text).replace("|", "\\|") for text in (line.kind, line.question, line.answer))
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _fmt_p(p_yes: float | None) -> str:
+    return "" if p_yes is None else f"{p_yes:.3f}"
+
+
+class App:
+    """The page's callbacks around one `Engine`, the prepared scans and the app's temporary folder."""
+
+    def __init__(self, engine: Engine, data: list[Path], workdir: Path) -> None:
+        self.engine, self.workdir = engine, workdir
+        self.prepared: dict[str, PreparedScan] = find_prepared(data) if data else {}
+        questions = [q.question for entry in self.prepared.values() for q in entry.questions]
+        self.questions = list(dict.fromkeys(questions)) or list(FALLBACK_QUESTIONS)
+
+    def _loaded(self, session: Session, scan: Scan) -> list:
+        _drop_mask_file(session)
+        at = focus(scan.reference, scan.display.shape)
+        choices = list(dict.fromkeys(q.question for q in scan.questions)) or self.questions
+        return [
+            Session(scan),
+            "",
+            _reference_table(scan),
+            gr.update(choices=choices, value=None),
+            gr.update(interactive=scan.hu),
+            None,
+            *_slider_updates(scan.display.shape, at),
+        ]
+
+    def pick(self, key: str | None, session: Session) -> list:
+        if not key:
+            return [session, "", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()]
+        try:
+            scan = load_prepared(key, self.prepared[key], self.engine.size)
+        except InputError as err:
+            return [session, f"**Error:** {html.escape(str(err))}", *[gr.skip()] * 7]
+        return self._loaded(session, scan)
+
+    def upload(self, path: str | None, session: Session) -> list:
+        if not path:
+            return [session, "", *[gr.skip()] * 7]
+        upload = Path(path)
+        try:
+            scan = load_upload(upload, upload.name, self.engine.size, self.engine.window, self.workdir)
+        except InputError as err:
+            return [session, f"**Error:** {html.escape(str(err))}", *[gr.skip()] * 7]
+        finally:  # the arrays are in memory now: the uploaded copy goes at once
+            shutil.rmtree(upload.parent, ignore_errors=True)
+        return self._loaded(session, scan)
+
+    def render(self, session: Session, axial, coronal, sagittal, preset: str, shown: list[str]) -> str:
+        indices = {"axial": axial, "coronal": coronal, "sagittal": sagittal}
+        return views_html(session.scan, indices, preset, {k: k in shown for k in OVERLAYS}, session.predicted)
+
+    def _mask_file(self, scan: Scan, seg_logits) -> Path:
+        folder = self.workdir / "masks" / uuid.uuid4().hex
+        folder.mkdir(parents=True)
+        path = folder / f"{Path(scan.name).name.split('.')[0]}_mask.nii.gz"
+        write_mask(path, seg_logits)
+        return path
+
+    def ask(self, session: Session, question: str, blank: bool, preset: str, shown: list[str]):
+        """Generator: the answer as it grows, then the mask and views, then the blank-volume answer."""
+        out = {"answer": "", "p_yes": "", "blank": "", "blank_p_yes": "", "status": ""}
+        if session.scan is None:
+            yield {**out, "status": "Load a scan first."}
+            return
+        start = time.perf_counter()
+        yield {**out, "status": "Answering (questions from other sessions wait their turn)..."}
+        try:
+            for part in self.engine.stream(session.scan.image, question):
+                out.update(answer=part.text, p_yes=_fmt_p(part.p_yes))
+                yield dict(out)
+        except InputError as err:
+            yield {**out, "status": f"**Error:** {html.escape(str(err))}"}
+            return
+        _drop_mask_file(session)
+        if part.seg_logits is None:
+            session = replace(session, predicted=None, mask_file=None)
+        else:
+            predicted = (part.seg_logits.float().sigmoid() > 0.5).cpu().numpy().astype(np.uint8)[0]
+            session = replace(
+                session, predicted=predicted, mask_file=self._mask_file(session.scan, part.seg_logits)
+            )
+        if session.predicted is None:  # the slices stay where the reader left them
+            yield {**out, "session": session, "mask": None}
+        else:
+            at = focus(session.predicted, session.scan.display.shape)
+            views = views_html(session.scan, at, preset, {k: k in shown for k in OVERLAYS}, session.predicted)
+            yield {**out, "session": session, "views": views, "at": at, "mask": session.mask_file}
+        if blank:
+            for part in self.engine.stream(np.zeros_like(session.scan.image), question):
+                out.update(blank=part.text, blank_p_yes=_fmt_p(part.p_yes))
+                yield dict(out)
+        seg = "" if session.predicted is None else f"; predicted mask: {int(session.predicted.sum())} voxels"
+        yield {**out, "status": f"Answered in {time.perf_counter() - start:.1f} s{seg}."}
+
+
+def build_app(engine: Engine, data: list[Path], workdir: Path) -> gr.Blocks:
+    """The Blocks of the page; `workdir` holds unpacked zips and mask files."""
+    app = App(engine, data, workdir)
+    with gr.Blocks(title="m3d-lit", analytics_enabled=False, delete_cache=(600, 3600)) as page:
+        state = gr.State(Session(), delete_callback=_drop_mask_file)
+        gr.Markdown("## m3d-lit: look at a scan, ask about it, see the mask")
+        with gr.Row():
+            with gr.Column(scale=1):
+                pick = gr.Dropdown(
+                    sorted(app.prepared), value=None, label="Prepared test scan", elem_id="m3d-prepared"
+                )
+                upload = gr.File(label="...or upload a NIfTI, a .zip of a DICOM series or an .npy",
+                                 file_types=[".nii", ".gz", ".npy", ".zip"], type="filepath",
+                                 elem_id="m3d-upload")  # fmt: skip
+                error = gr.Markdown(elem_id="m3d-error")
+                reference = gr.Markdown(elem_id="m3d-reference")
+            with gr.Column(scale=3):
+                views = gr.HTML(views_html(None, {}, "brain", {}, None), elem_id="m3d-views")
+                sliders = [gr.Slider(0, 1, value=0, step=1, label=f"{name} slice", elem_id=f"m3d-{name}-slider")
+                           for name in PLANES]  # fmt: skip
+                with gr.Row():
+                    preset = gr.Radio(list(PRESETS), value="brain", label="Window", elem_id="m3d-window")
+                    shown = gr.CheckboxGroup(list(OVERLAYS), value=list(OVERLAYS), label="Masks shown",
+                                             elem_id="m3d-overlays")  # fmt: skip
+        with gr.Row():
+            known = gr.Dropdown(
+                app.questions, value=None, label="One of the dataset's questions", elem_id="m3d-known"
+            )
+            question = gr.Textbox(label="Question", elem_id="m3d-question", scale=2)
+            blank = gr.Checkbox(label="Also without the image (blank volume)", elem_id="m3d-blank")
+            ask = gr.Button("Ask", variant="primary", elem_id="m3d-ask")
+        with gr.Row():
+            answer = gr.Textbox(label="Answer (with the scan)", elem_id="m3d-answer", interactive=False)
+            p_yes = gr.Textbox(label="P(Yes) vs No, first token", elem_id="m3d-pyes", interactive=False)
+            blank_answer = gr.Textbox(
+                label="Answer (blank volume)", elem_id="m3d-answer-blank", interactive=False
+            )
+            blank_p = gr.Textbox(label="P(Yes), blank volume", elem_id="m3d-pyes-blank", interactive=False)
+        status = gr.Markdown(elem_id="m3d-status")
+        mask = gr.File(label="Predicted mask (NIfTI)", elem_id="m3d-mask", interactive=False)
+
+        loaded = [state, error, reference, known, preset, mask, *sliders]
+        pick.change(app.pick, [pick, state], loaded, concurrency_limit=None)
+        upload.upload(app.upload, [upload, state], loaded, concurrency_limit=2)
+        known.change(lambda q: q or gr.skip(), known, question)
+        view_inputs = [state, *sliders, preset, shown]
+        for trigger in (*sliders, preset, shown, state):
+            trigger.change(app.render, view_inputs, views, concurrency_limit=None, show_progress="hidden")
+        keys = {"answer": answer, "p_yes": p_yes, "blank": blank_answer, "blank_p_yes": blank_p,
+                "status": status, "session": state, "views": views, "mask": mask}  # fmt: skip
+
+        def run(session, text, without, window, overlays):
+            for out in app.ask(session, text, without, window, overlays):
+                at = out.pop("at", None)
+                update = {keys[k]: v for k, v in out.items()}
+                if at is not None:
+                    update.update({s: gr.update(value=at[n]) for s, n in zip(sliders, PLANES)})
+                yield update
+
+        ask_outputs = [answer, p_yes, blank_answer, blank_p, status, state, views, mask, *sliders]
+        ask_inputs = [state, question, blank, preset, shown]
+        ask.click(run, ask_inputs, ask_outputs, concurrency_limit=1, concurrency_id="model")
+        question.submit(run, ask_inputs, ask_outputs, concurrency_limit=1, concurrency_id="model")
+    return page

@@ -1,0 +1,243 @@
+"""`m3d-lit app` in a real headless Chromium: load a prepared scan, ask, check the answer and the overlays.
+
+The app runs as the real command in a subprocess on a free loopback port; Selenium drives Debian's
+chromium and chromedriver (`make setup` installs them). Expected answers come from the command line's
+own path (`m3d_lit.evaluation.ask.ask`) on the same files, so the page is checked against the CLI.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gradio", reason="the app extra is not installed (pip install -e '.[app]')")
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (make setup)")
+from selenium.webdriver.common.by import By  # noqa: E402
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+WAIT_S = 240.0  # generous: a cold start imports torch and Gradio and loads the model on 2 busy cores
+CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1700")  # fmt: skip
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (CHROMIUM.is_file() and CHROMEDRIVER.exists()),
+        reason="Debian chromium and chromium-driver are needed (make setup installs them as root)",
+    ),
+]
+
+
+def _poll(condition: Callable[[], object], what: str, timeout: float = WAIT_S) -> object:
+    """Wait for `condition()` to return something truthy (exceptions count as not yet)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+        except Exception:  # the element is not there yet, or is being re-rendered
+            value = None
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def app_server(stage3_checkpoint: Path, prepared: list[Path], tmp_path: Path) -> Iterator[dict]:
+    """`m3d-lit app` on a free loopback port, its temporary folders under `tmp_path/tmp`."""
+    port, tmp = _free_port(), tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"}
+    argv = [sys.executable, "-m", "m3d_lit.cli", "app", "--checkpoint", str(stage3_checkpoint),
+            "--data", *map(str, prepared), "--port", str(port), "--max-new-tokens", "8"]  # fmt: skip
+    log = (tmp_path / "app.log").open("w")
+    started = time.perf_counter()
+    process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def stop() -> None:
+        """Ctrl-C, as a user stops it; its clean-up then runs."""
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    try:
+        _poll(
+            lambda: "serving" in (tmp_path / "app.log").read_text() or process.poll() is not None, "the app"
+        )
+        assert process.poll() is None, (tmp_path / "app.log").read_text()[-3000:]
+        yield {"url": f"http://127.0.0.1:{port}/", "started": started, "tmp": tmp, "stop": stop}
+    finally:
+        stop()
+        log.close()
+
+
+@pytest.fixture
+def browser(tmp_path: Path):
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in (*CHROME_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(tmp_path / "chromium-profile", ignore_errors=True)
+
+
+def _value(driver, elem_id: str) -> str:
+    return driver.find_element(By.CSS_SELECTOR, f"#{elem_id} textarea, #{elem_id} input").get_attribute(
+        "value"
+    )
+
+
+def _pick(driver, elem_id: str, option: str) -> None:
+    """Choose `option` in a Gradio dropdown: open it, then click the listed option."""
+    driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input").click()
+    xpath = f"//*[@id='{elem_id}']//li[@aria-label={json.dumps(option)}]"
+    _poll(lambda: driver.find_element(By.XPATH, xpath), f"option {option}").click()
+
+
+def _pixels(driver, plane: str) -> np.ndarray:
+    from PIL import Image
+
+    src = driver.find_element(By.ID, f"m3d-{plane}").get_attribute("src")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB"))
+
+
+def _coloured(rgb: np.ndarray) -> int:
+    """Pixels that are not grey: a grey slice has R == G == B, an overlay tints them."""
+    return int(((rgb.max(axis=-1).astype(int) - rgb.min(axis=-1)) > 0).sum())
+
+
+def _toggle(driver, overlay: str) -> None:
+    driver.find_element(
+        By.XPATH, f"//*[@id='m3d-overlays']//label[normalize-space()={json.dumps(overlay)}]"
+    ).click()
+
+
+def _ask(driver, question: str, without_image: bool) -> str:
+    box = driver.find_element(By.CSS_SELECTOR, "#m3d-question textarea, #m3d-question input")
+    box.clear()
+    box.send_keys(question)
+    blank = driver.find_element(By.CSS_SELECTOR, "#m3d-blank input")
+    if blank.is_selected() != without_image:
+        blank.click()
+    driver.find_element(By.ID, "m3d-ask").click()
+    return str(
+        _poll(lambda: "Answered" in (t := driver.find_element(By.ID, "m3d-status").text) and t, "an answer")
+    )
+
+
+def _expected(checkpoint: Path, volume: Path, question: str) -> tuple[str, object, float]:
+    """The command line's answer and mask logits, and P(Yes) from a plain forward pass in float64."""
+    import torch
+
+    from m3d_lit.app.engine import answer_token_id
+    from m3d_lit.data.collate import LMCollator
+    from m3d_lit.evaluation.ask import ask
+    from m3d_lit.tasks.loading import load_task
+
+    text, logits, image = ask(checkpoint, volume, question, max_new_tokens=8)
+    model = load_task(checkpoint)[0].model
+    collate = LMCollator(model.tokenizer, model.num_visual_tokens, model.max_length, model.img_size, True)
+    item = {"id": "x", "image": torch.from_numpy(image), "question": question, "answer": "", "kind": "closed",
+            "mask": None, "dataset": "x"}  # fmt: skip
+    batch = collate([item])
+    with torch.no_grad():
+        hidden, _ = model.decode(
+            model.embed(batch["images"], batch["input_ids"]), batch["attention_mask"], None
+        )
+        last = model.logits(hidden[:, -1]).double()[0]
+    yes, no = (answer_token_id(model.tokenizer, w) for w in ("Yes", "No"))
+    return text, logits, float(1 / (1 + torch.exp(last[no] - last[yes])))
+
+
+def test_app_in_headless_chromium(app_server: dict, browser, stage3_checkpoint: Path, prepared: list[Path],
+                                  tmp_path: Path) -> None:  # fmt: skip
+    rows = [json.loads(line) for line in (prepared[1] / "qa_test.jsonl").read_text().splitlines()]
+    seg = next(r for r in rows if r["kind"] == "seg" and np.load(prepared[1] / r["mask"]).any())
+    key, volume = f"physionet/{Path(seg['image']).stem}", prepared[1] / seg["image"]
+    browser.get(app_server["url"])
+    _poll(lambda: browser.find_element(By.CSS_SELECTOR, "#m3d-prepared input"), "the page")
+    _pick(browser, "m3d-prepared", key)
+    _poll(lambda: browser.find_element(By.ID, "m3d-axial"), "the slices")
+    assert seg["answer"] in browser.find_element(By.ID, "m3d-reference").text
+
+    # the slider starts on the reference mask's largest slice: the green overlay is there, then it is not
+    with_reference = _pixels(browser, "axial")
+    assert _coloured(with_reference) > 0
+    _toggle(browser, "reference")
+    _poll(lambda: _coloured(_pixels(browser, "axial")) == 0, "the slice without the reference overlay")
+    _toggle(browser, "reference")
+    _poll(lambda: np.array_equal(_pixels(browser, "axial"), with_reference), "the reference overlay back")
+
+    closed = "Is there a fracture?"
+    status = _ask(browser, closed, without_image=True)
+    first_answer_s = time.perf_counter() - app_server["started"]
+    text, _, p_yes = _expected(stage3_checkpoint, volume, closed)
+    assert _value(browser, "m3d-answer") == text
+    # the page shows 3 decimals (rounding <= 5e-4); the cached and the plain forward pass differ by far less
+    assert abs(float(_value(browser, "m3d-pyes")) - p_yes) <= 6e-4
+    np.save(tmp_path / "blank.npy", np.zeros((1, 32, 64, 64), np.float32))
+    blank_text, _, blank_p = _expected(stage3_checkpoint, tmp_path / "blank.npy", closed)
+    assert _value(browser, "m3d-answer-blank") == blank_text
+    assert abs(float(_value(browser, "m3d-pyes-blank")) - blank_p) <= 6e-4
+    print(f"\nfrom `m3d-lit app` start to the first answer: {first_answer_s:.1f} s ({status})")
+
+    question = "Segment the hemorrhage."
+    status = _ask(browser, question, without_image=False)
+    text, logits, _ = _expected(stage3_checkpoint, volume, question)
+    assert _value(browser, "m3d-answer") == text
+    assert _value(browser, "m3d-pyes") == ""  # not a yes/no question
+    if logits is None:
+        assert "predicted mask" not in status
+    else:
+        voxels = int((logits.sigmoid() > 0.5).sum())
+        assert f"predicted mask: {voxels} voxels" in status
+        if voxels:
+            _toggle(browser, "reference")
+            shown = _pixels(browser, "axial")
+            _toggle(browser, "predicted")
+            _poll(
+                lambda: not np.array_equal(_pixels(browser, "axial"), shown),
+                "the slice without the prediction",
+            )
+            assert _coloured(shown) > _coloured(_pixels(browser, "axial")) == 0
+
+    screenshot = tmp_path / "app.png"
+    browser.save_screenshot(str(screenshot))
+    print(f"screenshot: {screenshot}")
+    port = app_server["url"].rsplit(":", 1)[1].rstrip("/")
+    urls = {json.loads(entry["message"])["message"].get("params", {}).get("request", {}).get("url", "")
+            for entry in browser.get_log("performance")}  # fmt: skip
+    outside = [u for u in urls if u.startswith(("http", "ws")) and not u.startswith(f"http://127.0.0.1:{port}")
+               and not u.startswith(f"ws://127.0.0.1:{port}")]  # fmt: skip
+    assert not outside, f"the page fetched from outside the app: {outside[:5]}"
+    app_server["stop"]()
+    assert list(app_server["tmp"].iterdir()) == [], "the app left temporary files behind"

@@ -1,0 +1,153 @@
+"""The parts of `m3d-lit app` without a browser: P(Yes), streaming, the model queue, uploads and views."""
+
+from __future__ import annotations
+
+import re
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from m3d_lit.app.engine import Engine, is_closed_question, yes_probability
+from m3d_lit.app.scans import Scan, load_upload
+from m3d_lit.app.view import plane, views_html
+from m3d_lit.errors import InputError
+
+SIZE = (32, 64, 64)
+
+
+def test_yes_probability_is_a_softmax_over_the_two_logits() -> None:
+    logits = torch.tensor([5.0, 1.5, -0.5, 9.0])  # ids 1 (Yes) and 2 (No); the others must not count
+    expected = 1.0 / (1.0 + np.exp(-0.5 - 1.5))
+    assert yes_probability(logits, 1, 2) == pytest.approx(expected, rel=1e-12)
+    assert yes_probability(logits, 2, 1) == pytest.approx(1.0 - expected, rel=1e-12)
+    assert yes_probability(torch.tensor([3.0, 3.0]), 0, 1) == 0.5
+
+
+@pytest.mark.parametrize(
+    ("question", "closed"),
+    [("Is there a fracture?", True), ("  does it bleed?", True), ("Segment the hemorrhage.", False),
+     ("Island of Reil: what is it?", False), ("What type of hemorrhage is there?", False)],
+)  # fmt: skip
+def test_closed_questions_by_their_first_word(question: str, closed: bool) -> None:
+    assert is_closed_question(question) is closed
+
+
+def test_bad_uploads_are_one_line_errors_naming_the_upload(tmp_path: Path) -> None:
+    cases = {
+        "scan.nii.gz": b"\x1f\x8b truncated",
+        "scan.zip": b"not a zip",
+        "scan.npy": b"\x93NUMPY garbage",
+        "scan.txt": b"hello",
+    }
+    for name, data in cases.items():
+        path = tmp_path / "upload-7f3a" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(data)
+        with pytest.raises(InputError) as err:
+            load_upload(path, name, SIZE, "brain", tmp_path)
+        message = str(err.value)
+        assert message.startswith(f"{name}: ") and "\n" not in message and "upload-7f3a" not in message
+
+
+def test_zip_members_outside_the_archive_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("../outside.dcm", b"x")
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(InputError, match="points outside the archive"):
+        load_upload(path, "evil.zip", SIZE, "brain", work)
+    assert not (tmp_path / "outside.dcm").exists() and list(work.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_zip_of_a_dicom_series_is_read_as_the_command_line_reads_the_folder(
+    synthetic_raw: Path, tmp_path: Path
+) -> None:
+    from m3d_lit.data.preprocess import load_and_preprocess
+
+    series = sorted(p.parent for p in (synthetic_raw / "cq500").rglob("CT000000.dcm"))[0]
+    path = tmp_path / "series.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        for file in sorted(series.iterdir()):
+            archive.write(file, f"study/{file.name}")
+    work = tmp_path / "work"
+    work.mkdir()
+    scan = load_upload(path, "series.zip", SIZE, "brain", work)
+    assert scan.hu and scan.display.shape == SIZE and scan.extent_mm is not None
+    np.testing.assert_array_equal(scan.image, load_and_preprocess(series, size=SIZE, window="brain").image)
+    assert list(work.iterdir()) == []  # the unpacked series is gone once read
+
+
+def test_views_put_the_mask_on_the_slice_shown() -> None:
+    display = np.linspace(0.0, 1.0, np.prod(SIZE), dtype=np.float32).reshape(SIZE)
+    reference = np.zeros(SIZE, np.uint8)
+    reference[10, 20:30, 20:30] = 1
+    scan = Scan("x", display[None], display, False, reference=reference)
+    at = {"axial": 10, "coronal": 25, "sagittal": 25}
+
+    def axial(index: int, overlay: bool) -> str:
+        page = views_html(scan, {**at, "axial": index}, "brain", {"reference": overlay}, None)
+        return re.search(r"id='m3d-axial' alt='[^']*' src='([^']+)'", page).group(1)
+
+    assert axial(10, True) != axial(10, False)
+    assert axial(11, True) == axial(11, False)  # no mask on that slice
+    # coronal and sagittal put the top of the head (the last axial slice) in the first row
+    assert plane(display, "coronal", 5)[0, 0] == display[-1, 5, 0]
+
+
+@pytest.fixture(scope="module")
+def engine(stage3_checkpoint: Path) -> Engine:
+    return Engine(stage3_checkpoint, max_new_tokens=8)
+
+
+@pytest.mark.slow
+def test_stream_grows_to_the_command_line_answer(
+    engine: Engine, stage3_checkpoint: Path, prepared: list[Path]
+):
+    from m3d_lit.evaluation.ask import ask
+
+    volume = sorted((prepared[1] / "images").glob("*.npy"))[0]
+    for question in ("Is there a fracture?", "Segment the hemorrhage."):
+        text, logits, image = ask(stage3_checkpoint, volume, question, max_new_tokens=8)
+        parts = list(engine.stream(image, question))
+        assert parts[-1].done and parts[-1].text == text
+        assert (parts[-1].seg_logits is None) == (logits is None)
+        assert all(not p.done for p in parts[:-1]) and len(parts) >= 2
+        assert all((p.p_yes is not None) == is_closed_question(question) for p in parts)
+
+
+@pytest.mark.slow
+def test_second_question_waits_for_the_first(engine: Engine, prepared: list[Path]) -> None:
+    from m3d_lit.data.datasets import load_volume
+
+    image = load_volume(sorted((prepared[0] / "images").glob("*.npy"))[0]).numpy()
+    running, most, lock = [0], [0], threading.Lock()
+    generate = engine.model.generate
+
+    def counted(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    engine.model.generate = counted
+    try:
+        answers: list[str] = []
+        threads = [threading.Thread(target=lambda: answers.append(engine.answer(image, "Is there a fracture?").text))
+                   for _ in range(3)]  # fmt: skip
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+    finally:
+        del engine.model.generate
+    assert most[0] == 1 and len(answers) == 3 and len(set(answers)) == 1
