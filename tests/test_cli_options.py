@@ -70,7 +70,7 @@ def test_lr_scheduler_option_is_refused_with_the_task_options(
         ({"llm": {"num_hiden_layers": 2}}, r"llm\.num_hiden_layers is not a setting \(did you mean num_hidden_layers\?\); llm takes: .*\bnum_hidden_layers\b.*"),
         ({"vision": {"numlayers": 1}}, r"vision\.numlayers is not a setting \(did you mean num_layers\?\); vision takes: cls_token, dropout_rate, hidden_size, in_channels, mlp_dim, num_heads, num_layers, qkv_bias"),
         ({"text": {"hiden_size": 64}}, r"text\.hiden_size is not a setting \(did you mean hidden_size\?\); text takes: .*"),
-        ({"perceiver": {"pool": 2, "projection": "mlp"}}, r"perceiver\.projection is not a setting; perceiver takes: name, pool, proj"),
+        ({"perceiver": {"pool": 2, "projection": "mlp"}}, r"perceiver\.projection is not a setting; perceiver takes: depth, name, pool, proj"),
         ({"lora": {"rank": 8}}, r"lora\.rank is not a setting; lora takes: alpha, dropout, r, target_modules"),
         ({"llm": 2}, r"llm takes a mapping of settings, got 2"),
         ({"visoin": {}}, r"unknown keys \['visoin'\]; known: .*"),

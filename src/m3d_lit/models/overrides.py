@@ -20,7 +20,14 @@ __all__ = ["check_overrides", "section_settings"]
 _PASSED_BY_MODEL = {"self", "img_size", "patch_size", "grid", "num_patches", "in_dim", "out_dim"}
 # beyond the preset's own keys and the builders' arguments: read with a default by llm.py, and `rope_theta`,
 # the transformers 4 name that LlamaConfig still maps into `rope_parameters`
-_EXTRA = {"llm": {"layer_initializer_range", "attn_implementation", "rope_theta"}, "lora": {"target_modules"}}
+_EXTRA = {
+    "llm": {"layer_initializer_range", "attn_implementation", "rope_theta"},
+    "lora": {"target_modules"},
+    "clip": {"logit_scale"},
+    "loss": {"dice_smooth"},
+}
+# top-level settings `LamedModel` reads with a default (the official M3D behaviours, docs/architecture.md)
+_TOP_LEVEL = {"seg_head_dropout", "seg_prompt", "stop_token_ids"}
 
 
 def _arguments(builder: Callable[..., Any]) -> set[str]:
@@ -75,10 +82,13 @@ def check_overrides(preset: Mapping[str, Any], overrides: Mapping[str, Any]) -> 
     if not isinstance(overrides, Mapping):
         example = "{llm: {num_hidden_layers: 2}}"
         raise InputError("overrides", f"must be a mapping such as {example}, got {overrides!r}")
-    unknown = sorted(set(overrides) - set(preset) - {"preset"})
+    known = (set(preset) | _TOP_LEVEL) - {"preset"}
+    unknown = sorted(set(overrides) - known - {"preset"})
     if unknown:
-        raise InputError("overrides", f"unknown keys {unknown}; known: {sorted(set(preset) - {'preset'})}")
+        raise InputError("overrides", f"unknown keys {unknown}; known: {sorted(known)}")
     for section, value in overrides.items():
+        if section not in preset:
+            continue
         base = preset[section]
         if isinstance(base, Mapping) != isinstance(value, Mapping):
             want = "a mapping of settings" if isinstance(base, Mapping) else f"a value like {base!r}"

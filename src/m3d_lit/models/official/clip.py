@@ -151,6 +151,9 @@ def _text_sizes(directory: Path, config: dict, check: _Checker) -> dict[str, Any
         "max_position_embeddings": MAX_TEXT_TOKENS if positions is None else int(positions.shape[0]),
         "type_vocab_size": 2 if types is None else int(types.shape[0]),
     }  # fmt: skip
+    kind = (bert or {}).get("position_embedding_type", "absolute")
+    if kind != "absolute":  # transformers 5's BERT has absolute positions only
+        raise InputError(source, f"position_embedding_type {kind!r} is not supported ('absolute')")
     text = {**derived, **{k: v for k, v in (bert or {}).items() if k in _BERT_FIELDS}}
     because = f"the BERT config {source}" if source else "the BERT sizes read off the weights"
     _check_bert(text, check, because)
@@ -160,7 +163,7 @@ def _text_sizes(directory: Path, config: dict, check: _Checker) -> dict[str, Any
 _BERT_FIELDS = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
     "max_position_embeddings", "type_vocab_size", "hidden_act", "layer_norm_eps", "pad_token_id",
-    "position_embedding_type", "hidden_dropout_prob", "attention_probs_dropout_prob",
+    "hidden_dropout_prob", "attention_probs_dropout_prob",
 )  # fmt: skip
 
 
