@@ -17,7 +17,6 @@ into `DIR.tmp` and renamed to `DIR` at the end, so a failed export leaves no hal
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from m3d_lit.arguments import CommandParser
 from m3d_lit.errors import InputError
 
 __all__ = ["export", "main"]
@@ -140,7 +140,7 @@ def export(
     """
     checkpoint, out = Path(checkpoint), Path(out)
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        raise InputError("dtype", f"{dtype!r} is not one of {sorted(DTYPES)}")
     if out.exists() and not (overwrite and out.is_dir()):
         raise InputError(
             out, "already exists: pass --overwrite to replace it" if out.is_dir() else "is a file"
@@ -168,7 +168,7 @@ def export(
 
 def main(argv: list[str] | None = None) -> int:
     """`m3d-lit export --checkpoint CKPT --out DIR [--merge] [--dtype D] [--overwrite]`."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="m3d-lit export",
         description="Export a stage-3 checkpoint: the LoRA adapter (peft format), the vision, perceiver "
         "and segmentation weights, and with --merge a Hugging Face model with LoRA merged in.",

@@ -11,13 +11,13 @@ cropped and resized volume the model saw; spacing left at 1 mm).
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from m3d_lit.arguments import CommandParser
 from m3d_lit.errors import InputError
 
 __all__ = ["ask", "main"]
@@ -71,7 +71,7 @@ def _write_mask(path: Path, logits: torch.Tensor) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="m3d-lit ask", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="m3d-lit ask", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, type=Path)
     parser.add_argument("--volume", required=True, type=Path, help="DICOM folder, .nii/.nii.gz or .npy")
     parser.add_argument("--question", required=True)
@@ -79,6 +79,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        raise InputError("--max-new-tokens", f"{args.max_new_tokens} must be at least 1")
     if not args.volume.exists():
         raise InputError(args.volume, "does not exist")
     answer, logits, _ = ask(args.checkpoint, args.volume, args.question, args.max_new_tokens, args.device)

@@ -23,6 +23,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from m3d_lit.arguments import CommandParser
+from m3d_lit.errors import InputError
+
 __all__ = ["generate_records", "main", "write_jsonl"]
 
 
@@ -77,7 +80,7 @@ def generate_records(
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="m3d-lit eval", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="m3d-lit eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, type=Path, help="stage-2 or stage-3 checkpoint")
     parser.add_argument("--data", required=True, type=Path, help="a qa_*.jsonl written by m3d-lit prepare")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
@@ -103,8 +106,14 @@ def main(argv: list[str]) -> int:
     from m3d_lit.tasks.loading import load_task
 
     args = _parser().parse_args(argv)
-    if args.batch_size < 1:
-        raise SystemExit("m3d-lit eval: --batch-size must be at least 1")
+    for option, value in (
+        ("--batch-size", args.batch_size),
+        ("--max-new-tokens", args.max_new_tokens),
+        ("--limit", args.limit),
+        ("--workers", None if args.workers == 0 else args.workers),
+    ):
+        if value is not None and value < 1:
+            raise InputError(option, f"{value} must be at least 1")
     device = torch.device(args.device)
     task, _ = load_task(args.checkpoint, device=str(device))
     model = task.model

@@ -6,12 +6,12 @@ optionally `kind`, `question`, `dataset`, and per-sample `dice`/`iou` for segmen
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
 from typing import Any
 
+from m3d_lit.arguments import CommandParser
 from m3d_lit.errors import InputError
 from m3d_lit.evaluation.metrics import compute_metrics
 from m3d_lit.evaluation.report import atomic_output
@@ -119,7 +119,7 @@ def format_closed(metrics: dict[str, Any]) -> str:
 
 def main(argv: list[str]) -> int:
     """Score a predictions file, print the table, optionally write metrics.json."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="m3d-lit score",
         description="Score a predictions .jsonl (BLEU-1..4, ROUGE, METEOR, closed Yes/No, Dice/IoU) offline.",
     )
