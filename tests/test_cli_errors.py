@@ -69,6 +69,9 @@ CASES = {
     "fit-lr-scheduler": ([*FIT, "--lr_scheduler", "torch.optim.lr_scheduler.ExponentialLR", "--lr_scheduler.gamma", "0.9"], r"--lr_scheduler: the task schedules the learning rate itself .*"),
     "fit-ckpt-path": ([*FIT, "--ckpt_path", "missing.ckpt"], r"missing\.ckpt: --ckpt_path: checkpoint not found \(or use --ckpt_path last to resume the newest\)"),
     "fit-init-from": ([*FIT, "--model.init_from", "missing.ckpt"], r"missing\.ckpt: --model\.init_from: checkpoint not found .*"),
+    "recipe-model-key": ([*FIT, "-c", "model_key.yaml"], r"--model: Problem with given class_path 'm3d_lit\.tasks\.ClipTask': Option 'warmup_ratoi' is not accepted"),
+    "recipe-trainer-key": ([*FIT, "-c", "trainer_key.yaml"], r"configuration: Subcommand 'fit' does not accept option 'trainer\.max_stepz'"),
+    "recipe-yaml": ([*FIT, "-c", "broken.yaml"], r"configuration: Problems parsing config: while parsing a flow sequence .*"),
     "fit-data-root": (FIT, r"missing/reports\.jsonl: is missing \(report mode reads it\): run `m3d-lit prepare` for this folder"),
 }  # fmt: skip
 
@@ -96,6 +99,9 @@ def test_mistake_gets_one_line_and_exit_2_and_writes_nothing(
     (tmp_path / "raw").mkdir()
     np.save(tmp_path / "v.npy", np.zeros((4, 16, 16), np.float32))
     (tmp_path / "c.ckpt").write_bytes(b"never read: the argument check comes first")
+    (tmp_path / "model_key.yaml").write_text("model:\n  init_args:\n    warmup_ratoi: 0.1\n")
+    (tmp_path / "trainer_key.yaml").write_text("trainer:\n  max_stepz: 3\n")
+    (tmp_path / "broken.yaml").write_text("model: [unclosed\n")
     before = _files(tmp_path)
     assert main(argv) == 2
     err = capsys.readouterr().err
