@@ -72,6 +72,9 @@ CASES = {
     "recipe-model-key": ([*FIT, "-c", "model_key.yaml"], r"--model: Problem with given class_path 'm3d_lit\.tasks\.ClipTask': Option 'warmup_ratoi' is not accepted"),
     "recipe-trainer-key": ([*FIT, "-c", "trainer_key.yaml"], r"configuration: Subcommand 'fit' does not accept option 'trainer\.max_stepz'"),
     "recipe-yaml": ([*FIT, "-c", "broken.yaml"], r"configuration: Problems parsing config: while parsing a flow sequence .*"),
+    "fit-init-from-zero": ([*FIT, "--model.init_from", "zero.ckpt"], r"zero\.ckpt: --model\.init_from: is a DeepSpeed ZeRO checkpoint folder \(tag 'checkpoint'\), not one file: convert it with `python -c .*convert\('zero\.ckpt', 'zero\.fp32\.ckpt'\)\"` \(needs `pip install deepspeed`\), then pass zero\.fp32\.ckpt"),
+    "eval-zero": (["eval", "--checkpoint", "zero.ckpt", "--data", "d.jsonl", "--out", "o"], r"zero\.ckpt: is a DeepSpeed ZeRO checkpoint folder .*then pass zero\.fp32\.ckpt"),
+    "export-zero": (["export", "--checkpoint", "zero.ckpt", "--out", "o"], r"zero\.ckpt: is a DeepSpeed ZeRO checkpoint folder .*then pass zero\.fp32\.ckpt"),
     "fit-data-root": (FIT, r"missing/reports\.jsonl: is missing \(report mode reads it\): run `m3d-lit prepare` for this folder"),
 }  # fmt: skip
 
@@ -102,6 +105,9 @@ def test_mistake_gets_one_line_and_exit_2_and_writes_nothing(
     (tmp_path / "model_key.yaml").write_text("model:\n  init_args:\n    warmup_ratoi: 0.1\n")
     (tmp_path / "trainer_key.yaml").write_text("trainer:\n  max_stepz: 3\n")
     (tmp_path / "broken.yaml").write_text("model: [unclosed\n")
+    (tmp_path / "zero.ckpt" / "checkpoint").mkdir(parents=True)  # the zero2 preset's last.ckpt
+    (tmp_path / "zero.ckpt" / "latest").write_text("checkpoint")
+    (tmp_path / "zero.ckpt" / "checkpoint" / "mp_rank_00_model_states.pt").write_bytes(b"deepspeed")
     before = _files(tmp_path)
     assert main(argv) == 2
     err = capsys.readouterr().err
