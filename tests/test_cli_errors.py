@@ -130,7 +130,9 @@ def _physionet_half_readable(root: Path) -> Path:
         volume = np.random.default_rng(number).integers(-50, 90, (16, 16, 5)).astype(np.int16)
         scan = root / "ct_scans" / f"{number:03d}.nii.gz"
         nib.save(nib.Nifti1Image(volume, np.eye(4)), scan)
-        nib.save(nib.Nifti1Image(np.zeros(volume.shape, np.uint8), np.eye(4)), root / "masks" / f"{number:03d}.nii")
+        nib.save(
+            nib.Nifti1Image(np.zeros(volume.shape, np.uint8), np.eye(4)), root / "masks" / f"{number:03d}.nii"
+        )
         if number % 2:
             scan.write_bytes(scan.read_bytes()[:100])
         rows += [f"{number},{i},0,0,0,0,0,1,{number % 2}" for i in range(1, 6)]
@@ -142,7 +144,8 @@ def test_prepare_on_a_mostly_unreadable_folder_says_what_it_prepared_and_which_o
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     root = _physionet_half_readable(tmp_path / "raw")
-    argv = ["prepare", "physionet", "--root", str(root), "--out", str(tmp_path / "out"), "--size", "4", "16", "16"]
+    out = tmp_path / "out"
+    argv = ["prepare", "physionet", "--root", str(root), "--out", str(out), "--size", "4", "16", "16"]
     with pytest.warns(UserWarning, match="2 labelled id"):
         assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -157,4 +160,8 @@ def test_prepare_on_a_mostly_unreadable_folder_says_what_it_prepared_and_which_o
     with pytest.warns(UserWarning, match="2 labelled id"):
         assert main([*argv, "--fractions", "1", "0", "0"]) == 0  # the images prepared above are reused
     splits = json.loads((tmp_path / "out" / "splits.json").read_text())
-    assert {k: splits[k] for k in ("train", "val", "test")} == {"train": ["050", "052"], "val": [], "test": []}
+    assert {k: splits[k] for k in ("train", "val", "test")} == {
+        "train": ["050", "052"],
+        "val": [],
+        "test": [],
+    }
