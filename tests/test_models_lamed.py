@@ -148,7 +148,7 @@ def test_trainable_parameter_counts_per_stage() -> None:
     assert count(model.new_tokens) == 2 * 4 * model.config["llm"]["hidden_size"]
     with pytest.raises(ValueError, match="cannot become fully trainable"):
         model.set_trainable({"llm": "full"})
-    with pytest.raises(ValueError, match=r"trainable\['vision'\] = 'lora' is not valid"):
+    with pytest.raises(ValueError, match=r"trainable: \['vision'\] = 'lora' is not valid"):
         model.set_trainable({"vision": "lora"})
 
 

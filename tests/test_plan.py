@@ -103,11 +103,11 @@ def test_synthetic_batch_rows_fit_the_model():
 
 
 def test_bad_settings_raise():
-    with pytest.raises(ValueError, match="stage 1"):
+    with pytest.raises(ValueError, match="--stage: 1"):
         P.PlanSettings(stage=1)
-    with pytest.raises(ValueError, match="micro_batch 0"):
+    with pytest.raises(ValueError, match="--micro-batch: 0 must be >= 1"):
         P.PlanSettings(micro_batch=0)
-    with pytest.raises(ValueError, match="width_divisor 3"):
+    with pytest.raises(ValueError, match="--width-divisor: 3 must divide"):
         P.measure_activations(P.PlanSettings(width_divisor=3))
 
 

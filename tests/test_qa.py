@@ -179,9 +179,9 @@ def test_make_splits_is_a_stratified_partition(n, positive_share, seed):
 def test_make_splits_seed_and_argument_checks():
     labels = {f"p{i}": {"ICH": i % 3 == 0} for i in range(60)}
     assert make_splits(labels, "ICH", seed=0) != make_splits(labels, "ICH", seed=1)
-    with pytest.raises(ValueError, match=r"fractions \(0.5, 0.1, 0.2\)"):
+    with pytest.raises(ValueError, match=r"--fractions: \(0.5, 0.1, 0.2\)"):
         make_splits(labels, "ICH", (0.5, 0.1, 0.2))
-    with pytest.raises(ValueError, match="2 patients are too few"):
+    with pytest.raises(ValueError, match="2 labelled patients are too few"):
         make_splits({"a": {"ICH": 0}, "b": {"ICH": 1}}, "ICH")
     with pytest.raises(ValueError, match="have no label 'SDH'"):
         make_splits(labels, "SDH")

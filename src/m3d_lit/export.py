@@ -22,7 +22,6 @@ into `DIR.tmp` and renamed to `DIR` at the end, so a failed export leaves no hal
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from m3d_lit.arguments import CommandParser
 from m3d_lit.errors import InputError
 
 __all__ = ["export", "main"]
@@ -148,11 +148,11 @@ def export(
     """
     checkpoint, out = Path(checkpoint), Path(out)
     if format not in ("m3d-lit", "m3d"):
-        raise ValueError(f"format {format!r} is not 'm3d-lit' or 'm3d'")
+        raise InputError("format", f"{format!r} is not 'm3d-lit' or 'm3d'")
     if format == "m3d-lit":
         dtype = dtype or "float32"
     if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        raise InputError("dtype", f"{dtype!r} is not one of {sorted(DTYPES)}")
     if out.exists() and not (overwrite and out.is_dir()):
         raise InputError(
             out, "already exists: pass --overwrite to replace it" if out.is_dir() else "is a file"
@@ -203,7 +203,7 @@ def _export_m3d(checkpoint: Path, out: Path, dtype: str | None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """`m3d-lit export --checkpoint CKPT --out DIR [--format m3d-lit|m3d] [--merge] [--dtype D] [--overwrite]`."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="m3d-lit export",
         description="Export a stage-3 checkpoint: the LoRA adapter (peft format), the vision, perceiver "
         "and segmentation weights, and with --merge a Hugging Face model with LoRA merged in.",

@@ -41,10 +41,10 @@ _CKPT_NAMES = {"last", "best", "hpc", "registry"}
 def one_line(message: str) -> tuple[str, str]:
     """(option, problem) from a jsonargparse message: the nested causes, without the usage noise."""
     lines = [line.strip().removeprefix("- ").strip() for line in message.splitlines()]
-    option = "configuration"
     given = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Given value:")), None)
+    # a constructor's error names no option; the union it failed in says whether it was the model or data
     subtypes = next((line for line in lines if line.startswith("Subtypes:")), "")
-    option = next((flag for name, flag in _PARTS.items() if f".{name}'>" in subtypes), option)
+    option = next((flag for name, flag in _PARTS.items() if f".{name}'>" in subtypes), "configuration")
     kept = [
         line for line in lines
         if line and not line.startswith(_NOISE) and not line.startswith("Given value:")

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from m3d_lit.arguments import CommandParser
 from m3d_lit.data.geometry import ScanGeometry
 from m3d_lit.data.io import (
     choose_series,
@@ -312,15 +313,15 @@ def prepare_volumes(
         progress: show the progress bar.
     """
     if dataset not in DATASETS:
-        raise ValueError(f"dataset {dataset!r} is not one of {DATASETS}")
+        raise InputError("dataset", f"{dataset!r} is not one of {DATASETS}")
     if dtype not in ("float16", "float32"):
-        raise ValueError(f"dtype {dtype!r} is not float16 or float32")
+        raise InputError("dtype", f"{dtype!r} is not float16 or float32")
     if window not in WINDOWS:
-        raise ValueError(f"unknown window {window!r}; choose one of {sorted(WINDOWS)}")
+        raise InputError("window", f"unknown window {window!r}; choose one of {sorted(WINDOWS)}")
     if workers < 1:
-        raise ValueError(f"workers {workers} must be >= 1")
+        raise InputError("workers", f"{workers} must be >= 1")
     if series_list is not None and dataset != "cq500":
-        raise ValueError("series_list applies to cq500 only")
+        raise InputError("series_list", "applies to cq500 only")
     root, out, size = Path(root), Path(out), check_size(size)
     if not root.is_dir():
         raise InputError(root, "not a folder")
@@ -348,7 +349,7 @@ def prepare_volumes(
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="m3d-lit prepare", description=__doc__.splitlines()[0])
+    ap = CommandParser(prog="m3d-lit prepare", description=__doc__.splitlines()[0])
     ap.add_argument("dataset", choices=DATASETS)
     ap.add_argument("--root", type=Path, required=True, help="raw dataset folder")
     ap.add_argument("--out", type=Path, required=True, help="output folder")
@@ -360,6 +361,14 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     ap.add_argument("--strict", action="store_true", help="stop at the first scan that cannot be read")
     ap.add_argument("--seed", type=int, default=0, help="seed of the QA splits")
+    ap.add_argument(
+        "--fractions",
+        type=float,
+        nargs=3,
+        default=(0.7, 0.1, 0.2),
+        metavar=("TRAIN", "VAL", "TEST"),
+        help="patient shares of the splits made on the first run (later runs keep splits.json)",
+    )
     ap.add_argument("--series-list", type=Path, help="cq500: file of '<scan>/<series path>' lines")
     ap.add_argument(
         "--seg",
@@ -374,6 +383,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     """Entry point of `m3d-lit prepare`."""
     args = _parser().parse_args(argv)
+    from m3d_lit.data.qa import check_fractions, write_qa
+
+    check_fractions(args.fractions)  # before any scan is written
     result = prepare_volumes(
         args.dataset, args.root, args.out, args.size, args.window, args.dtype, args.workers,
         args.strict, args.series_list,
@@ -384,7 +396,15 @@ def main(argv: list[str]) -> int:
     )
     if not result.ids:
         raise InputError(args.root, "no scan could be prepared; see skipped.csv for the reasons")
-    from m3d_lit.data.qa import write_qa  # written in parallel with this module; imported only when needed
 
-    write_qa(args.dataset, args.root, args.out, result.ids, args.seed, seg=args.seg)
+    try:
+        write_qa(args.dataset, args.root, args.out, result.ids, args.seed, args.fractions, seg=args.seg)
+    except InputError as err:
+        if err.path != "--fractions":
+            raise
+        total = len(result.ids) + len(result.skipped)
+        counts = (
+            f"{len(result.ids)} of {total} scans prepared ({len(result.skipped)} skipped, see skipped.csv)"
+        )
+        raise InputError(err.path, f"{counts}; {err.problem}") from None
     return 0

@@ -71,9 +71,9 @@ def check_size(size: Sequence[int], patch: Sequence[int] = DEFAULT_PATCH) -> tup
     """Return `size` as a tuple after checking it is 3 positive ints divisible by `patch`."""
     size, patch = tuple(int(s) for s in size), tuple(int(p) for p in patch)
     if len(size) != 3 or len(patch) != 3 or min(size) < 1 or min(patch) < 1:
-        raise ValueError(f"size {size} and patch size {patch} must be 3 positive integers each")
+        raise InputError("size", f"{size} and patch size {patch} must be 3 positive integers each")
     if any(s % p for s, p in zip(size, patch)):
-        raise ValueError(f"size {size} is not divisible by the patch size {patch}")
+        raise InputError("size", f"{size} is not divisible by the patch size {patch}")
     return size  # type: ignore[return-value]
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "SPLITS",
     "build_cq500_samples",
     "build_physionet_samples",
+    "check_fractions",
     "cq500_findings",
     "findings_report",
     "make_splits",
@@ -133,9 +134,9 @@ def build_physionet_samples(
     return samples + [segment]
 
 
-def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     if len(fractions) != 3 or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0):
-        raise ValueError(f"fractions {tuple(fractions)} must be three non-negative numbers summing to 1")
+        raise InputError("--fractions", f"{tuple(fractions)} must be three non-negative numbers summing to 1")
     train, val, test = (float(f) for f in fractions)
     return train, val, test
 
@@ -156,14 +157,19 @@ def make_splits(
         fractions: train, val, test shares (non-negative, summing to 1).
         seed: shuffles each stratum.
     """
-    train_f, val_f, test_f = _check_fractions(fractions)
+    train_f, val_f, test_f = check_fractions(fractions)
     missing = [p for p, labels in labels_by_patient.items() if stratify_key not in labels]
     if missing:
         raise ValueError(f"patients {sorted(missing)[:5]} have no label {stratify_key!r}")
     n = len(labels_by_patient)
     n_test, n_val = math.ceil(test_f * n - 1e-9), math.ceil(val_f * n - 1e-9)
     if n - n_test - n_val < (1 if train_f > 0 else 0):
-        raise ValueError(f"{n} patients are too few for fractions {(train_f, val_f, test_f)}")
+        raise InputError(
+            "--fractions",
+            f"{n} labelled patients are too few for train/val/test fractions {(train_f, val_f, test_f)}: "
+            f"val and test take {n_val} and {n_test} (rounded up), leaving none for train; give val and test "
+            "smaller shares, e.g. --fractions 1 0 0 puts every patient in train",
+        )
     strata: dict[int, list[str]] = {}
     for patient in sorted(labels_by_patient):
         strata.setdefault(int(labels_by_patient[patient][stratify_key]), []).append(patient)

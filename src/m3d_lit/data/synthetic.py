@@ -21,6 +21,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from m3d_lit.arguments import CommandParser
 from m3d_lit.data.phantom import BLEED_TYPES, FIELD_OF_VIEW_MM, HEAD_HEIGHT_MM, Phantom, render_phantom
 from m3d_lit.errors import InputError
 
@@ -319,7 +320,7 @@ def _build(target: Path, writer, count: int, shape: tuple[int, int, int], seed: 
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="m3d-lit synth", description=__doc__.splitlines()[0])
+    ap = CommandParser(prog="m3d-lit synth", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="folder for cq500/, physionet/ and M3D-Data/")
     ap.add_argument("--cq500", type=int, default=64, help="number of CQ500 scans (0 = none)")
     ap.add_argument("--physionet", type=int, default=64, help="number of PhysioNet patients (0 = none)")
@@ -340,13 +341,13 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     shape = tuple(args.shape)
     if min(shape) < 8 or shape[1] != shape[2]:
-        raise ValueError(f"--shape {shape}: need D, H, W >= 8 and H == W")
+        raise InputError("--shape", f"{shape}: need D, H, W >= 8 and H == W")
     if args.cq500 < 0 or args.physionet < 0:
-        raise ValueError(f"--cq500 {args.cq500} and --physionet {args.physionet} must be >= 0")
+        raise InputError("--cq500/--physionet", f"{args.cq500} and {args.physionet} must be >= 0")
     m3d_shape = tuple(args.m3d_shape)
     if args.m3d_data and (args.m3d_data < 3 or min(m3d_shape) < 8 or m3d_shape[1] != m3d_shape[2]):
-        raise ValueError(
-            f"--m3d-data {args.m3d_data} --m3d-shape {m3d_shape}: need N >= 3, D, H, W >= 8, H == W"
+        raise InputError(
+            "--m3d-data/--m3d-shape", f"{args.m3d_data} and {m3d_shape}: need N >= 3, D, H, W >= 8, H == W"
         )
     args.out.mkdir(parents=True, exist_ok=True)
     for name, writer, count in (

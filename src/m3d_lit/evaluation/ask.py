@@ -17,13 +17,13 @@ A `--mask-out` ending in `.npy` always gets the model grid (uint8 1 x D x H x W,
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from m3d_lit.arguments import CommandParser
 from m3d_lit.data.geometry import check_mask_path, write_mask
 from m3d_lit.data.preprocess import Prepared
 from m3d_lit.errors import InputError
@@ -75,7 +75,7 @@ def ask(
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="m3d-lit ask", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="m3d-lit ask", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--checkpoint", required=True, type=Path, help="stage-2/3 checkpoint or an M3D-LaMed directory"
     )
@@ -85,6 +85,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        raise InputError("--max-new-tokens", f"{args.max_new_tokens} must be at least 1")
     if not args.volume.exists():
         raise InputError(args.volume, "does not exist")
     if args.mask_out is not None:

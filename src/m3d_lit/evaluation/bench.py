@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from m3d_lit.arguments import CommandParser
 from m3d_lit.errors import InputError
 from m3d_lit.evaluation.score import add_protocol_options, protocol_options
 
@@ -179,7 +180,7 @@ def question_types(csv_path: Path) -> dict[str, str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="m3d-lit bench", description=__doc__.split("\n\n")[0])
+    ap = CommandParser(prog="m3d-lit bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", type=Path, help="stage-3 (or stage-2) checkpoint for tasks 2-8")
     ap.add_argument("--clip-checkpoint", type=Path, help="stage-1 (CLIP) checkpoint for retrieval")
     ap.add_argument("--tasks", default="all", help=f"all, or names/numbers: {','.join(TASKS)}")
@@ -210,11 +211,11 @@ def parse_tasks(text: str) -> list[str]:
         elif item in TASKS:
             chosen.add(item)
         else:
-            raise ValueError(
-                f"--tasks: unknown task {item!r}; choose all or from {names} (or 1-{len(names)})"
+            raise InputError(
+                "--tasks", f"unknown task {item!r}; choose all or from {names} (or 1-{len(names)})"
             )
     if not chosen:
-        raise ValueError("--tasks names no task")
+        raise InputError("--tasks", "names no task")
     return [n for n in names if n in chosen]
 
 
@@ -226,8 +227,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     args.scoring = protocol_options(parser, args)
     if args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
-        raise ValueError(
-            f"--batch-size {args.batch_size}, --max-new-tokens {args.max_new_tokens} and --limit {args.limit} must be >= 1"
+        raise InputError(
+            "--batch-size/--max-new-tokens/--limit",
+            f"{args.batch_size}, {args.max_new_tokens} and {args.limit} must be >= 1",
         )
     tasks = parse_tasks(args.tasks)
     explicit = args.data is not None

@@ -31,6 +31,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from m3d_lit.arguments import CommandParser
+from m3d_lit.errors import InputError
 from m3d_lit.evaluation.score import add_protocol_options, protocol_options
 
 __all__ = [
@@ -148,7 +150,7 @@ class MaskSaver:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="m3d-lit eval", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="m3d-lit eval", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--checkpoint", required=True, type=Path, help="stage-2/3 checkpoint or an M3D-LaMed directory"
     )
@@ -201,8 +203,14 @@ def main(argv: list[str]) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     options = protocol_options(parser, args)
-    if args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
+    for option, value in (
+        ("--batch-size", args.batch_size),
+        ("--max-new-tokens", args.max_new_tokens),
+        ("--limit", args.limit),
+        ("--workers", None if args.workers == 0 else args.workers),
+    ):
+        if value is not None and value < 1:
+            raise InputError(option, f"{value} must be at least 1")
     device = torch.device(args.device)
     task, saved = load_task(args.checkpoint, device=str(device))
     model = task.model

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from m3d_lit.arguments import CommandParser
 from m3d_lit.errors import InputError
 from m3d_lit.evaluation.bootstrap import RESAMPLES, SEED
 from m3d_lit.evaluation.metrics import compute_metrics
@@ -212,7 +213,7 @@ def protocol_options(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 
 def main(argv: list[str]) -> int:
     """Score a predictions file, print the table, optionally write metrics.json."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="m3d-lit score",
         description="Score a predictions .jsonl (BLEU-1..4, ROUGE, METEOR, closed Yes/No with AUROC, open "
         "findings, Dice/IoU) offline.",

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from m3d_lit.errors import InputError
 from m3d_lit.models import registry
 from m3d_lit.models.presets import resolve
 from m3d_lit.models.tokenizer import build_text_tokenizer
@@ -86,8 +87,8 @@ class ClipModel(nn.Module):
         """`vision`, `text`, `projections` (both projections and the logit scale): frozen|full; missing: frozen."""
         for key, mode in trainable.items():
             if key not in ("vision", "text", "projections") or mode not in _MODES:
-                raise ValueError(
-                    f"trainable[{key!r}] = {mode!r}: keys vision|text|projections, values {_MODES}"
+                raise InputError(
+                    "trainable", f"[{key!r}] = {mode!r}: keys vision|text|projections, values {_MODES}"
                 )
         full = {key: trainable.get(key, "frozen") == "full" for key in ("vision", "text", "projections")}
         self.vision.requires_grad_(full["vision"])

@@ -7,7 +7,6 @@ Everything is built on the meta device, so the paper preset (a 7B LLM) costs no 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Iterable
@@ -16,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from m3d_lit.arguments import CommandParser, json_object, model_options
+from m3d_lit.errors import InputError
 from m3d_lit.models.clip import build_clip
 from m3d_lit.models.lamed import build_lamed
 from m3d_lit.models.perceiver import build_perceiver
@@ -73,7 +74,7 @@ def _lamed_components(preset: str, stage: int, overrides: dict[str, Any] | None)
 def describe(preset: str, stage: int = 3, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Parameter counts of `preset` with the trainability of `stage` (1: CLIP model, 2-3: LaMed)."""
     if stage not in STAGE_TRAINABLE:
-        raise ValueError(f"stage {stage} must be one of {sorted(STAGE_TRAINABLE)}")
+        raise InputError("stage", f"{stage} must be one of {sorted(STAGE_TRAINABLE)}")
     config = resolve(preset, overrides)
     if stage == 1:
         components = _clip_components(preset, overrides)
@@ -93,19 +94,21 @@ def describe(preset: str, stage: int = 3, overrides: dict[str, Any] | None = Non
 
 def main(argv: list[str] | None = None) -> int:
     """`m3d-lit describe`: print the parameter-count JSON of a preset and stage."""
-    parser = argparse.ArgumentParser(prog="m3d-lit describe", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="m3d-lit describe", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="model size preset")
     parser.add_argument(
         "--stage", type=int, default=3, choices=sorted(STAGE_TRAINABLE), help="trainability of this stage"
     )
     parser.add_argument(
         "--overrides",
-        type=json.loads,
+        type=json_object,
         default=None,
         help='JSON merged into the preset, e.g. \'{"llm": {"num_hidden_layers": 2}}\'',
     )
     args = parser.parse_args(argv)
-    print(json.dumps(describe(args.preset, args.stage, args.overrides), indent=2))
+    with model_options("--overrides"):
+        figures = describe(args.preset, args.stage, args.overrides)
+    print(json.dumps(figures, indent=2))
     return 0
 
 

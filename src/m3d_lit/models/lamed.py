@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from m3d_lit.errors import InputError
 from m3d_lit.losses import at_least_fp32
 from m3d_lit.losses.segmentation import bce_loss, dice_loss
 from m3d_lit.models import registry
@@ -127,7 +128,7 @@ class LamedModel(nn.Module):
         for key, mode in trainable.items():
             if key not in _MODES or mode not in _MODES[key]:
                 allowed = _MODES.get(key, sorted(_MODES))
-                raise ValueError(f"trainable[{key!r}] = {mode!r} is not valid; allowed: {allowed}")
+                raise InputError("trainable", f"[{key!r}] = {mode!r} is not valid; allowed: {allowed}")
         modes = {key: trainable.get(key, "frozen") for key in _MODES}
         wrapped = hasattr(self.llm, "peft_config")
         if wrapped and modes["llm"] == "full":

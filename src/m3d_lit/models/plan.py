@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from m3d_lit.arguments import CommandParser, json_object, model_options
+from m3d_lit.errors import InputError
 from m3d_lit.models.llm import unwrap
 from m3d_lit.models.presets import PRESETS, STAGE_TRAINABLE, deep_merge, resolve
 
@@ -98,15 +100,27 @@ class PlanSettings:
 
     def __post_init__(self) -> None:
         if self.stage not in (2, 3):
-            raise ValueError(f"stage {self.stage}: plan covers the LaMed stages 2 and 3")
-        if self.micro_batch < 1 or self.gpu_mem <= 0 or self.gpus < 1:
-            raise ValueError(f"micro_batch {self.micro_batch}, gpus {self.gpus} must be >= 1, gpu_mem > 0")
+            raise InputError("--stage", f"{self.stage}: plan covers the LaMed stages 2 and 3")
+        for name, value, low in (("micro-batch", self.micro_batch, 1), ("gpus", self.gpus, 1)):
+            if value < low:
+                raise InputError(f"--{name}", f"{value} must be >= {low}")
+        if self.gpu_mem <= 0 or self.reserve < 0 or self.reserve >= self.gpu_mem:
+            raise InputError(
+                "--gpu-mem/--reserve",
+                f"{self.gpu_mem} and {self.reserve} GiB: the GPU memory must exceed the reserve, which is >= 0",
+            )
+        if self.lora_dropout is not None and not 0.0 <= self.lora_dropout < 1.0:
+            raise InputError("--lora-dropout", f"{self.lora_dropout} must be in [0, 1)")
+        if self.width_divisor is not None and self.width_divisor < 1:
+            raise InputError("--width-divisor", f"{self.width_divisor} must be >= 1")
         if self.frozen_dtype not in ("bf16", "fp32") or self.checkpointing not in _CKPT:
-            raise ValueError(f"frozen_dtype {self.frozen_dtype!r} / checkpointing {self.checkpointing!r}")
+            raise InputError(
+                "--frozen-dtype/--checkpointing", f"{self.frozen_dtype!r} / {self.checkpointing!r}"
+            )
         if self.zero not in (0, 1, 2):
-            raise ValueError(f"zero {self.zero} must be 0, 1 or 2")
+            raise InputError("--zero", f"{self.zero} must be 0, 1 or 2")
         if self.seg_share is not None and not 0.0 <= self.seg_share <= 1.0:
-            raise ValueError(f"seg_share {self.seg_share} must be in [0, 1]")
+            raise InputError("--seg-share", f"{self.seg_share} must be in [0, 1]")
 
 
 def _build_meta(settings: PlanSettings, lora: dict[str, Any]) -> nn.Module:
@@ -176,8 +190,8 @@ def _width_divisor(config: dict[str, Any], wanted: int | None) -> int:
     for k in (8, 4, 2, 1) if wanted is None else (wanted,):
         if k == 1 or (k > 1 and all(d and d % k == 0 for d in dims)):
             return k
-    raise ValueError(
-        f"width_divisor {wanted} must divide the LLM widths and vocab {dims} (0: not in the preset)"
+    raise InputError(
+        "--width-divisor", f"{wanted} must divide the LLM widths and vocab {dims} (0: not in the preset)"
     )
 
 
@@ -488,7 +502,7 @@ def format_plan(result: dict[str, Any]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="m3d-lit plan", description=__doc__.splitlines()[0])
+    ap = CommandParser(prog="m3d-lit plan", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="paper", choices=sorted(PRESETS))
     ap.add_argument("--stage", type=int, default=3, choices=(2, 3))
     ap.add_argument("--gpu-mem", type=float, default=24.0, help="GiB per GPU")
@@ -502,8 +516,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--seg-share", type=float, default=None, help="share of rows that segment")
     ap.add_argument("--reserve", type=float, default=1.0, help="GiB for CUDA context and allocator slack")
     ap.add_argument("--width-divisor", type=int, default=None, help="LLM width reduction of the measurement")
-    ap.add_argument("--overrides", type=json.loads, default=None, help="JSON merged into the preset")
-    ap.add_argument("--trainable", type=json.loads, default=None, help='JSON, e.g. \'{"vision": "frozen"}\'')
+    ap.add_argument("--overrides", type=json_object, default=None, help="JSON merged into the preset")
+    ap.add_argument("--trainable", type=json_object, default=None, help='JSON, e.g. \'{"vision": "frozen"}\'')
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return ap
 
@@ -512,7 +526,9 @@ def main(argv: list[str] | None = None) -> int:
     """`m3d-lit plan`: print the estimate; exit 0 whether or not it fits."""
     args = vars(_parser().parse_args(argv))
     as_json = args.pop("json")
-    result = plan(PlanSettings(**{k.replace("-", "_"): v for k, v in args.items()}))
+    settings = PlanSettings(**{k.replace("-", "_"): v for k, v in args.items()})
+    with model_options("--overrides/--trainable"):
+        result = plan(settings)
     print(json.dumps(result, indent=2) if as_json else format_plan(result))
     return 0
 
