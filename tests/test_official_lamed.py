@@ -309,3 +309,22 @@ def test_eval_command_on_the_directory_in_batches(name: str, tmp_path: Path) -> 
     assert main(argv) == 0
     rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert [r["prediction"] for r in rows] == [c["generated_text"].strip() for c in cases]
+
+
+def test_every_trainable_parameter_gets_a_gradient_in_stage_3() -> None:
+    """DDP (find_unused_parameters off) needs it: SegVol's IoU head and extra hypernetworks feed no output."""
+    from m3d_lit.models.presets import STAGE_TRAINABLE
+
+    model = build_official_lamed(KIT / "lamed_llama_seg")
+    model.set_trainable(STAGE_TRAINABLE[3], lora=model.config["lora"])
+    case = CASES["lamed_llama_seg"]["train_forward"]
+    images = torch.stack([_volume(v) for v in case["volumes"]])
+    masks = torch.stack(
+        [torch.zeros(1, *CASES["image_size"]) if s == "zeros" else _volume(s).float() for s in case["segs"]]
+    )
+    ids, labels = torch.tensor(case["input_ids"]), torch.tensor(case["labels"])
+    out = model(images, ids, torch.tensor(case["attention_mask"]), labels, masks, masks.flatten(1).any(1))
+    out["loss"].backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert "segmentation.mask_decoder.iou_token.weight" in trainable
+    assert [n for n, p in trainable.items() if p.grad is None] == []

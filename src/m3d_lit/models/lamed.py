@@ -137,6 +137,8 @@ class LamedModel(nn.Module):
         self.vision.requires_grad_(modes["vision"] == "full")
         self.perceiver.requires_grad_(modes["perceiver"] == "full")
         self.segmentation.requires_grad_(modes["segmentation"] == "full")
+        for param in self.segmentation.mask_decoder.unread_parameters():
+            param.requires_grad_(False)
         self.seg_head.requires_grad_(modes["segmentation"] == "full")
         self.new_tokens.requires_grad_(modes["new_token_rows"] == "full")
         for name, param in self.llm.named_parameters():
