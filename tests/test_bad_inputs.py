@@ -276,7 +276,10 @@ def folder_given_as_checkpoint(tmp: Path):
     from m3d_lit.tasks.loading import load_task
 
     (tmp / "runs").mkdir()
-    problem = r"is a folder, not a checkpoint file \(nor a DeepSpeed checkpoint folder with a `latest` tag\)"
+    problem = (
+        r"is a folder, not a checkpoint file \(nor a DeepSpeed checkpoint folder with a `latest` tag, "
+        r"nor an M3D-LaMed directory with a config.json\)"
+    )
     return lambda: load_task(tmp / "runs"), tmp / "runs", problem
 
 

@@ -149,8 +149,7 @@ def export(
     checkpoint, out = Path(checkpoint), Path(out)
     if format not in ("m3d-lit", "m3d"):
         raise InputError("format", f"{format!r} is not 'm3d-lit' or 'm3d'")
-    if format == "m3d-lit":
-        dtype = dtype or "float32"
+    dtype = dtype or ("float32" if format == "m3d-lit" else None)
     if dtype is not None and dtype not in DTYPES:
         raise InputError("dtype", f"{dtype!r} is not one of {sorted(DTYPES)}")
     if out.exists() and not (overwrite and out.is_dir()):

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from m3d_lit.errors import InputError
 from m3d_lit.tasks.base import zero_checkpoint_problem
+from m3d_lit.tasks.official import official_kind
 
 __all__ = ["M3dLightningCLI", "check_paths", "fold_optimizer_options", "one_line"]
 
@@ -103,6 +104,8 @@ def check_paths(config: Namespace) -> None:
             ckpt, "--ckpt_path: checkpoint not found (or use --ckpt_path last to resume the newest)"
         )
     init_from = init_args.get("init_from")
+    if init_from and official_kind(init_from):  # an M3D-LaMed directory: the task reads and checks it
+        init_from = None
     if init_from and not ckpt and zero_checkpoint_problem(init_from):
         raise InputError(init_from, f"--model.init_from: {zero_checkpoint_problem(init_from)}")
     if init_from and not ckpt and not Path(init_from).is_file():

@@ -62,12 +62,12 @@ def _seg_scores(seg_logits: torch.Tensor | None, mask: torch.Tensor | None) -> d
     return {"produced_seg": seg_logits is not None, "dice": float(dice), "iou": float(iou)}
 
 
-def yes_no_ids(tokenizer: Any) -> tuple[int, int]:
-    """The first token of an answer starting with `Yes`, and of one starting with `No`."""
+def yes_no_ids(tokenizer: Any) -> tuple[int, int] | None:
+    """The first token of an answer starting with `Yes`, and of one starting with `No`; None when both
+    start with the same token (a SentencePiece model that splits off the word-start marker `▁`, as the
+    parity kit's tiny one does), where the first token cannot tell them apart and no `p_yes` is given."""
     yes, no = (tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in ("Yes", "No"))
-    if yes == no:
-        raise ValueError(f"the tokenizer starts 'Yes' and 'No' with the same token ({yes})")
-    return yes, no
+    return None if yes == no else (yes, no)
 
 
 @torch.no_grad()
@@ -87,7 +87,7 @@ def generate_records(
     """
     from m3d_lit.evaluation.closed import parse_closed
 
-    yes, no = yes_no_ids(model.tokenizer)
+    pair_ids = yes_no_ids(model.tokenizer)
     for batch in loader:
         out = model.generate(
             batch["images"].to(device),
@@ -104,8 +104,8 @@ def generate_records(
                 "answer": batch["answers"][i],
                 "prediction": text.strip(),
             }
-            if record["kind"] == "closed" and parse_closed(record["answer"]) is not None:
-                pair = out["first_logits"][i, [yes, no]].double()
+            if pair_ids and record["kind"] == "closed" and parse_closed(record["answer"]) is not None:
+                pair = out["first_logits"][i, list(pair_ids)].double()
                 record["p_yes"] = float(torch.softmax(pair, dim=0)[0])
             if record["kind"] == "seg":
                 mask = batch["masks"][i] if bool(batch["seg_flags"][i]) else None

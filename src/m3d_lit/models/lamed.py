@@ -138,6 +138,8 @@ class LamedModel(nn.Module):
         self.vision.requires_grad_(modes["vision"] == "full")
         self.perceiver.requires_grad_(modes["perceiver"] == "full")
         self.segmentation.requires_grad_(modes["segmentation"] == "full")
+        for param in self.segmentation.mask_decoder.unread_parameters():
+            param.requires_grad_(False)
         self.seg_head.requires_grad_(modes["segmentation"] == "full")
         self.new_tokens.requires_grad_(modes["new_token_rows"] == "full")
         for name, param in self.llm.named_parameters():
@@ -279,8 +281,7 @@ class LamedModel(nn.Module):
         top_p: float = 1.0,
         on_step: Callable[[Tensor, Tensor], None] | None = None,
     ) -> dict[str, list]:
-        """Batched answers to left-padded prompts, with a KV cache; each row stops at EOS (or another
-        of `stop_ids`).
+        """Batched answers to left-padded prompts, with a KV cache; a row stops at any of `stop_ids`.
 
         `on_step`, if given, sees each step's logits (B x V, at least float32) and chosen ids (B; pad once
         a row is done) as they are made: what streaming an answer or reading its first token's scores needs.

@@ -190,6 +190,13 @@ class MaskDecoder(nn.Module):
             self.iou_prediction_head = HyperMLP([dim, *hidden, num_masks])
         self.txt_align_upscaled_embedding = nn.Linear(dim, dim // 8)
 
+    def unread_parameters(self) -> list[nn.Parameter]:
+        """The IoU head's and the extra hypernetworks' weights, which no output reads (DDP needs them frozen)."""
+        unread = list(self.output_hypernetworks_mlps[1:].parameters())
+        if self.iou_token is not None:
+            unread += list(self.iou_prediction_head.parameters())
+        return unread
+
     def forward(
         self, image: Tensor, image_pe: Tensor, prompts: Tensor, sparse: Tensor, dense: Tensor
     ) -> Tensor:

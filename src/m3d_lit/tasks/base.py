@@ -36,7 +36,10 @@ def zero_checkpoint_problem(path: str | Path) -> str | None:
         return None
     tag = (path / "latest").read_text().strip() if (path / "latest").is_file() else None
     if tag is None or not any((path / tag).glob("*model_states.pt")):
-        return "is a folder, not a checkpoint file (nor a DeepSpeed checkpoint folder with a `latest` tag)"
+        return (
+            "is a folder, not a checkpoint file (nor a DeepSpeed checkpoint folder with a `latest` tag, "
+            "nor an M3D-LaMed directory with a config.json)"
+        )
     out = path.with_name(f"{path.stem}.fp32.ckpt")
     command = (
         'python -c "from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict '

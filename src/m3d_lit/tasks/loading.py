@@ -234,11 +234,11 @@ def _task_class(path: Path, checkpoint: dict[str, Any]) -> type[BaseTask]:
 
 def load_task(path: str | Path, device: str = "cpu") -> tuple[BaseTask, dict[str, Any]]:
     """The task of a checkpoint with its weights, in eval mode, and the checkpoint's m3d_lit record
-    (with the checkpoint's `global_step` added). A directory is read as an official M3D model
-    (`tasks/official.py`).
+    (with the checkpoint's `global_step` added). A directory with a config.json is read as an official
+    M3D model (`tasks/official.py`).
     """
     path = Path(path)
-    if path.is_dir():
+    if (path / "config.json").is_file():
         from m3d_lit.tasks.official import load_official_task
 
         return load_official_task(path, device)

@@ -32,7 +32,7 @@ def load_official_task(path: Path, device: str = "cpu") -> tuple[Any, dict[str, 
     from m3d_lit.tasks.finetune import FinetuneTask
 
     if official_kind(path) is None:
-        config = read_config(path)  # raises, naming a missing config.json
+        config = read_config(path)  # raises for a config.json that is not a JSON object
         raise InputError(
             path,
             f"is neither an m3d-lit checkpoint (a .ckpt file) nor an official M3D-LaMed directory: its "
