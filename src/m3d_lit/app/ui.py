@@ -156,7 +156,7 @@ class App:
         else:
             at = focus(session.predicted, session.scan.display.shape)
             views = views_html(session.scan, at, preset, {k: k in shown for k in OVERLAYS}, session.predicted)
-            yield {**out, "session": session, "views": views, "at": at, "mask": session.mask_file}
+            yield {**out, "session": session, "views": views, "at": at, "mask": str(session.mask_file)}
         if blank:
             for part in self.engine.stream(np.zeros_like(session.scan.image), question):
                 out.update(blank=part.text, blank_p_yes=_fmt_p(part.p_yes))
