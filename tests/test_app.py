@@ -234,61 +234,99 @@ def _check_mask_download(driver, expected: np.ndarray, tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.asarray(nib.load(path).dataobj).transpose(2, 1, 0), expected)
 
 
-def test_app_in_headless_chromium(app_server: dict, browser, seg_checkpoint: Path, prepared: list[Path],
-                                  tmp_path: Path) -> None:  # fmt: skip
+def _check_prepared_scan(driver, key: str, reference_answer: str) -> None:
+    """Pick the scan: its reference answers are listed and the reference overlay can be toggled."""
+    _pick(driver, "m3d-prepared", key)
+    _poll(lambda: key in driver.find_element(By.ID, "m3d-scan-name").text, "the slices")
+    assert reference_answer in driver.find_element(By.ID, "m3d-reference").text
+    # the slider starts on the reference mask's largest slice: the green overlay is there, then it is not
+    with_reference = _pixels(driver, "axial")
+    assert _coloured(with_reference) > 0
+    _toggle(driver, "reference")
+    _poll(lambda: _coloured(_pixels(driver, "axial")) == 0, "the slice without the reference overlay")
+    _toggle(driver, "reference")
+    _poll(lambda: np.array_equal(_pixels(driver, "axial"), with_reference), "the reference overlay back")
+
+
+def _check_closed(driver, checkpoint: Path, volume: Path, tmp_path: Path) -> str:
+    """A closed question with the blank-volume switch: both answers and both P(Yes) as the CLI gives them."""
+    question = "Is there a fracture?"
+    status = _ask(driver, question, without_image=True)
+    np.save(tmp_path / "blank.npy", np.zeros((1, 32, 64, 64), np.float32))
+    for suffix, scan in (("", volume), ("-blank", tmp_path / "blank.npy")):
+        text, _, p_yes = _expected(checkpoint, scan, question)
+        assert _value(driver, f"m3d-answer{suffix}") == text
+        # the page shows 3 decimals (rounding <= 5e-4); the cached and the plain forward pass differ by far less
+        assert abs(float(_value(driver, f"m3d-pyes{suffix}")) - p_yes) <= 6e-4
+    return status
+
+
+def _check_segmentation(driver, checkpoint: Path, volume: Path, tmp_path: Path) -> None:
+    """A [SEG] answer: the mask's voxel count, its overlay toggled on its own, and its NIfTI download."""
+    status = _ask(driver, SEG_QUESTION, without_image=False)
+    text, logits, _ = _expected(checkpoint, volume, SEG_QUESTION)
+    assert text.startswith("[SEG]") and _value(driver, "m3d-answer") == text
+    assert _value(driver, "m3d-pyes") == ""  # not a yes/no question
+    expected_mask = (logits.sigmoid() > 0.5).numpy().astype(np.uint8)[0]
+    assert f"predicted mask: {int(expected_mask.sum())} voxels" in status and expected_mask.any()
+    _toggle(driver, "reference")
+    _poll(lambda: _coloured(_pixels(driver, "axial")) > 0, "the slice with the predicted overlay alone")
+    _toggle(driver, "predicted")
+    _poll(lambda: _coloured(_pixels(driver, "axial")) == 0, "the slice without any overlay")
+    _toggle(driver, "predicted")
+    _toggle(driver, "reference")
+    _check_mask_download(driver, expected_mask, tmp_path)
+
+
+def _check_uploads(driver, nifti: Path, tmp_path: Path, app_tmp: Path) -> None:
+    """A bad upload shows the CLI's one-line error; a NIfTI loads in HU, the bone window redraws it, and
+    no uploaded copy stays behind."""
+    bad = tmp_path / "bad scan.nii.gz"
+    bad.write_bytes(b"\x1f\x8b truncated")
+    driver.find_element(By.CSS_SELECTOR, "#m3d-upload input[type=file]").send_keys(str(bad))
+    line = str(
+        _poll(lambda: driver.find_element(By.CSS_SELECTOR, "#m3d-error .m3d-error-line").text, "the error")
+    )
+    assert line.startswith("Error: bad scan.nii.gz: cannot read NIfTI") and "\n" not in line
+    _poll(lambda: driver.find_element(By.CSS_SELECTOR, "#m3d-upload input[type=file]"), "an empty upload box")
+    driver.find_element(By.CSS_SELECTOR, "#m3d-upload input[type=file]").send_keys(str(nifti))
+    _poll(lambda: nifti.name in driver.find_element(By.ID, "m3d-scan-name").text, "the uploaded scan")
+    _poll(
+        lambda: not driver.find_elements(By.CSS_SELECTOR, "#m3d-error .m3d-error-line"), "the error cleared"
+    )
+    brain = _pixels(driver, "axial")
+    driver.find_element(By.XPATH, "//*[@id='m3d-window']//label[normalize-space()='bone']").click()
+    _poll(lambda: not np.array_equal(_pixels(driver, "axial"), brain), "the bone window")
+    assert not [p for p in app_tmp.rglob("*") if p.name in (nifti.name, bad.name)]
+
+
+def _outside_requests(driver, port: str) -> list[str]:
+    """Every http(s)/ws address the page asked for that is not the app itself."""
+    messages = (json.loads(entry["message"])["message"] for entry in driver.get_log("performance"))
+    urls = {m.get("params", {}).get("request", {}).get("url", "") for m in messages}
+    own = (f"http://127.0.0.1:{port}/", f"ws://127.0.0.1:{port}/")
+    return sorted(u for u in urls if u.startswith(("http", "ws")) and not u.startswith(own))
+
+
+def test_app_in_headless_chromium(
+    app_server: dict, browser, seg_checkpoint: Path, prepared: list[Path], synthetic_raw: Path, tmp_path: Path
+) -> None:
     rows = [json.loads(line) for line in (prepared[1] / "qa_test.jsonl").read_text().splitlines()]
     seg = next(r for r in rows if r["kind"] == "seg" and np.load(prepared[1] / r["mask"]).any())
     key, volume = f"physionet/{Path(seg['image']).stem}", prepared[1] / seg["image"]
     browser.get(app_server["url"])
     _poll(lambda: browser.find_element(By.CSS_SELECTOR, "#m3d-prepared input"), "the page")
-    _pick(browser, "m3d-prepared", key)
-    _poll(lambda: browser.find_element(By.ID, "m3d-axial"), "the slices")
-    assert seg["answer"] in browser.find_element(By.ID, "m3d-reference").text
-
-    # the slider starts on the reference mask's largest slice: the green overlay is there, then it is not
-    with_reference = _pixels(browser, "axial")
-    assert _coloured(with_reference) > 0
-    _toggle(browser, "reference")
-    _poll(lambda: _coloured(_pixels(browser, "axial")) == 0, "the slice without the reference overlay")
-    _toggle(browser, "reference")
-    _poll(lambda: np.array_equal(_pixels(browser, "axial"), with_reference), "the reference overlay back")
-
-    closed = "Is there a fracture?"
-    status = _ask(browser, closed, without_image=True)
-    first_answer_s = time.perf_counter() - app_server["started"]
-    text, _, p_yes = _expected(seg_checkpoint, volume, closed)
-    assert _value(browser, "m3d-answer") == text
-    # the page shows 3 decimals (rounding <= 5e-4); the cached and the plain forward pass differ by far less
-    assert abs(float(_value(browser, "m3d-pyes")) - p_yes) <= 6e-4
-    np.save(tmp_path / "blank.npy", np.zeros((1, 32, 64, 64), np.float32))
-    blank_text, _, blank_p = _expected(seg_checkpoint, tmp_path / "blank.npy", closed)
-    assert _value(browser, "m3d-answer-blank") == blank_text
-    assert abs(float(_value(browser, "m3d-pyes-blank")) - blank_p) <= 6e-4
-    print(f"\nfrom `m3d-lit app` start to the first answer: {first_answer_s:.1f} s ({status})")
-
-    status = _ask(browser, SEG_QUESTION, without_image=False)
-    text, logits, _ = _expected(seg_checkpoint, volume, SEG_QUESTION)
-    assert text.startswith("[SEG]") and _value(browser, "m3d-answer") == text
-    assert _value(browser, "m3d-pyes") == ""  # not a yes/no question
-    expected_mask = (logits.sigmoid() > 0.5).numpy().astype(np.uint8)[0]
-    assert f"predicted mask: {int(expected_mask.sum())} voxels" in status and expected_mask.any()
-    # the predicted overlay on its own: there, then gone when unticked
-    _toggle(browser, "reference")
-    _poll(lambda: _coloured(_pixels(browser, "axial")) > 0, "the slice with the predicted overlay alone")
-    _toggle(browser, "predicted")
-    _poll(lambda: _coloured(_pixels(browser, "axial")) == 0, "the slice without any overlay")
-    _toggle(browser, "predicted")
-    _toggle(browser, "reference")
-    _check_mask_download(browser, expected_mask, tmp_path)
-
+    _check_prepared_scan(browser, key, seg["answer"])
+    status = _check_closed(browser, seg_checkpoint, volume, tmp_path)
+    print(f"\nfrom `m3d-lit app` start to the first answer: {time.perf_counter() - app_server['started']:.1f} s"
+          f" ({status})")  # fmt: skip
+    _check_segmentation(browser, seg_checkpoint, volume, tmp_path)
     screenshot = tmp_path / "app.png"
     browser.save_screenshot(str(screenshot))
     print(f"screenshot: {screenshot}")
-    port = app_server["url"].rsplit(":", 1)[1].rstrip("/")
-    urls = {json.loads(entry["message"])["message"].get("params", {}).get("request", {}).get("url", "")
-            for entry in browser.get_log("performance")}  # fmt: skip
-    outside = [u for u in urls if u.startswith(("http", "ws")) and not u.startswith(f"http://127.0.0.1:{port}")
-               and not u.startswith(f"ws://127.0.0.1:{port}")]  # fmt: skip
-    assert not outside, f"the page fetched from outside the app: {outside[:5]}"
+    nifti = sorted((synthetic_raw / "physionet" / "ct_scans").glob("*.nii"))[0]
+    _check_uploads(browser, nifti, tmp_path, app_server["tmp"])
+    browser.save_screenshot(str(tmp_path / "app_upload.png"))
+    assert not _outside_requests(browser, app_server["url"].rsplit(":", 1)[1].rstrip("/"))
     app_server["stop"]()
     assert list(app_server["tmp"].iterdir()) == [], "the app left temporary files behind"

@@ -69,6 +69,11 @@ def _reference_table(scan: Scan) -> str:
     return "\n".join(rows)
 
 
+def _error(err: InputError) -> str:
+    """The command line's one-line message, in the page."""
+    return f"<p class='m3d-error-line'>Error: {html.escape(str(err))}</p>"
+
+
 def _fmt_p(p_yes: float | None) -> str:
     return "" if p_yes is None else f"{p_yes:.3f}"
 
@@ -98,24 +103,27 @@ class App:
 
     def pick(self, key: str | None, session: Session) -> list:
         if not key:
-            return [session, "", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()]
+            return [session, "", *[gr.skip()] * 7]
         try:
             scan = load_prepared(key, self.prepared[key], self.engine.size)
         except InputError as err:
-            return [session, f"**Error:** {html.escape(str(err))}", *[gr.skip()] * 7]
+            return [session, _error(err), *[gr.skip()] * 7]
         return self._loaded(session, scan)
 
     def upload(self, path: str | None, session: Session) -> list:
+        """Outputs as `pick`, then None to empty the upload box (its file is gone by then)."""
         if not path:
-            return [session, "", *[gr.skip()] * 7]
+            return [session, "", *[gr.skip()] * 7, None]
         upload = Path(path)
         try:
             scan = load_upload(upload, upload.name, self.engine.size, self.engine.window, self.workdir)
         except InputError as err:
-            return [session, f"**Error:** {html.escape(str(err))}", *[gr.skip()] * 7]
+            return [session, _error(err), *[gr.skip()] * 7, None]
         finally:  # the arrays are in memory now: the uploaded copy goes at once
-            shutil.rmtree(upload.parent, ignore_errors=True)
-        return self._loaded(session, scan)
+            upload.unlink(missing_ok=True)
+            if not any(upload.parent.iterdir()):
+                upload.parent.rmdir()
+        return [*self._loaded(session, scan), None]
 
     def render(self, session: Session, axial, coronal, sagittal, preset: str, shown: list[str]) -> str:
         indices = {"axial": axial, "coronal": coronal, "sagittal": sagittal}
@@ -141,7 +149,7 @@ class App:
                 out.update(answer=part.text, p_yes=_fmt_p(part.p_yes))
                 yield dict(out)
         except InputError as err:
-            yield {**out, "status": f"**Error:** {html.escape(str(err))}"}
+            yield {**out, "status": _error(err)}
             return
         _drop_mask_file(session)
         if part.seg_logits is None:
@@ -179,7 +187,7 @@ def build_app(engine: Engine, data: list[Path], workdir: Path) -> gr.Blocks:
                 upload = gr.File(label="...or upload a NIfTI, a .zip of a DICOM series or an .npy",
                                  file_types=[".nii", ".gz", ".npy", ".zip"], type="filepath",
                                  elem_id="m3d-upload")  # fmt: skip
-                error = gr.Markdown(elem_id="m3d-error")
+                error = gr.HTML(elem_id="m3d-error")
                 reference = gr.Markdown(elem_id="m3d-reference")
             with gr.Column(scale=3):
                 views = gr.HTML(views_html(None, {}, "brain", {}, None), elem_id="m3d-views")
@@ -208,7 +216,7 @@ def build_app(engine: Engine, data: list[Path], workdir: Path) -> gr.Blocks:
 
         loaded = [state, error, reference, known, preset, mask, *sliders]
         pick.change(app.pick, [pick, state], loaded, concurrency_limit=None)
-        upload.upload(app.upload, [upload, state], loaded, concurrency_limit=2)
+        upload.upload(app.upload, [upload, state], [*loaded, upload], concurrency_limit=2)
         known.change(lambda q: q or gr.skip(), known, question)
         view_inputs = [state, *sliders, preset, shown]
         for trigger in (*sliders, preset, shown, state):
