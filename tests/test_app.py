@@ -248,17 +248,20 @@ def _check_prepared_scan(driver, key: str, reference_answer: str) -> None:
     _poll(lambda: np.array_equal(_pixels(driver, "axial"), with_reference), "the reference overlay back")
 
 
-def _check_closed(driver, checkpoint: Path, volume: Path, tmp_path: Path) -> str:
-    """A closed question with the blank-volume switch: both answers and both P(Yes) as the CLI gives them."""
+def _check_closed(driver, checkpoint: Path, volume: Path, tmp_path: Path, started: float) -> str:
+    """A closed question with the blank-volume switch: both answers and both P(Yes) as the CLI gives them.
+
+    Returns the time from the app's start to this first answer, and the page's status line."""
     question = "Is there a fracture?"
     status = _ask(driver, question, without_image=True)
+    timing = f"{time.perf_counter() - started:.1f} s from `m3d-lit app` start to the first answer ({status})"
     np.save(tmp_path / "blank.npy", np.zeros((1, 32, 64, 64), np.float32))
     for suffix, scan in (("", volume), ("-blank", tmp_path / "blank.npy")):
         text, _, p_yes = _expected(checkpoint, scan, question)
         assert _value(driver, f"m3d-answer{suffix}") == text
         # the page shows 3 decimals (rounding <= 5e-4); the cached and the plain forward pass differ by far less
         assert abs(float(_value(driver, f"m3d-pyes{suffix}")) - p_yes) <= 6e-4
-    return status
+    return timing
 
 
 def _check_segmentation(driver, checkpoint: Path, volume: Path, tmp_path: Path) -> None:
@@ -317,9 +320,7 @@ def test_app_in_headless_chromium(
     browser.get(app_server["url"])
     _poll(lambda: browser.find_element(By.CSS_SELECTOR, "#m3d-prepared input"), "the page")
     _check_prepared_scan(browser, key, seg["answer"])
-    status = _check_closed(browser, seg_checkpoint, volume, tmp_path)
-    print(f"\nfrom `m3d-lit app` start to the first answer: {time.perf_counter() - app_server['started']:.1f} s"
-          f" ({status})")  # fmt: skip
+    print("\n" + _check_closed(browser, seg_checkpoint, volume, tmp_path, app_server["started"]))
     _check_segmentation(browser, seg_checkpoint, volume, tmp_path)
     screenshot = tmp_path / "app.png"
     browser.save_screenshot(str(screenshot))

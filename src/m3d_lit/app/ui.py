@@ -215,8 +215,14 @@ def build_app(engine: Engine, data: list[Path], workdir: Path) -> gr.Blocks:
         mask = gr.File(label="Predicted mask (NIfTI)", elem_id="m3d-mask", interactive=False)
 
         loaded = [state, error, reference, known, preset, mask, *sliders]
-        pick.change(app.pick, [pick, state], loaded, concurrency_limit=None)
-        upload.upload(app.upload, [upload, state], [*loaded, upload], concurrency_limit=2)
+        # answers about the previous scan must not stand beside a new one
+        answers = [answer, p_yes, blank_answer, blank_p, status]
+        pick.change(app.pick, [pick, state], loaded, concurrency_limit=None).then(
+            lambda: [""] * len(answers), None, answers
+        )
+        upload.upload(app.upload, [upload, state], [*loaded, upload], concurrency_limit=2).then(
+            lambda: [""] * len(answers), None, answers
+        )
         known.change(lambda q: q or gr.skip(), known, question)
         view_inputs = [state, *sliders, preset, shown]
         for trigger in (*sliders, preset, shown, state):
