@@ -151,3 +151,16 @@ def test_second_question_waits_for_the_first(engine: Engine, prepared: list[Path
     finally:
         del engine.model.generate
     assert most[0] == 1 and len(answers) == 3 and len(set(answers)) == 1
+
+
+def test_app_command_refuses_a_missing_checkpoint_in_one_line(tmp_path: Path, capsys) -> None:
+    from m3d_lit.cli import main
+
+    assert main(["app", "--checkpoint", str(tmp_path / "none.ckpt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"m3d-lit app: error: {tmp_path / 'none.ckpt'}: does not exist"
+    )
+    (tmp_path / "x.ckpt").write_bytes(b"")
+    assert main(["app", "--checkpoint", str(tmp_path / "x.ckpt"), "--data", str(tmp_path / "nowhere")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
