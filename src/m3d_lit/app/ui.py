@@ -69,6 +69,15 @@ def _reference_table(scan: Scan) -> str:
     return "\n".join(rows)
 
 
+def _discard(upload: Path) -> None:
+    """Remove an uploaded copy once read (the arrays are in memory), and its folder once empty."""
+    upload.unlink(missing_ok=True)
+    try:
+        upload.parent.rmdir()
+    except OSError:  # another upload of the same content still lies there, or it is gone already
+        pass
+
+
 def _error(err: InputError) -> str:
     """The command line's one-line message, in the page."""
     return f"<p class='m3d-error-line'>Error: {html.escape(str(err))}</p>"
@@ -119,10 +128,8 @@ class App:
             scan = load_upload(upload, upload.name, self.engine.size, self.engine.window, self.workdir)
         except InputError as err:
             return [session, _error(err), *[gr.skip()] * 7, None]
-        finally:  # the arrays are in memory now: the uploaded copy goes at once
-            upload.unlink(missing_ok=True)
-            if not any(upload.parent.iterdir()):
-                upload.parent.rmdir()
+        finally:
+            _discard(upload)
         return [*self._loaded(session, scan), None]
 
     def render(self, session: Session, axial, coronal, sagittal, preset: str, shown: list[str]) -> str:
@@ -143,7 +150,7 @@ class App:
             yield {**out, "status": "Load a scan first."}
             return
         start = time.perf_counter()
-        yield {**out, "status": "Answering (questions from other sessions wait their turn)..."}
+        yield {**out, "status": "Answering..."}
         try:
             for part in self.engine.stream(session.scan.image, question):
                 out.update(answer=part.text, p_yes=_fmt_p(part.p_yes))
