@@ -54,6 +54,15 @@ def test_bad_uploads_are_one_line_errors_naming_the_upload(tmp_path: Path) -> No
         assert message.startswith(f"{name}: ") and "\n" not in message and "upload-7f3a" not in message
 
 
+def test_npy_upload_is_resized_and_shown_as_it_is(tmp_path: Path) -> None:
+    volume = np.random.default_rng(0).random((1, 16, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "vol.npy", volume)
+    scan = load_upload(tmp_path / "vol.npy", "vol.npy", SIZE, "brain", tmp_path)
+    assert scan.image.shape == (1, *SIZE) and not scan.hu and scan.extent_mm is None
+    np.testing.assert_array_equal(scan.display, scan.image[0])
+    assert 0.0 <= scan.image.min() and scan.image.max() <= 1.0  # trilinear resizing stays within the range
+
+
 def test_zip_members_outside_the_archive_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.zip"
     with zipfile.ZipFile(path, "w") as archive:
