@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import zipfile
@@ -51,6 +52,15 @@ def test_bad_uploads_are_one_line_errors_naming_the_upload(tmp_path: Path) -> No
             load_upload(path, name, SIZE, "brain", tmp_path)
         message = str(err.value)
         assert message.startswith(f"{name}: ") and "\n" not in message and "upload-7f3a" not in message
+
+
+def test_npy_upload_is_resized_and_shown_as_it_is(tmp_path: Path) -> None:
+    volume = np.random.default_rng(0).random((1, 16, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "vol.npy", volume)
+    scan = load_upload(tmp_path / "vol.npy", "vol.npy", SIZE, "brain", tmp_path)
+    assert scan.image.shape == (1, *SIZE) and not scan.hu and scan.extent_mm is None
+    np.testing.assert_array_equal(scan.display, scan.image[0])
+    assert 0.0 <= scan.image.min() and scan.image.max() <= 1.0  # trilinear resizing stays within the range
 
 
 def test_zip_members_outside_the_archive_are_refused(tmp_path: Path) -> None:
@@ -151,3 +161,64 @@ def test_second_question_waits_for_the_first(engine: Engine, prepared: list[Path
     finally:
         del engine.model.generate
     assert most[0] == 1 and len(answers) == 3 and len(set(answers)) == 1
+
+
+def test_app_command_refuses_a_missing_checkpoint_in_one_line(tmp_path: Path, capsys) -> None:
+    from m3d_lit.cli import main
+
+    assert main(["app", "--checkpoint", str(tmp_path / "none.ckpt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"m3d-lit app: error: {tmp_path / 'none.ckpt'}: does not exist"
+    )
+    (tmp_path / "x.ckpt").write_bytes(b"")
+    assert main(["app", "--checkpoint", str(tmp_path / "x.ckpt"), "--data", str(tmp_path / "nowhere")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_sessions_asking_at_once_are_both_answered_in_turn(
+    engine: Engine, prepared: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the page's server (its queue, then the engine's lock): the second question waits, not dropped."""
+    import socket
+    import time
+
+    from gradio_client import Client
+
+    from m3d_lit.app.ui import build_app
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    generate, running, most, lock = engine.model.generate, [0], [0], threading.Lock()
+
+    def slow(*args, **kwargs):  # long enough that the two questions surely meet
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(1.0)
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(engine.model, "generate", slow)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    page = build_app(engine, [prepared[1]], tmp_path)
+    page.queue(default_concurrency_limit=1)
+    page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        clients = [Client(f"http://127.0.0.1:{port}/", verbose=False) for _ in range(2)]
+        first = json.loads((prepared[1] / "qa_test.jsonl").read_text().splitlines()[0])
+        key = f"{prepared[1].name}/{Path(first['image']).stem}"
+        for client in clients:
+            client.predict(key, api_name="/pick")
+        jobs = [c.submit("Is there a fracture?", False, "brain", [], api_name="/run") for c in clients]
+        results = [job.result(timeout=300) for job in jobs]
+    finally:
+        page.close()
+    assert most[0] == 1
+    assert all(r[4].startswith("Answered") for r in results) and results[0][:2] == results[1][:2]

@@ -69,6 +69,20 @@ def _reference_table(scan: Scan) -> str:
     return "\n".join(rows)
 
 
+def _discard(upload: Path) -> None:
+    """Remove an uploaded copy once read (the arrays are in memory), and its folder once empty."""
+    upload.unlink(missing_ok=True)
+    try:
+        upload.parent.rmdir()
+    except OSError:  # another upload of the same content still lies there, or it is gone already
+        pass
+
+
+def _error(err: InputError) -> str:
+    """The command line's one-line message, in the page."""
+    return f"<p class='m3d-error-line'>Error: {html.escape(str(err))}</p>"
+
+
 def _fmt_p(p_yes: float | None) -> str:
     return "" if p_yes is None else f"{p_yes:.3f}"
 
@@ -98,24 +112,25 @@ class App:
 
     def pick(self, key: str | None, session: Session) -> list:
         if not key:
-            return [session, "", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()]
+            return [session, "", *[gr.skip()] * 7]
         try:
             scan = load_prepared(key, self.prepared[key], self.engine.size)
         except InputError as err:
-            return [session, f"**Error:** {html.escape(str(err))}", *[gr.skip()] * 7]
+            return [session, _error(err), *[gr.skip()] * 7]
         return self._loaded(session, scan)
 
     def upload(self, path: str | None, session: Session) -> list:
+        """Outputs as `pick`, then None to empty the upload box (its file is gone by then)."""
         if not path:
-            return [session, "", *[gr.skip()] * 7]
+            return [session, "", *[gr.skip()] * 7, None]
         upload = Path(path)
         try:
             scan = load_upload(upload, upload.name, self.engine.size, self.engine.window, self.workdir)
         except InputError as err:
-            return [session, f"**Error:** {html.escape(str(err))}", *[gr.skip()] * 7]
-        finally:  # the arrays are in memory now: the uploaded copy goes at once
-            shutil.rmtree(upload.parent, ignore_errors=True)
-        return self._loaded(session, scan)
+            return [session, _error(err), *[gr.skip()] * 7, None]
+        finally:
+            _discard(upload)
+        return [*self._loaded(session, scan), None]
 
     def render(self, session: Session, axial, coronal, sagittal, preset: str, shown: list[str]) -> str:
         indices = {"axial": axial, "coronal": coronal, "sagittal": sagittal}
@@ -135,13 +150,13 @@ class App:
             yield {**out, "status": "Load a scan first."}
             return
         start = time.perf_counter()
-        yield {**out, "status": "Answering (questions from other sessions wait their turn)..."}
+        yield {**out, "status": "Answering..."}
         try:
             for part in self.engine.stream(session.scan.image, question):
                 out.update(answer=part.text, p_yes=_fmt_p(part.p_yes))
                 yield dict(out)
         except InputError as err:
-            yield {**out, "status": f"**Error:** {html.escape(str(err))}"}
+            yield {**out, "status": _error(err)}
             return
         _drop_mask_file(session)
         if part.seg_logits is None:
@@ -156,7 +171,7 @@ class App:
         else:
             at = focus(session.predicted, session.scan.display.shape)
             views = views_html(session.scan, at, preset, {k: k in shown for k in OVERLAYS}, session.predicted)
-            yield {**out, "session": session, "views": views, "at": at, "mask": session.mask_file}
+            yield {**out, "session": session, "views": views, "at": at, "mask": str(session.mask_file)}
         if blank:
             for part in self.engine.stream(np.zeros_like(session.scan.image), question):
                 out.update(blank=part.text, blank_p_yes=_fmt_p(part.p_yes))
@@ -165,67 +180,87 @@ class App:
         yield {**out, "status": f"Answered in {time.perf_counter() - start:.1f} s{seg}."}
 
 
+def _scan_panel(app: App) -> dict:
+    pick = gr.Dropdown(sorted(app.prepared), value=None, label="Prepared test scan", elem_id="m3d-prepared")
+    upload = gr.File(label="...or upload a NIfTI, a .zip of a DICOM series or an .npy",
+                     file_types=[".nii", ".gz", ".npy", ".zip"], type="filepath", elem_id="m3d-upload")  # fmt: skip
+    return {"pick": pick, "upload": upload, "error": gr.HTML(elem_id="m3d-error"),
+            "reference": gr.Markdown(elem_id="m3d-reference")}  # fmt: skip
+
+
+def _view_panel() -> dict:
+    views = gr.HTML(views_html(None, {}, "brain", {}, None), elem_id="m3d-views")
+    sliders = [gr.Slider(0, 1, value=0, step=1, label=f"{name} slice", elem_id=f"m3d-{name}-slider")
+               for name in PLANES]  # fmt: skip
+    with gr.Row():
+        preset = gr.Radio(list(PRESETS), value="brain", label="Window", elem_id="m3d-window")
+        shown = gr.CheckboxGroup(
+            list(OVERLAYS), value=list(OVERLAYS), label="Masks shown", elem_id="m3d-overlays"
+        )
+    return {"views": views, "sliders": sliders, "preset": preset, "shown": shown}
+
+
+def _ask_panel(app: App) -> dict:
+    with gr.Row():
+        known = gr.Dropdown(
+            app.questions, value=None, label="One of the dataset's questions", elem_id="m3d-known"
+        )
+        question = gr.Textbox(label="Question", elem_id="m3d-question", scale=2)
+        blank = gr.Checkbox(label="Also without the image (blank volume)", elem_id="m3d-blank")
+        ask = gr.Button("Ask", variant="primary", elem_id="m3d-ask")
+    with gr.Row():
+        labels = {"answer": ("Answer (with the scan)", "m3d-answer"),
+                  "p_yes": ("P(Yes) vs No, first token", "m3d-pyes"),
+                  "blank": ("Answer (blank volume)", "m3d-answer-blank"),
+                  "blank_p_yes": ("P(Yes), blank volume", "m3d-pyes-blank")}  # fmt: skip
+        out = {k: gr.Textbox(label=text, elem_id=eid, interactive=False) for k, (text, eid) in labels.items()}
+    out["status"] = gr.Markdown(elem_id="m3d-status")
+    out["mask"] = gr.File(label="Predicted mask (NIfTI)", elem_id="m3d-mask", interactive=False)
+    return {**out, "known": known, "question": question, "blank_switch": blank, "ask": ask}
+
+
+def _wire(app: App, c: dict) -> None:
+    """The events: loading a scan, redrawing the views, asking (one at a time over all sessions)."""
+    sliders = c["sliders"]
+    loaded = [c["session"], c["error"], c["reference"], c["known"], c["preset"], c["mask"], *sliders]
+    # answers about the previous scan must not stand beside a new one
+    answers = [c[k] for k in ("answer", "p_yes", "blank", "blank_p_yes", "status")]
+    c["pick"].change(app.pick, [c["pick"], c["session"]], loaded, concurrency_limit=None).then(
+        lambda: [""] * len(answers), None, answers
+    )
+    upload = c["upload"]
+    upload.upload(app.upload, [upload, c["session"]], [*loaded, upload], concurrency_limit=2).then(
+        lambda: [""] * len(answers), None, answers
+    )
+    c["known"].change(lambda q: q or gr.skip(), c["known"], c["question"])
+    view_inputs = [c["session"], *sliders, c["preset"], c["shown"]]
+    for trigger in (*sliders, c["preset"], c["shown"], c["session"]):
+        trigger.change(app.render, view_inputs, c["views"], concurrency_limit=None, show_progress="hidden")
+
+    def run(session, text, without, window, overlays):
+        for out in app.ask(session, text, without, window, overlays):
+            at = out.pop("at", None)
+            update = {c[k]: v for k, v in out.items()}
+            if at is not None:
+                update.update({s: gr.update(value=at[n]) for s, n in zip(sliders, PLANES)})
+            yield update
+
+    outputs = [*answers, c["session"], c["views"], c["mask"], *sliders]
+    inputs = [c["session"], c["question"], c["blank_switch"], c["preset"], c["shown"]]
+    for trigger in (c["ask"].click, c["question"].submit):
+        trigger(run, inputs, outputs, concurrency_limit=1, concurrency_id="model")
+
+
 def build_app(engine: Engine, data: list[Path], workdir: Path) -> gr.Blocks:
     """The Blocks of the page; `workdir` holds unpacked zips and mask files."""
     app = App(engine, data, workdir)
     with gr.Blocks(title="m3d-lit", analytics_enabled=False, delete_cache=(600, 3600)) as page:
-        state = gr.State(Session(), delete_callback=_drop_mask_file)
+        session = gr.State(Session(), delete_callback=_drop_mask_file)
         gr.Markdown("## m3d-lit: look at a scan, ask about it, see the mask")
         with gr.Row():
             with gr.Column(scale=1):
-                pick = gr.Dropdown(
-                    sorted(app.prepared), value=None, label="Prepared test scan", elem_id="m3d-prepared"
-                )
-                upload = gr.File(label="...or upload a NIfTI, a .zip of a DICOM series or an .npy",
-                                 file_types=[".nii", ".gz", ".npy", ".zip"], type="filepath",
-                                 elem_id="m3d-upload")  # fmt: skip
-                error = gr.Markdown(elem_id="m3d-error")
-                reference = gr.Markdown(elem_id="m3d-reference")
+                scan = _scan_panel(app)
             with gr.Column(scale=3):
-                views = gr.HTML(views_html(None, {}, "brain", {}, None), elem_id="m3d-views")
-                sliders = [gr.Slider(0, 1, value=0, step=1, label=f"{name} slice", elem_id=f"m3d-{name}-slider")
-                           for name in PLANES]  # fmt: skip
-                with gr.Row():
-                    preset = gr.Radio(list(PRESETS), value="brain", label="Window", elem_id="m3d-window")
-                    shown = gr.CheckboxGroup(list(OVERLAYS), value=list(OVERLAYS), label="Masks shown",
-                                             elem_id="m3d-overlays")  # fmt: skip
-        with gr.Row():
-            known = gr.Dropdown(
-                app.questions, value=None, label="One of the dataset's questions", elem_id="m3d-known"
-            )
-            question = gr.Textbox(label="Question", elem_id="m3d-question", scale=2)
-            blank = gr.Checkbox(label="Also without the image (blank volume)", elem_id="m3d-blank")
-            ask = gr.Button("Ask", variant="primary", elem_id="m3d-ask")
-        with gr.Row():
-            answer = gr.Textbox(label="Answer (with the scan)", elem_id="m3d-answer", interactive=False)
-            p_yes = gr.Textbox(label="P(Yes) vs No, first token", elem_id="m3d-pyes", interactive=False)
-            blank_answer = gr.Textbox(
-                label="Answer (blank volume)", elem_id="m3d-answer-blank", interactive=False
-            )
-            blank_p = gr.Textbox(label="P(Yes), blank volume", elem_id="m3d-pyes-blank", interactive=False)
-        status = gr.Markdown(elem_id="m3d-status")
-        mask = gr.File(label="Predicted mask (NIfTI)", elem_id="m3d-mask", interactive=False)
-
-        loaded = [state, error, reference, known, preset, mask, *sliders]
-        pick.change(app.pick, [pick, state], loaded, concurrency_limit=None)
-        upload.upload(app.upload, [upload, state], loaded, concurrency_limit=2)
-        known.change(lambda q: q or gr.skip(), known, question)
-        view_inputs = [state, *sliders, preset, shown]
-        for trigger in (*sliders, preset, shown, state):
-            trigger.change(app.render, view_inputs, views, concurrency_limit=None, show_progress="hidden")
-        keys = {"answer": answer, "p_yes": p_yes, "blank": blank_answer, "blank_p_yes": blank_p,
-                "status": status, "session": state, "views": views, "mask": mask}  # fmt: skip
-
-        def run(session, text, without, window, overlays):
-            for out in app.ask(session, text, without, window, overlays):
-                at = out.pop("at", None)
-                update = {keys[k]: v for k, v in out.items()}
-                if at is not None:
-                    update.update({s: gr.update(value=at[n]) for s, n in zip(sliders, PLANES)})
-                yield update
-
-        ask_outputs = [answer, p_yes, blank_answer, blank_p, status, state, views, mask, *sliders]
-        ask_inputs = [state, question, blank, preset, shown]
-        ask.click(run, ask_inputs, ask_outputs, concurrency_limit=1, concurrency_id="model")
-        question.submit(run, ask_inputs, ask_outputs, concurrency_limit=1, concurrency_id="model")
+                view = _view_panel()
+        _wire(app, {"session": session, **scan, **view, **_ask_panel(app)})
     return page
