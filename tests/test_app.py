@@ -204,7 +204,8 @@ def _expected(checkpoint: Path, volume: Path, question: str) -> tuple[str, objec
     from m3d_lit.evaluation.ask import ask
     from m3d_lit.tasks.loading import load_task
 
-    text, logits, image = ask(checkpoint, volume, question, max_new_tokens=8)
+    text, logits, prepared = ask(checkpoint, volume, question, max_new_tokens=8)
+    image = prepared.image
     model = load_task(checkpoint)[0].model
     collate = LMCollator(model.tokenizer, model.num_visual_tokens, model.max_length, model.img_size, True)
     item = {"id": "x", "image": torch.from_numpy(image), "question": question, "answer": "", "kind": "closed",
@@ -220,10 +221,13 @@ def _expected(checkpoint: Path, volume: Path, question: str) -> tuple[str, objec
 
 
 def _check_mask_download(driver, expected: np.ndarray, tmp_path: Path) -> None:
-    """The page's mask link serves the NIfTI that `ask --mask-out` writes (x, y, z = W, H, D)."""
+    """The page's mask link serves the NIfTI that `ask --mask-out` writes for this scan (a prepared scan
+    has no source geometry, so the model grid with the affine that declares its axes)."""
     import urllib.request
 
     import nibabel as nib
+
+    from m3d_lit.data.geometry import write_mask
 
     link = _poll(lambda: driver.find_element(By.CSS_SELECTOR, "#m3d-mask a[href]"), "the mask link")
     href = link.get_attribute("href")
@@ -231,7 +235,12 @@ def _check_mask_download(driver, expected: np.ndarray, tmp_path: Path) -> None:
     path = tmp_path / "downloaded_mask.nii.gz"
     with urllib.request.urlopen(href, timeout=60) as response:
         path.write_bytes(response.read())
-    np.testing.assert_array_equal(np.asarray(nib.load(path).dataobj).transpose(2, 1, 0), expected)
+    reference = tmp_path / "expected_mask.nii.gz"
+    write_mask(reference, expected.astype(np.float32), None)
+    got, want = nib.load(path), nib.load(reference)
+    np.testing.assert_array_equal(np.asarray(got.dataobj), np.asarray(want.dataobj))
+    np.testing.assert_array_equal(got.affine, want.affine)
+    assert np.asarray(got.dataobj).sum() == expected.sum()
 
 
 def _check_prepared_scan(driver, key: str, reference_answer: str) -> None:

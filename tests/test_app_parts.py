@@ -123,7 +123,8 @@ def test_stream_grows_to_the_command_line_answer(
 
     volume = sorted((prepared[1] / "images").glob("*.npy"))[0]
     for question in ("Is there a fracture?", "Segment the hemorrhage."):
-        text, logits, image = ask(stage3_checkpoint, volume, question, max_new_tokens=8)
+        text, logits, prepared = ask(stage3_checkpoint, volume, question, max_new_tokens=8)
+        image = prepared.image
         parts = list(engine.stream(image, question))
         assert parts[-1].done and parts[-1].text == text
         assert (parts[-1].seg_logits is None) == (logits is None)

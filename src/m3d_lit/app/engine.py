@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from m3d_lit.data.geometry import ScanGeometry
 from m3d_lit.errors import InputError
 
 __all__ = ["Answer", "Engine", "answer_token_id", "is_closed_question", "write_mask", "yes_probability"]
@@ -58,11 +59,12 @@ def yes_probability(logits: torch.Tensor, yes_id: int, no_id: int) -> float:
     return float(torch.softmax(pair, dim=0)[0])
 
 
-def write_mask(path: Path, seg_logits: torch.Tensor) -> None:
-    """The predicted mask as NIfTI, as `m3d-lit ask --mask-out` writes it."""
-    from m3d_lit.evaluation.ask import _write_mask
+def write_mask(path: Path, seg_logits: torch.Tensor, geometry: ScanGeometry | None) -> None:
+    """The predicted mask as `m3d-lit ask --mask-out` writes it: over the uploaded scan's own geometry,
+    or on the model grid when there is none (`.npy` and prepared scans)."""
+    from m3d_lit.data.geometry import write_mask as write
 
-    _write_mask(path, seg_logits)
+    write(path, seg_logits.float().sigmoid()[0].cpu().numpy(), geometry)
 
 
 class Engine:

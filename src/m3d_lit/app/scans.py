@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from m3d_lit.data.geometry import Scan as RawScan
+from m3d_lit.data.geometry import ScanGeometry
 from m3d_lit.errors import InputError
 
 __all__ = ["PreparedQuestion", "PreparedScan", "Scan", "find_prepared", "load_prepared", "load_upload"]
@@ -52,6 +54,8 @@ class Scan:
         extent_mm: physical size (D, H, W) of the grid, or None when unknown (then shown as a cube).
         reference: uint8 D x H x W reference mask, or None.
         questions: the prepared questions of this scan (empty for an upload).
+        geometry: what takes a mask on the model grid back to the uploaded NIfTI or DICOM series (its
+            shape and affine); None for an `.npy` or a prepared scan, whose masks stay on the model grid.
     """
 
     name: str
@@ -61,15 +65,19 @@ class Scan:
     extent_mm: tuple[float, float, float] | None = None
     reference: np.ndarray | None = None
     questions: list[PreparedQuestion] = field(default_factory=list)
+    geometry: ScanGeometry | None = None
 
 
-def _from_hu(hu: np.ndarray, spacing: tuple[float, float, float], size, window: str, source: str) -> Scan:
-    from m3d_lit.data.preprocess import foreground_box, preprocess, resize
+def _from_scan(scan: RawScan, size, window: str, source: str) -> Scan:
+    """The model input of a scan read in HU, as `ask` makes it, with the geometry that inverts it."""
+    from m3d_lit.data.preprocess import preprocess_with_box, resize
 
-    image = preprocess(hu, size, window, source)
-    box = foreground_box(hu)
-    extent = tuple(float(len(range(*b.indices(n)))) * s for b, n, s in zip(box, hu.shape, spacing))
-    return Scan(Path(source).name, image, resize(hu[box], size), True, extent)  # type: ignore[arg-type]
+    hu = scan.hu
+    image, _, box = preprocess_with_box(hu, None, size, window, source)
+    extent = tuple(float(len(range(*b.indices(n)))) * s for b, n, s in zip(box, hu.shape, scan.spacing))
+    geometry = ScanGeometry.build(scan.stored_shape, scan.affine, box, size)
+    name = Path(source).name
+    return Scan(name, image, resize(hu[box], size), True, extent, geometry=geometry)  # type: ignore[arg-type]
 
 
 def _unzip(path: Path, name: str, into: Path) -> Path:
@@ -99,26 +107,25 @@ def load_upload(path: Path, name: str, size, window: str, workdir: Path) -> Scan
         window: the checkpoint's HU window.
         workdir: a folder for unpacking a zip (emptied again before returning).
     """
-    from m3d_lit.data.io import load_volume, read_npy
+    from m3d_lit.data.io import load_scan, read_npy
     from m3d_lit.data.preprocess import resize
 
     lower = name.lower()
     if lower.endswith(".zip"):
         with tempfile.TemporaryDirectory(dir=workdir) as folder:
             try:
-                hu, spacing = load_volume(_unzip(path, name, Path(folder)))
+                scan = load_scan(_unzip(path, name, Path(folder)))
             except InputError as err:
                 problem = err.problem.replace(str(Path(folder)), name)
                 raise InputError(_inside(err.path, Path(folder), name), problem) from None
-            return _from_hu(hu, spacing, size, window, name)
+            return _from_scan(scan, size, window, name)
     try:
         if lower.endswith(".npy"):
             volume = read_npy(path)
             image = resize(volume, size)[None]
             return Scan(name, image, image[0], False)
         if lower.endswith((".nii", ".nii.gz")):
-            hu, spacing = load_volume(path)
-            return _from_hu(hu, spacing, size, window, name)
+            return _from_scan(load_scan(path), size, window, name)
     except InputError as err:  # a reader's own message may quote the temporary path too
         raise InputError(name, err.problem.replace(str(path), name)) from None
     raise InputError(name, "unknown format (expected .nii, .nii.gz, .npy or a .zip of one DICOM series)")

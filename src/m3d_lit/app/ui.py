@@ -140,7 +140,7 @@ class App:
         folder = self.workdir / "masks" / uuid.uuid4().hex
         folder.mkdir(parents=True)
         path = folder / f"{Path(scan.name).name.split('.')[0]}_mask.nii.gz"
-        write_mask(path, seg_logits)
+        write_mask(path, seg_logits, scan.geometry)
         return path
 
     def ask(self, session: Session, question: str, blank: bool, preset: str, shown: list[str]):
