@@ -199,9 +199,9 @@ def _expected(checkpoint: Path, volume: Path, question: str) -> tuple[str, objec
     """The command line's answer and mask logits, and P(Yes) from a plain forward pass in float64."""
     import torch
 
-    from m3d_lit.app.engine import answer_token_id
     from m3d_lit.data.collate import LMCollator
     from m3d_lit.evaluation.ask import ask
+    from m3d_lit.evaluation.evaluate import yes_no_ids
     from m3d_lit.tasks.loading import load_task
 
     text, logits, prepared = ask(checkpoint, volume, question, max_new_tokens=8)
@@ -216,7 +216,7 @@ def _expected(checkpoint: Path, volume: Path, question: str) -> tuple[str, objec
             model.embed(batch["images"], batch["input_ids"]), batch["attention_mask"], None
         )
         last = model.logits(hidden[:, -1]).double()[0]
-    yes, no = (answer_token_id(model.tokenizer, w) for w in ("Yes", "No"))
+    yes, no = yes_no_ids(model.tokenizer)
     return text, logits, float(1 / (1 + torch.exp(last[no] - last[yes])))
 
 

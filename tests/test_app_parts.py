@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from m3d_lit.app.engine import Engine, is_closed_question, yes_probability
+from m3d_lit.app.engine import Engine, is_closed_question
 from m3d_lit.app.scans import Scan, load_upload
 from m3d_lit.app.view import plane, views_html
 from m3d_lit.errors import InputError
+from m3d_lit.evaluation.evaluate import yes_probability
 
 SIZE = (32, 64, 64)
 

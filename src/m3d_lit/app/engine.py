@@ -14,15 +14,15 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from m3d_lit.data.geometry import ScanGeometry
 from m3d_lit.errors import InputError
+from m3d_lit.evaluation.evaluate import yes_no_ids, yes_probability
 
-__all__ = ["Answer", "Engine", "answer_token_id", "is_closed_question", "write_mask", "yes_probability"]
+__all__ = ["Answer", "Engine", "is_closed_question", "write_mask"]
 
 # the first word of a question that a plain "Yes" or "No" answers
 _CLOSED_START = re.compile(
@@ -43,20 +43,6 @@ class Answer:
 def is_closed_question(question: str) -> bool:
     """A yes/no question by its first word (`Is there ...?`, `Does ...?`), as the datasets' closed ones are."""
     return bool(_CLOSED_START.match(question))
-
-
-def answer_token_id(tokenizer: Any, word: str) -> int:
-    """The first token of an answer that starts with `word`, tokenised as the collator tokenises answers."""
-    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError(f"the tokenizer gives no token for {word!r}")
-    return int(ids[0])
-
-
-def yes_probability(logits: torch.Tensor, yes_id: int, no_id: int) -> float:
-    """P(Yes) against No from one row of first-token logits: a softmax over those two logits alone."""
-    pair = torch.stack([logits[yes_id], logits[no_id]]).double()
-    return float(torch.softmax(pair, dim=0)[0])
 
 
 def write_mask(path: Path, seg_logits: torch.Tensor, geometry: ScanGeometry | None) -> None:
@@ -92,8 +78,7 @@ class Engine:
         self.collate = LMCollator(
             model.tokenizer, model.num_visual_tokens, model.max_length, self.size, generation=True
         )
-        yes, no = (answer_token_id(model.tokenizer, w) for w in ("Yes", "No"))
-        self.yes_no = (yes, no) if yes != no else None
+        self.yes_no = yes_no_ids(model.tokenizer)
         self._lock = threading.Lock()
 
     def _generate(self, image: np.ndarray, question: str, steps: queue.Queue) -> None:

@@ -37,6 +37,7 @@ from m3d_lit.evaluation.score import add_protocol_options, protocol_options
 
 __all__ = [
     "MaskSaver", "annotate", "generate_records", "main", "tensorboard_scalars", "write_jsonl", "yes_no_ids",
+    "yes_probability",
 ]  # fmt: skip
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -68,6 +69,12 @@ def yes_no_ids(tokenizer: Any) -> tuple[int, int] | None:
     parity kit's tiny one does), where the first token cannot tell them apart and no `p_yes` is given."""
     yes, no = (tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in ("Yes", "No"))
     return None if yes == no else (yes, no)
+
+
+def yes_probability(logits: torch.Tensor, yes_id: int, no_id: int) -> float:
+    """P(Yes) against No from one row of first-token logits: a softmax over those two logits alone."""
+    pair = torch.stack([logits[yes_id], logits[no_id]]).double()
+    return float(torch.softmax(pair, dim=0)[0])
 
 
 @torch.no_grad()
@@ -105,8 +112,7 @@ def generate_records(
                 "prediction": text.strip(),
             }
             if pair_ids and record["kind"] == "closed" and parse_closed(record["answer"]) is not None:
-                pair = out["first_logits"][i, list(pair_ids)].double()
-                record["p_yes"] = float(torch.softmax(pair, dim=0)[0])
+                record["p_yes"] = yes_probability(out["first_logits"][i], *pair_ids)
             if record["kind"] == "seg":
                 mask = batch["masks"][i] if bool(batch["seg_flags"][i]) else None
                 record.update(_seg_scores(out["seg_logits"][i], mask))
