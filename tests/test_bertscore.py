@@ -102,5 +102,5 @@ def test_bertscore_in_m3d_protocol_and_score(tiny_bert, tmp_path, capsys):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     assert score_main([str(path), "--bertscore-model", str(folder), "--bootstrap", "0"]) == 0
     assert "bertscore_f1 [m3d]" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
+    with pytest.raises(InputError, match="--bertscore-model belongs to --protocol m3d"):
         score_main([str(path), "--protocol", "corpus", "--bertscore-model", str(folder)])

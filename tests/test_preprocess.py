@@ -49,7 +49,7 @@ def test_non_finite_and_2d_volumes_are_input_errors():
 def test_size_must_be_divisible_by_the_patch():
     assert check_size([32, 256, 256]) == (32, 256, 256)
     with pytest.raises(
-        ValueError, match=r"size \(32, 250, 256\) is not divisible by the patch size \(4, 16, 16\)"
+        ValueError, match=r"size: \(32, 250, 256\) is not divisible by the patch size \(4, 16, 16\)"
     ):
         check_size((32, 250, 256))
     with pytest.raises(ValueError, match="3 positive integers"):
