@@ -11,7 +11,8 @@ scores to TensorBoard under OUT/tensorboard at the checkpoint's global step. `--
 predicted mask to OUT/masks/<id>.nii.gz in the source scan's geometry (shape and affine of the NIfTI or
 DICOM series that `prepare` read, as its manifest records), so it lies over the original file in a viewer;
 its path goes in the prediction's `mask_file`. Volumes without a recorded geometry (M3D-Data `.npy`) keep
-the model grid. `--blank-images` replaces every volume with zeros: the control that
+the model grid. The controls below save no masks (they would not be about the question's scan).
+`--blank-images` replaces every volume with zeros: the control that
 shows whether the answers depend on the scan at all. `--swap-images` gives every question another patient's
 scan from the same file, a control that stays among real head CTs (a model that reads the scan drops to
 chance there, while a zero volume may throw it off entirely).
@@ -217,6 +218,14 @@ def main(argv: list[str]) -> int:
     ):
         if value is not None and value < 1:
             raise InputError(option, f"{value} must be at least 1")
+    control = "--blank-images" if args.blank_images else "--swap-images" if args.swap_images else None
+    if args.save_masks and control:
+        # a mask from a zero volume or another patient's scan, filed under this question's id, would be laid
+        # over this patient's scan as if it were the model's answer about it
+        raise InputError(
+            "--save-masks",
+            f"a {control} run's masks are not predictions for the question's scan: save masks without the control",
+        )
     device = torch.device(args.device)
     task, saved = load_task(args.checkpoint, device=str(device))
     model = task.model
