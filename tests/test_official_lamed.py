@@ -349,3 +349,27 @@ def test_official_models_read_hu_scans_with_m3ds_plain_min_max(tmp_path: Path) -
     np.testing.assert_array_equal(answer.prepared.image, plain)
     assert Engine(KIT / "lamed_llama", max_new_tokens=2).window == "none"
     assert load_clip(KIT / "clip").window == "none"
+
+
+def test_eval_refuses_data_prepared_with_another_window_than_the_model_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Data `prepare`d with the brain window, given to an official model (M3D's plain min-max): refused."""
+    case = CASES["lamed_llama"]["cases"][0]
+    (tmp_path / "images").mkdir()
+    shutil.copy(KIT / case["volume"], tmp_path / "images" / "0.npy")
+    line = {"id": "0", "image": "images/0.npy", "question": case["question"], "answer": "x", "kind": "open"}
+    (tmp_path / "qa_test.jsonl").write_text(json.dumps(line) + "\n")
+    settings = {"dataset": "cq500", "size": [32, 64, 64], "window": "brain", "dtype": "float16"}
+    (tmp_path / "prepare.json").write_text(json.dumps(settings))
+    argv = ["eval", "--checkpoint", str(KIT / "lamed_llama"), "--data", str(tmp_path / "qa_test.jsonl"),
+            "--out", str(tmp_path / "eval"), "--max-new-tokens", "2", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 2
+    assert (
+        "was prepared with window 'brain'; this model reads scans with window 'none'"
+        in capsys.readouterr().err
+    )
+    assert not (tmp_path / "eval").exists()
+    settings["window"] = "none"
+    (tmp_path / "prepare.json").write_text(json.dumps(settings))
+    assert main(argv) == 0

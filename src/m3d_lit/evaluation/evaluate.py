@@ -199,6 +199,26 @@ def annotate(records: list[dict[str, Any]], data: Path) -> None:
             record["finding"] = source["qid"].rsplit(":", 1)[1]
 
 
+def _check_window(data: Path, record: dict[str, Any]) -> None:
+    """Refuse a QA file whose scans `prepare` windowed otherwise than the model's training data were."""
+    from m3d_lit.tasks.official import known_window
+
+    settings = data.parent / "prepare.json"
+    want = known_window(record)
+    if want is None or not settings.is_file():
+        return
+    try:
+        window = json.loads(settings.read_text(encoding="utf-8")).get("window")
+    except (OSError, ValueError, AttributeError):
+        return
+    if window is not None and window != want:
+        raise InputError(
+            data,
+            f"was prepared with window {window!r}; this model reads scans with window {want!r}: "
+            f"prepare it again with `m3d-lit prepare ... --window {want}`",
+        )
+
+
 def main(argv: list[str]) -> int:
     from m3d_lit.data.collate import LMCollator
     from m3d_lit.data.datasets import QAJsonlDataset
@@ -228,6 +248,7 @@ def main(argv: list[str]) -> int:
         )
     device = torch.device(args.device)
     task, saved = load_task(args.checkpoint, device=str(device))
+    _check_window(args.data, saved)
     model = task.model
     model.to(DTYPES[args.dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32))
     img_size = tuple(model.img_size)
