@@ -48,6 +48,8 @@ CASES = {
     "plan-pool": (["plan", *TINY, "--overrides", '{"perceiver": {"pool": 3}}'], r"--overrides/--trainable: the model cannot be built with these values: patch grid \(8, 4, 4\) is not divisible by the pool kernel \(3, 3, 3\)"),
     "score-missing": (["score", "missing.jsonl"], r"missing\.jsonl: no such file"),
     "eval-batch-size": (["eval", "--checkpoint", "c.ckpt", "--data", "d.jsonl", "--out", "o", "--batch-size", "0"], r"--batch-size: 0 must be at least 1"),
+    "eval-blank-masks": (["eval", "--checkpoint", "c.ckpt", "--data", "d.jsonl", "--out", "o", "--blank-images", "--save-masks"], r"--save-masks: a --blank-images run's masks are not predictions for the question's scan: save masks without the control"),
+    "eval-swap-masks": (["eval", "--checkpoint", "c.ckpt", "--data", "d.jsonl", "--out", "o", "--swap-images", "--save-masks"], r"--save-masks: a --swap-images run's masks are not predictions for the question's scan: save masks without the control"),
     "eval-checkpoint": (["eval", "--checkpoint", "missing.ckpt", "--data", "d.jsonl", "--out", "o"], r"missing\.ckpt: checkpoint not found"),
     "ask-tokens": (["ask", "--checkpoint", "c.ckpt", "--volume", "v.npy", "--question", "q", "--max-new-tokens", "0"], r"--max-new-tokens: 0 must be at least 1"),
     "ask-volume": (["ask", "--checkpoint", "c.ckpt", "--volume", "missing.npy", "--question", "q"], r"missing\.npy: does not exist"),

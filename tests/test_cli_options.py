@@ -103,6 +103,19 @@ def test_overrides_the_model_reads_are_accepted() -> None:
     assert config["llm"]["num_hidden_layers"] == 1 and config["perceiver"]["pool"] == 4
 
 
+def test_llm_family_override_is_read_and_checked_against_that_familys_settings() -> None:
+    """`llm.family` picks the transformers class (`build_causal_lm` reads it); that class's settings count."""
+    from m3d_lit.errors import InputError
+    from m3d_lit.models.presets import resolve
+
+    config = resolve("tiny", {"llm": {"family": "phi3", "sliding_window": 64}})
+    assert config["llm"]["family"] == "phi3" and config["llm"]["sliding_window"] == 64
+    with pytest.raises(InputError, match=r"llm\.family 'gpt2' is not one of \['llama', 'phi3'\]"):
+        resolve("tiny", {"llm": {"family": "gpt2"}})
+    with pytest.raises(InputError, match=r"llm\.sliding_window is not a setting"):
+        resolve("tiny", {"llm": {"sliding_window": 64}})
+
+
 def test_fit_with_a_nested_override_typo_stops_in_one_line_and_writes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

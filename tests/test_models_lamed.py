@@ -262,3 +262,13 @@ def test_lora_stage_learns_an_answer_that_depends_on_the_scan() -> None:
         final = model(**batch)["lm_loss"].item()
     # the old random head (init std 0.02) could not go below ~1.7 nats per answer token
     assert final < 0.3, final
+
+
+@pytest.mark.parametrize(
+    ("overrides", "problem"),
+    [({"loss": {"dice_smooth": "denominatr"}}, "dice_smooth"), ({"seg_prompt": "maen"}, "seg_prompt")],
+)
+def test_misspelt_computation_choice_is_refused(overrides: dict, problem: str) -> None:
+    """`dice_smooth: denominatr` used to train with the denominator-only Dice without a word."""
+    with pytest.raises(ValueError, match=problem):
+        build_lamed("tiny", overrides)

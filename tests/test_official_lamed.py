@@ -326,3 +326,50 @@ def test_every_trainable_parameter_gets_a_gradient_in_stage_3() -> None:
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert "segmentation.mask_decoder.iou_token.weight" in trainable
     assert [n for n, p in trainable.items() if p.grad is None] == []
+
+
+def test_official_models_read_hu_scans_with_m3ds_plain_min_max(tmp_path: Path) -> None:
+    """An official model was trained on volumes min-maxed over their whole range (window `none`), not on
+    m3d-lit's brain window: `ask`, the app and `embed` give it a NIfTI in that convention."""
+    import nibabel as nib
+
+    from m3d_lit.app.engine import Engine
+    from m3d_lit.data.preprocess import load_and_preprocess
+    from m3d_lit.evaluation.ask import ask
+    from m3d_lit.evaluation.embed import load_clip
+
+    hu = np.full((48, 80, 80), -1000.0, np.float32)
+    hu[8:40, 10:70, 10:70] = np.linspace(-200.0, 1500.0, 32 * 60 * 60, dtype=np.float32).reshape(32, 60, 60)
+    scan = tmp_path / "head.nii.gz"
+    nib.save(nib.Nifti1Image(hu, np.eye(4)), str(scan))
+    answer = ask(KIT / "lamed_llama", scan, "What is shown?", max_new_tokens=2)
+    size = tuple(answer.prepared.image.shape[1:])
+    plain = load_and_preprocess(scan, size=size, window="none").image
+    assert not np.array_equal(plain, load_and_preprocess(scan, size=size, window="brain").image)
+    np.testing.assert_array_equal(answer.prepared.image, plain)
+    assert Engine(KIT / "lamed_llama", max_new_tokens=2).window == "none"
+    assert load_clip(KIT / "clip").window == "none"
+
+
+def test_eval_refuses_data_prepared_with_another_window_than_the_model_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Data `prepare`d with the brain window, given to an official model (M3D's plain min-max): refused."""
+    case = CASES["lamed_llama"]["cases"][0]
+    (tmp_path / "images").mkdir()
+    shutil.copy(KIT / case["volume"], tmp_path / "images" / "0.npy")
+    line = {"id": "0", "image": "images/0.npy", "question": case["question"], "answer": "x", "kind": "open"}
+    (tmp_path / "qa_test.jsonl").write_text(json.dumps(line) + "\n")
+    settings = {"dataset": "cq500", "size": [32, 64, 64], "window": "brain", "dtype": "float16"}
+    (tmp_path / "prepare.json").write_text(json.dumps(settings))
+    argv = ["eval", "--checkpoint", str(KIT / "lamed_llama"), "--data", str(tmp_path / "qa_test.jsonl"),
+            "--out", str(tmp_path / "eval"), "--max-new-tokens", "2", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 2
+    assert (
+        "was prepared with window 'brain'; this model reads scans with window 'none'"
+        in capsys.readouterr().err
+    )
+    assert not (tmp_path / "eval").exists()
+    settings["window"] = "none"
+    (tmp_path / "prepare.json").write_text(json.dumps(settings))
+    assert main(argv) == 0

@@ -65,6 +65,7 @@ class Engine:
     def __init__(self, checkpoint: Path, device: str = "cpu", max_new_tokens: int = 64) -> None:
         from m3d_lit.data.collate import LMCollator
         from m3d_lit.tasks.loading import load_task
+        from m3d_lit.tasks.official import scan_window
 
         task, meta = load_task(checkpoint, device=device)
         model = task.model
@@ -74,7 +75,7 @@ class Engine:
             model.to(torch.bfloat16)
         self.model, self.device, self.max_new_tokens = model, device, max_new_tokens
         self.size: tuple[int, int, int] = tuple(int(s) for s in model.img_size)  # type: ignore[assignment]
-        self.window: str = (meta.get("preprocessing") or {}).get("window") or "brain"
+        self.window: str = scan_window(meta)
         self.collate = LMCollator(
             model.tokenizer, model.num_visual_tokens, model.max_length, self.size, generation=True
         )

@@ -7,7 +7,8 @@
 as the official demo does (its prompt, greedy decoding, its text), except that a `[SEG]` answered first
 still gets its mask. SCAN is a DICOM series folder, a `.nii`/`.nii.gz` file or an `.npy` volume (an
 `.npy` already at the model's size goes in unchanged). It goes through the same preprocessing as the
-training data (window and size stored in the checkpoint). When the answer holds `[SEG]`, `--mask-out`
+training data (window and size stored in the checkpoint; an official directory gets M3D's plain
+min-max, window `none`). When the answer holds `[SEG]`, `--mask-out`
 writes the predicted mask in the scan's own geometry, to lay over it in any viewer:
 for a NIfTI scan a NIfTI with its shape and affine, for a DICOM series a NIfTI in the series' patient
 coordinates (crop and resize undone, orientation restored). An `.npy` scan has no world coordinates: its
@@ -50,6 +51,7 @@ def ask(
     from m3d_lit.data.collate import LMCollator
     from m3d_lit.data.preprocess import load_and_preprocess
     from m3d_lit.tasks.loading import load_task
+    from m3d_lit.tasks.official import scan_window
 
     if not question.strip():
         raise InputError("--question", "is empty")
@@ -57,9 +59,8 @@ def ask(
     model = task.model
     if not hasattr(model, "generate"):
         raise InputError(checkpoint, "is a stage-1 (contrastive) checkpoint: it cannot answer questions")
-    settings = meta.get("preprocessing") or {}
     size = tuple(model.img_size)
-    prepared = load_and_preprocess(volume, size=size, window=settings.get("window") or "brain")
+    prepared = load_and_preprocess(volume, size=size, window=scan_window(meta))
     item = {"id": volume.name, "image": torch.from_numpy(np.asarray(prepared.image, dtype=np.float32)),
             "question": question.strip(), "answer": "", "kind": "open", "mask": None, "dataset": "ask"}  # fmt: skip
     collate = LMCollator(model.tokenizer, model.num_visual_tokens, model.max_length, size, generation=True)

@@ -41,12 +41,13 @@ def load_clip(path: Path, device: str = "cpu") -> LoadedClip:
     from m3d_lit.models.official.clip import is_m3d_clip, load_m3d_clip
     from m3d_lit.models.official.files import read_config
     from m3d_lit.tasks.loading import load_task
+    from m3d_lit.tasks.official import OFFICIAL_WINDOW
 
     path = Path(path)
     if path.is_dir():
         if is_m3d_clip(path):
             model = load_m3d_clip(path).to(device)
-            return LoadedClip(model, model.max_length, DEFAULT_WINDOW)
+            return LoadedClip(model, model.max_length, OFFICIAL_WINDOW)
         kind = read_config(path).get("model_type")
         raise InputError(path, f"holds a {kind!r} model, not M3D-CLIP (model_type 'm3d_clip')")
     task, meta = load_task(path, device=device)

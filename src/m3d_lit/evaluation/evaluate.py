@@ -11,7 +11,8 @@ scores to TensorBoard under OUT/tensorboard at the checkpoint's global step. `--
 predicted mask to OUT/masks/<id>.nii.gz in the source scan's geometry (shape and affine of the NIfTI or
 DICOM series that `prepare` read, as its manifest records), so it lies over the original file in a viewer;
 its path goes in the prediction's `mask_file`. Volumes without a recorded geometry (M3D-Data `.npy`) keep
-the model grid. `--blank-images` replaces every volume with zeros: the control that
+the model grid. The controls below save no masks (they would not be about the question's scan).
+`--blank-images` replaces every volume with zeros: the control that
 shows whether the answers depend on the scan at all. `--swap-images` gives every question another patient's
 scan from the same file, a control that stays among real head CTs (a model that reads the scan drops to
 chance there, while a zero volume may throw it off entirely).
@@ -198,6 +199,26 @@ def annotate(records: list[dict[str, Any]], data: Path) -> None:
             record["finding"] = source["qid"].rsplit(":", 1)[1]
 
 
+def _check_window(data: Path, record: dict[str, Any]) -> None:
+    """Refuse a QA file whose scans `prepare` windowed otherwise than the model's training data were."""
+    from m3d_lit.tasks.official import known_window
+
+    settings = data.parent / "prepare.json"
+    want = known_window(record)
+    if want is None or not settings.is_file():
+        return
+    try:
+        window = json.loads(settings.read_text(encoding="utf-8")).get("window")
+    except (OSError, ValueError, AttributeError):
+        return
+    if window is not None and window != want:
+        raise InputError(
+            data,
+            f"was prepared with window {window!r}; this model reads scans with window {want!r}: "
+            f"prepare it again with `m3d-lit prepare ... --window {want}`",
+        )
+
+
 def main(argv: list[str]) -> int:
     from m3d_lit.data.collate import LMCollator
     from m3d_lit.data.datasets import QAJsonlDataset
@@ -217,8 +238,17 @@ def main(argv: list[str]) -> int:
     ):
         if value is not None and value < 1:
             raise InputError(option, f"{value} must be at least 1")
+    control = "--blank-images" if args.blank_images else "--swap-images" if args.swap_images else None
+    if args.save_masks and control:
+        # a mask from a zero volume or another patient's scan, filed under this question's id, would be laid
+        # over this patient's scan as if it were the model's answer about it
+        raise InputError(
+            "--save-masks",
+            f"a {control} run's masks are not predictions for the question's scan: save masks without the control",
+        )
     device = torch.device(args.device)
     task, saved = load_task(args.checkpoint, device=str(device))
+    _check_window(args.data, saved)
     model = task.model
     model.to(DTYPES[args.dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32))
     img_size = tuple(model.img_size)

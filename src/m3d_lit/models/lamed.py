@@ -62,6 +62,9 @@ class LamedModel(nn.Module):
         tokenizer: Any = None,
     ):
         super().__init__()
+        smoothing = (config.get("loss") or {}).get("dice_smooth", "both")
+        if smoothing not in ("both", "denominator"):
+            raise ValueError(f"loss.dice_smooth {smoothing!r} must be 'both' or 'denominator'")
         self.config = config
         self.img_size = tuple(config["img_size"])
         self.max_length = int(config["max_length"])

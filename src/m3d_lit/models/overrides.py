@@ -34,11 +34,20 @@ def _arguments(builder: Callable[..., Any]) -> set[str]:
     return set(inspect.signature(builder).parameters) - _PASSED_BY_MODEL
 
 
-def _hf_config_settings(section: str) -> set[str]:
-    from transformers import BertConfig, LlamaConfig, PretrainedConfig
+def _hf_config_settings(section: str, merged: Mapping[str, Any]) -> set[str]:
+    from transformers import BertConfig, PretrainedConfig
 
-    own = LlamaConfig if section == "llm" else BertConfig
-    return _arguments(own.__init__) - _arguments(PretrainedConfig.__init__)
+    own = BertConfig
+    if section == "llm":  # `build_causal_lm` reads `family` and builds that family's config class
+        from m3d_lit.models.llm import FAMILIES
+
+        family = merged.get("family", "llama")
+        if family not in FAMILIES:
+            raise InputError("overrides", f"llm.family {family!r} is not one of {sorted(FAMILIES)}")
+        own = FAMILIES[family][0]
+    return _arguments(own.__init__) - _arguments(PretrainedConfig.__init__) | (
+        {"family"} if section == "llm" else set()
+    )
 
 
 def section_settings(section: str, merged: Mapping[str, Any], preset: Mapping[str, Any]) -> set[str]:
@@ -63,7 +72,7 @@ def section_settings(section: str, merged: Mapping[str, Any], preset: Mapping[st
             )
         names = {"name"} | _arguments(chosen.__init__)
     elif section in ("llm", "text"):
-        names |= _hf_config_settings(section)
+        names |= _hf_config_settings(section, merged)
     return names
 
 

@@ -13,8 +13,10 @@ from typing import Any
 
 from m3d_lit.errors import InputError
 
-__all__ = ["load_official_task", "official_kind"]
+__all__ = ["OFFICIAL_WINDOW", "known_window", "load_official_task", "official_kind", "scan_window"]
 
+# M3D min-maxes a volume over its whole range (no HU window): what an official model was trained on
+OFFICIAL_WINDOW = "none"
 FROZEN = {k: "frozen" for k in ("vision", "perceiver", "llm", "segmentation", "new_token_rows")}
 
 
@@ -23,6 +25,19 @@ def official_kind(path: str | Path) -> str | None:
     from m3d_lit.models.official.lamed import is_official_lamed
 
     return "lamed" if is_official_lamed(path) else None
+
+
+def known_window(record: dict[str, Any]) -> str | None:
+    """The CT window a model with this `load_task` record was trained on, where that is known: the one
+    its data was prepared with, or M3D's plain min-max for an official directory; else None."""
+    window = (record.get("preprocessing") or {}).get("window")
+    return window or (OFFICIAL_WINDOW if record.get("official") else None)
+
+
+def scan_window(record: dict[str, Any]) -> str:
+    """The CT window a scan is read with for a model with this `load_task` record: the one its data was
+    prepared with; for an official directory M3D's plain min-max; else m3d-lit's default (`brain`)."""
+    return known_window(record) or "brain"
 
 
 def load_official_task(path: Path, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
