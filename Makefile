@@ -44,7 +44,7 @@ test: setup  ## run the test suite (CPU, offline)
 lint: setup  ## ruff
 	$(BIN)/ruff check src tests bench
 
-demo: setup  ## the whole pipeline on synthetic brain CT, on a CPU (about 8 minutes on 2 cores)
+demo: setup  ## the whole pipeline on synthetic brain CT, on a CPU (about 10 minutes on 2 cores)
 	$(BIN)/python -m m3d_lit.demo $(ARGS)
 
 stage1: setup  ## stage 1, contrastive ViT pretraining (DATA=, TRAINER=, ARGS= to override)
