@@ -13,6 +13,25 @@ import pytest
 
 DATA_SHAPE = (1, 8, 16, 16)
 
+# Tiny model overrides shared by the tests that train through the real CLI (8x16x16 volumes, one layer each).
+SMALL = {
+    "img_size": [8, 16, 16],
+    "patch_size": [4, 8, 8],
+    "max_length": 48,
+    "vision": {"hidden_size": 32, "mlp_dim": 64, "num_layers": 1, "num_heads": 2},
+}
+LAMED = {
+    **SMALL,
+    "llm": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
+    "segmentation": {"hidden_size": 32, "mlp_dim": 64, "num_layers": 1, "num_heads": 2, "decoder_depth": 1,
+                     "decoder_heads": 2, "decoder_mlp_dim": 64},
+}  # fmt: skip
+CLIP = {
+    **SMALL,
+    "text": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
+    "clip": {"embed_dim": 16, "max_length": 32},
+}
+
 
 def write_volume(path: Path, seed: int, dtype: str = "float32") -> Path:
     """A random 1x8x16x16 volume in [0, 1] at ``path``."""

@@ -15,27 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CLIP, LAMED
 
 # 5 patients x 3 questions: 2 ranks get 8 and 7 samples, batch sizes 4 and 3 leave partial batches, and
 # the 3 [SEG] rows (lines 2, 8, 14) all go to rank 0, so rank 1 must sync metrics it never updated
 VAL_PATIENTS = 5
-SMALL = {
-    "img_size": [8, 16, 16],
-    "patch_size": [4, 8, 8],
-    "max_length": 48,
-    "vision": {"hidden_size": 32, "mlp_dim": 64, "num_layers": 1, "num_heads": 2},
-}
-LAMED = {
-    **SMALL,
-    "llm": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
-    "segmentation": {"hidden_size": 32, "mlp_dim": 64, "num_layers": 1, "num_heads": 2, "decoder_depth": 1,
-                     "decoder_heads": 2, "decoder_mlp_dim": 64},
-}  # fmt: skip
-CLIP = {
-    **SMALL,
-    "text": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
-    "clip": {"embed_dim": 16, "max_length": 32},
-}
 
 
 def _salt(sample_id: str) -> int:

@@ -16,7 +16,7 @@ from m3d_lit.data.preprocess import (
     load_and_preprocess,
     minmax,
     preprocess,
-    preprocess_with_mask,
+    preprocess_with_box,
     resize,
 )
 from m3d_lit.errors import InputError
@@ -79,7 +79,7 @@ def test_mask_follows_the_image_through_crop_and_resize():
     hu = np.full((8, 48, 48), -1000.0, np.float32)
     hu[:, 8:40, 4:44] = 30.0
     hu[2:6, 20:28, 30:38] = 70.0  # a bleed
-    image, mask = preprocess_with_mask(hu, (hu == 70).astype(np.uint8), size=(4, 32, 32))
+    image, mask, _ = preprocess_with_box(hu, (hu == 70).astype(np.uint8), size=(4, 32, 32))
     bright = image[0] > 0.75
     assert mask.shape == image.shape and (mask[0].astype(bool) == bright).mean() > 0.98
 

@@ -7,34 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import CLIP, LAMED
 
 from m3d_lit.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = {
-    "img_size": [8, 16, 16],
-    "patch_size": [4, 8, 8],
-    "max_length": 48,
-    "vision": {"hidden_size": 32, "mlp_dim": 64, "num_layers": 1, "num_heads": 2},
-}
-LAMED = {
-    **SMALL,
-    "llm": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
-    "segmentation": {
-        "hidden_size": 32,
-        "mlp_dim": 64,
-        "num_layers": 1,
-        "num_heads": 2,
-        "decoder_depth": 1,
-        "decoder_heads": 2,
-        "decoder_mlp_dim": 64,
-    },
-}
-CLIP = {
-    **SMALL,
-    "text": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
-    "clip": {"embed_dim": 16, "max_length": 32},
-}
 
 
 def fit(recipe: str, roots: list[Path], mode: str, overrides: dict, *extra: str) -> None:

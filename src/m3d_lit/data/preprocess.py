@@ -31,7 +31,6 @@ __all__ = [
     "minmax",
     "preprocess",
     "preprocess_with_box",
-    "preprocess_with_mask",
     "resize",
 ]
 
@@ -139,18 +138,7 @@ def preprocess(
         window: a name in `WINDOWS`.
         source: the file the volume came from, named in errors.
     """
-    return preprocess_with_mask(hu, None, size, window, source)[0]
-
-
-def preprocess_with_mask(
-    hu: np.ndarray,
-    mask: np.ndarray | None,
-    size: Sequence[int] = DEFAULT_SIZE,
-    window: str = "brain",
-    source: str | PathLike = "volume",
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """As `preprocess`, with a mask cropped and resized on exactly the image's grid (nearest, binary)."""
-    return preprocess_with_box(hu, mask, size, window, source)[:2]
+    return preprocess_with_box(hu, None, size, window, source)[0]
 
 
 def preprocess_with_box(
@@ -160,7 +148,8 @@ def preprocess_with_box(
     window: str = "brain",
     source: str | PathLike = "volume",
 ) -> tuple[np.ndarray, np.ndarray | None, tuple[slice, slice, slice]]:
-    """As `preprocess_with_mask`, plus the crop box (in the canonical volume) that a `ScanGeometry` records."""
+    """As `preprocess`, with a mask cropped and resized on exactly the image's grid (nearest, binary), and the
+    crop box (in the canonical volume) that a `ScanGeometry` records."""
     size = check_size(size)
     if hu.ndim != 3:
         raise InputError(source, f"expected a 3D volume, got shape {hu.shape}")

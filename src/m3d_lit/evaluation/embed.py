@@ -25,8 +25,6 @@ from m3d_lit.errors import InputError
 
 __all__ = ["LoadedClip", "embed", "load_clip", "main"]
 
-DEFAULT_WINDOW = "brain"  # what `ask` uses when a checkpoint records none
-
 
 class LoadedClip(NamedTuple):
     """A CLIP model with the text limit and CT window it was trained with."""
@@ -41,7 +39,7 @@ def load_clip(path: Path, device: str = "cpu") -> LoadedClip:
     from m3d_lit.models.official.clip import is_m3d_clip, load_m3d_clip
     from m3d_lit.models.official.files import read_config
     from m3d_lit.tasks.loading import load_task
-    from m3d_lit.tasks.official import OFFICIAL_WINDOW
+    from m3d_lit.tasks.official import OFFICIAL_WINDOW, scan_window
 
     path = Path(path)
     if path.is_dir():
@@ -57,8 +55,7 @@ def load_clip(path: Path, device: str = "cpu") -> LoadedClip:
             f"holds a {type(task).__name__}, but this needs a stage-1 (CLIP) checkpoint "
             "or an M3D-CLIP directory",
         )
-    window = (meta.get("preprocessing") or {}).get("window") or DEFAULT_WINDOW
-    return LoadedClip(task.model, int(task.hparams.text_max_length), window)
+    return LoadedClip(task.model, int(task.hparams.text_max_length), scan_window(meta))
 
 
 @torch.no_grad()

@@ -59,8 +59,6 @@ class AlignTask(BaseTask):
 
     def _check_clip_path(self, clip_path: str) -> None:
         # The directory itself is read in `setup`: a checkpoint rebuilt for eval must not need it.
-        from m3d_lit.errors import InputError
-
         prefixes = self.hparams.init_prefixes or self.default_init_prefixes
         vision = "model.vision."
         if self.hparams.init_from and any(vision.startswith(p) or p.startswith(vision) for p in prefixes):
@@ -72,9 +70,6 @@ class AlignTask(BaseTask):
 
     def load_clip_vision(self, path: str) -> None:
         """Copy the vision encoder of an M3D-CLIP directory into `model.vision`; every shape must match."""
-        from lightning.pytorch.utilities import rank_zero_info
-
-        from m3d_lit.errors import InputError
         from m3d_lit.models.official.clip import load_m3d_clip
 
         source, own = load_m3d_clip(path).vision.state_dict(), self.model.vision.state_dict()
