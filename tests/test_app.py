@@ -78,7 +78,7 @@ def seg_checkpoint(stage3_checkpoint: Path, tmp_path_factory: pytest.TempPathFac
     import torch
 
     from m3d_lit.data.collate import LMCollator
-    from m3d_lit.models.tokenizer import SEG
+    from m3d_lit.tokens import SEG
     from m3d_lit.tasks.loading import load_task
 
     model = load_task(stage3_checkpoint)[0].model

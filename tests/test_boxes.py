@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from m3d_lit.evaluation.boxes import box_iou_3d, format_box, mask_to_box, parse_boxes, rec_metrics
+from m3d_lit.boxes import box_iou_3d, format_box, mask_to_box, parse_boxes, rec_metrics
 
 UNIT = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
 

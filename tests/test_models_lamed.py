@@ -10,7 +10,7 @@ import torch
 from m3d_lit.models.lamed import LamedModel, build_lamed
 from m3d_lit.models.llm import unwrap
 from m3d_lit.models.presets import STAGE_TRAINABLE
-from m3d_lit.models.tokenizer import IM_PATCH
+from m3d_lit.tokens import IM_PATCH
 
 
 def make_batch(model: LamedModel, pairs: list[tuple[str, str]], side: str = "right", seed: int = 0) -> dict:

@@ -18,7 +18,7 @@ from m3d_lit.data.datamodules import (
     M3DSegDataModule,
     M3DVQADataModule,
 )
-from m3d_lit.evaluation.boxes import mask_to_box, parse_boxes
+from m3d_lit.boxes import mask_to_box, parse_boxes
 
 SHAPE = (16, 32, 32)
 COUNT = 5

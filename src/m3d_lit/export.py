@@ -98,7 +98,7 @@ def _write_merged(model: Any, folder: Path, dtype: torch.dtype, checkpoint: Path
 
 
 def _manifest(model: Any, record: dict[str, Any], hparams: dict[str, Any], checkpoint: Path) -> dict:
-    from m3d_lit.models.tokenizer import LAMED_TOKENS
+    from m3d_lit.tokens import LAMED_TOKENS
 
     lora = next(iter(model.llm.peft_config.values()))
     return {

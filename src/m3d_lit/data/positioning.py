@@ -3,7 +3,7 @@
 - comprehension (`kind="rec"`): the question names a structure, the answer holds its box;
 - generation (`kind="reg"`): the question gives a box, the answer names the structure.
 
-The box is the mask's extent (`m3d_lit.evaluation.boxes.mask_to_box`: `[x1, y1, z1, x2, y2, z2]` in
+The box is the mask's extent (`m3d_lit.boxes.mask_to_box`: `[x1, y1, z1, x2, y2, z2]` in
 [0, 1], x along W, y along H, z along D) written with `format_box`. As in `m3d_lit.data.phrasing`, the
 first template of each list is the canonical wording (val/test, or no rng); training passes a seeded
 `random.Random` to pick among all of them.
@@ -16,7 +16,7 @@ import random
 import numpy as np
 
 from m3d_lit.data.phrasing import pick
-from m3d_lit.evaluation.boxes import format_box, mask_to_box
+from m3d_lit.boxes import format_box, mask_to_box
 
 __all__ = ["REC_ANSWERS", "REC_QUESTIONS", "REG_ANSWERS", "REG_QUESTIONS", "positioning_samples"]
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from m3d_lit.data.positioning import REG_ANSWERS
-from m3d_lit.evaluation.boxes import parse_boxes, rec_metrics
+from m3d_lit.boxes import parse_boxes, rec_metrics
 
 __all__ = [
     "QUESTION_TYPES",
@@ -110,7 +110,7 @@ def choice_metrics(records: Sequence[Mapping[str, Any]], types: Mapping[str, str
 
 def rec_scores(records: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], list[float | None]]:
     """`rec_metrics` against the box written in each reference answer, and each sample's IoU."""
-    from m3d_lit.evaluation.boxes import box_iou_3d
+    from m3d_lit.boxes import box_iou_3d
 
     references = []
     for record in records:

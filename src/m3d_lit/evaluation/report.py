@@ -9,17 +9,15 @@ says how many records and which kinds it covers; brackets hold patient-level boo
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from m3d_lit.atomic import atomic_output
 from m3d_lit.evaluation.closed import POOLED
 from m3d_lit.evaluation.metrics import require_wordnet
 from m3d_lit.evaluation.report_clinical import closed_section, open_section
@@ -28,7 +26,6 @@ __all__ = [
     "PAPER_SEG_DICE",
     "PAPER_SOURCE",
     "PAPER_TABLE1",
-    "atomic_output",
     "metric_definitions",
     "write_report",
 ]
@@ -65,19 +62,6 @@ TEXT_KEYS = {
     + ["rouge1", "rouge2", "rougeL", "meteor"],
 }
 PLOT_NAME = "closed_balanced_accuracy.png"
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path` in one step."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def metric_definitions(protocol: str = "m3d") -> list[str]:

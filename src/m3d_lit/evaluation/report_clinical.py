@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from m3d_lit.atomic import atomic_output
 from m3d_lit.data import phrasing
 from m3d_lit.evaluation.closed import POOLED, finding_of, parse_closed
 
@@ -126,8 +127,6 @@ def _curves(groups: list[tuple[str, str, dict[str, Any]]], records: list[dict]) 
 def _plot_roc(groups: list[tuple[str, str, dict[str, Any]]], records: list[dict], path: Path) -> bool:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from m3d_lit.evaluation.report import atomic_output
 
     curves = _curves(groups, records)
     if not curves:

@@ -24,7 +24,8 @@ from m3d_lit.models.llm import NewTokenRows, apply_lora, sample_next, unwrap
 from m3d_lit.models.official.lamed import build_official_lamed, is_official_lamed
 from m3d_lit.models.perceiver import build_perceiver
 from m3d_lit.models.presets import resolve
-from m3d_lit.models.tokenizer import IM_PATCH, LAMED_TOKENS, SEG, build_llm_tokenizer
+from m3d_lit.models.tokenizer import build_llm_tokenizer
+from m3d_lit.tokens import IM_PATCH, LAMED_TOKENS, SEG
 
 __all__ = ["LamedModel", "build_lamed", "cast_for_training"]
 

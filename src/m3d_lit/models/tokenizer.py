@@ -24,19 +24,15 @@ from tokenizers import (
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from m3d_lit.errors import InputError
+from m3d_lit.tokens import LAMED_TOKENS
 
 __all__ = [
-    "LAMED_TOKENS",
-    "IM_PATCH",
-    "SEG",
     "build_llm_tokenizer",
     "build_text_tokenizer",
     "add_lamed_tokens",
     "corpus_lines",
 ]
 
-IM_PATCH, BX_START, BX_END, SEG = "<im_patch>", "<bx_start>", "<bx_end>", "[SEG]"
-LAMED_TOKENS = (IM_PATCH, BX_START, BX_END, SEG)
 CORPUS = "brain_ct_corpus.txt"
 LLM_VOCAB = 2048
 TEXT_VOCAB = 2048

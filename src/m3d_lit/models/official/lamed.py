@@ -19,7 +19,7 @@ import torch
 from m3d_lit.errors import InputError
 from m3d_lit.models.official.files import load_weights, read_config
 from m3d_lit.models.official.text import build_tokenizer, m3d_decoder
-from m3d_lit.models.tokenizer import LAMED_TOKENS
+from m3d_lit.tokens import LAMED_TOKENS
 
 __all__ = ["FAMILIES", "build_official_lamed", "is_official_lamed", "official_config", "official_to_lamed"]
 

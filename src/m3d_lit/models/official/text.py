@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from m3d_lit.errors import InputError
-from m3d_lit.models.tokenizer import LAMED_TOKENS
+from m3d_lit.tokens import LAMED_TOKENS
 
 __all__ = ["build_tokenizer", "m3d_decoder"]
 

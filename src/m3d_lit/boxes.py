@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from m3d_lit.models.tokenizer import BX_END, BX_START
+from m3d_lit.tokens import BX_END, BX_START
 
 __all__ = ["box_iou_3d", "format_box", "mask_to_box", "parse_boxes", "rec_metrics"]
 
