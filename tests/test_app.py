@@ -78,8 +78,8 @@ def seg_checkpoint(stage3_checkpoint: Path, tmp_path_factory: pytest.TempPathFac
     import torch
 
     from m3d_lit.data.collate import LMCollator
-    from m3d_lit.tokens import SEG
     from m3d_lit.tasks.loading import load_task
+    from m3d_lit.tokens import SEG
 
     model = load_task(stage3_checkpoint)[0].model
     collate = LMCollator(model.tokenizer, model.num_visual_tokens, model.max_length, model.img_size, True)

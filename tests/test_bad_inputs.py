@@ -383,8 +383,8 @@ def test_scan_named_in_reads_csv_without_images_is_listed(tmp_path: Path) -> Non
 
 
 def test_tokenizer_without_the_lamed_tokens_gets_them_added(tmp_path: Path) -> None:
-    from m3d_lit.tokens import LAMED_TOKENS
     from m3d_lit.tasks import AlignTask
+    from m3d_lit.tokens import LAMED_TOKENS
 
     folder = _tokenizer_dir(tmp_path / "llm", eos=True)
     task = AlignTask(preset="tiny", overrides=SMALL, llm_path=str(folder))

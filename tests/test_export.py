@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from m3d_lit.errors import InputError
 from m3d_lit.export import _write_merged, export, main
-from m3d_lit.tokens import LAMED_TOKENS
 from m3d_lit.tasks import AlignTask, FinetuneTask
+from m3d_lit.tokens import LAMED_TOKENS
 
 TINY = {
     "img_size": [8, 16, 16],

@@ -226,7 +226,8 @@ def test_default_nltk_data_is_the_venv(monkeypatch):
 
 def test_missing_wordnet_says_how_to_fix_it(tmp_path):
     code = (
-        "from m3d_lit.evaluation.metrics import compute_metrics, WordNetMissingError\n"
+        "from m3d_lit.evaluation.metrics import WordNetMissingError\n"
+        "from m3d_lit.evaluation.scoring import compute_metrics\n"
         "try:\n    compute_metrics([{'prediction': 'a', 'answer': 'a'}])\n"
         "except WordNetMissingError as err:\n    print(err)\nelse:\n    print('NO ERROR')\n"
     )

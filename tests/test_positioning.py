@@ -8,8 +8,8 @@ import random
 import numpy as np
 import pytest
 
-from m3d_lit.data.positioning import REC_QUESTIONS, REG_ANSWERS, positioning_samples
 from m3d_lit.boxes import format_box, parse_boxes
+from m3d_lit.data.positioning import REC_QUESTIONS, REG_ANSWERS, positioning_samples
 
 
 @pytest.fixture

@@ -265,7 +265,7 @@ def test_output_paths_stay_inside_the_output_folder(tmp_path: Path) -> None:
     out = tmp_path / "deep" / "out"
     record = {"id": "../../escape", "dataset": "cq500", "kind": "open", "question": "q?",
               "answer": "yes", "prediction": "yes"}  # fmt: skip
-    from m3d_lit.evaluation.metrics import compute_metrics
+    from m3d_lit.evaluation.scoring import compute_metrics
 
     write_report(out, compute_metrics([record]), [record], title="t", images=lambda r: torch.rand(1, 4, 8, 8))
     outside = [p for p in tmp_path.rglob("*") if out not in p.parents and p != out and p.is_file()]

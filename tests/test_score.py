@@ -7,8 +7,8 @@ import json
 import pytest
 
 from m3d_lit.errors import InputError
-from m3d_lit.evaluation.metrics import compute_metrics
 from m3d_lit.evaluation.score import format_table, main, read_predictions
+from m3d_lit.evaluation.scoring import compute_metrics
 
 RECORDS = [
     {"prediction": "Yes.", "answer": "Yes", "kind": "closed", "question": "Is there a bleed?", "dataset": "cq500"},

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import write_prepared
 
+from m3d_lit.boxes import mask_to_box, parse_boxes
 from m3d_lit.data import synthetic, synthetic_m3d
 from m3d_lit.data.datamodules import (
     BrainCTQADataModule,
@@ -18,7 +19,6 @@ from m3d_lit.data.datamodules import (
     M3DSegDataModule,
     M3DVQADataModule,
 )
-from m3d_lit.boxes import mask_to_box, parse_boxes
 
 SHAPE = (16, 32, 32)
 COUNT = 5

@@ -15,8 +15,8 @@ import random
 
 import numpy as np
 
-from m3d_lit.data.phrasing import pick
 from m3d_lit.boxes import format_box, mask_to_box
+from m3d_lit.data.phrasing import pick
 
 __all__ = ["REC_ANSWERS", "REC_QUESTIONS", "REG_ANSWERS", "REG_QUESTIONS", "positioning_samples"]
 

@@ -164,7 +164,7 @@ class Runner:
 
     def _score(self, task: str, records: list, predictions: list[dict]) -> dict[str, Any]:
         from m3d_lit.evaluation import bench_scores as scores
-        from m3d_lit.evaluation.metrics import compute_metrics
+        from m3d_lit.evaluation.scoring import compute_metrics
 
         if task == "vqa_closed":
             types: dict[str, str] = {}

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from m3d_lit.data.positioning import REG_ANSWERS
 from m3d_lit.boxes import parse_boxes, rec_metrics
+from m3d_lit.data.positioning import REG_ANSWERS
 
 __all__ = [
     "QUESTION_TYPES",

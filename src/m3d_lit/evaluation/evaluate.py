@@ -222,9 +222,9 @@ def _check_window(data: Path, record: dict[str, Any]) -> None:
 def main(argv: list[str]) -> int:
     from m3d_lit.data.collate import LMCollator
     from m3d_lit.data.datasets import QAJsonlDataset
-    from m3d_lit.evaluation.metrics import compute_metrics
     from m3d_lit.evaluation.report import write_report
     from m3d_lit.evaluation.score import write_json
+    from m3d_lit.evaluation.scoring import compute_metrics
     from m3d_lit.tasks.loading import load_task
 
     parser = _parser()

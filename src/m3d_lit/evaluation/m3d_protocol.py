@@ -27,6 +27,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from m3d_lit.evaluation.metrics import meteor_tools
+
 __all__ = ["M3D_KEYS", "bleu", "bleu_tokens", "m3d_sample_scores", "word_tokens"]
 
 M3D_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rougeL", "meteor")
@@ -94,8 +96,6 @@ def _rouge() -> Any:
 def m3d_sample_scores(predictions: Sequence[str], answers: Sequence[str]) -> dict[str, list[float]]:
     """Per-sample `bleu1`..`bleu4`, `rouge1`, `rougeL` and `meteor` (the keys of `M3D_KEYS`), in order."""
     from nltk.translate.meteor_score import single_meteor_score
-
-    from m3d_lit.evaluation.metrics import meteor_tools
 
     if len(predictions) != len(answers):
         raise ValueError(f"{len(predictions)} predictions but {len(answers)} answers")

@@ -29,7 +29,6 @@ from m3d_lit.evaluation.closed import closed_metrics, parse_closed
 __all__ = [
     "WordNetMissingError",
     "closed_metrics",
-    "compute_metrics",
     "corpus_bleu",
     "dice_iou",
     "nltk_data_dirs",
@@ -254,10 +253,3 @@ def corpus_bleu(predictions: Iterable[str], answers: Iterable[str]) -> dict[str,
         warnings.simplefilter("ignore")
         values = nltk_corpus_bleu(refs, hyps, weights=BLEU_WEIGHTS)
     return {f"bleu{n}": float(v) for n, v in enumerate(values, start=1)}
-
-
-def compute_metrics(records: list[dict], protocol: str = "m3d", **options: Any) -> dict[str, Any]:
-    """All metrics of prediction records; see `m3d_lit.evaluation.scoring.compute_metrics`."""
-    from m3d_lit.evaluation.scoring import compute_metrics as compute
-
-    return compute(records, protocol, **options)

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from m3d_lit.arguments import CommandParser
+from m3d_lit.atomic import atomic_output
 from m3d_lit.errors import InputError
 from m3d_lit.evaluation.bootstrap import RESAMPLES, SEED
-from m3d_lit.evaluation.metrics import compute_metrics
-from m3d_lit.atomic import atomic_output
-from m3d_lit.evaluation.scoring import PROTOCOLS, check_p_yes
+from m3d_lit.evaluation.scoring import PROTOCOLS, check_p_yes, compute_metrics
 
 __all__ = [
     "add_protocol_options",

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from m3d_lit.evaluation.bertscore import bertscore_f1
 from m3d_lit.evaluation.bootstrap import (
     RESAMPLES,
     SEED,
@@ -28,6 +29,7 @@ from m3d_lit.evaluation.bootstrap import (
     weighted_means,
 )
 from m3d_lit.evaluation.closed import closed_metrics, closed_scores, parse_closed
+from m3d_lit.evaluation.m3d_protocol import m3d_sample_scores
 from m3d_lit.evaluation.metrics import corpus_bleu, sample_scores, tokenize
 from m3d_lit.evaluation.open_findings import open_scores
 
@@ -223,12 +225,8 @@ def compute_metrics(
     _check(records)
     predictions, answers = [r["prediction"] for r in records], [r["answer"] for r in records]
     if protocol == "m3d":
-        from m3d_lit.evaluation.m3d_protocol import m3d_sample_scores
-
         raw = m3d_sample_scores(predictions, answers)
         if bertscore_model is not None:
-            from m3d_lit.evaluation.bertscore import bertscore_f1
-
             raw["bertscore_f1"] = bertscore_f1(predictions, answers, bertscore_model, bertscore_layer)
     else:
         raw = sample_scores(predictions, answers)
