@@ -46,7 +46,7 @@ def _timed(model: torch.nn.Module, prompt: dict[str, torch.Tensor], new_tokens: 
 def run(preset: str, batches: list[int], new_tokens: int, repeats: int) -> dict[str, Any]:
     """Generation throughput per batch size and the speedup of each batch size over batch 1."""
     from m3d_lit.data.collate import LMCollator
-    from m3d_lit.models.lamed import build_lamed
+    from m3d_lit.models.build import build_lamed
 
     torch.manual_seed(0)
     model = build_lamed(preset).eval()

@@ -42,7 +42,8 @@ def _peak_tflops(device: torch.device, override: float | None) -> float | None:
 
 def build(preset: str, device: torch.device, checkpointing: str) -> torch.nn.Module:
     """Stage-3 model with random weights: frozen bf16, trainable fp32, non-reentrant checkpointing."""
-    from m3d_lit.models.lamed import build_lamed, cast_for_training
+    from m3d_lit.models.build import build_lamed
+    from m3d_lit.models.lamed import cast_for_training
     from m3d_lit.models.presets import STAGE_TRAINABLE
 
     default = torch.get_default_dtype()

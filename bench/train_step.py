@@ -42,7 +42,7 @@ def _clip_step(preset: str, batch: int) -> tuple[torch.nn.Module, dict[str, Any]
 
 
 def _lamed_step(preset: str, stage: int, batch: int) -> tuple[torch.nn.Module, dict[str, Any], Any]:
-    from m3d_lit.models.lamed import build_lamed
+    from m3d_lit.models.build import build_lamed
     from m3d_lit.models.plan import synthetic_batch
     from m3d_lit.models.presets import STAGE_TRAINABLE
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from m3d_lit.losses.contrastive import clip_loss
+from m3d_lit.models.build import build_lamed
 from m3d_lit.models.clip import build_clip
-from m3d_lit.models.lamed import build_lamed
 from m3d_lit.models.presets import STAGE_TRAINABLE
 
 

@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from m3d_lit.models.lamed import LamedModel, build_lamed
+from m3d_lit.models.build import build_lamed
+from m3d_lit.models.lamed import LamedModel
 from m3d_lit.models.llm import unwrap
 from m3d_lit.models.presets import STAGE_TRAINABLE
 from m3d_lit.tokens import IM_PATCH

@@ -8,7 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from m3d_lit.models import plan as P
-from m3d_lit.models.lamed import build_lamed
+from m3d_lit.models.build import build_lamed
 from m3d_lit.models.presets import PRESETS
 
 # A tiny LLM whose widths (and vocab) halve cleanly, to check the width scaling of the measurement.

@@ -17,10 +17,10 @@ from torch import nn
 
 from m3d_lit.arguments import CommandParser, json_object, model_options
 from m3d_lit.errors import InputError
+from m3d_lit.models.build import build_lamed
 from m3d_lit.models.clip import build_clip
-from m3d_lit.models.lamed import build_lamed
-from m3d_lit.models.perceiver import build_perceiver
 from m3d_lit.models.presets import PRESETS, STAGE_TRAINABLE, resolve
+from m3d_lit.models.registry import build_perceiver
 from m3d_lit.models.vision import grid_size
 
 __all__ = ["describe", "main"]

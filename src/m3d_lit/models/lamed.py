@@ -21,13 +21,11 @@ from m3d_lit.losses import at_least_fp32
 from m3d_lit.losses.segmentation import bce_loss, dice_loss
 from m3d_lit.models import registry
 from m3d_lit.models.llm import NewTokenRows, apply_lora, sample_next, unwrap
-from m3d_lit.models.official.lamed import build_official_lamed, is_official_lamed
-from m3d_lit.models.perceiver import build_perceiver
-from m3d_lit.models.presets import resolve
+from m3d_lit.models.registry import build_perceiver
 from m3d_lit.models.tokenizer import build_llm_tokenizer
 from m3d_lit.tokens import IM_PATCH, LAMED_TOKENS, SEG
 
-__all__ = ["LamedModel", "build_lamed", "cast_for_training"]
+__all__ = ["LamedModel", "cast_for_training"]
 
 _MODES = {
     "vision": ("frozen", "full"),
@@ -396,31 +394,3 @@ def cast_for_training(model: nn.Module, frozen_dtype: torch.dtype = torch.bfloat
                 if buffer is not None and buffer.is_floating_point():
                     module._buffers[name] = buffer.float()
     return model
-
-
-def build_lamed(
-    preset: str,
-    overrides: dict[str, Any] | None = None,
-    llm_path: str | Path | None = None,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-) -> LamedModel:
-    """Build `LamedModel` from a preset (all parameters trainable until `set_trainable`).
-
-    Args:
-        preset: `tiny`, `small` or `paper`.
-        overrides: nested values deep-merged into the preset.
-        llm_path: local LLM directory (weights + tokenizer); None builds from the preset. An official
-            M3D-LaMed directory builds that whole model instead (preset and overrides are not used).
-        device: where parameters are created; `"meta"` builds without memory (parameter counts).
-        dtype: weight dtype of an LLM loaded from `llm_path`.
-    """
-    if llm_path is not None and is_official_lamed(llm_path):
-        if device is not None:
-            raise ValueError("an official M3D-LaMed directory is built on the CPU (device must be None)")
-        return build_official_lamed(llm_path, dtype)
-    config = resolve(preset, overrides)
-    if device is None:
-        return LamedModel(config, llm_path, dtype)
-    with torch.device(device):
-        return LamedModel(config, llm_path, dtype)

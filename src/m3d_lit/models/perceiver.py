@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -15,7 +14,6 @@ __all__ = [
     "SpatialPoolPerceiver",
     "SequencePoolPerceiver",
     "TokenBatchNorm",
-    "build_perceiver",
     "projector",
     "set_batchnorm_sync",
 ]
@@ -220,15 +218,3 @@ class SequencePoolPerceiver(nn.Module):
             raise ValueError(f"got {tokens.shape[1]} patch tokens, expected {self.num_patches}")
         b, _, c = tokens.shape
         return _project(self.projector, tokens.reshape(b, self.num_tokens, self.pool, c).mean(2), stats_rows)
-
-
-def build_perceiver(spec: dict[str, Any], grid: Sequence[int], in_dim: int, out_dim: int) -> nn.Module:
-    """The perceiver a preset's `perceiver` entry names (`spatial_pool` by default, or `sequence_pool`)."""
-    from m3d_lit.models import registry  # the registry imports this module
-
-    options = dict(spec)
-    name = options.pop("name", "spatial_pool")
-    if name == "spatial_pool":
-        return registry.build(name, grid=grid, in_dim=in_dim, out_dim=out_dim, **options)
-    num_patches = grid[0] * grid[1] * grid[2]
-    return registry.build(name, num_patches=num_patches, in_dim=in_dim, out_dim=out_dim, **options)

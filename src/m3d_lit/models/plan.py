@@ -124,7 +124,7 @@ class PlanSettings:
 
 
 def _build_meta(settings: PlanSettings, lora: dict[str, Any]) -> nn.Module:
-    from m3d_lit.models.lamed import build_lamed
+    from m3d_lit.models.build import build_lamed
 
     with torch.device("meta"):
         model = build_lamed(settings.preset, settings.overrides)
@@ -317,7 +317,8 @@ def _saved_bytes(model: nn.Module, img_size: tuple[int, ...]) -> Iterator[tuple[
 
 
 def _measure_activations(settings: PlanSettings) -> dict[str, float]:
-    from m3d_lit.models.lamed import build_lamed, cast_for_training
+    from m3d_lit.models.build import build_lamed
+    from m3d_lit.models.lamed import cast_for_training
 
     config = resolve(settings.preset, settings.overrides)
     lora = _lora(config, settings)

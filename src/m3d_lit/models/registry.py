@@ -6,7 +6,7 @@ and never reach the network: pretrained parts load from local directories.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
@@ -17,7 +17,7 @@ from m3d_lit.models.segmentation import SegmentationModule
 from m3d_lit.models.text import build_bert
 from m3d_lit.models.vision import ViT3D
 
-__all__ = ["BACKBONES", "build", "register"]
+__all__ = ["BACKBONES", "build", "build_perceiver", "register"]
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "vit3d": ViT3D,
@@ -41,3 +41,13 @@ def build(name: str, **kwargs: Any) -> nn.Module:
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; registered: {sorted(BACKBONES)}")
     return BACKBONES[name](**kwargs)
+
+
+def build_perceiver(spec: dict[str, Any], grid: Sequence[int], in_dim: int, out_dim: int) -> nn.Module:
+    """The perceiver a preset's `perceiver` entry names (`spatial_pool` by default, or `sequence_pool`)."""
+    options = dict(spec)
+    name = options.pop("name", "spatial_pool")
+    if name == "spatial_pool":
+        return build(name, grid=grid, in_dim=in_dim, out_dim=out_dim, **options)
+    num_patches = grid[0] * grid[1] * grid[2]
+    return build(name, num_patches=num_patches, in_dim=in_dim, out_dim=out_dim, **options)

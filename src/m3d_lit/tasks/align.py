@@ -86,7 +86,7 @@ class AlignTask(BaseTask):
         rank_zero_info(f"clip_path {path}: vision encoder loaded ({len(source)} tensors)")
 
     def configure_models(self) -> nn.Module:
-        from m3d_lit.models.lamed import build_lamed
+        from m3d_lit.models.build import build_lamed
 
         self._official_init()
         model = build_lamed(self.hparams.preset, self.hparams.overrides, llm_path=self.hparams.llm_path)

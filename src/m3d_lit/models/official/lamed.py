@@ -17,6 +17,8 @@ from typing import Any
 import torch
 
 from m3d_lit.errors import InputError
+from m3d_lit.models.lamed import LamedModel
+from m3d_lit.models.llm import unwrap
 from m3d_lit.models.official.files import load_weights, read_config
 from m3d_lit.models.official.text import build_tokenizer, m3d_decoder
 from m3d_lit.tokens import LAMED_TOKENS
@@ -210,8 +212,6 @@ def build_official_lamed(directory: str | Path, dtype: torch.dtype | None = None
     Built on the meta device and given the directory's tensors, so a 7B model is never initialised at
     random first; `dtype` (default float32) is the weights' dtype.
     """
-    from m3d_lit.models.lamed import LamedModel
-
     directory = Path(directory)
     config = read_config(directory)
     if config.get("model_type") not in FAMILIES:
@@ -247,8 +247,6 @@ def build_official_lamed(directory: str | Path, dtype: torch.dtype | None = None
 
 def _materialise_unsaved(model: Any) -> None:
     """Give the buffers no checkpoint holds (rotary frequencies, the added rows' lookup) their values."""
-    from m3d_lit.models.llm import unwrap
-
     llm = unwrap(model.llm)
     if llm.config.tie_word_embeddings:
         llm.tie_weights()

@@ -1,0 +1,46 @@
+"""Building `LamedModel`: from a preset, or from an official M3D-LaMed directory (`models/official/`).
+
+Apart from `lamed.py` so that the official loader, which builds a `LamedModel`, and the composite model
+import each other in one direction only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from m3d_lit.models.lamed import LamedModel
+from m3d_lit.models.official.lamed import build_official_lamed, is_official_lamed
+from m3d_lit.models.presets import resolve
+
+__all__ = ["build_lamed"]
+
+
+def build_lamed(
+    preset: str,
+    overrides: dict[str, Any] | None = None,
+    llm_path: str | Path | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> LamedModel:
+    """Build `LamedModel` from a preset (all parameters trainable until `set_trainable`).
+
+    Args:
+        preset: `tiny`, `small` or `paper`.
+        overrides: nested values deep-merged into the preset.
+        llm_path: local LLM directory (weights + tokenizer); None builds from the preset. An official
+            M3D-LaMed directory builds that whole model instead (preset and overrides are not used).
+        device: where parameters are created; `"meta"` builds without memory (parameter counts).
+        dtype: weight dtype of an LLM loaded from `llm_path`.
+    """
+    if llm_path is not None and is_official_lamed(llm_path):
+        if device is not None:
+            raise ValueError("an official M3D-LaMed directory is built on the CPU (device must be None)")
+        return build_official_lamed(llm_path, dtype)
+    config = resolve(preset, overrides)
+    if device is None:
+        return LamedModel(config, llm_path, dtype)
+    with torch.device(device):
+        return LamedModel(config, llm_path, dtype)
