@@ -18,22 +18,25 @@ __all__ = ["main", "SUBCOMMANDS"]
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("m3d_lit.data.synthetic", "write synthetic CQ500- and PhysioNet-format brain CT"),
     "prepare": ("m3d_lit.data.prepare", "raw scans -> cached volumes, QA files and splits"),
-    "describe": ("m3d_lit.models.describe", "parameter counts of a preset, without loading weights"),
-    "plan": ("m3d_lit.models.plan", "memory and FLOP estimate of a preset on a GPU"),
+    "describe": ("m3d_lit.commands.describe", "parameter counts of a preset, without loading weights"),
+    "plan": ("m3d_lit.commands.plan", "memory and FLOP estimate of a preset on a GPU"),
     "score": (
-        "m3d_lit.evaluation.score",
+        "m3d_lit.commands.score",
         "score a predictions.jsonl (BLEU, ROUGE, METEOR; closed AUROC, open findings, Dice; 95% CIs)",
     ),
-    "eval": ("m3d_lit.evaluation.evaluate", "generate answers for a QA split and write a report"),
-    "ask": ("m3d_lit.evaluation.ask", "ask one question about one scan"),
+    "eval": ("m3d_lit.commands.evaluate", "generate answers for a QA split and write a report"),
+    "ask": ("m3d_lit.commands.ask", "ask one question about one scan"),
     "embed": (
-        "m3d_lit.evaluation.embed",
+        "m3d_lit.commands.embed",
         "image and text embeddings + logits (stage-1 checkpoint or M3D-CLIP)",
     ),
-    "app": ("m3d_lit.app.server", "a local web page: look at a scan, ask about it, see the mask"),
-    "export": ("m3d_lit.export", "stage-3 checkpoint -> LoRA adapter + weights (--merge: a merged HF model)"),
+    "app": ("m3d_lit.commands.app", "a local web page: look at a scan, ask about it, see the mask"),
+    "export": (
+        "m3d_lit.commands.export",
+        "stage-3 checkpoint -> LoRA adapter + weights (--merge: a merged HF model)",
+    ),
     "bench": (
-        "m3d_lit.evaluation.bench",
+        "m3d_lit.commands.bench",
         "the eight M3D-Bench tasks -> predictions, metrics.json, report.md",
     ),
 }
@@ -46,22 +49,6 @@ def _usage() -> str:
     lines += ["", "tools:"]
     lines += [f"  {name:<10} {text}" for name, (_, text) in SUBCOMMANDS.items()]
     return "\n".join(lines)
-
-
-def run_lightning(argv: list[str] | None) -> None:
-    """Run LightningCLI with the project's base classes in subclass mode (argv None: `sys.argv`)."""
-    from m3d_lit.data.datamodules import BaseDataModule
-    from m3d_lit.lightning_cli import M3dLightningCLI
-    from m3d_lit.tasks.base import BaseTask
-
-    M3dLightningCLI(
-        BaseTask,
-        BaseDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=argv,
-    )
 
 
 def _input_cause(err: BaseException | None) -> InputError | None:
@@ -82,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0]
     try:
         if command in LIGHTNING_COMMANDS:
+            from m3d_lit.commands.lightning_cli import run_lightning  # not for --help: it loads torch
+
             try:
                 run_lightning(argv if explicit else None)
             except ValueError as err:

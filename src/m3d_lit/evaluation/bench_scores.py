@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from m3d_lit.boxes import parse_boxes, rec_metrics
+from m3d_lit.boxes import box_iou_3d, parse_boxes, rec_metrics
 from m3d_lit.data.positioning import REG_ANSWERS
+from m3d_lit.losses.contrastive import recall_at_k
 
 __all__ = [
     "QUESTION_TYPES",
@@ -50,8 +51,6 @@ def retrieval_metrics(
         text_features: N x E, L2-normalised.
         pools: pool sizes, e.g. (100, 1000); a pool larger than N is capped at N (and says so).
     """
-    from m3d_lit.losses.contrastive import recall_at_k
-
     n = image_features.shape[0]
     if n < 1 or text_features.shape[0] != n:
         raise ValueError(f"need N >= 1 image and text features alike, got {n} and {text_features.shape[0]}")
@@ -110,8 +109,6 @@ def choice_metrics(records: Sequence[Mapping[str, Any]], types: Mapping[str, str
 
 def rec_scores(records: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], list[float | None]]:
     """`rec_metrics` against the box written in each reference answer, and each sample's IoU."""
-    from m3d_lit.boxes import box_iou_3d
-
     references = []
     for record in records:
         boxes = parse_boxes(record["answer"])

@@ -1,29 +1,26 @@
-"""`m3d-lit describe --preset paper [--stage 1|2|3]`: parameter counts without loading weights.
+"""Parameter counts of a preset, without loading weights (`m3d-lit describe`).
 
-Everything is built on the meta device, so the paper preset (a 7B LLM) costs no memory. Prints
-`{"components": {name: {"params", "trainable"}}, "patch_tokens", "visual_tokens", "total_params",
-"trainable_params", "preset", "stage"}`.
+Everything is built on the meta device, so the paper preset (a 7B LLM) costs no memory. `describe`
+returns `{"components": {name: {"params", "trainable"}}, "patch_tokens", "visual_tokens",
+"total_params", "trainable_params", "preset", "stage"}`.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from m3d_lit.arguments import CommandParser, json_object, model_options
 from m3d_lit.errors import InputError
 from m3d_lit.models.build import build_lamed
 from m3d_lit.models.clip import build_clip
-from m3d_lit.models.presets import PRESETS, STAGE_TRAINABLE, resolve
+from m3d_lit.models.presets import STAGE_TRAINABLE, resolve
 from m3d_lit.models.registry import build_perceiver
 from m3d_lit.models.vision import grid_size
 
-__all__ = ["describe", "main"]
+__all__ = ["describe"]
 
 
 def _count(params: Iterable[nn.Parameter]) -> dict[str, int]:
@@ -90,27 +87,3 @@ def describe(preset: str, stage: int = 3, overrides: dict[str, Any] | None = Non
         "total_params": sum(c["params"] for c in components.values()),
         "trainable_params": sum(c["trainable"] for c in components.values()),
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`m3d-lit describe`: print the parameter-count JSON of a preset and stage."""
-    parser = CommandParser(prog="m3d-lit describe", description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="model size preset")
-    parser.add_argument(
-        "--stage", type=int, default=3, choices=sorted(STAGE_TRAINABLE), help="trainability of this stage"
-    )
-    parser.add_argument(
-        "--overrides",
-        type=json_object,
-        default=None,
-        help='JSON merged into the preset, e.g. \'{"llm": {"num_hidden_layers": 2}}\'',
-    )
-    args = parser.parse_args(argv)
-    with model_options("--overrides"):
-        figures = describe(args.preset, args.stage, args.overrides)
-    print(json.dumps(figures, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

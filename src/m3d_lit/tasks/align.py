@@ -9,8 +9,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from m3d_lit.data.collate import LMCollator
 from m3d_lit.errors import InputError
+from m3d_lit.evaluation.visual import middle_slice_grid
+from m3d_lit.models.build import build_lamed
+from m3d_lit.models.lamed import cast_for_training
+from m3d_lit.models.official.clip import load_m3d_clip
 from m3d_lit.tasks.base import BaseTask
+from m3d_lit.tasks.metrics import TokenAccuracy
 from m3d_lit.tasks.official import official_kind
 
 __all__ = ["AlignTask"]
@@ -70,8 +76,6 @@ class AlignTask(BaseTask):
 
     def load_clip_vision(self, path: str) -> None:
         """Copy the vision encoder of an M3D-CLIP directory into `model.vision`; every shape must match."""
-        from m3d_lit.models.official.clip import load_m3d_clip
-
         source, own = load_m3d_clip(path).vision.state_dict(), self.model.vision.state_dict()
         for name in sorted(set(source) | set(own)):
             theirs = tuple(source[name].shape) if name in source else "absent"
@@ -86,8 +90,6 @@ class AlignTask(BaseTask):
         rank_zero_info(f"clip_path {path}: vision encoder loaded ({len(source)} tensors)")
 
     def configure_models(self) -> nn.Module:
-        from m3d_lit.models.build import build_lamed
-
         self._official_init()
         model = build_lamed(self.hparams.preset, self.hparams.overrides, llm_path=self.hparams.llm_path)
         trainable = self.trainable_config()
@@ -123,8 +125,6 @@ class AlignTask(BaseTask):
             self.load_clip_vision(self.hparams.clip_path)
         self._check_data_size()
         if str(self.trainer.precision).startswith("bf16"):
-            from m3d_lit.models.lamed import cast_for_training
-
             # bf16-mixed keeps fp32 weights by default: for a frozen 7B LLM that is 25 GiB, which does not
             # fit a 24 GB card. Frozen weights go to bf16, the trainable ones stay fp32 for the optimizer.
             cast_for_training(self.model, torch.bfloat16)
@@ -143,13 +143,9 @@ class AlignTask(BaseTask):
             )
 
     def configure_metrics(self) -> nn.ModuleDict:
-        from m3d_lit.tasks.metrics import TokenAccuracy
-
         return nn.ModuleDict({"token_acc": TokenAccuracy()})
 
     def configure_collate(self) -> Any:
-        from m3d_lit.data.collate import LMCollator
-
         m = self.model
         return LMCollator(m.tokenizer, m.num_visual_tokens, m.max_length, tuple(m.img_size))
 
@@ -186,9 +182,6 @@ class AlignTask(BaseTask):
     @torch.no_grad()
     def log_examples(self, batch: dict[str, Any]) -> None:
         """Generate answers for the first samples of a batch; log them as a text table and images."""
-        from m3d_lit.data.collate import LMCollator
-        from m3d_lit.evaluation.visual import middle_slice_grid
-
         writer = self.tensorboard()
         if writer is None:
             return

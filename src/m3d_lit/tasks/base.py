@@ -15,10 +15,23 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import grad_norm, rank_zero_info
 from torch import Tensor, nn
 
 from m3d_lit.errors import InputError
+from m3d_lit.models.perceiver import set_batchnorm_sync
+from m3d_lit.models.presets import STAGE_TRAINABLE
+from m3d_lit.tasks.checkpoints import (
+    base_fingerprint,
+    check_init_source,
+    frozen_base_keys,
+    restore_frozen_base,
+    rng_states,
+    set_rng_states,
+    summarise_init,
+)
+from m3d_lit.tasks.hparams import write_hparams
 
 __all__ = ["EVAL_SPLITS", "BaseTask", "load_checkpoint", "warmup_cosine", "zero_checkpoint_problem"]
 
@@ -145,13 +158,9 @@ class BaseTask(LightningModule):
 
     # -- shared machinery ---------------------------------------------------------------------------
     def trainable_config(self) -> dict[str, str]:
-        from m3d_lit.models.presets import STAGE_TRAINABLE
-
         return {**STAGE_TRAINABLE[self.stage], **(self.hparams.trainable or {})}
 
     def setup(self, stage: str) -> None:
-        from m3d_lit.models.perceiver import set_batchnorm_sync
-
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None:
             datamodule.collate_fn = self.configure_collate()
@@ -167,8 +176,6 @@ class BaseTask(LightningModule):
 
     def on_fit_start(self) -> None:
         # The recipes turn off Lightning's placeholder `hp_metric`; pair the hparams with real tags instead.
-        from m3d_lit.tasks.hparams import write_hparams
-
         writer = self.tensorboard()
         if writer is not None and self.trainer.is_global_zero:
             write_hparams(writer, self.hparams, self.hparams_metrics)
@@ -181,8 +188,6 @@ class BaseTask(LightningModule):
         LoRA adapters trained or loaded earlier carry on. The log names, per part, what came from the
         checkpoint and what starts as built here (`init_summary` keeps the counts).
         """
-        from m3d_lit.tasks.loading import check_init_source, summarise_init
-
         prefixes = tuple(self.hparams.init_prefixes or self.default_init_prefixes)
         checkpoint = load_checkpoint(path)
         source = checkpoint.get("state_dict")
@@ -293,8 +298,6 @@ class BaseTask(LightningModule):
 
     # -- exact resume and frozen-base checks (tasks/loading.py) --------------------------------------
     def _init_reliability(self) -> None:
-        from m3d_lit.tasks.loading import base_fingerprint
-
         self.base_fingerprint = base_fingerprint(self)
         self._pending_rng: list[dict[str, Any]] | None = None
         tokenizer = getattr(self.model, "tokenizer", None)
@@ -305,8 +308,6 @@ class BaseTask(LightningModule):
 
     def _save_reliability(self, checkpoint: dict[str, Any]) -> None:
         """Record the model fingerprint and every rank's RNG states; leave out the rebuildable frozen LLM."""
-        from m3d_lit.tasks.loading import frozen_base_keys, rng_states
-
         record = checkpoint["m3d_lit"]
         record["base"] = self.base_fingerprint
         states = rng_states()
@@ -323,8 +324,6 @@ class BaseTask(LightningModule):
         record["omitted"] = omitted
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from m3d_lit.tasks.loading import restore_frozen_base
-
         path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
         restore_frozen_base(path or "checkpoint", checkpoint, self)
         self._pending_rng = (checkpoint.get("m3d_lit") or {}).get("rng")
@@ -332,15 +331,11 @@ class BaseTask(LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Restored here, not at load time, so nothing between the restore and this step draws from them.
         if self._pending_rng:
-            from m3d_lit.tasks.loading import set_rng_states
-
             set_rng_states(self._pending_rng[self.global_rank % len(self._pending_rng)])
         self._pending_rng = None
 
     def tensorboard(self) -> Any | None:
         """The TensorBoard SummaryWriter when that logger is in use (images and text go there)."""
-        from lightning.pytorch.loggers import TensorBoardLogger
-
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
                 return logger.experiment

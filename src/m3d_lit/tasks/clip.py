@@ -6,7 +6,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from m3d_lit.data.collate import ClipCollator
+from m3d_lit.losses.contrastive import clip_loss
+from m3d_lit.models.clip import build_clip
 from m3d_lit.tasks.base import BaseTask
+from m3d_lit.tasks.metrics import RetrievalRecall
 
 __all__ = ["ClipTask"]
 
@@ -30,20 +34,14 @@ class ClipTask(BaseTask):
         super().__init__(**kwargs)
 
     def configure_models(self) -> nn.Module:
-        from m3d_lit.models.clip import build_clip
-
         model = build_clip(self.hparams.preset, self.hparams.overrides, text_path=self.hparams.text_path)
         model.set_trainable(self.trainable_config())
         return model
 
     def configure_metrics(self) -> nn.ModuleDict:
-        from m3d_lit.tasks.metrics import RetrievalRecall
-
         return nn.ModuleDict({"recall": RetrievalRecall(ks=(1, 5, 10))})
 
     def configure_collate(self) -> Any:
-        from m3d_lit.data.collate import ClipCollator
-
         return ClipCollator(self.model.text_tokenizer, self.hparams.text_max_length)
 
     def _gather(self, features: Tensor) -> Tensor:
@@ -52,8 +50,6 @@ class ClipTask(BaseTask):
         return self.all_gather(features, sync_grads=True).flatten(0, 1)
 
     def model_step(self, batch: dict[str, Any], split: str) -> Tensor:
-        from m3d_lit.losses.contrastive import clip_loss
-
         image, text, scale = self.model(batch["images"], batch["input_ids"], batch["attention_mask"])
         if split == "train":
             image, text = self._gather(image), self._gather(text)

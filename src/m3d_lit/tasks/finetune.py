@@ -5,9 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
+from m3d_lit.models.segmentation import load_segvol_weights
 from m3d_lit.tasks.align import AlignTask
+from m3d_lit.tasks.metrics import MeanDice
 
 __all__ = ["FinetuneTask"]
 
@@ -42,18 +46,10 @@ class FinetuneTask(AlignTask):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if stage == "fit" and self.hparams.segvol_path and not self.trainer.ckpt_path:
-            from lightning.pytorch.utilities import rank_zero_info
-
-            from m3d_lit.models.segmentation import load_segvol_weights
-
             loaded = load_segvol_weights(self.model.segmentation, self.hparams.segvol_path)
             rank_zero_info(f"segvol_path {self.hparams.segvol_path}: loaded {len(loaded['loaded'])} tensors")
 
     def configure_metrics(self) -> nn.ModuleDict:
-        from torchmetrics import MeanMetric
-
-        from m3d_lit.tasks.metrics import MeanDice
-
         metrics = super().configure_metrics()
         metrics["dice"] = MeanDice()
         # The mask loss terms, weighted by their rows: a rank whose share holds no [SEG] row still takes

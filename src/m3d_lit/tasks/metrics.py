@@ -15,6 +15,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from m3d_lit.losses.contrastive import recall_at_k
+
 __all__ = ["MeanDice", "RetrievalRecall", "TokenAccuracy"]
 
 
@@ -95,8 +97,6 @@ class RetrievalRecall(Metric):
         self.text.append(text.detach().double())
 
     def compute(self) -> dict[str, float]:
-        from m3d_lit.losses.contrastive import recall_at_k
-
         if isinstance(self.image, list) and not self.image:
             return {}
         image, text = dim_zero_cat(self.image), dim_zero_cat(self.text)  # a list, or one tensor once synced

@@ -11,19 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from m3d_lit.errors import InputError
+from m3d_lit.models.official.lamed import is_official_lamed
 
-__all__ = ["OFFICIAL_WINDOW", "known_window", "load_official_task", "official_kind", "scan_window"]
+__all__ = ["OFFICIAL_WINDOW", "known_window", "official_kind", "scan_window"]
 
 # M3D min-maxes a volume over its whole range (no HU window): what an official model was trained on
 OFFICIAL_WINDOW = "none"
-FROZEN = {k: "frozen" for k in ("vision", "perceiver", "llm", "segmentation", "new_token_rows")}
 
 
 def official_kind(path: str | Path) -> str | None:
     """`lamed` for an official M3D-LaMed directory, else None."""
-    from m3d_lit.models.official.lamed import is_official_lamed
-
     return "lamed" if is_official_lamed(path) else None
 
 
@@ -38,21 +35,3 @@ def scan_window(record: dict[str, Any]) -> str:
     """The CT window a scan is read with for a model with this `load_task` record: the one its data was
     prepared with; for an official directory M3D's plain min-max; else m3d-lit's default (`brain`)."""
     return known_window(record) or "brain"
-
-
-def load_official_task(path: Path, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
-    """(task in eval mode, its record) for an official directory; `InputError` for any other folder."""
-    from m3d_lit.models.official.files import read_config
-    from m3d_lit.models.official.lamed import FAMILIES
-    from m3d_lit.tasks.finetune import FinetuneTask
-
-    if official_kind(path) is None:
-        config = read_config(path)  # raises for a config.json that is not a JSON object
-        raise InputError(
-            path,
-            f"is neither an m3d-lit checkpoint (a .ckpt file) nor an official M3D-LaMed directory: its "
-            f"config.json has model_type {config.get('model_type')!r}, not one of {sorted(FAMILIES)}",
-        )
-    task = FinetuneTask(llm_path=str(path), trainable=dict(FROZEN), log_examples=0)
-    record = {"task": f"{FinetuneTask.__module__}.FinetuneTask", "preprocessing": None, "official": str(path)}
-    return task.to(device).eval(), record

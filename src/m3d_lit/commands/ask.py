@@ -25,9 +25,12 @@ import numpy as np
 import torch
 
 from m3d_lit.arguments import CommandParser
+from m3d_lit.data.collate import LMCollator
 from m3d_lit.data.geometry import check_mask_path, write_mask
-from m3d_lit.data.preprocess import Prepared
+from m3d_lit.data.preprocess import Prepared, load_and_preprocess
 from m3d_lit.errors import InputError
+from m3d_lit.tasks.loading import load_task
+from m3d_lit.tasks.official import scan_window
 
 __all__ = ["Answer", "ask", "main"]
 
@@ -48,11 +51,6 @@ def ask(
     device: str = "cpu",
 ) -> Answer:
     """Answer `question` about `volume`."""
-    from m3d_lit.data.collate import LMCollator
-    from m3d_lit.data.preprocess import load_and_preprocess
-    from m3d_lit.tasks.loading import load_task
-    from m3d_lit.tasks.official import scan_window
-
     if not question.strip():
         raise InputError("--question", "is empty")
     task, meta = load_task(checkpoint, device=device)

@@ -22,138 +22,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from m3d_lit.arguments import CommandParser
+from m3d_lit.commands.score import add_protocol_options, protocol_options
+from m3d_lit.data.collate import LMCollator
+from m3d_lit.data.datasets import QAJsonlDataset
 from m3d_lit.errors import InputError
-from m3d_lit.evaluation.score import add_protocol_options, protocol_options
+from m3d_lit.evaluation.generation import MaskSaver, annotate, generate_records, write_jsonl
+from m3d_lit.evaluation.report import write_report
+from m3d_lit.evaluation.score import write_json
+from m3d_lit.evaluation.scoring import compute_metrics
+from m3d_lit.tasks.loading import load_task
+from m3d_lit.tasks.official import known_window
 
-__all__ = [
-    "MaskSaver", "annotate", "generate_records", "main", "tensorboard_scalars", "write_jsonl", "yes_no_ids",
-    "yes_probability",
-]  # fmt: skip
+__all__ = ["main", "tensorboard_scalars"]
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write rows as JSON lines atomically (temporary file, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def _seg_scores(seg_logits: torch.Tensor | None, mask: torch.Tensor | None) -> dict[str, Any]:
-    """Dice/IoU of a segmentation sample whose reference holds a mask; no [SEG] means an empty mask."""
-    from m3d_lit.evaluation.metrics import dice_iou
-
-    if mask is None or mask.sum() == 0:
-        return {"produced_seg": seg_logits is not None}
-    pred = torch.zeros_like(mask) if seg_logits is None else (seg_logits.float().sigmoid() > 0.5).float()
-    dice, iou = dice_iou(pred.cpu(), mask.cpu())
-    return {"produced_seg": seg_logits is not None, "dice": float(dice), "iou": float(iou)}
-
-
-def yes_no_ids(tokenizer: Any) -> tuple[int, int] | None:
-    """The first token of an answer starting with `Yes`, and of one starting with `No`; None when both
-    start with the same token (a SentencePiece model that splits off the word-start marker `▁`, as the
-    parity kit's tiny one does), where the first token cannot tell them apart and no `p_yes` is given."""
-    yes, no = (tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in ("Yes", "No"))
-    return None if yes == no else (yes, no)
-
-
-def yes_probability(logits: torch.Tensor, yes_id: int, no_id: int) -> float:
-    """P(Yes) against No from one row of first-token logits: a softmax over those two logits alone."""
-    pair = torch.stack([logits[yes_id], logits[no_id]]).double()
-    return float(torch.softmax(pair, dim=0)[0])
-
-
-@torch.no_grad()
-def generate_records(
-    model: torch.nn.Module,
-    loader: DataLoader,
-    max_new_tokens: int,
-    device: torch.device,
-    save_mask: Callable[[dict[str, Any], torch.Tensor], str] | None = None,
-) -> Iterator[dict[str, Any]]:
-    """Generate an answer per sample (greedy, batched) and yield one prediction record per sample.
-
-    A closed Yes/No question's record also holds `p_yes`: P(Yes) / (P(Yes) + P(No)) of the first
-    answer token, from the logits the greedy answer starts from. `save_mask(record, seg_logits)`, when
-    given, is called for every sample that produced `[SEG]`; the path it returns goes in the record's
-    `mask_file`.
-    """
-    from m3d_lit.evaluation.closed import parse_closed
-
-    pair_ids = yes_no_ids(model.tokenizer)
-    for batch in loader:
-        out = model.generate(
-            batch["images"].to(device),
-            batch["input_ids"].to(device),
-            batch["attention_mask"].to(device),
-            max_new_tokens=max_new_tokens,
-        )
-        for i, text in enumerate(out["texts"]):
-            record = {
-                "id": batch["ids"][i],
-                "dataset": batch["datasets"][i],
-                "kind": batch["kinds"][i],
-                "question": batch["questions"][i],
-                "answer": batch["answers"][i],
-                "prediction": text.strip(),
-            }
-            if pair_ids and record["kind"] == "closed" and parse_closed(record["answer"]) is not None:
-                record["p_yes"] = yes_probability(out["first_logits"][i], *pair_ids)
-            if record["kind"] == "seg":
-                mask = batch["masks"][i] if bool(batch["seg_flags"][i]) else None
-                record.update(_seg_scores(out["seg_logits"][i], mask))
-            if save_mask is not None and out["seg_logits"][i] is not None:
-                record["mask_file"] = save_mask(record, out["seg_logits"][i])
-            yield record
-
-
-class MaskSaver:
-    """Writes predicted masks to `folder/<id>.nii.gz` in the geometry of the scan each sample was read from.
-
-    Args:
-        folder: where the masks go (created).
-        images: sample id -> the prepared image it was given (`OUT/images/<id>.npy` of `prepare`).
-    """
-
-    def __init__(self, folder: Path, images: dict[str, Path]) -> None:
-        self.folder, self.images = folder, images
-        self.names: set[str] = set()
-        self.geometries: dict[Path, Any] = {}
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def __call__(self, record: dict[str, Any], seg_logits: torch.Tensor) -> str:
-        from m3d_lit.data.geometry import manifest_geometry, write_mask
-
-        image = self.images[record["id"]]
-        if image not in self.geometries:
-            self.geometries[image] = manifest_geometry(image)
-            if self.geometries[image] is None:
-                tqdm.write(
-                    f"m3d-lit eval: no scan geometry recorded for {image}: its masks stay on the model grid"
-                )
-        geometry = self.geometries[image]
-        name = re.sub(r"[^A-Za-z0-9._-]", "_", record["id"])
-        while name in self.names:  # ids that differ only in characters a file name cannot hold
-            name += "_"
-        self.names.add(name)
-        path = self.folder / f"{name}.nii.gz"
-        write_mask(path, seg_logits.float().sigmoid()[0].cpu().numpy(), geometry)
-        return f"{self.folder.name}/{path.name}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -187,22 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def annotate(records: list[dict[str, Any]], data: Path) -> None:
-    """Add each record's `patient` (bootstrap unit) and, for closed questions, its `finding` (the
-    question key of its `qid`), from the QA file's lines."""
-    lines = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
-    by_qid = {str(obj.get("qid") or obj.get("id")): obj for obj in lines if isinstance(obj, dict)}
-    for record in records:
-        source = by_qid.get(record["id"], {})
-        record["patient"] = str(source.get("patient") or source.get("id") or record["id"])
-        if record["kind"] == "closed" and ":" in str(source.get("qid", "")):
-            record["finding"] = source["qid"].rsplit(":", 1)[1]
-
-
 def _check_window(data: Path, record: dict[str, Any]) -> None:
     """Refuse a QA file whose scans `prepare` windowed otherwise than the model's training data were."""
-    from m3d_lit.tasks.official import known_window
-
     settings = data.parent / "prepare.json"
     want = known_window(record)
     if want is None or not settings.is_file():
@@ -220,13 +97,6 @@ def _check_window(data: Path, record: dict[str, Any]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from m3d_lit.data.collate import LMCollator
-    from m3d_lit.data.datasets import QAJsonlDataset
-    from m3d_lit.evaluation.report import write_report
-    from m3d_lit.evaluation.score import write_json
-    from m3d_lit.evaluation.scoring import compute_metrics
-    from m3d_lit.tasks.loading import load_task
-
     parser = _parser()
     args = parser.parse_args(argv)
     options = protocol_options(parser, args)
@@ -323,8 +193,6 @@ def tensorboard_scalars(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def _to_tensorboard(folder: Path, metrics: dict[str, Any], step: int) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
     with SummaryWriter(str(folder)) as writer:
         for tag, value in tensorboard_scalars(metrics).items():
             writer.add_scalar(tag, value, step)

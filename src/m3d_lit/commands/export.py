@@ -33,6 +33,9 @@ from safetensors.torch import save_file
 
 from m3d_lit.arguments import CommandParser
 from m3d_lit.errors import InputError
+from m3d_lit.models.official.write import write_m3d
+from m3d_lit.tasks.loading import load_task
+from m3d_lit.tokens import LAMED_TOKENS
 
 __all__ = ["export", "main"]
 
@@ -41,8 +44,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def _load_lamed(checkpoint: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """(LamedModel with LoRA, the checkpoint's m3d_lit record, the task's hyperparameters)."""
-    from m3d_lit.tasks.loading import load_task
-
     task, record = load_task(checkpoint)
     model = task.model
     if not hasattr(model, "new_tokens"):
@@ -98,8 +99,6 @@ def _write_merged(model: Any, folder: Path, dtype: torch.dtype, checkpoint: Path
 
 
 def _manifest(model: Any, record: dict[str, Any], hparams: dict[str, Any], checkpoint: Path) -> dict:
-    from m3d_lit.tokens import LAMED_TOKENS
-
     lora = next(iter(model.llm.peft_config.values()))
     return {
         "format": "m3d-lit export 1",
@@ -180,9 +179,6 @@ def export(
 
 
 def _export_m3d(checkpoint: Path, out: Path, dtype: str | None) -> Path:
-    from m3d_lit.models.official.write import write_m3d
-    from m3d_lit.tasks.loading import load_task
-
     task, _ = load_task(checkpoint)
     source = task.hparams.get("llm_path")
     if not hasattr(task.model, "new_tokens") or not source:

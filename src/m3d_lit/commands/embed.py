@@ -16,52 +16,21 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 
+from m3d_lit.atomic import atomic_output
+from m3d_lit.data.preprocess import load_and_preprocess
 from m3d_lit.errors import InputError
+from m3d_lit.tasks.loading import LoadedClip, load_clip
 
-__all__ = ["LoadedClip", "embed", "load_clip", "main"]
-
-
-class LoadedClip(NamedTuple):
-    """A CLIP model with the text limit and CT window it was trained with."""
-
-    model: Any
-    max_length: int
-    window: str
-
-
-def load_clip(path: Path, device: str = "cpu") -> LoadedClip:
-    """The CLIP model of a stage-1 checkpoint or an M3D-CLIP directory."""
-    from m3d_lit.models.official.clip import is_m3d_clip, load_m3d_clip
-    from m3d_lit.models.official.files import read_config
-    from m3d_lit.tasks.loading import load_task
-    from m3d_lit.tasks.official import OFFICIAL_WINDOW, scan_window
-
-    path = Path(path)
-    if path.is_dir():
-        if is_m3d_clip(path):
-            model = load_m3d_clip(path).to(device)
-            return LoadedClip(model, model.max_length, OFFICIAL_WINDOW)
-        kind = read_config(path).get("model_type")
-        raise InputError(path, f"holds a {kind!r} model, not M3D-CLIP (model_type 'm3d_clip')")
-    task, meta = load_task(path, device=device)
-    if not hasattr(task.model, "encode_text"):
-        raise InputError(
-            path,
-            f"holds a {type(task).__name__}, but this needs a stage-1 (CLIP) checkpoint "
-            "or an M3D-CLIP directory",
-        )
-    return LoadedClip(task.model, int(task.hparams.text_max_length), scan_window(meta))
+__all__ = ["embed", "main"]
 
 
 @torch.no_grad()
 def _images(model: Any, volumes: list[Path], window: str) -> torch.Tensor:
-    from m3d_lit.data.preprocess import load_and_preprocess
-
     param = next(model.parameters())
     rows = []
     for volume in volumes:
@@ -94,8 +63,6 @@ def embed(clip: LoadedClip, volumes: list[Path], texts: list[str]) -> dict[str, 
 
 
 def _write(path: Path, result: dict[str, list]) -> None:
-    from m3d_lit.evaluation.report import atomic_output
-
     text = json.dumps(result, allow_nan=False) + "\n"
     with atomic_output(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

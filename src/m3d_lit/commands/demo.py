@@ -1,6 +1,6 @@
 """`make demo`: every stage of m3d-lit, end to end, on synthetic brain CT, on a CPU.
 
-    python -m m3d_lit.demo [--out runs/demo] [--seed 0] [--quick]
+    python -m m3d_lit.commands.demo [--out runs/demo] [--seed 0] [--quick]
 
 1. `m3d-lit synth` writes CQ500-format DICOM and PhysioNet-format NIfTI with balanced findings;
 2. `m3d-lit prepare` turns both into the volume cache, QA files and patient-level splits;
@@ -30,7 +30,7 @@ from typing import Any
 
 __all__ = ["DemoPlan", "main"]
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 VARIANTS = {"scans": [], "blank": ["--blank-images"], "swapped": ["--swap-images"]}
 PROTOCOL = "m3d"
 # (summary key, column title): the text metrics are the paper's Table 1 columns, scored as M3D scores them
@@ -142,7 +142,9 @@ def _margins(summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m m3d_lit.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m m3d_lit.commands.demo", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "demo")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="the smoke test: small and fast, no margin")

@@ -22,8 +22,10 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from m3d_lit.data.datamodules import BaseDataModule
 from m3d_lit.errors import InputError
-from m3d_lit.tasks.base import zero_checkpoint_problem
+from m3d_lit.models.presets import resolve
+from m3d_lit.tasks.base import BaseTask, zero_checkpoint_problem
 from m3d_lit.tasks.official import official_kind
 
 __all__ = ["M3dLightningCLI", "check_paths", "fold_optimizer_options", "one_line"]
@@ -120,8 +122,6 @@ def check_paths(config: Namespace) -> None:
 
 
 def _check_preset(config: Namespace) -> None:
-    from m3d_lit.models.presets import resolve
-
     init_args = config.model.get("init_args") if isinstance(config.get("model"), Namespace) else None
     if init_args is not None and "preset" in init_args:
         resolve(init_args.preset, init_args.get("overrides"))
@@ -170,3 +170,15 @@ class M3dLightningCLI(LightningCLI):
             raise InputError(
                 "--trainer" if isinstance(err, MisconfigurationException) else option, problem
             ) from None
+
+
+def run_lightning(argv: list[str] | None) -> None:
+    """Run LightningCLI with the project's base classes in subclass mode (argv None: `sys.argv`)."""
+    M3dLightningCLI(
+        BaseTask,
+        BaseDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+    )

@@ -1,30 +1,134 @@
-"""Running the M3D-Bench tasks of `m3d-lit bench`: models loaded once, per-task outputs, the summary."""
+"""`m3d-lit bench`: the eight M3D-Bench tasks over the test splits of the data found, in one command.
+
+    m3d-lit bench --checkpoint checkpoints/stage3/last.ckpt [--clip-checkpoint checkpoints/stage1/last.ckpt]
+                  [--tasks all|retrieval,report,...|1,2,...] --out runs/bench
+                  [--data data/M3D-Data data/cq500 data/physionet] [--judge /models/judge] [--limit N]
+                  [--protocol m3d|corpus] [--bootstrap 1000] [--seed 0] [--bertscore-model DIR]
+
+`--data` folders are M3D-Data folders (`M3D_Cap_npy/`, `M3D_VQA/`, `M3D_Seg_npy/`, as `m3d-lit synth
+--m3d-data` writes them) or `m3d-lit prepare` outputs (`qa_test.jsonl`, `reports.jsonl`). The tasks:
+
+1. retrieval: image <-> report recall@1/5/10 with the stage-1 (CLIP) model, pools of 100 and 1000 pairs
+   (the first pairs of M3D-Cap test, then brain-CT test reports; capped at the count available);
+2. report: report generation on the same pairs: BLEU, ROUGE, METEOR (+ the LLM judge with `--judge`);
+3. vqa_closed: M3D-VQA multiple choice: accuracy overall and by question type;
+4. vqa_open: M3D-VQA free answers and brain-CT open questions: text metrics (+ judge);
+5. rec: referring expression comprehension (box from M3D-Seg and PhysioNet masks): IoU, accuracy@0.5;
+6. reg: referring expression generation (name the boxed structure): text metrics, naming accuracy;
+7. seg: semantic segmentation (M3D-Seg class prompts): Dice per class;
+8. refseg: referring expression segmentation (brain-CT free-text segmentation requests): Dice.
+
+Each task writes OUT/<task>/predictions.jsonl and metrics.json; OUT/metrics.json and OUT/report.md sum
+them up. A task with no data is listed as absent; a bad input file ends the run (exit 2) after the report
+of what ran.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
+from m3d_lit.arguments import CommandParser
+from m3d_lit.atomic import atomic_output
+from m3d_lit.commands.score import add_protocol_options, protocol_options
+from m3d_lit.data.collate import ClipCollator, LMCollator
+from m3d_lit.data.datasets import RecordDataset, check_paths
 from m3d_lit.errors import InputError
-from m3d_lit.evaluation.bench import HEADLINE, POOL_SIZES, TASKS, Sources, question_types
+from m3d_lit.evaluation import bench_scores as scores
+from m3d_lit.evaluation.bench import (
+    ABSENT,
+    HEADLINE,
+    POOL_SIZES,
+    TASKS,
+    Sources,
+    find_data,
+    question_types,
+    report_lines,
+)
+from m3d_lit.evaluation.generation import generate_records, write_jsonl
+from m3d_lit.evaluation.judge import judge
+from m3d_lit.evaluation.score import write_json
+from m3d_lit.evaluation.scoring import compute_metrics
+from m3d_lit.tasks.loading import load_clip, load_task
 
-__all__ = ["ABSENT", "Runner"]
+__all__ = ["DEFAULT_DATA", "Runner", "main", "parse_tasks"]
 
-ABSENT = {
-    "retrieval": "no M3D-Cap test split (M3D_Cap_npy/M3D_Cap.json) and no brain-CT test reports (reports.jsonl)",
-    "report": "no M3D-Cap test split (M3D_Cap_npy/M3D_Cap.json) and no brain-CT test reports (reports.jsonl)",
-    "vqa_closed": "no M3D-VQA test CSV (M3D_VQA/M3D_VQA_test.csv)",
-    "vqa_open": "no M3D-VQA test CSV and no brain-CT open questions (qa_test.jsonl)",
-    "rec": "no non-empty test mask (M3D_Seg_npy test split, PhysioNet qa_test.jsonl seg rows)",
-    "reg": "no non-empty test mask (M3D_Seg_npy test split, PhysioNet qa_test.jsonl seg rows)",
-    "seg": "no M3D-Seg test split (M3D_Seg_npy/<dataset>/<dataset>.json)",
-    "refseg": "no brain-CT segmentation questions (PhysioNet qa_test.jsonl seg rows)",
-}
+DEFAULT_DATA = ("data/M3D-Data", "data/cq500", "data/physionet")
 JUDGED = ("report", "vqa_open")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = CommandParser(prog="m3d-lit bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", type=Path, help="stage-3 (or stage-2) checkpoint for tasks 2-8")
+    ap.add_argument("--clip-checkpoint", type=Path, help="stage-1 (CLIP) checkpoint for retrieval")
+    ap.add_argument("--tasks", default="all", help=f"all, or names/numbers: {','.join(TASKS)}")
+    ap.add_argument("--out", type=Path, required=True, help="output folder")
+    ap.add_argument(
+        "--data", type=Path, nargs="+", help=f"data folders (default: those of {DEFAULT_DATA} that exist)"
+    )
+    ap.add_argument(
+        "--judge", type=Path, help="local Hugging Face causal LM that scores reports and open answers"
+    )
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--limit", type=int, help="only the first N samples of each task")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_protocol_options(ap)
+    return ap
+
+
+def parse_tasks(text: str) -> list[str]:
+    """`all` or comma-separated names or 1-based numbers -> task names in bench order."""
+    names = list(TASKS)
+    if text.strip() == "all":
+        return names
+    chosen = set()
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        if item.isdigit() and 1 <= int(item) <= len(names):
+            chosen.add(names[int(item) - 1])
+        elif item in TASKS:
+            chosen.add(item)
+        else:
+            raise InputError(
+                "--tasks", f"unknown task {item!r}; choose all or from {names} (or 1-{len(names)})"
+            )
+    if not chosen:
+        raise InputError("--tasks", "names no task")
+    return [n for n in names if n in chosen]
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of `m3d-lit bench`."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    args.scoring = protocol_options(parser, args)
+    if args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
+        raise InputError(
+            "--batch-size/--max-new-tokens/--limit",
+            f"{args.batch_size}, {args.max_new_tokens} and {args.limit} must be >= 1",
+        )
+    tasks = parse_tasks(args.tasks)
+    explicit = args.data is not None
+    data = find_data(list(args.data) if explicit else [Path(p) for p in DEFAULT_DATA], explicit)
+    runner = Runner(args, Sources(data))
+    failure = None
+    for task in tasks:
+        try:
+            runner.run(task)
+        except InputError as err:
+            runner.fail(task, str(err))
+            failure = failure or err
+    runner.write_summary(tasks)
+    print(f"m3d-lit bench: wrote {args.out / 'report.md'} and {args.out / 'metrics.json'}")
+    if failure is not None:
+        print(f"m3d-lit bench: error: {failure}", file=sys.stderr)
+        return 2
+    return 0
 
 
 class Runner:
@@ -51,8 +155,6 @@ class Runner:
         return self._models[which]
 
     def _lamed(self) -> tuple[torch.nn.Module, Any]:
-        from m3d_lit.tasks.loading import load_task
-
         task, _ = load_task(self.args.checkpoint, device=str(self.device))
         if not hasattr(task.model, "generate"):
             raise InputError(
@@ -63,9 +165,6 @@ class Runner:
 
     def _clip(self) -> tuple[torch.nn.Module, Any]:
         """`--clip-checkpoint`: a stage-1 checkpoint or an M3D-CLIP directory."""
-        from m3d_lit.data.collate import ClipCollator
-        from m3d_lit.evaluation.embed import load_clip
-
         loaded = load_clip(self.args.clip_checkpoint, str(self.device))
         return loaded.model, ClipCollator(loaded.model.text_tokenizer, loaded.max_length)
 
@@ -85,8 +184,6 @@ class Runner:
             return
         if self.args.limit is not None:
             records = records[: self.args.limit]
-        from m3d_lit.data.datasets import check_paths
-
         check_paths(records)
         print(f"m3d-lit bench: {task} ({TASKS[task]}), {len(records)} samples", flush=True)
         predictions, metrics = (
@@ -95,9 +192,6 @@ class Runner:
         self._write(task, predictions, metrics)
 
     def _write(self, task: str, predictions: list[dict], metrics: dict[str, Any]) -> None:
-        from m3d_lit.evaluation.evaluate import write_jsonl
-        from m3d_lit.evaluation.score import write_json
-
         folder = self.args.out / task
         folder.mkdir(parents=True, exist_ok=True)
         write_jsonl(folder / "predictions.jsonl", predictions)
@@ -115,15 +209,11 @@ class Runner:
         }
 
     def _loader(self, records: list, collate: Any, img_size: Any) -> DataLoader:
-        from m3d_lit.data.datasets import RecordDataset
-
         dataset = RecordDataset(records, img_size=img_size)
         return DataLoader(dataset, batch_size=self.args.batch_size, collate_fn=collate)
 
     @torch.no_grad()
     def _retrieval(self, records: list) -> tuple[list[dict], dict[str, Any]]:
-        from m3d_lit.evaluation.bench_scores import retrieval_metrics
-
         model, collate = self._model("clip")
         dtype = next(model.parameters()).dtype
         images, texts, rows = [], [], []
@@ -140,16 +230,13 @@ class Runner:
                 {"id": i, "dataset": d, "text": a}
                 for i, d, a in zip(batch["ids"], batch["datasets"], batch["answers"])
             ]
-        metrics, i2t, t2i = retrieval_metrics(torch.cat(images), torch.cat(texts), POOL_SIZES)
+        metrics, i2t, t2i = scores.retrieval_metrics(torch.cat(images), torch.cat(texts), POOL_SIZES)
         metrics["order"] = "the first pairs of the test split(s), M3D-Cap first; ties count as hits"
         for row, a, b in zip(rows, i2t.tolist(), t2i.tolist()):
             row.update({"i2t_rank": a, "t2i_rank": b})
         return rows, metrics
 
     def _scored(self, task: str, records: list) -> tuple[list[dict], dict[str, Any]]:
-        from m3d_lit.data.collate import LMCollator
-        from m3d_lit.evaluation.evaluate import generate_records
-
         model, _ = self._model("lamed")
         size = tuple(model.img_size)
         collate = LMCollator(
@@ -163,9 +250,6 @@ class Runner:
         return predictions, metrics
 
     def _score(self, task: str, records: list, predictions: list[dict]) -> dict[str, Any]:
-        from m3d_lit.evaluation import bench_scores as scores
-        from m3d_lit.evaluation.scoring import compute_metrics
-
         if task == "vqa_closed":
             types: dict[str, str] = {}
             for source in sorted({Path(r.source) for r in records}):
@@ -189,8 +273,6 @@ class Runner:
         return metrics
 
     def _judge(self, predictions: list[dict], metrics: dict[str, Any]) -> None:
-        from m3d_lit.evaluation.judge import judge
-
         result = judge(predictions, self.args.judge, batch_size=self.args.batch_size, device=self.device)
         metrics.update({k: result[k] for k in ("judge_mean", "judge_n", "judge_unparsable")})
         for prediction, score, reply in zip(predictions, result["scores"], result["replies"]):
@@ -198,9 +280,6 @@ class Runner:
 
     def write_summary(self, tasks: list[str]) -> None:
         """OUT/metrics.json (setup + every task's status and headline figures) and OUT/report.md."""
-        from m3d_lit.evaluation.report import atomic_output
-        from m3d_lit.evaluation.score import write_json
-
         setup = {
             "checkpoint": None if self.args.checkpoint is None else str(self.args.checkpoint),
             "clip_checkpoint": None if self.args.clip_checkpoint is None else str(self.args.clip_checkpoint),
@@ -217,57 +296,3 @@ class Runner:
         write_json(self.args.out / "metrics.json", summary)
         with atomic_output(self.args.out / "report.md") as tmp:
             tmp.write_text("\n".join(report_lines(summary)) + "\n", encoding="utf-8")
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return "-" if value is None else str(value)
-
-
-def _results(task: str, entry: dict[str, Any], protocol: str) -> str:
-    if entry["status"] != "ok":
-        return entry["reason"].replace("|", "/").replace("\n", " ")
-    if task == "retrieval":
-        parts = []
-        for key, pool in entry["headline"].items():
-            size = f" (capped at {pool['size']})" if pool["capped"] else ""
-            recalls = ", ".join(f"{k.replace('_', ' ')} {_cell(v)}" for k, v in pool.items() if "_R@" in k)
-            parts.append(f"pool {key.removeprefix('pool_')}{size}: {recalls}")
-        return "; ".join(parts)
-    text = ("bleu", "rouge", "meteor", "bertscore")
-    return ", ".join(
-        f"{k} ({protocol}) {_cell(v)}" if k.startswith(text) else f"{k} {_cell(v)}"
-        for k, v in entry["headline"].items()
-    )
-
-
-def report_lines(summary: dict[str, Any]) -> list[str]:
-    """report.md: the setup, then one row per task with its status and headline figures."""
-    setup = summary["setup"]
-    lines = [
-        "# M3D-Bench",
-        "",
-        f"Checkpoint `{setup['checkpoint']}`; CLIP checkpoint `{setup['clip_checkpoint']}`; "
-        f"M3D-Data `{setup['m3d_data']}`; brain CT {', '.join(f'`{p}`' for p in setup['brainct']) or '-'}; "
-        f"judge `{setup['judge']}`; "
-        + (f"at most {setup['limit']} samples per task." if setup["limit"] else "every test sample."),
-        "",
-        "| # | task | status | n | data | results |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    names = list(TASKS)
-    for task, entry in summary["tasks"].items():
-        data = ", ".join(entry.get("datasets", [])) or "-"
-        row = [str(names.index(task) + 1), entry["title"], entry["status"], _cell(entry.get("n")), data]
-        lines.append("| " + " | ".join(row + [_results(task, entry, setup["protocol"])]) + " |")
-    lines += [
-        "",
-        f"Retrieval: recall@k both ways over the first min(pool, available) test pairs, pools {setup['pool_sizes']};"
-        " a pool smaller than asked is marked capped (recall@k with k >= pool size is 1 by definition).",
-        f"Text metrics under the `{setup['protocol']}` protocol, as in `m3d-lit eval`'s report; closed VQA: the chosen letter (or the one choice named)"
-        " against the reference, by question type in vqa_closed/metrics.json; REC: IoU of the first box;"
-        " Dice over samples with a non-empty mask (negative_seg_rate: [SEG] produced where there is nothing).",
-        "Each task's predictions.jsonl and full metrics.json are in its folder.",
-    ]
-    return lines
