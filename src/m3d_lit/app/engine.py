@@ -18,9 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from m3d_lit.data.collate import LMCollator
 from m3d_lit.data.geometry import ScanGeometry
+from m3d_lit.data.geometry import write_mask as geometry_write_mask
 from m3d_lit.errors import InputError
-from m3d_lit.evaluation.evaluate import yes_no_ids, yes_probability
+from m3d_lit.evaluation.generation import yes_no_ids, yes_probability
+from m3d_lit.tasks.loading import load_task
+from m3d_lit.tasks.official import scan_window
 
 __all__ = ["Answer", "Engine", "is_closed_question", "write_mask"]
 
@@ -48,9 +52,7 @@ def is_closed_question(question: str) -> bool:
 def write_mask(path: Path, seg_logits: torch.Tensor, geometry: ScanGeometry | None) -> None:
     """The predicted mask as `m3d-lit ask --mask-out` writes it: over the uploaded scan's own geometry,
     or on the model grid when there is none (`.npy` and prepared scans)."""
-    from m3d_lit.data.geometry import write_mask as write
-
-    write(path, seg_logits.float().sigmoid()[0].cpu().numpy(), geometry)
+    geometry_write_mask(path, seg_logits.float().sigmoid()[0].cpu().numpy(), geometry)
 
 
 class Engine:
@@ -63,10 +65,6 @@ class Engine:
     """
 
     def __init__(self, checkpoint: Path, device: str = "cpu", max_new_tokens: int = 64) -> None:
-        from m3d_lit.data.collate import LMCollator
-        from m3d_lit.tasks.loading import load_task
-        from m3d_lit.tasks.official import scan_window
-
         task, meta = load_task(checkpoint, device=device)
         model = task.model
         if not hasattr(model, "generate"):

@@ -15,8 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from m3d_lit.data.datasets import load_volume, read_qa_jsonl
 from m3d_lit.data.geometry import Scan as RawScan
 from m3d_lit.data.geometry import ScanGeometry
+from m3d_lit.data.io import load_scan, read_npy
+from m3d_lit.data.preprocess import preprocess_with_box, resize
 from m3d_lit.errors import InputError
 
 __all__ = ["PreparedQuestion", "PreparedScan", "Scan", "find_prepared", "load_prepared", "load_upload"]
@@ -70,8 +73,6 @@ class Scan:
 
 def _from_scan(scan: RawScan, size, window: str, source: str) -> Scan:
     """The model input of a scan read in HU, as `ask` makes it, with the geometry that inverts it."""
-    from m3d_lit.data.preprocess import preprocess_with_box, resize
-
     hu = scan.hu
     image, _, box = preprocess_with_box(hu, None, size, window, source)
     extent = tuple(float(len(range(*b.indices(n)))) * s for b, n, s in zip(box, hu.shape, scan.spacing))
@@ -107,9 +108,6 @@ def load_upload(path: Path, name: str, size, window: str, workdir: Path) -> Scan
         window: the checkpoint's HU window.
         workdir: a folder for unpacking a zip (emptied again before returning).
     """
-    from m3d_lit.data.io import load_scan, read_npy
-    from m3d_lit.data.preprocess import resize
-
     lower = name.lower()
     if lower.endswith(".zip"):
         with tempfile.TemporaryDirectory(dir=workdir) as folder:
@@ -142,8 +140,6 @@ def _inside(reported: str, folder: Path, name: str) -> str:
 
 def find_prepared(folders: list[Path], split: str = "test") -> dict[str, PreparedScan]:
     """Scans of `qa_<split>.jsonl` in each `m3d-lit prepare` folder, by `dataset folder/image name`."""
-    from m3d_lit.data.datasets import read_qa_jsonl
-
     scans: dict[str, PreparedScan] = {}
     for folder in folders:
         qa = folder / f"qa_{split}.jsonl"
@@ -159,8 +155,6 @@ def find_prepared(folders: list[Path], split: str = "test") -> dict[str, Prepare
 
 def load_prepared(key: str, entry: PreparedScan, size) -> Scan:
     """A prepared scan with the first non-empty reference mask among its lines."""
-    from m3d_lit.data.datasets import load_volume
-
     image = load_volume(entry.image).numpy()
     if tuple(image.shape) != (1, *size):
         raise InputError(

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from m3d_lit.app.scans import Scan
+from m3d_lit.data.preprocess import WINDOWS
 
 __all__ = ["PLANES", "PRESETS", "OVERLAYS", "plane", "render", "views_html", "window"]
 
@@ -26,8 +27,6 @@ WIDTH = 240  # pixels of each view's width in the page: three side by side
 
 def window(display: np.ndarray, preset: str, hu: bool) -> np.ndarray:
     """Grey levels in [0, 1]: HU clipped to the preset's level and width, or values already in [0, 1]."""
-    from m3d_lit.data.preprocess import WINDOWS
-
     if not hu:
         return np.clip(display, 0.0, 1.0)
     level, width = WINDOWS[preset]  # type: ignore[misc]

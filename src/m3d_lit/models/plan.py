@@ -1,4 +1,4 @@
-"""`m3d-lit plan --preset paper --stage 3 --gpu-mem 24 --micro-batch 2`: GPU memory and FLOPs of a stage.
+"""GPU memory and FLOPs of a training stage, estimated without a GPU (`m3d-lit plan`).
 
 Memory per GPU, by part:
 - weights: frozen parameters at `--frozen-dtype` (bf16: 2 bytes, no fp32 copy); counted on the meta device.
@@ -29,30 +29,36 @@ more forward of the checkpointed parts (hardware FLOPs; MFU uses model FLOPs wit
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from m3d_lit.arguments import CommandParser, json_object, model_options
 from m3d_lit.errors import InputError
+from m3d_lit.models.build import build_lamed
+from m3d_lit.models.lamed import cast_for_training
 from m3d_lit.models.llm import unwrap
-from m3d_lit.models.presets import PRESETS, STAGE_TRAINABLE, deep_merge, resolve
+from m3d_lit.models.presets import STAGE_TRAINABLE, deep_merge, resolve
+from m3d_lit.models.saved_bytes import saved_bytes
+from m3d_lit.models.tokenizer import build_llm_tokenizer
 
-__all__ = ["PlanSettings", "count_params", "measure_activations", "flops_per_sample", "plan", "main"]
+__all__ = [
+    "CHECKPOINTING",
+    "PlanSettings",
+    "count_params",
+    "flops_per_sample",
+    "measure_activations",
+    "plan",
+    "synthetic_batch",
+]
 
 GIB = 1024**3
 _MEASURE_IMG = (32, 64, 64)
-_CKPT = ("none", "llm", "vision", "all")
-_VIEWS = ("TBackward", "ViewBackward", "PermuteBackward", "TransposeBackward", "ExpandBackward", "UnsqueezeBackward", "SqueezeBackward", "AliasBackward")  # fmt: skip
+CHECKPOINTING = ("none", "llm", "vision", "all")
 _MODEL_FIELDS = ("preset", "stage", "overrides", "trainable", "lora_dropout")
 _CACHE: dict[tuple[str, str], Any] = {}
 
@@ -113,7 +119,7 @@ class PlanSettings:
             raise InputError("--lora-dropout", f"{self.lora_dropout} must be in [0, 1)")
         if self.width_divisor is not None and self.width_divisor < 1:
             raise InputError("--width-divisor", f"{self.width_divisor} must be >= 1")
-        if self.frozen_dtype not in ("bf16", "fp32") or self.checkpointing not in _CKPT:
+        if self.frozen_dtype not in ("bf16", "fp32") or self.checkpointing not in CHECKPOINTING:
             raise InputError(
                 "--frozen-dtype/--checkpointing", f"{self.frozen_dtype!r} / {self.checkpointing!r}"
             )
@@ -124,8 +130,6 @@ class PlanSettings:
 
 
 def _build_meta(settings: PlanSettings, lora: dict[str, Any]) -> nn.Module:
-    from m3d_lit.models.build import build_lamed
-
     with torch.device("meta"):
         model = build_lamed(settings.preset, settings.overrides)
         model.set_trainable(settings.modes(), lora=lora)
@@ -237,89 +241,7 @@ def synthetic_batch(
     }
 
 
-class _Scopes:
-    """Which part of the model is running (forward hooks), so saved bytes can be scaled per part."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.stack: list[str] = ["root"]
-        self.block_inputs: dict[str, int] = {}
-        self.handles = []
-        layers = unwrap(model.llm).get_decoder().layers
-        self._watch(model.vision.blocks[0], "vision_block", inputs=True)
-        self._watch(model.vision, "vision_other")
-        self._watch(model.perceiver, "perceiver")
-        self._watch(layers[0], "llm_layer", inputs=True)
-        self._watch(unwrap(model.llm).get_decoder(), "llm_other")  # LamedModel calls the decoder directly
-        self._watch(model.seg_head, "llm_other")
-        self._watch(model.segmentation.image_encoder.blocks[0], "seg_block")
-        self._watch(model.segmentation, "seg_other")
-
-    def _watch(self, module: nn.Module, name: str, inputs: bool = False) -> None:
-        def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-            self.stack.append(name)
-            first = args[0] if args else kwargs.get("hidden_states")
-            if inputs and isinstance(first, Tensor):
-                self.block_inputs[name] = first.untyped_storage().nbytes()
-
-        def post(_m: nn.Module, _a: tuple, _o: Any) -> None:
-            self.stack.pop()
-
-        self.handles += [
-            module.register_forward_pre_hook(pre, with_kwargs=True),
-            module.register_forward_hook(post),
-        ]
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
-def _is_weight_copy(t: Tensor) -> bool:
-    """A bf16 autocast copy of a trainable parameter (or a view of one, e.g. the transpose a matmul saves)."""
-    fn = t.grad_fn
-    for _ in range(4):
-        if fn is None:
-            return False
-        if fn.name().startswith("ToCopyBackward"):
-            return any(type(n).__name__ == "AccumulateGrad" for n, _ in fn.next_functions if n is not None)
-        inputs = [n for n, _ in fn.next_functions if n is not None]
-        if not fn.name().startswith(_VIEWS) or len(inputs) != 1:
-            return False
-        fn = inputs[0]
-    return False
-
-
-@contextmanager
-def _saved_bytes(model: nn.Module, img_size: tuple[int, ...]) -> Iterator[tuple[dict[str, int], _Scopes]]:
-    """Bytes of the distinct storages autograd saves, by scope; parameters and their casts excluded."""
-    owned = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    owned |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-    seen: set[int] = set()
-    totals: dict[str, int] = {}
-    scopes = _Scopes(model)
-
-    def pack(t: Tensor) -> Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in owned or ptr in seen or _is_weight_copy(t):
-            return t
-        seen.add(ptr)
-        scope = scopes.stack[-1]
-        if scope == "root":  # the losses: mask terms have the volume's shape, the LM loss does not
-            scope = "seg_other" if tuple(t.shape[-3:]) == tuple(img_size) else "llm_other"
-        totals[scope] = totals.get(scope, 0) + t.untyped_storage().nbytes()
-        return t
-
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            yield totals, scopes
-    finally:
-        scopes.close()
-
-
 def _measure_activations(settings: PlanSettings) -> dict[str, float]:
-    from m3d_lit.models.build import build_lamed
-    from m3d_lit.models.lamed import cast_for_training
-
     config = resolve(settings.preset, settings.overrides)
     lora = _lora(config, settings)
     k = _width_divisor(config, settings.width_divisor)
@@ -328,7 +250,7 @@ def _measure_activations(settings: PlanSettings) -> dict[str, float]:
     model.set_trainable(settings.modes(), lora=small["lora"])
     cast_for_training(model).train()
     batch = synthetic_batch(model, 1, config["max_length"], seg=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16), _saved_bytes(model, model.img_size) as (saved, scopes):
+    with torch.autocast("cpu", dtype=torch.bfloat16), saved_bytes(model, model.img_size) as (saved, scopes):
         model(**batch)
     voxels = math.prod(config["img_size"]) / math.prod(model.img_size)
     layers = config["llm"]["num_hidden_layers"]
@@ -352,8 +274,6 @@ def _measure_activations(settings: PlanSettings) -> dict[str, float]:
 
 def _vocab(config: dict[str, Any]) -> int:
     """Rows of the LLM's embedding matrix: the preset's vocab, else the tokenizer's (as `LamedModel`)."""
-    from m3d_lit.models.tokenizer import build_llm_tokenizer
-
     return int(config["llm"].get("vocab_size") or len(build_llm_tokenizer(None)))
 
 
@@ -479,60 +399,3 @@ def plan(settings: PlanSettings) -> dict[str, Any]:
         },
         "measured": {"width_divisor": act["width_divisor"], "image": list(_MEASURE_IMG)},
     }
-
-
-def format_plan(result: dict[str, Any]) -> str:
-    """A readable table of `plan`'s result."""
-    s, f, p = result["settings"], result["flops"], result["params"]
-    fwd = ", ".join(f"{n} {v:.2f}" for n, v in f["forward_tflop"].items())
-    return "\n".join(
-        [
-            f"m3d-lit plan: preset {s['preset']}, stage {s['stage']}, micro-batch {s['micro_batch']}, frozen "
-            f"{s['frozen_dtype']}, checkpointing {s['checkpointing']}, zero {s['zero']}",
-            f"  parameters: {p['frozen'] / 1e9:.3f} B frozen, {p['trainable'] / 1e6:.1f} M trainable",
-            *(f"  {name:<26} {gib:8.2f} GiB" for name, gib in result["memory_gib"].items()),
-            f"  {'total':<26} {result['total_gib']:8.2f} GiB of {s['gpu_mem']:g}: "
-            + ("fits" if result["fits"] else "does NOT fit"),
-            f"  per extra sample {result['per_sample_gib']:.2f} GiB; largest micro-batch that fits: "
-            f"{result['max_micro_batch']}",
-            f"  forward TFLOP/sample: {fwd}",
-            f"  training TFLOP/sample: {f['train_model_tflop_per_sample']:.2f} model, "
-            f"{f['train_hardware_tflop_per_sample']:.2f} with recompute",
-        ]
-    )
-
-
-def _parser() -> argparse.ArgumentParser:
-    ap = CommandParser(prog="m3d-lit plan", description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="paper", choices=sorted(PRESETS))
-    ap.add_argument("--stage", type=int, default=3, choices=(2, 3))
-    ap.add_argument("--gpu-mem", type=float, default=24.0, help="GiB per GPU")
-    ap.add_argument("--micro-batch", type=int, default=2)
-    ap.add_argument("--frozen-dtype", choices=("bf16", "fp32"), default="bf16")
-    ap.add_argument("--full-embeddings", action="store_true", help="train whole embedding/output matrices")
-    ap.add_argument("--checkpointing", choices=_CKPT, default="llm")
-    ap.add_argument("--lora-dropout", type=float, default=None)
-    ap.add_argument("--zero", type=int, choices=(0, 1, 2), default=0, help="optimizer state sharding")
-    ap.add_argument("--gpus", type=int, default=8, help="GPUs sharing the optimizer state with --zero")
-    ap.add_argument("--seg-share", type=float, default=None, help="share of rows that segment")
-    ap.add_argument("--reserve", type=float, default=1.0, help="GiB for CUDA context and allocator slack")
-    ap.add_argument("--width-divisor", type=int, default=None, help="LLM width reduction of the measurement")
-    ap.add_argument("--overrides", type=json_object, default=None, help="JSON merged into the preset")
-    ap.add_argument("--trainable", type=json_object, default=None, help='JSON, e.g. \'{"vision": "frozen"}\'')
-    ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    return ap
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`m3d-lit plan`: print the estimate; exit 0 whether or not it fits."""
-    args = vars(_parser().parse_args(argv))
-    as_json = args.pop("json")
-    settings = PlanSettings(**{k.replace("-", "_"): v for k, v in args.items()})
-    with model_options("--overrides/--trainable"):
-        result = plan(settings)
-    print(json.dumps(result, indent=2) if as_json else format_plan(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

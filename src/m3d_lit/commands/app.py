@@ -1,0 +1,73 @@
+"""`m3d-lit app`: a local web page to look at a scan, ask about it and see the mask.
+
+    m3d-lit app --checkpoint checkpoints/stage3/last.ckpt [--data PREPARED_DIR ...] [--port 7860]
+                [--host 127.0.0.1] [--max-new-tokens 64] [--device cpu|cuda]
+
+Serves on 127.0.0.1 only unless `--host` widens it. Nothing leaves the machine: Gradio's analytics and
+version check are off and the page's assets come from the installed package. Uploads and mask files
+live in one temporary folder that is removed when the app stops (Ctrl-C or SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from m3d_lit.app.server import serve
+from m3d_lit.errors import InputError
+
+__all__ = ["main"]
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="m3d-lit app", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, type=Path, help="stage-2 or stage-3 checkpoint")
+    parser.add_argument("--data", nargs="*", type=Path, default=[],
+                        help="`m3d-lit prepare` folders whose qa_test.jsonl scans the page offers")  # fmt: skip
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: this machine only)"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if not args.checkpoint.is_file():
+        raise InputError(
+            args.checkpoint, "does not exist (`make demo` writes the demo's; or pass --checkpoint)"
+        )
+    for folder in args.data:
+        if not folder.is_dir():
+            raise InputError(folder, "is not a folder (expected an `m3d-lit prepare` output folder)")
+    if args.host not in LOCAL_HOSTS:
+        print(f"m3d-lit app: warning: listening on {args.host}: anyone who can reach this machine can see "
+              "the scans and use the model", file=sys.stderr)  # fmt: skip
+    workdir = Path(tempfile.mkdtemp(prefix="m3d-lit-app-"))
+    # read by Gradio when it is imported: no telemetry, and every upload lands in our folder
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+    os.environ["GRADIO_TEMP_DIR"] = str(workdir / "gradio")
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        serve(args, workdir)
+    except KeyboardInterrupt:
+        print("m3d-lit app: stopped", flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
