@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["BLEED_TYPES", "FIELD_OF_VIEW_MM", "HEAD_HEIGHT_MM", "Phantom", "render_phantom"]
+__all__ = ["BLEED_TYPES", "FIELD_OF_VIEW_MM", "HEAD_HEIGHT_MM", "Phantom", "draw_findings", "render_phantom"]
 
 FIELD_OF_VIEW_MM = 240.0
 HEAD_HEIGHT_MM = 160.0
@@ -205,7 +205,7 @@ def render_phantom(shape: tuple[int, int, int], draw: dict, rng: np.random.Gener
 
     Args:
         shape: (D, H, W) of the volume; H == W is assumed by the field of view.
-        draw: output of `m3d_lit.data.synthetic.draw_findings` (types, sides, chronic type, fracture
+        draw: output of `draw_findings` (types, sides, chronic type, fracture
             kinds, mass effect, midline-shift direction).
         rng: the scan's random generator.
     """
@@ -228,3 +228,54 @@ def render_phantom(shape: tuple[int, int, int], draw: dict, rng: np.random.Gener
     truth = _truth(g, draw, bleeds, fracture)
     hu += rng.normal(0.0, 5.0, hu.shape).astype(np.float32)
     return Phantom(np.rint(hu).astype(np.int16), bleeds, fracture["calvarial"] | fracture["base"], truth)
+
+
+# Rates from the real label files (shared/FORMATS.md): CQ500 majority counts over 491 scans and 205 with
+# ICH; PhysioNet 36 of 75 patients with hemorrhage, 22 with fracture (21 of them with hemorrhage).
+_RATES = {
+    "cq500": {"ICH": 205 / 491, "IPH": 134 / 205, "IVH": 28 / 205, "SDH": 53 / 205, "EDH": 13 / 205,
+              "SAH": 60 / 205, "left": 131 / 205, "right": 129 / 205, "chronic": 19 / 205,
+              "fracture_ich": 0.13, "fracture_clear": 0.05, "calvarial": 34 / 39, "base": 12 / 39,
+              "mass": 127 / 205, "shift": 65 / 127},
+    "physionet": {"ICH": 36 / 75, "IPH": 16 / 36, "IVH": 5 / 36, "SDH": 4 / 36, "EDH": 21 / 36,
+                  "SAH": 7 / 36, "left": 0.64, "right": 0.63, "chronic": 0.0,
+                  "fracture_ich": 21 / 36, "fracture_clear": 1 / 39, "calvarial": 34 / 39, "base": 12 / 39,
+                  "mass": 0.4, "shift": 0.5},
+    # Every finding in about half of the scans, for small demos.
+    "balanced": {"ICH": 0.8, "IPH": 0.55, "IVH": 0.55, "SDH": 0.55, "EDH": 0.55, "SAH": 0.55,
+                 "left": 0.6, "right": 0.6, "chronic": 0.6, "fracture_ich": 0.5, "fracture_clear": 0.5,
+                 "calvarial": 0.7, "base": 0.5, "mass": 0.65, "shift": 0.75},
+}  # fmt: skip
+
+
+def draw_findings(rng: np.random.Generator, rates: str = "cq500") -> dict:
+    """Draw one scan's findings.
+
+    Args:
+        rng: the scan's random generator.
+        rates: "cq500", "physionet" (real label frequencies) or "balanced".
+    """
+    p = _RATES[rates]
+    draw: dict = {"sides": {}, "fractures": [], "lesion_side": int(rng.choice((-1, 1)))}
+    if rng.random() < p["ICH"]:
+        types = [t for t in BLEED_TYPES if rng.random() < p[t]]
+        if not types:
+            weights = np.array([p[t] for t in BLEED_TYPES])
+            types = [str(rng.choice(BLEED_TYPES, p=weights / weights.sum()))]
+        sides = [s for s, key in ((1, "left"), (-1, "right")) if rng.random() < p[key]]
+        sides = sides or [int(rng.choice((-1, 1)))]
+        draw["lesion_side"] = sides[0]
+        for i, name in enumerate(types):
+            draw[name] = True
+            draw["sides"][name] = sides[i % len(sides)]
+        chronic_able = [t for t in ("SDH", "IPH", "EDH") if t in types]
+        if chronic_able and rng.random() < p["chronic"]:
+            draw["chronic_type"] = chronic_able[0]
+        draw["mass_effect"] = bool(rng.random() < p["mass"])
+        draw["shift"] = draw["mass_effect"] and bool(rng.random() < p["shift"])
+    if rng.random() < p["fracture_ich" if draw["sides"] else "fracture_clear"]:
+        kinds = [k for k in ("calvarial", "base") if rng.random() < p[k]] or ["calvarial"]
+        draw["fractures"] = kinds
+        extra_axial = [draw["sides"][t] for t in ("EDH", "SDH") if t in draw["sides"]]
+        draw["fracture_side"] = extra_axial[0] if extra_axial else int(rng.choice((-1, 1)))
+    return draw

@@ -22,7 +22,15 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from m3d_lit.arguments import CommandParser
-from m3d_lit.data.phantom import BLEED_TYPES, FIELD_OF_VIEW_MM, HEAD_HEIGHT_MM, Phantom, render_phantom
+from m3d_lit.data.phantom import (
+    BLEED_TYPES,
+    FIELD_OF_VIEW_MM,
+    HEAD_HEIGHT_MM,
+    Phantom,
+    draw_findings,
+    render_phantom,
+)
+from m3d_lit.data.synthetic_m3d import write_m3d_data
 from m3d_lit.errors import InputError
 
 __all__ = [
@@ -46,58 +54,9 @@ PHYSIONET_COLUMNS = {"IVH": "Intraventricular", "IPH": "Intraparenchymal", "SAH"
 MARKER = "synth.json"
 DATASET_CODES = {"cq500": 0, "physionet": 1}
 
-# Rates from the real label files (shared/FORMATS.md): CQ500 majority counts over 491 scans and 205 with
-# ICH; PhysioNet 36 of 75 patients with hemorrhage, 22 with fracture (21 of them with hemorrhage).
-_RATES = {
-    "cq500": {"ICH": 205 / 491, "IPH": 134 / 205, "IVH": 28 / 205, "SDH": 53 / 205, "EDH": 13 / 205,
-              "SAH": 60 / 205, "left": 131 / 205, "right": 129 / 205, "chronic": 19 / 205,
-              "fracture_ich": 0.13, "fracture_clear": 0.05, "calvarial": 34 / 39, "base": 12 / 39,
-              "mass": 127 / 205, "shift": 65 / 127},
-    "physionet": {"ICH": 36 / 75, "IPH": 16 / 36, "IVH": 5 / 36, "SDH": 4 / 36, "EDH": 21 / 36,
-                  "SAH": 7 / 36, "left": 0.64, "right": 0.63, "chronic": 0.0,
-                  "fracture_ich": 21 / 36, "fracture_clear": 1 / 39, "calvarial": 34 / 39, "base": 12 / 39,
-                  "mass": 0.4, "shift": 0.5},
-    # Every finding in about half of the scans, for small demos.
-    "balanced": {"ICH": 0.8, "IPH": 0.55, "IVH": 0.55, "SDH": 0.55, "EDH": 0.55, "SAH": 0.55,
-                 "left": 0.6, "right": 0.6, "chronic": 0.6, "fracture_ich": 0.5, "fracture_clear": 0.5,
-                 "calvarial": 0.7, "base": 0.5, "mass": 0.65, "shift": 0.75},
-}  # fmt: skip
 _PRIMARY_SERIES = ("CT Plain", "CT PRE CONTRAST 5MM STD", "CT 55mm Plain", "CT 5mm", "CT Plain 3mm")
 _SECOND_SERIES = ("CT POST CONTRAST", "CT Thin Bone", "CT 0.625mm")
 _DISAGREE = 0.05  # per scan and finding: one reader of three votes against the truth
-
-
-def draw_findings(rng: np.random.Generator, rates: str = "cq500") -> dict:
-    """Draw one scan's findings.
-
-    Args:
-        rng: the scan's random generator.
-        rates: "cq500", "physionet" (real label frequencies) or "balanced".
-    """
-    p = _RATES[rates]
-    draw: dict = {"sides": {}, "fractures": [], "lesion_side": int(rng.choice((-1, 1)))}
-    if rng.random() < p["ICH"]:
-        types = [t for t in BLEED_TYPES if rng.random() < p[t]]
-        if not types:
-            weights = np.array([p[t] for t in BLEED_TYPES])
-            types = [str(rng.choice(BLEED_TYPES, p=weights / weights.sum()))]
-        sides = [s for s, key in ((1, "left"), (-1, "right")) if rng.random() < p[key]]
-        sides = sides or [int(rng.choice((-1, 1)))]
-        draw["lesion_side"] = sides[0]
-        for i, name in enumerate(types):
-            draw[name] = True
-            draw["sides"][name] = sides[i % len(sides)]
-        chronic_able = [t for t in ("SDH", "IPH", "EDH") if t in types]
-        if chronic_able and rng.random() < p["chronic"]:
-            draw["chronic_type"] = chronic_able[0]
-        draw["mass_effect"] = bool(rng.random() < p["mass"])
-        draw["shift"] = draw["mass_effect"] and bool(rng.random() < p["shift"])
-    if rng.random() < p["fracture_ich" if draw["sides"] else "fracture_clear"]:
-        kinds = [k for k in ("calvarial", "base") if rng.random() < p[k]] or ["calvarial"]
-        draw["fractures"] = kinds
-        extra_axial = [draw["sides"][t] for t in ("EDH", "SDH") if t in draw["sides"]]
-        draw["fracture_side"] = extra_axial[0] if extra_axial else int(rng.choice((-1, 1)))
-    return draw
 
 
 def scan_phantom(
@@ -358,8 +317,6 @@ def main(argv: list[str]) -> int:
             _build(args.out / name, writer, count, shape, args.seed, args.balanced)
             print(f"m3d-lit synth: {count} {name} scans in {args.out / name}")
     if args.m3d_data:
-        from m3d_lit.data.synthetic_m3d import write_m3d_data
-
         _build(args.out / "M3D-Data", write_m3d_data, args.m3d_data, m3d_shape, args.seed, args.balanced)
         print(f"m3d-lit synth: M3D-Data of {args.m3d_data} scans each in {args.out / 'M3D-Data'}")
     return 0

@@ -24,10 +24,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from m3d_lit.data.phantom import BLEED_TYPES, Phantom, render_phantom
+from m3d_lit.data.phantom import BLEED_TYPES, Phantom, draw_findings, render_phantom
 from m3d_lit.data.phrasing import TYPE_NAMES, findings_report
 from m3d_lit.data.preprocess import apply_window
-from m3d_lit.data.synthetic import draw_findings
 
 __all__ = ["SEG_CLASSES", "SEG_DATASET", "structure_masks", "vqa_rows", "write_m3d_data"]
 

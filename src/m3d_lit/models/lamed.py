@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import DynamicCache
 
 from m3d_lit.errors import InputError
 from m3d_lit.losses import at_least_fp32
@@ -366,8 +367,6 @@ def _positions(attention_mask: Tensor) -> Tensor:
 
 
 def _new_cache() -> Any:
-    from transformers import DynamicCache
-
     return DynamicCache()
 
 

@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import BertTokenizer
 
 from m3d_lit.errors import InputError
+from m3d_lit.models.clip import ClipModel
 from m3d_lit.models.official.files import load_weights, read_config
+from m3d_lit.models.presets import resolve
 
 __all__ = ["M3D_CLIP_TYPE", "is_m3d_clip", "load_m3d_clip", "m3d_clip_config"]
 
@@ -184,8 +187,6 @@ def _check_bert(text: dict, check: _Checker, because: str) -> None:
 
 def m3d_clip_config(directory: Path, config: dict, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
     """m3d-lit's resolved CLIP configuration for an M3D-CLIP directory, checked against its weights."""
-    from m3d_lit.models.presets import resolve
-
     check = _Checker(directory, weights)
     sizes = _vision_sizes(config, check)
     text = _text_sizes(directory, config, check)
@@ -202,8 +203,6 @@ def m3d_clip_config(directory: Path, config: dict, weights: dict[str, torch.Tens
 
 def _tokenizer(directory: Path, rows: int) -> Any:
     # BertTokenizer by name: AutoTokenizer would follow the config's `auto_map` and ask to run remote code.
-    from transformers import BertTokenizer
-
     if not (directory / "vocab.txt").is_file():
         raise InputError(directory, "has no vocab.txt (M3D-CLIP's BertTokenizer files)")
     try:
@@ -235,8 +234,6 @@ def _renamed(directory: Path, weights: dict[str, torch.Tensor]) -> dict[str, tor
 
 def load_m3d_clip(directory: str | Path) -> Any:
     """The M3D-CLIP of `directory` as an m3d-lit `ClipModel` (fp32, CPU, eval mode)."""
-    from m3d_lit.models.clip import ClipModel
-
     directory = Path(directory)
     config = read_config(directory)
     if config.get("model_type") != M3D_CLIP_TYPE:

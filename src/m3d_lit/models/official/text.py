@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from transformers import LlamaTokenizer
+
 from m3d_lit.errors import InputError
 from m3d_lit.tokens import LAMED_TOKENS
 
@@ -28,8 +30,6 @@ SPIECE_UNDERLINE = "\u2581"
 
 def build_tokenizer(directory: Path, rows: int) -> Any:
     """The directory's tokenizer; it must hold the four LaMed tokens below `rows` (embedding rows)."""
-    from transformers import LlamaTokenizer
-
     if not any((directory / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
         raise InputError(directory, "has no tokenizer (tokenizer.model or tokenizer.json)")
     try:
