@@ -22,7 +22,7 @@ APP_DATA ?= runs/demo/data/cq500 runs/demo/data/physionet
 M3D := $(BIN)/m3d-lit
 fit = $(M3D) fit -c stages/$(1).yaml -c $(TRAINER) $(if $(DATA),--data $(DATA)) $(ARGS)
 
-.PHONY: help setup test lint demo stage1 stage2 stage3 eval m3d-bench export bench tensorboard app
+.PHONY: help setup test lint demo stage1 stage2 stage3 eval m3d-bench export perf tensorboard app
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -41,11 +41,12 @@ setup: $(STAMP)  ## create .venv and install m3d-lit with dev and app extras, of
 test: setup  ## run the test suite (CPU, offline)
 	$(BIN)/pytest -q tests
 
-lint: setup  ## ruff
-	$(BIN)/ruff check src tests bench
+lint: setup  ## ruff, and the import layers of pyproject.toml's [tool.importlinter] (lint-imports)
+	$(BIN)/ruff check src tests perf
+	$(BIN)/lint-imports
 
 demo: setup  ## the whole pipeline on synthetic brain CT, on a CPU (about 10 minutes on 2 cores)
-	$(BIN)/python -m m3d_lit.demo $(ARGS)
+	$(BIN)/python -m m3d_lit.commands.demo $(ARGS)
 
 stage1: setup  ## stage 1, contrastive ViT pretraining (DATA=, TRAINER=, ARGS= to override)
 	$(call fit,stage1_clip)
@@ -65,8 +66,8 @@ m3d-bench: setup  ## the eight M3D-Bench tasks: CKPT=, CLIP_CKPT=, BENCH_DATA=, 
 export: setup  ## stage-3 checkpoint -> LoRA adapter, weights and a merged HF model: CKPT=, EXPORT_OUT=
 	$(M3D) export --checkpoint $(CKPT) --out $(EXPORT_OUT) --merge $(ARGS)
 
-bench: setup  ## CPU benchmarks -> bench/results.json (not part of make test)
-	$(BIN)/python bench/run_all.py
+perf: setup  ## CPU timings -> perf/results.json (not part of make test; M3D-Bench is make m3d-bench)
+	$(BIN)/python perf/run_all.py
 
 app: setup  ## the local web app on http://127.0.0.1:7860 (after make demo; APP_CKPT=, APP_DATA=, ARGS="--port N")
 	$(M3D) app --checkpoint $(APP_CKPT) --data $(APP_DATA) $(ARGS)

@@ -2,7 +2,7 @@
 
 The app runs as the real command in a subprocess on a free loopback port; Selenium drives Debian's
 chromium and chromedriver (`make setup` installs them). Expected answers come from the command line's
-own path (`m3d_lit.evaluation.ask.ask`) on the same files, so the page is checked against the CLI.
+own path (`m3d_lit.commands.ask.ask`) on the same files, so the page is checked against the CLI.
 """
 
 from __future__ import annotations
@@ -199,9 +199,9 @@ def _expected(checkpoint: Path, volume: Path, question: str) -> tuple[str, objec
     """The command line's answer and mask logits, and P(Yes) from a plain forward pass in float64."""
     import torch
 
+    from m3d_lit.commands.ask import ask
     from m3d_lit.data.collate import LMCollator
-    from m3d_lit.evaluation.ask import ask
-    from m3d_lit.evaluation.evaluate import yes_no_ids
+    from m3d_lit.evaluation.generation import yes_no_ids
     from m3d_lit.tasks.loading import load_task
 
     text, logits, prepared = ask(checkpoint, volume, question, max_new_tokens=8)

@@ -16,7 +16,7 @@ from m3d_lit.app.engine import Engine, is_closed_question
 from m3d_lit.app.scans import Scan, load_upload
 from m3d_lit.app.view import plane, views_html
 from m3d_lit.errors import InputError
-from m3d_lit.evaluation.evaluate import yes_probability
+from m3d_lit.evaluation.generation import yes_probability
 
 SIZE = (32, 64, 64)
 
@@ -120,7 +120,7 @@ def engine(stage3_checkpoint: Path) -> Engine:
 def test_stream_grows_to_the_command_line_answer(
     engine: Engine, stage3_checkpoint: Path, prepared: list[Path]
 ):
-    from m3d_lit.evaluation.ask import ask
+    from m3d_lit.commands.ask import ask
 
     volume = sorted((prepared[1] / "images").glob("*.npy"))[0]
     for question in ("Is there a fracture?", "Segment the hemorrhage."):

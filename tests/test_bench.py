@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from m3d_lit.boxes import format_box
+from m3d_lit.commands import bench
 from m3d_lit.data import synthetic
 from m3d_lit.errors import InputError
-from m3d_lit.evaluation import bench, bench_scores
+from m3d_lit.evaluation import bench_scores
 
 SHAPE = (16, 32, 32)
 # The tiny preset at 16x32x32 with one layer per stack: 4 visual tokens, fast on a CPU.

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from m3d_lit.commands.score import main as score_main
 from m3d_lit.errors import InputError
 from m3d_lit.evaluation.bertscore import bertscore_f1
-from m3d_lit.evaluation.score import main as score_main
 from m3d_lit.evaluation.scoring import compute_metrics
 
 PAIRS = [

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from nltk.translate.bleu_score import corpus_bleu
 
+from m3d_lit.commands.score import main as score_main
 from m3d_lit.data import phrasing
 from m3d_lit.errors import InputError
 from m3d_lit.evaluation.bootstrap import auroc_rows, interval, patient_of, patient_weights, weighted_auroc
@@ -20,7 +21,6 @@ from m3d_lit.evaluation.metrics import tokenize
 from m3d_lit.evaluation.open_findings import OpenFindings, open_scores, parse_open
 from m3d_lit.evaluation.report_clinical import roc_points
 from m3d_lit.evaluation.score import format_open
-from m3d_lit.evaluation.score import main as score_main
 from m3d_lit.evaluation.scoring import _bleu_counts, compute_metrics, corpus_bleu_from_counts
 
 

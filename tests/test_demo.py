@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from m3d_lit.demo import main
+from m3d_lit.commands.demo import main
 
 
 @pytest.mark.slow
@@ -44,7 +44,7 @@ def _stop_at_first_step(step: str, command: list[str], cwd: Path, seconds: dict)
 def test_rerun_reuses_the_synthetic_scans_of_the_same_plan_and_seed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, marker: dict, first_step: str
 ) -> None:
-    from m3d_lit import demo
+    from m3d_lit.commands import demo
 
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "synth.json").write_text(json.dumps(marker))
@@ -62,7 +62,7 @@ def _metrics(auroc, ci, balanced, note=None):
 
 
 def test_table_and_margins_show_pooled_auroc_with_ci_for_scans_and_controls() -> None:
-    from m3d_lit import demo
+    from m3d_lit.commands import demo
 
     summary = {
         "cq500": {

@@ -57,7 +57,7 @@ def _check_p_yes(checkpoint: Path, data: Path, record: dict) -> None:
 
     from m3d_lit.data.collate import LMCollator
     from m3d_lit.data.datasets import QAJsonlDataset
-    from m3d_lit.evaluation.evaluate import yes_no_ids
+    from m3d_lit.evaluation.generation import yes_no_ids
     from m3d_lit.tasks.loading import load_task
 
     model = load_task(checkpoint)[0].model

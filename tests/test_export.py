@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from m3d_lit.commands.export import _write_merged, export, main
 from m3d_lit.errors import InputError
-from m3d_lit.export import _write_merged, export, main
 from m3d_lit.tasks import AlignTask, FinetuneTask
 from m3d_lit.tokens import LAMED_TOKENS
 

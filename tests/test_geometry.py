@@ -197,7 +197,7 @@ def test_dicom_mask_lands_in_patient_coordinates(tmp_path: Path) -> None:
 def test_ask_mask_out_writes_the_scan_geometry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`ask --mask-out` turns the answer's mask logits into a mask over the input file."""
     from m3d_lit.cli import main
-    from m3d_lit.evaluation import ask
+    from m3d_lit.commands import ask
 
     image, mask_path, truth = write_case(tmp_path, "permuted_flipped")
     prepared = load_and_preprocess(image, size=SIZE, mask_path=mask_path)
@@ -247,7 +247,7 @@ def test_prepared_manifest_gives_eval_masks_over_the_raw_files(tmp_path: Path) -
     """`prepare` records each scan's geometry; `eval --save-masks` (its `MaskSaver`) writes a mask given
     on the prepared grid over the raw NIfTI: here the prepared true mask comes back onto the raw one."""
     from m3d_lit.data.prepare import prepare_volumes
-    from m3d_lit.evaluation.evaluate import MaskSaver
+    from m3d_lit.evaluation.generation import MaskSaver
 
     raw = tmp_path / "raw"
     argv = ["--out", str(raw), "--physionet", "3", "--balanced", "--shape", "16", "64", "64"]

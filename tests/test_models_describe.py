@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from m3d_lit.commands.describe import main
 from m3d_lit.models.build import build_lamed
-from m3d_lit.models.describe import describe, main
+from m3d_lit.models.describe import describe
 
 
 @pytest.fixture(scope="module")

@@ -188,7 +188,8 @@ def test_bench_retrieval_takes_an_m3d_clip_directory(m3d_data: Path, tmp_path: P
     lines = (tmp_path / "retrieval" / "predictions.jsonl").read_text().splitlines()
     ranks = [json.loads(line)["i2t_rank"] for line in lines]
     # the same pairs through `embed`: the bench ranks each image's report as these logits do
-    from m3d_lit.evaluation.embed import embed, load_clip
+    from m3d_lit.commands.embed import embed
+    from m3d_lit.tasks.loading import load_clip
 
     pairs = json.loads((m3d_data / "M3D_Cap_npy" / "M3D_Cap.json").read_text())["test"]
     texts = [(m3d_data / p["text"]).read_text().strip() for p in pairs]

@@ -89,7 +89,7 @@ def test_teacher_forced_logits_and_loss_match(models: dict, name: str) -> None:
 
 @pytest.mark.parametrize("name", LM_MODELS)
 def test_greedy_generation_equals_official_one_by_one_and_in_a_batch(models: dict, name: str) -> None:
-    from m3d_lit.evaluation.evaluate import generate_records
+    from m3d_lit.evaluation.generation import generate_records
 
     model, cases = models[name], CASES[name]["cases"]
     for case in cases:
@@ -272,7 +272,7 @@ def test_export_m3d_gives_back_the_official_tensors_bit_for_bit(name: str, tmp_p
 
 
 def test_export_m3d_refuses_a_model_not_built_from_an_official_directory(stage3_checkpoint, tmp_path) -> None:
-    from m3d_lit.export import export
+    from m3d_lit.commands.export import export
 
     with pytest.raises(InputError, match="not built from an official M3D-LaMed directory"):
         export(stage3_checkpoint, tmp_path / "out", format="m3d")
@@ -334,9 +334,9 @@ def test_official_models_read_hu_scans_with_m3ds_plain_min_max(tmp_path: Path) -
     import nibabel as nib
 
     from m3d_lit.app.engine import Engine
+    from m3d_lit.commands.ask import ask
     from m3d_lit.data.preprocess import load_and_preprocess
-    from m3d_lit.evaluation.ask import ask
-    from m3d_lit.evaluation.embed import load_clip
+    from m3d_lit.tasks.loading import load_clip
 
     hu = np.full((48, 80, 80), -1000.0, np.float32)
     hu[8:40, 10:70, 10:70] = np.linspace(-200.0, 1500.0, 32 * 60 * 60, dtype=np.float32).reshape(32, 60, 60)

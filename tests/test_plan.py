@@ -7,6 +7,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from m3d_lit.commands import plan as plan_command
 from m3d_lit.models import plan as P
 from m3d_lit.models.build import build_lamed
 from m3d_lit.models.presets import PRESETS
@@ -31,7 +32,7 @@ def paper_mb2() -> dict:
 
 
 def test_paper_stage3_fits_24gb_at_micro_batch_2(paper_mb2):
-    assert paper_mb2["fits"], P.format_plan(paper_mb2)
+    assert paper_mb2["fits"], plan_command.format_plan(paper_mb2)
     assert paper_mb2["max_micro_batch"] >= 2
     memory = paper_mb2["memory_gib"]
     # LLaMA-2-7B in bf16 only: 6.74e9 x 2 bytes; no fp32 copy.
@@ -112,6 +113,6 @@ def test_bad_settings_raise():
 
 
 def test_cli_prints_the_table(capsys):
-    assert P.main(["--preset", "tiny", "--micro-batch", "1", "--gpu-mem", "2"]) == 0
+    assert plan_command.main(["--preset", "tiny", "--micro-batch", "1", "--gpu-mem", "2"]) == 0
     out = capsys.readouterr().out
     assert "frozen_weights" in out and ": fits" in out and "training TFLOP/sample" in out

@@ -14,11 +14,11 @@ from nltk.tokenize import NLTKWordTokenizer
 from nltk.translate.meteor_score import single_meteor_score
 from sacrebleu.metrics import BLEU
 
+from m3d_lit.commands.score import main as score_main
 from m3d_lit.data import phrasing
 from m3d_lit.errors import InputError
 from m3d_lit.evaluation.m3d_protocol import bleu, bleu_tokens, m3d_sample_scores, word_tokens
 from m3d_lit.evaluation.metrics import require_wordnet
-from m3d_lit.evaluation.score import main as score_main
 from m3d_lit.evaluation.scoring import compute_metrics
 
 # (prediction, reference): exact, empty prediction, one word, case, punctuation, longer and shorter than

@@ -22,7 +22,8 @@ from m3d_lit.cli import main
 from m3d_lit.data.sampling import EpochSampler, ResumableDataLoader
 from m3d_lit.errors import InputError
 from m3d_lit.tasks.base import load_checkpoint
-from m3d_lit.tasks.loading import load_task, rng_states, set_rng_states
+from m3d_lit.tasks.checkpoints import rng_states, set_rng_states
+from m3d_lit.tasks.loading import load_task
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"vision": {"num_layers": 1}, "llm": {"num_hidden_layers": 1}}

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
+from m3d_lit.commands.score import main
 from m3d_lit.errors import InputError
-from m3d_lit.evaluation.score import format_table, main, read_predictions
+from m3d_lit.evaluation.score import format_table, read_predictions
 from m3d_lit.evaluation.scoring import compute_metrics
 
 RECORDS = [

@@ -1,11 +1,11 @@
-"""Run every CPU benchmark, write `bench/results.json` and a readable `bench/results.md` (`make bench`).
+"""Run every CPU benchmark, write `perf/results.json` and a readable `perf/results.md` (`make perf`).
 
-.venv/bin/python bench/run_all.py [--quick]
+.venv/bin/python perf/run_all.py [--quick]
 
 Each benchmark runs in its own process (its last stdout line is JSON; `prepare.py` prints text lines,
 parsed here); one that fails or times out is recorded with its error and the others still run.
 Sized to finish in under 10 minutes on 2 CPU cores; `--quick` shrinks every benchmark (a smoke run).
-`bench/gpu_fit.py` needs a GPU and is not run here.
+`perf/gpu_fit.py` needs a GPU and is not run here.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-BENCH = Path(__file__).resolve().parent
+PERF = Path(__file__).resolve().parent
 _PREPARE_LINE = re.compile(r"prepare (\w+): (\d+) scans .*workers=(\d+): ([\d.]+) s, ([\d.]+) scans/s")
 
 
@@ -32,19 +32,19 @@ def commands(quick: bool) -> dict[str, list[str]]:
     py = [sys.executable]
     if quick:
         return {
-            "plan": [*py, "-m", "m3d_lit.models.plan", "--json", "--micro-batch", "2"],
-            "train_step": [*py, str(BENCH / "train_step.py"), "--presets", "tiny", "--stages", "3", "--steps", "1"],
-            "generate": [*py, str(BENCH / "generate.py"), "--batches", "1", "8", "--new-tokens", "8", "--repeats", "1"],
-            "loader": [*py, str(BENCH / "loader.py"), "--samples", "4", "--otf-samples", "4", "--workers", "0"],
-            "prepare": [*py, str(BENCH / "prepare.py"), "--scans", "2", "--shape", "16", "64", "64",
+            "plan": [*py, "-m", "m3d_lit.commands.plan", "--json", "--micro-batch", "2"],
+            "train_step": [*py, str(PERF / "train_step.py"), "--presets", "tiny", "--stages", "3", "--steps", "1"],
+            "generate": [*py, str(PERF / "generate.py"), "--batches", "1", "8", "--new-tokens", "8", "--repeats", "1"],
+            "loader": [*py, str(PERF / "loader.py"), "--samples", "4", "--otf-samples", "4", "--workers", "0"],
+            "prepare": [*py, str(PERF / "prepare.py"), "--scans", "2", "--shape", "16", "64", "64",
                         "--size", "16", "64", "64", "--workers", "1"],
         }  # fmt: skip
     return {
-        "plan": [*py, "-m", "m3d_lit.models.plan", "--json", "--micro-batch", "2"],
-        "train_step": [*py, str(BENCH / "train_step.py"), "--presets", "tiny", "small", "--steps", "2"],
-        "generate": [*py, str(BENCH / "generate.py")],
-        "loader": [*py, str(BENCH / "loader.py"), "--samples", "16", "--otf-samples", "8"],
-        "prepare": [*py, str(BENCH / "prepare.py"), "--scans", "4", "--workers", "1", "2"],
+        "plan": [*py, "-m", "m3d_lit.commands.plan", "--json", "--micro-batch", "2"],
+        "train_step": [*py, str(PERF / "train_step.py"), "--presets", "tiny", "small", "--steps", "2"],
+        "generate": [*py, str(PERF / "generate.py")],
+        "loader": [*py, str(PERF / "loader.py"), "--samples", "16", "--otf-samples", "8"],
+        "prepare": [*py, str(PERF / "prepare.py"), "--scans", "4", "--workers", "1", "2"],
     }
 
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smallest sizes: checks the scripts run")
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds per benchmark")
-    ap.add_argument("--out", type=Path, default=BENCH, help="folder for results.json and results.md")
+    ap.add_argument("--out", type=Path, default=PERF, help="folder for results.json and results.md")
     args = ap.parse_args(argv)
     machine = f"{platform.node()}: {os.cpu_count()} CPUs, torch {torch.__version__}, load {os.getloadavg()}"
     results: dict[str, Any] = {"machine": machine, "quick": args.quick, "benchmarks": {}}

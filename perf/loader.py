@@ -1,6 +1,6 @@
 """Samples per second of the stage-3 DataModule: `.npy` cache (float16, float32, memory mapped) vs NIfTI.
 
-.venv/bin/python bench/loader.py --samples 24 --workers 0 1 2 --size 32 256 256
+.venv/bin/python perf/loader.py --samples 24 --workers 0 1 2 --size 32 256 256
 
 Generated data at the paper size: cached volumes 1 x D x H x W in [0, 1] read by `BrainCTQADataModule`
 (the training path: memory-mapped `.npy`, train-time augmentation, `LMCollator` with 256 image tokens
@@ -136,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--size", type=int, nargs=3, default=(32, 256, 256), help="model input D H W")
     ap.add_argument("--raw", type=int, nargs=3, default=(34, 512, 512), help="NIfTI scan D H W")
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (see bench/README.md)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (see perf/README.md)")
     return ap
 
 

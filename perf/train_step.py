@@ -1,6 +1,6 @@
 """Training steps per second and peak RSS on CPU, per preset and stage (fp32, AdamW, synthetic batches).
 
-.venv/bin/python bench/train_step.py --presets tiny small --stages 1 2 3 --steps 4 --batch 2
+.venv/bin/python perf/train_step.py --presets tiny small --stages 1 2 3 --steps 4 --batch 2
 
 Each (preset, stage) runs in its own process so its peak RSS (`ru_maxrss`) is its own. Stage 1 trains
 the CLIP model (ViT + text encoder), stages 2 and 3 the LaMed model with the stage's trainability on
@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=4, help="timed steps after one warm-up step")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--one", nargs=2, metavar=("PRESET", "STAGE"), help=argparse.SUPPRESS)
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (see bench/README.md)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (see perf/README.md)")
     return ap
 
 

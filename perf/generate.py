@@ -1,6 +1,6 @@
 """Tokens per second of batched generation (`LamedModel.generate`) on the tiny model, fp32 CPU.
 
-.venv/bin/python bench/generate.py --batches 1 4 8 16 --new-tokens 32
+.venv/bin/python perf/generate.py --batches 1 4 8 16 --new-tokens 32
 
 Random weights, greedy decoding, with EOS suppressed in the LM head so every row generates exactly
 `--new-tokens` tokens (a random model would otherwise stop rows at random points). Per batch size:
@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2, help="best of this many calls")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (see bench/README.md)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (see perf/README.md)")
     return ap
 
 

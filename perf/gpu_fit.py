@@ -1,7 +1,7 @@
 """Does paper stage 3 fit a 24 GB GPU? Peak memory, samples/s and MFU of real training steps.
 
-.venv/bin/python bench/gpu_fit.py                      # GPU: paper preset, cap 24 GiB, micro-batch 1 2 4
-.venv/bin/python bench/gpu_fit.py --smoke              # CPU: tiny preset, 2 steps, same code path
+.venv/bin/python perf/gpu_fit.py                      # GPU: paper preset, cap 24 GiB, micro-batch 1 2 4
+.venv/bin/python perf/gpu_fit.py --smoke              # CPU: tiny preset, 2 steps, same code path
 
 The paper preset is built with random weights (LLaMA-2-7B dimensions, no download) directly on the
 device: frozen parameters in bf16, trainable ones (ViT, perceiver, LoRA, new token rows, segmentation)
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.smoke:
         args.preset, args.micro_batches, args.steps = "tiny", [1, 2], WARMUP + 1
-        torch.set_num_threads(1)  # shared CPUs: see bench/README.md
+        torch.set_num_threads(1)  # shared CPUs: see perf/README.md
     llm_modes = {mode in ("llm", "all") for mode in args.checkpointing}
     if len(llm_modes) != 1:
         raise ValueError(f"--checkpointing {args.checkpointing}: the modes disagree on the LLM")
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--steps {args.steps} must exceed {WARMUP}; micro-batches must be >= 1")
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke:
-        raise SystemExit("bench/gpu_fit.py: no CUDA device; use --smoke for the CPU check")
+        raise SystemExit("perf/gpu_fit.py: no CUDA device; use --smoke for the CPU check")
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     estimates = {m: _estimate(args.preset, m, not args.no_seg) for m in args.checkpointing}
     if cuda:

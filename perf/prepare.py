@@ -1,6 +1,6 @@
 """Scans per second of `m3d-lit prepare` on generated data.
 
-.venv/bin/python bench/prepare.py --scans 32 --shape 32 128 128 --size 32 256 256 --workers 1 2
+.venv/bin/python perf/prepare.py --scans 32 --shape 32 128 128 --size 32 256 256 --workers 1 2
 """
 
 from __future__ import annotations
