@@ -296,7 +296,7 @@ class BaseTask(LightningModule):
         }
         self._save_reliability(checkpoint)
 
-    # -- exact resume and frozen-base checks (tasks/loading.py) --------------------------------------
+    # -- exact resume and frozen-base checks (tasks/checkpoints.py) ----------------------------------
     def _init_reliability(self) -> None:
         self.base_fingerprint = base_fingerprint(self)
         self._pending_rng: list[dict[str, Any]] | None = None

@@ -1,9 +1,10 @@
 """Official M3D directories where m3d-lit takes a checkpoint (`--checkpoint`, `--model.init_from`).
 
-An M3D-LaMed directory becomes a stage-3 `FinetuneTask` whose model is built from the directory
-(`llm_path` names it, so a fine-tuned checkpoint is rebuilt from the same directory before its own
-weights load). For `eval`, `ask`, `bench` and `export` it is used as released: nothing is trainable
-and no LoRA is added.
+`official_kind` tells an M3D-LaMed directory; `known_window` and `scan_window` give the CT window a model
+reads scans with (an official one: M3D's plain min-max). `tasks/loading.load_official_task` makes an
+M3D-LaMed directory a stage-3 `FinetuneTask` whose model is built from the directory (`llm_path` names
+it, so a fine-tuned checkpoint is rebuilt from the same directory before its own weights load). For
+`eval`, `ask`, `bench` and `export` it is used as released: nothing is trainable and no LoRA is added.
 """
 
 from __future__ import annotations
