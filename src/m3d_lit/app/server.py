@@ -9,17 +9,17 @@ import argparse
 import time
 from pathlib import Path
 
-from m3d_lit.app.engine import Engine
-
 __all__ = ["serve"]
 
 
 def serve(args: argparse.Namespace, workdir: Path) -> None:
     """Load the model, build the page and serve it until interrupted."""
-    # imported here, not at the top: Gradio reads its settings (analytics, temporary folder) from the
-    # environment when it is first imported, and `m3d-lit app` sets them just before calling this
+    # imported here, not at the top: Gradio and huggingface_hub (which the engine's transformers loads)
+    # read their settings (analytics, telemetry, temporary folder) from the environment when first
+    # imported, and `m3d-lit app` sets them just before calling this
     import gradio as gr
 
+    from m3d_lit.app.engine import Engine
     from m3d_lit.app.ui import build_app
 
     start = time.perf_counter()
