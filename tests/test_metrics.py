@@ -22,13 +22,13 @@ from rouge_score.rouge_scorer import RougeScorer
 from m3d_lit.evaluation import metrics
 from m3d_lit.evaluation.metrics import (
     closed_metrics,
-    compute_metrics,
     dice_iou,
     nltk_data_dirs,
     parse_closed,
     require_wordnet,
     tokenize,
 )
+from m3d_lit.evaluation.scoring import compute_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 # (prediction, reference): exact match, empty prediction, punctuation, casing, paraphrase, synonyms,
