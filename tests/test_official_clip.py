@@ -179,7 +179,7 @@ def m3d_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_bench_retrieval_takes_an_m3d_clip_directory(m3d_data: Path, tmp_path: Path) -> None:
-    from m3d_lit.evaluation import bench
+    from m3d_lit.commands import bench
 
     argv = ["--clip-checkpoint", str(KIT / "clip"), "--tasks", "retrieval", "--data", str(m3d_data)]
     assert bench.main([*argv, "--out", str(tmp_path), "--device", "cpu"]) == 0
