@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from m3d_lit.data import synthetic
+from m3d_lit.commands import synth
 from m3d_lit.errors import InputError
 from m3d_lit.evaluation import bench, bench_scores
 from m3d_lit.evaluation.boxes import format_box
@@ -187,7 +187,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     base = tmp_path_factory.mktemp("bench")
     argv = ["--out", str(base), "--cq500", "0", "--physionet", "0", "--m3d-data", "3"]
-    assert synthetic.main(argv + ["--m3d-shape", *map(str, SHAPE)]) == 0
+    assert synth.main(argv + ["--m3d-shape", *map(str, SHAPE)]) == 0
     m3d = base / "M3D-Data"
     seg = M3DSegDataModule(str(m3d / "M3D_Seg_npy"), ["0000"], positioning=True, batch_size=2)
     cap = M3DCapDataModule(str(m3d), str(m3d / "M3D_Cap_npy" / "M3D_Cap.json"), batch_size=2)
