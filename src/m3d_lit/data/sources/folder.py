@@ -59,6 +59,19 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 _YES_NO = re.compile(r"^\W*(yes|no)\b", re.IGNORECASE)
 _NIFTI = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
 _TOP_KEYS = ("findings", "open_question", "no_findings", "segment")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false are booleans, so `yes:` and `no:` stay the words they are."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _FINDING_KEYS = ("question", "yes", "no", "name")
 
 
@@ -117,8 +130,8 @@ def read_findings(path: str | Path) -> FindingsSpec:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
-        root = yaml.compose(text)
-        data = yaml.safe_load(text)
+        root = yaml.compose(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
     except FileNotFoundError:
         raise InputError(path, "file not found") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -192,7 +205,7 @@ def read_findings(path: str | Path) -> FindingsSpec:
 
 def finding_lines(path: str | Path) -> dict[str, int]:
     """Finding name -> its line in `findings.yaml` (for messages)."""
-    root = yaml.compose(Path(path).read_text(encoding="utf-8-sig"))
+    root = yaml.compose(Path(path).read_text(encoding="utf-8-sig"), Loader=_Loader)
     for key, value in root.value:
         if key.value == "findings":
             return _key_lines(value)
