@@ -109,8 +109,9 @@ def test_bad_labels_name_file_and_line(tmp_path: Path, rows: str, scans: tuple, 
         ("findings:\n  bleed: [question\n", r"line \d+: not valid YAML"),
         ("open_question: What?\n", r"expected a top-level 'findings:'"),
         ("findings:\n  bleed_side: {question: 'Is there?'}\n", r"line 2: finding name 'bleed_side'"),
+        ("findings:\n  bleed: {question: 'A?'}\n  bleed: {question: 'B?'}\n", r"line 3: 'bleed' given twice \(first on line 2\)"),
     ],
-    ids=["yes-not-yes", "no-not-no", "no-question", "unknown-finding-key", "unknown-top-key", "syntax", "no-findings", "bad-name"],
+    ids=["yes-not-yes", "no-not-no", "no-question", "unknown-finding-key", "unknown-top-key", "syntax", "no-findings", "bad-name", "twice"],
 )  # fmt: skip
 def test_bad_findings_yaml_names_file_and_line(tmp_path: Path, findings: str, message: str) -> None:
     path = tmp_path / "findings.yaml"

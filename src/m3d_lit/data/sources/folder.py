@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 _YES_NO = re.compile(r"^\W*(yes|no)\b", re.IGNORECASE)
 _NIFTI = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
 _TOP_KEYS = ("findings", "open_question", "no_findings", "segment")
+_FINDING_KEYS = ("question", "yes", "no", "name")
 
 
 class _Loader(yaml.SafeLoader):
@@ -72,7 +73,6 @@ _Loader.yaml_implicit_resolvers = {
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
-_FINDING_KEYS = ("question", "yes", "no", "name")
 
 
 @dataclass(frozen=True)
@@ -88,12 +88,14 @@ class Finding:
 
 @dataclass(frozen=True)
 class FindingsSpec:
-    """`findings.yaml` as read: the findings in file order and the open and segmentation wording."""
+    """`findings.yaml` as read: the findings in file order, the open and segmentation wording, and the
+    line of each finding (for messages)."""
 
     findings: tuple[Finding, ...]
     open_question: str
     no_findings: str
     segment: Mapping[str, str]
+    lines: Mapping[str, int]
 
 
 @dataclass
@@ -106,17 +108,29 @@ class FolderRecord:
     values: dict[str, int]
     sides: dict[str, str | None]
     spec: FindingsSpec
-    mask_nonempty: bool | None = field(default=None)
+    mask_nonempty: bool | None = None
 
 
 # ---------------------------------------------------------------- findings.yaml
 
 
-def _key_lines(node: Any) -> dict[str, int]:
-    """Key -> 1-based line of a YAML mapping node's keys."""
-    if not isinstance(node, yaml.MappingNode):
-        return {}
-    return {str(k.value): k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+def _key_lines(path: Path, node: Any) -> dict[str, int]:
+    """Key -> 1-based line of a YAML mapping node's keys; a key given twice is an `InputError`."""
+    lines: dict[str, int] = {}
+    for key, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+        line = key.start_mark.line + 1
+        if str(key.value) in lines:
+            raise InputError(
+                path, f"line {line}: {key.value!r} given twice (first on line {lines[str(key.value)]})"
+            )
+        lines[str(key.value)] = line
+    return lines
+
+
+def _child(node: Any, name: str) -> Any:
+    """The value node of key `name` in a YAML mapping node, or None."""
+    pairs = node.value if isinstance(node, yaml.MappingNode) else ()
+    return next((value for key, value in pairs if key.value == name), None)
 
 
 def _text(path: Path, line: int, where: str, value: Any) -> str:
@@ -142,14 +156,13 @@ def read_findings(path: str | Path) -> FindingsSpec:
         raise InputError(path, f"{where}not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(data, dict) or not isinstance(data.get("findings"), dict) or not data["findings"]:
         raise InputError(path, "expected a top-level 'findings:' mapping each finding name to its question")
-    top_lines = _key_lines(root)
+    top_lines = _key_lines(path, root)
     for key in data:
         if key not in _TOP_KEYS:
             raise InputError(
                 path, f"line {top_lines.get(str(key), 1)}: unknown key {key!r}; valid: {_TOP_KEYS}"
             )
-    finding_nodes = dict((str(k.value), v) for k, v in root.value if k.value == "findings")["findings"]
-    lines = _key_lines(finding_nodes)
+    lines = _key_lines(path, _child(root, "findings"))
     findings = []
     for name, entry in data["findings"].items():
         line = lines.get(str(name), top_lines["findings"])
@@ -200,16 +213,7 @@ def read_findings(path: str | Path) -> FindingsSpec:
     no_findings = _text(
         path, top_lines.get("no_findings", 1), "no_findings", data.get("no_findings", DEFAULT_NO_FINDINGS)
     )
-    return FindingsSpec(tuple(findings), open_question, no_findings, segment)
-
-
-def finding_lines(path: str | Path) -> dict[str, int]:
-    """Finding name -> its line in `findings.yaml` (for messages)."""
-    root = yaml.compose(Path(path).read_text(encoding="utf-8-sig"), Loader=_Loader)
-    for key, value in root.value:
-        if key.value == "findings":
-            return _key_lines(value)
-    return {}
+    return FindingsSpec(tuple(findings), open_question, no_findings, segment, lines)
 
 
 # ---------------------------------------------------------------- labels.csv
@@ -239,11 +243,10 @@ def read_labels(
         if column in columns:
             raise InputError(path, f"line 1: column {column!r} appears twice")
         columns[column] = i
-    lines = finding_lines(spec_path)
     for name in names:
         if name not in columns:
             raise InputError(
-                spec_path, f"line {lines.get(name, 1)}: finding {name!r} has no column in {path.name}"
+                spec_path, f"line {spec.lines.get(name, 1)}: finding {name!r} has no column in {path.name}"
             )
     if not rows:
         raise InputError(path, "no scans below the header")
