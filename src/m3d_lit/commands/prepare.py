@@ -1,6 +1,7 @@
 """`m3d-lit prepare SOURCE --root RAW --out OUT`: raw scans -> cached volumes, QA files and splits.
 
-SOURCE is a name of `m3d_lit.data.sources` (cq500, physionet, folder). The volumes go through
+SOURCE is a name of `m3d_lit.data.sources` (cq500, physionet, folder); the options a source takes of its
+own (`--series-list`, `--labels` ...) come from it. The volumes go through
 `m3d_lit.data.prepare.prepare_volumes`, the questions and splits through `m3d_lit.data.qa.write_qa`.
 """
 
@@ -13,6 +14,7 @@ from m3d_lit.arguments import CommandParser
 from m3d_lit.data.prepare import DATASETS, prepare_volumes
 from m3d_lit.data.preprocess import DEFAULT_SIZE, WINDOWS
 from m3d_lit.data.qa import check_fractions, write_qa
+from m3d_lit.data.sources import option_help
 from m3d_lit.errors import InputError
 
 __all__ = ["main"]
@@ -39,12 +41,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar=("TRAIN", "VAL", "TEST"),
         help="patient shares of the splits made on the first run (later runs keep splits.json)",
     )
-    ap.add_argument("--series-list", type=Path, help="cq500: file of '<scan>/<series path>' lines")
-    ap.add_argument("--labels", type=Path, help="folder: labels.csv (id,<finding>,...; one row per scan)")
-    ap.add_argument("--findings", type=Path, help="folder: findings.yaml (each finding's question)")
-    ap.add_argument(
-        "--masks", type=Path, help="folder: masks folder (<id>.nii or .nii.gz on the scan's grid)"
-    )
+    for option, text in option_help().items():
+        ap.add_argument(f"--{option.replace('_', '-')}", type=Path, help=text)
     ap.add_argument(
         "--seg",
         action=argparse.BooleanOptionalAction,
@@ -59,10 +57,10 @@ def main(argv: list[str]) -> int:
     """Entry point of `m3d-lit prepare`."""
     args = _parser().parse_args(argv)
     check_fractions(args.fractions)  # before any scan is written
-    options = {"labels": args.labels, "findings": args.findings, "masks": args.masks}
+    options = {option: getattr(args, option) for option in option_help()}
     result = prepare_volumes(
         args.dataset, args.root, args.out, args.size, args.window, args.dtype, args.workers,
-        args.strict, args.series_list, options=options,
+        args.strict, progress=True, options=options,
     )  # fmt: skip
     print(
         f"m3d-lit prepare: {len(result.ids)} scans in {args.out / 'images'} "

@@ -258,7 +258,7 @@ def prepare_volumes(
         raise InputError("window", f"unknown window {window!r}; choose one of {sorted(WINDOWS)}")
     if workers < 1:
         raise InputError("workers", f"{workers} must be >= 1")
-    options = {**(options or {}), "series_list": series_list}
+    options = {**(options or {}), **({"series_list": series_list} if series_list is not None else {})}
     source.check_options(options, option_owners())
     root, out, size = Path(root), Path(out), check_size(size)
     if not root.is_dir():

@@ -18,6 +18,7 @@ __all__ = [
     "Source",
     "display_name",
     "get_source",
+    "option_help",
     "option_owners",
     "qa_sample",
     "relative",
@@ -47,3 +48,12 @@ def option_owners() -> dict[str, list[str]]:
         for option in source.options:
             owners.setdefault(option, []).append(source.name)
     return owners
+
+
+def option_help() -> dict[str, str]:
+    """Source-specific `prepare` option -> its help, prefixed with the sources that take it."""
+    helps: dict[str, str] = {}
+    for source in SOURCES.values():
+        for option, text in source.options.items():
+            helps.setdefault(option, f"{', '.join(option_owners()[option])}: {text}")
+    return helps

@@ -84,7 +84,8 @@ class Source:
     Attributes:
         name: the name `prepare` and the QA lines use (`dataset`).
         display_name: the name tables show.
-        options: the source-specific `prepare` options it accepts (e.g. `series_list`).
+        options: the source-specific `prepare` options it accepts, name -> help text (`m3d-lit prepare`
+            offers each as `--name-with-dashes PATH`).
         required_options: those it cannot do without.
         paper_table1: the paper's Table 1 text metrics on this source (report), or None.
         table1_records: which QA records of one scan the Table 1 row covers, in words (report), or None.
@@ -95,7 +96,7 @@ class Source:
 
     name: str = ""
     display_name: str = ""
-    options: tuple[str, ...] = ()
+    options: Mapping[str, str] = {}
     required_options: tuple[str, ...] = ()
     paper_table1: Mapping[str, float] | None = None
     table1_records: str | None = None

@@ -219,7 +219,7 @@ class CQ500Source(Source):
 
     name = "cq500"
     display_name = "CQ500"
-    options = ("series_list",)
+    options = {"series_list": "file of '<scan>/<series path>' lines"}
     paper_table1 = {
         "bleu1": 0.5405,
         "bleu2": 0.3333,

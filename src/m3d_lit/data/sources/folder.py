@@ -313,7 +313,11 @@ class FolderSource(Source):
 
     name = "folder"
     display_name = "Folder"
-    options = ("labels", "findings", "masks")
+    options = {
+        "labels": "labels.csv (id,<finding>,...; one row per scan)",
+        "findings": "findings.yaml (each finding's question)",
+        "masks": "masks folder (<id>.nii or .nii.gz on the scan's grid)",
+    }
     required_options = ("labels", "findings")
 
     def writes_masks(self, options: Mapping[str, Any]) -> bool:
