@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from m3d_lit.data import synthetic
+from m3d_lit.commands import synth
 from m3d_lit.data.prepare import prepare_volumes
 
 
@@ -30,8 +30,8 @@ def main() -> None:
         raw = Path(tmp) / "raw"
         counts = {d: (args.scans if d in args.datasets else 0) for d in ("cq500", "physionet")}
         start = time.perf_counter()
-        synthetic.main(["--out", str(raw), "--cq500", str(counts["cq500"]), "--physionet",
-                        str(counts["physionet"]), "--shape", *map(str, args.shape)])  # fmt: skip
+        synth.main(["--out", str(raw), "--cq500", str(counts["cq500"]), "--physionet",
+                    str(counts["physionet"]), "--shape", *map(str, args.shape)])  # fmt: skip
         print(f"synth: {sum(counts.values())} scans in {time.perf_counter() - start:.1f} s")
         for dataset in args.datasets:
             for workers in args.workers:

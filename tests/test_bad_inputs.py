@@ -21,9 +21,10 @@ import pydicom
 import pytest
 import torch
 
+from m3d_lit.commands import synth
 from m3d_lit.data import io, synthetic
-from m3d_lit.data.labels import CQ500_FINDINGS, CQ500_READERS, read_cq500_reads
 from m3d_lit.data.prepare import prepare_volumes
+from m3d_lit.data.sources.cq500 import CQ500_FINDINGS, CQ500_READERS, read_cq500_reads
 from m3d_lit.errors import InputError
 
 SMALL = {"vision": {"num_layers": 1}, "llm": {"num_hidden_layers": 1}}
@@ -368,8 +369,7 @@ def test_scan_named_in_reads_csv_without_images_is_listed(tmp_path: Path) -> Non
 
     raw = tmp_path / "raw"
     assert (
-        synthetic.main(["--out", str(raw), "--cq500", "4", "--physionet", "0", "--shape", "8", "32", "32"])
-        == 0
+        synth.main(["--out", str(raw), "--cq500", "4", "--physionet", "0", "--shape", "8", "32", "32"]) == 0
     )
     scan = raw / "cq500" / "CQ500-CT-2"
     for f in scan.rglob("*.dcm"):

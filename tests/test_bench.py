@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from m3d_lit.boxes import format_box
-from m3d_lit.commands import bench
-from m3d_lit.data import synthetic
+from m3d_lit.commands import bench, synth
 from m3d_lit.errors import InputError
 from m3d_lit.evaluation import bench_scores
 
@@ -188,7 +187,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     base = tmp_path_factory.mktemp("bench")
     argv = ["--out", str(base), "--cq500", "0", "--physionet", "0", "--m3d-data", "3"]
-    assert synthetic.main(argv + ["--m3d-shape", *map(str, SHAPE)]) == 0
+    assert synth.main(argv + ["--m3d-shape", *map(str, SHAPE)]) == 0
     m3d = base / "M3D-Data"
     seg = M3DSegDataModule(str(m3d / "M3D_Seg_npy"), ["0000"], positioning=True, batch_size=2)
     cap = M3DCapDataModule(str(m3d), str(m3d / "M3D_Cap_npy" / "M3D_Cap.json"), batch_size=2)

@@ -30,7 +30,7 @@ CASES = {
     "synth-not-a-number": (["synth", "--out", "o", "--cq500", "x"], r"--cq500: invalid int value: 'x'"),
     "synth-no-out": (["synth"], r"arguments: the following arguments are required: --out"),
     "prepare-size": (["prepare", "cq500", "--root", "raw", "--out", "o", "--size", "30", "256", "256"], r"size: \(30, 256, 256\) is not divisible by the patch size \(4, 16, 16\)"),
-    "prepare-dataset": (["prepare", "mri", "--root", "raw", "--out", "o"], r"dataset: invalid choice: 'mri' \(choose from 'cq500', 'physionet'\)"),
+    "prepare-dataset": (["prepare", "mri", "--root", "raw", "--out", "o"], r"dataset: invalid choice: 'mri' \(choose from 'cq500', 'physionet', 'folder'\)"),
     "prepare-workers": (["prepare", "cq500", "--root", "raw", "--out", "o", "--workers", "0"], r"workers: 0 must be >= 1"),
     "prepare-window": (["prepare", "cq500", "--root", "raw", "--out", "o", "--window", "lung"], r"--window: invalid choice: 'lung' .*"),
     "prepare-fractions": (["prepare", "cq500", "--root", "raw", "--out", "o", "--fractions", "0.5", "0.5", "0.5"], r"--fractions: \(0\.5, 0\.5, 0\.5\) must be three non-negative numbers summing to 1"),

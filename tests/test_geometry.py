@@ -19,6 +19,7 @@ import torch
 from nibabel import orientations
 from pydicom import dcmread
 
+from m3d_lit.commands import synth
 from m3d_lit.data import synthetic
 from m3d_lit.data.geometry import CANONICAL_AXES, ScanGeometry, grid_affine, manifest_geometry, write_mask
 from m3d_lit.data.io import load_scan, read_nifti
@@ -251,7 +252,7 @@ def test_prepared_manifest_gives_eval_masks_over_the_raw_files(tmp_path: Path) -
 
     raw = tmp_path / "raw"
     argv = ["--out", str(raw), "--physionet", "3", "--balanced", "--shape", "16", "64", "64"]
-    assert synthetic.main(argv) == 0
+    assert synth.main(argv) == 0
     out = tmp_path / "prepared"
     result = prepare_volumes("physionet", raw / "physionet", out, size=(16, 64, 64), progress=False)
     images = {sid: out / "images" / f"{sid}.npy" for sid in result.ids}

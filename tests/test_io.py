@@ -15,8 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 
+from m3d_lit.commands import synth
 from m3d_lit.data import io, synthetic
 from m3d_lit.data.preprocess import load_and_preprocess
+from m3d_lit.data.sources import cq500
 from m3d_lit.errors import InputError
 
 SHAPE = (12, 32, 32)
@@ -27,13 +29,13 @@ LABELS = Path(__file__).resolve().parents[2] / "shared" / "data" / "labels"
 def raw(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("raw")
     argv = ["--out", str(out), "--cq500", "4", "--physionet", "3", "--balanced", "--shape", *map(str, SHAPE)]
-    assert synthetic.main(argv) == 0
+    assert synth.main(argv) == 0
     return out
 
 
 def _series(raw: Path, n: int) -> Path:
-    scan = io.find_cq500_scans(raw / "cq500")[f"CQ500-CT-{n}"]
-    return io.choose_series(scan)
+    scan = cq500.find_cq500_scans(raw / "cq500")[f"CQ500-CT-{n}"]
+    return cq500.choose_series(scan)
 
 
 def _copy_series(raw: Path, tmp_path: Path) -> Path:
@@ -188,12 +190,12 @@ def test_npy_volumes(tmp_path):
 
 
 def test_cq500_folder_namings_and_duplicates(tmp_path):
-    assert io.cq500_scan_id("CQ500-CT-12") == io.cq500_scan_id("CQ500CT12 CQ500CT12") == "CQ500-CT-12"
-    assert io.cq500_scan_id("CQ500CT12 CQ500CT13") is None and io.cq500_scan_id("notes") is None
+    assert cq500.cq500_scan_id("CQ500-CT-12") == cq500.cq500_scan_id("CQ500CT12 CQ500CT12") == "CQ500-CT-12"
+    assert cq500.cq500_scan_id("CQ500CT12 CQ500CT13") is None and cq500.cq500_scan_id("notes") is None
     (tmp_path / "CQ500-CT-3").mkdir()
     (tmp_path / "CQ500CT3 CQ500CT3").mkdir()
     with pytest.raises(InputError, match="appears twice"):
-        io.find_cq500_scans(tmp_path)
+        cq500.find_cq500_scans(tmp_path)
 
 
 def test_series_rule_and_override(tmp_path):
@@ -207,21 +209,21 @@ def test_series_rule_and_override(tmp_path):
         ("CT Thin Bone", 5.0),
     ):
         synthetic.write_ct_series(scan / "Unknown Study" / name, hu, (thickness, 1.0, 1.0), name, ident)
-    assert io.choose_series(scan).name == "CT 5mm"  # neutral name beats contrast/bone, then thickness
+    assert cq500.choose_series(scan).name == "CT 5mm"  # neutral name beats contrast/bone, then thickness
     synthetic.write_ct_series(scan / "Unknown Study" / "CT PLAIN THIN", hu, (0.625, 1.0, 1.0), "x", ident)
-    assert io.choose_series(scan).name == "CT PLAIN THIN"  # an explicit plain series first
+    assert cq500.choose_series(scan).name == "CT PLAIN THIN"  # an explicit plain series first
     listing = tmp_path / "series.txt"
     listing.write_text("CQ500-CT-7/Unknown Study/CT 0.625mm\n\n")
-    override = io.load_series_list(listing)
-    assert io.choose_series(scan, override).name == "CT 0.625mm"
+    override = cq500.load_series_list(listing)
+    assert cq500.choose_series(scan, override).name == "CT 0.625mm"
     listing.write_text("CQ500-CT-7/../../etc\n")
     with pytest.raises(InputError, match="line 1"):
-        io.load_series_list(listing)
+        cq500.load_series_list(listing)
 
 
 @pytest.mark.skipif(not (LABELS / "cq500_series_folders.txt").exists(), reason="shared labels folder absent")
 def test_real_series_list_parses():
-    listing = io.load_series_list(LABELS / "cq500_series_folders.txt")
+    listing = cq500.load_series_list(LABELS / "cq500_series_folders.txt")
     assert len(listing) == 488 and listing["CQ500-CT-99"] == "Unknown Study/CT PRE CONTRAST 5MM STD"
 
 

@@ -7,13 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from m3d_lit.data.labels import (
-    CQ500_FINDINGS,
-    CQ500_READERS,
-    PHYSIONET_TYPES,
-    read_cq500_reads,
-    read_physionet_labels,
-)
+from m3d_lit.data.sources.cq500 import CQ500_FINDINGS, CQ500_READERS, read_cq500_reads
+from m3d_lit.data.sources.physionet import PHYSIONET_TYPES, read_physionet_labels
 from m3d_lit.errors import InputError
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "labels"

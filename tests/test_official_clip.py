@@ -170,11 +170,11 @@ def test_released_layout_without_bert_folder_reads_bert_sizes_from_the_weights(t
 
 @pytest.fixture(scope="module")
 def m3d_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from m3d_lit.data import synthetic
+    from m3d_lit.commands import synth
 
     base = tmp_path_factory.mktemp("m3d")
     argv = ["--out", str(base), "--cq500", "0", "--physionet", "0", "--m3d-data", "9"]
-    assert synthetic.main([*argv, "--m3d-shape", "32", "64", "64"]) == 0
+    assert synth.main([*argv, "--m3d-shape", "32", "64", "64"]) == 0
     return base / "M3D-Data"
 
 

@@ -13,7 +13,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from m3d_lit.data import prepare, synthetic
+from m3d_lit.commands import prepare as prepare_command
+from m3d_lit.commands import synth
+from m3d_lit.data import prepare
 from m3d_lit.data.prepare import MANIFEST_COLUMNS, prepare_volumes, safe_id
 from m3d_lit.errors import InputError
 
@@ -25,7 +27,7 @@ IDENTIFYING = [b"SYNTH^PATIENT", b"SYNTHID", b"SYNTH GENERAL HOSPITAL", b"SYNACC
 def raw(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("raw")
     argv = ["--out", str(out), "--cq500", "4", "--physionet", "3", "--balanced", "--shape", "16", "64", "64"]
-    assert synthetic.main(argv) == 0
+    assert synth.main(argv) == 0
     return out
 
 
@@ -132,7 +134,7 @@ def test_constant_nan_and_single_slice_volumes_are_listed(tmp_path):
     assert result.ids == [] and "constant volume" in reasons["070"]
     assert "single 2D slice" in reasons["071"] and "NaN/inf" in reasons["072"]
     with pytest.raises(InputError, match="no scan could be prepared"):
-        prepare.main(
+        prepare_command.main(
             ["physionet", "--root", str(root), "--out", str(tmp_path / "out"), "--size", *map(str, SIZE)]
         )
 
@@ -213,7 +215,7 @@ def test_main_runs_prepare_then_qa(raw, tmp_path, capsys):
     for dataset in ("cq500", "physionet"):
         out = tmp_path / dataset
         argv = [dataset, "--root", str(raw / dataset), "--out", str(out), "--size", *map(str, SIZE)]
-        assert prepare.main(argv) == 0
+        assert prepare_command.main(argv) == 0
         assert any(out.glob("qa_*.jsonl")), sorted(p.name for p in out.iterdir())
         _no_identifying_data(out)
     assert "m3d-lit prepare: 3 scans" in capsys.readouterr().out

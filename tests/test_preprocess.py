@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from m3d_lit.data import synthetic
+from m3d_lit.commands import synth
 from m3d_lit.data.preprocess import (
     apply_window,
     check_size,
@@ -96,7 +96,7 @@ def test_npy_passes_through_unchanged(tmp_path):
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("raw")
-    assert synthetic.main(["--out", str(out), "--cq500", "1", "--physionet", "2", "--balanced",
+    assert synth.main(["--out", str(out), "--cq500", "1", "--physionet", "2", "--balanced",
                            "--shape", "16", "64", "64"]) == 0  # fmt: skip
     return out
 

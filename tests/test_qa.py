@@ -11,14 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from m3d_lit.data.labels import CQ500_FINDINGS, CQ500_READERS, PHYSIONET_TYPES, read_cq500_reads
-from m3d_lit.data.qa import (
-    build_cq500_samples,
-    build_physionet_samples,
-    findings_report,
-    make_splits,
-    write_qa,
-)
+from m3d_lit.data.phrasing import findings_report
+from m3d_lit.data.qa import make_splits, write_qa
+from m3d_lit.data.sources.cq500 import CQ500_FINDINGS, CQ500_READERS, build_cq500_samples, read_cq500_reads
+from m3d_lit.data.sources.physionet import PHYSIONET_TYPES, build_physionet_samples
 from m3d_lit.errors import InputError
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "labels"

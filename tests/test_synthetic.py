@@ -11,6 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from m3d_lit.commands import synth
 from m3d_lit.data import synthetic
 from m3d_lit.data.phantom import render_phantom
 from m3d_lit.data.preprocess import apply_window
@@ -23,7 +24,7 @@ SHAPE = (16, 64, 64)
 def _synth(out: Path, cq500: int, physionet: int, seed: int = 0, balanced: bool = False) -> Path:
     argv = ["--out", str(out), "--cq500", str(cq500), "--physionet", str(physionet), "--seed", str(seed)]
     argv += ["--shape", *map(str, SHAPE)] + (["--balanced"] if balanced else [])
-    assert synthetic.main(argv) == 0
+    assert synth.main(argv) == 0
     return out
 
 

@@ -12,7 +12,8 @@ import pytest
 from conftest import write_prepared
 
 from m3d_lit.boxes import mask_to_box, parse_boxes
-from m3d_lit.data import synthetic, synthetic_m3d
+from m3d_lit.commands import synth
+from m3d_lit.data import synthetic_m3d
 from m3d_lit.data.datamodules import (
     BrainCTQADataModule,
     M3DCapDataModule,
@@ -26,7 +27,7 @@ COUNT = 5
 
 def _synth(out: Path, seed: int = 0) -> Path:
     argv = ["--out", str(out), "--cq500", "0", "--physionet", "0", "--m3d-data", str(COUNT)]
-    assert synthetic.main(argv + ["--m3d-shape", *map(str, SHAPE), "--seed", str(seed), "--balanced"]) == 0
+    assert synth.main(argv + ["--m3d-shape", *map(str, SHAPE), "--seed", str(seed), "--balanced"]) == 0
     return out / "M3D-Data"
 
 
@@ -105,7 +106,7 @@ def test_deterministic_and_reused(tmp_path: Path, m3d: Path) -> None:
     _synth(tmp_path / "a")  # same settings: the folder is kept as it is
     assert (again / "M3D_Cap_npy" / "M3D_Cap.json").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="need N >= 3"):
-        synthetic.main(["--out", str(tmp_path / "b"), "--cq500", "0", "--physionet", "0", "--m3d-data", "2"])
+        synth.main(["--out", str(tmp_path / "b"), "--cq500", "0", "--physionet", "0", "--m3d-data", "2"])
 
 
 def test_every_m3d_datamodule_reads_it(m3d: Path) -> None:

@@ -16,8 +16,14 @@ from m3d_lit.errors import InputError, TrainingError
 __all__ = ["main", "SUBCOMMANDS"]
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("m3d_lit.data.synthetic", "write synthetic CQ500- and PhysioNet-format brain CT"),
-    "prepare": ("m3d_lit.data.prepare", "raw scans -> cached volumes, QA files and splits"),
+    "synth": (
+        "m3d_lit.commands.synth",
+        "write synthetic CQ500- and PhysioNet-format brain CT (and a folder-source example)",
+    ),
+    "prepare": (
+        "m3d_lit.commands.prepare",
+        "raw scans (cq500, physionet or your own folder) -> cached volumes, QA files and splits",
+    ),
     "describe": ("m3d_lit.commands.describe", "parameter counts of a preset, without loading weights"),
     "plan": ("m3d_lit.commands.plan", "memory and FLOP estimate of a preset on a GPU"),
     "score": (

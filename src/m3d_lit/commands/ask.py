@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from m3d_lit.arguments import CommandParser
+from m3d_lit.commands.arguments import CommandParser
 from m3d_lit.data.collate import LMCollator
 from m3d_lit.data.geometry import check_mask_path, write_mask
 from m3d_lit.data.preprocess import Prepared, load_and_preprocess

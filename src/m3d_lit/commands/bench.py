@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from m3d_lit.arguments import CommandParser
+from m3d_lit.commands.arguments import CommandParser
 from m3d_lit.atomic import atomic_output
 from m3d_lit.commands.score import add_protocol_options, protocol_options
 from m3d_lit.data.collate import ClipCollator, LMCollator

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
-from m3d_lit.arguments import CommandParser, json_object, model_options
+from m3d_lit.commands.arguments import CommandParser, json_object, model_options
 from m3d_lit.models.describe import describe
 from m3d_lit.models.presets import PRESETS, STAGE_TRAINABLE
 

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from m3d_lit.arguments import CommandParser
+from m3d_lit.commands.arguments import CommandParser
 from m3d_lit.commands.score import add_protocol_options, protocol_options
 from m3d_lit.data.collate import LMCollator
 from m3d_lit.data.datasets import QAJsonlDataset

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from m3d_lit.arguments import CommandParser
+from m3d_lit.commands.arguments import CommandParser
 from m3d_lit.errors import InputError
 from m3d_lit.models.official.write import write_m3d
 from m3d_lit.tasks.loading import load_task

@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any
 
-from m3d_lit.arguments import CommandParser, json_object, model_options
+from m3d_lit.commands.arguments import CommandParser, json_object, model_options
 from m3d_lit.models.plan import CHECKPOINTING, PlanSettings, plan
 from m3d_lit.models.presets import PRESETS
 

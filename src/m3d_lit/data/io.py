@@ -9,7 +9,6 @@ or folder and the problem; nothing from a DICOM header that identifies a person 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
 
@@ -26,24 +25,22 @@ __all__ = [
     "CANONICAL_AXES",
     "Scan",
     "check_finite",
-    "choose_series",
-    "cq500_scan_id",
-    "find_cq500_scans",
+    "find_series",
     "list_series",
     "load_scan",
-    "load_series_list",
     "load_volume",
     "read_dicom_scan",
     "read_dicom_series",
     "read_nifti",
     "read_nifti_scan",
+    "pick_series",
+    "read_mask",
     "read_nifti_with_mask",
     "read_npy",
 ]
 
 DICOM_SUFFIXES = {"", ".dcm", ".dicom"}
 Spacing = tuple[float, float, float]
-_CQ500_NAME = re.compile(r"^CQ500-?CT-?(\d+)(?: CQ500-?CT-?(\d+))?$", re.IGNORECASE)
 _PLAIN = re.compile(r"plain|pre[ _-]?contrast|non[ _-]?contrast|\bncct\b|\bnc\b", re.IGNORECASE)
 _NOT_PLAIN = re.compile(r"post|contrast|\bcect\b|\bc\+|bone", re.IGNORECASE)
 
@@ -180,31 +177,7 @@ def read_dicom_scan(folder: str | PathLike) -> Scan:
     return Scan(check_finite(hu, folder), spacing, affine, stored.shape)
 
 
-# ---------------------------------------------------------------- CQ500 scan folders and series
-
-
-def cq500_scan_id(folder_name: str) -> str | None:
-    """`CQ500-CT-12` and the zip naming `CQ500CT12 CQ500CT12` both give `CQ500-CT-12`; else None."""
-    m = _CQ500_NAME.match(folder_name.strip())
-    if not m or (m.group(2) is not None and int(m.group(2)) != int(m.group(1))):
-        return None
-    return f"CQ500-CT-{int(m.group(1))}"
-
-
-def find_cq500_scans(root: str | PathLike) -> dict[str, Path]:
-    """Map scan id -> scan folder for every CQ500 scan folder directly under `root`."""
-    root = Path(root)
-    if not root.is_dir():
-        raise InputError(root, "not a folder")
-    scans: dict[str, Path] = {}
-    for p in sorted(root.iterdir()):
-        sid = cq500_scan_id(p.name) if p.is_dir() else None
-        if sid is None:
-            continue
-        if sid in scans:
-            raise InputError(root, f"scan {sid} appears twice: {scans[sid].name!r} and {p.name!r}")
-        scans[sid] = p
-    return scans
+# ---------------------------------------------------------------- study folders with several series
 
 
 def list_series(scan_dir: str | PathLike) -> list[Path]:
@@ -226,53 +199,23 @@ def _series_key(series: Path, target_mm: float) -> tuple:
     return rank, abs(thickness - target_mm), -len(files), name
 
 
-def choose_series(
-    scan_dir: str | PathLike, override: Mapping[str, str] | None = None, target_mm: float = 5.0
-) -> Path:
-    """Pick the series of a CQ500 scan folder.
+def find_series(folder: str | PathLike) -> Path:
+    """The series of a folder: the folder itself when it holds DICOM files, else `pick_series`'s choice."""
+    folder = Path(folder)
+    return folder if _dicom_files(folder) else pick_series(folder)
 
-    Rule: a user-given series (`override`, scan id -> path relative to the scan folder) wins; otherwise
-    plain/non-contrast names first (then names saying nothing, then contrast or bone series), then slice
-    thickness nearest `target_mm`, then the most slices, then the name.
 
-    Args:
-        scan_dir: the scan folder (`CQ500-CT-<n>` or `CQ500CT<n> CQ500CT<n>`).
-        override: from `load_series_list`.
-        target_mm: preferred slice thickness.
+def pick_series(scan_dir: str | PathLike, target_mm: float = 5.0) -> Path:
+    """Pick one series of a folder holding several (a study, a CQ500 scan folder).
+
+    Rule: plain/non-contrast names first (then names saying nothing, then contrast or bone series), then
+    slice thickness nearest `target_mm`, then the most slices, then the name.
     """
     scan_dir = Path(scan_dir)
-    sid = cq500_scan_id(scan_dir.name)
-    if override and sid in override:
-        chosen = scan_dir / override[sid]
-        if not chosen.is_dir():
-            raise InputError(chosen, f"series listed for {sid} in the series list does not exist")
-        return chosen
     series = list_series(scan_dir)
     if not series:
         raise InputError(scan_dir, "no series folder with DICOM files in this scan")
     return min(series, key=lambda s: _series_key(s, target_mm))
-
-
-def load_series_list(path: str | PathLike) -> dict[str, str]:
-    """Read a series list like `cq500_series_folders.txt`: lines `<scan folder>/<path of the series>`.
-
-    Returns scan id -> series path relative to the scan folder.
-    """
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(path, f"cannot read series list ({e})") from None
-    out: dict[str, str] = {}
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        scan, _, rest = line.strip().strip("/").partition("/")
-        sid = cq500_scan_id(scan)
-        if sid is None or not rest or ".." in Path(rest).parts:
-            raise InputError(path, f"line {i}: expected '<CQ500 scan folder>/<series path>', got {line!r}")
-        out[sid] = rest
-    return out
 
 
 # ---------------------------------------------------------------- NIfTI and npy
@@ -324,17 +267,30 @@ def read_nifti_scan(
     scan = Scan(check_finite(volume, path), spacing, affine, data.shape)
     if mask_path is None:
         return scan, None
-    mask_path = Path(mask_path)
+    return scan, read_mask(mask_path, scan, path)
+
+
+def read_mask(mask_path: str | PathLike, scan: Scan, image: str | PathLike) -> np.ndarray:
+    """Read a NIfTI mask stored on a scan's grid (same array shape and affine as `scan`'s stored array,
+    NIfTI or DICOM) through exactly the scan's reorientation: uint8 {0, 1} D x H x W, non-zero is 1.
+
+    Args:
+        mask_path: the mask file.
+        scan: the scan it outlines.
+        image: the scan's file or folder (named in the messages).
+    """
+    mask_path, image = Path(mask_path), Path(image)
     mask, mask_affine = _nifti_data(mask_path)
-    if mask.shape != data.shape:
+    if mask.shape != tuple(scan.stored_shape):
         raise InputError(
-            mask_path, f"mask shape {mask.shape} differs from image shape {data.shape} ({path.name})"
+            mask_path,
+            f"mask shape {mask.shape} differs from image shape {tuple(scan.stored_shape)} ({image.name})",
         )
-    if not np.allclose(mask_affine, affine, atol=1e-3):
-        raise InputError(mask_path, f"mask affine differs from the affine of {path.name}")
+    if not np.allclose(mask_affine, scan.affine, atol=1e-3):
+        raise InputError(mask_path, f"mask affine differs from the affine of {image.name}")
     check_finite(mask, mask_path)
-    mask, _ = _canonical(mask, affine, path)
-    return scan, (mask > 0).astype(np.uint8)
+    mask, _ = _canonical(mask, scan.affine, image)
+    return (mask > 0).astype(np.uint8)
 
 
 def read_npy(path: str | PathLike) -> np.ndarray:
@@ -363,12 +319,12 @@ def load_volume(path: str | PathLike) -> tuple[np.ndarray, Spacing]:
 
 
 def load_scan(path: str | PathLike) -> Scan:
-    """Read one scan in HU with its geometry: a DICOM series folder (or a CQ500 scan folder: its series is
-    chosen by `choose_series`), a `.dcm` file, or a NIfTI file."""
+    """Read one scan in HU with its geometry: a DICOM series folder (or a folder of several series, such
+    as a CQ500 scan folder: its series is chosen by `pick_series`), a `.dcm` file, or a NIfTI file."""
     path = Path(path)
     name = path.name.lower()
     if path.is_dir():
-        return read_dicom_scan(path if _dicom_files(path) else choose_series(path))
+        return read_dicom_scan(find_series(path))
     if not path.exists():
         raise InputError(path, "does not exist")
     if name.endswith((".nii", ".nii.gz")):

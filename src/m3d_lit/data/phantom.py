@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["BLEED_TYPES", "FIELD_OF_VIEW_MM", "HEAD_HEIGHT_MM", "Phantom", "draw_findings", "render_phantom"]
+__all__ = [
+    "BLEED_TYPES",
+    "FIELD_OF_VIEW_MM",
+    "HEAD_HEIGHT_MM",
+    "RATES",
+    "Phantom",
+    "draw_findings",
+    "render_phantom",
+]
 
 FIELD_OF_VIEW_MM = 240.0
 HEAD_HEIGHT_MM = 160.0
@@ -232,7 +240,7 @@ def render_phantom(shape: tuple[int, int, int], draw: dict, rng: np.random.Gener
 
 # Rates from the real label files (shared/FORMATS.md): CQ500 majority counts over 491 scans and 205 with
 # ICH; PhysioNet 36 of 75 patients with hemorrhage, 22 with fracture (21 of them with hemorrhage).
-_RATES = {
+RATES = {
     "cq500": {"ICH": 205 / 491, "IPH": 134 / 205, "IVH": 28 / 205, "SDH": 53 / 205, "EDH": 13 / 205,
               "SAH": 60 / 205, "left": 131 / 205, "right": 129 / 205, "chronic": 19 / 205,
               "fracture_ich": 0.13, "fracture_clear": 0.05, "calvarial": 34 / 39, "base": 12 / 39,
@@ -255,7 +263,7 @@ def draw_findings(rng: np.random.Generator, rates: str = "cq500") -> dict:
         rng: the scan's random generator.
         rates: "cq500", "physionet" (real label frequencies) or "balanced".
     """
-    p = _RATES[rates]
+    p = RATES[rates]
     draw: dict = {"sides": {}, "fractures": [], "lesion_side": int(rng.choice((-1, 1)))}
     if rng.random() < p["ICH"]:
         types = [t for t in BLEED_TYPES if rng.random() < p[t]]

@@ -1,15 +1,13 @@
-"""Brain-CT questions and answers, findings reports and patient-level splits from the label files.
+"""Questions and answers, findings reports and patient-level splits of a prepared source.
 
 QA line (docs/architecture.md "Prepared data"): `id`, `qid` (`<id>:<question key>`, unique per line),
-`image`, `question`, `answer`, `kind`, `label`, `mask` (seg only), `dataset`, `patient`. `label` holds the
-asked findings with their 0/1 values (CQ500 names: ICH, IPH, ..., Fracture) and, for CQ500, `votes`:
-reader -> {finding: 0/1} for the same findings.
+`image`, `question`, `answer`, `kind`, `label`, `mask` (seg only), `dataset`, `patient`. What the
+questions ask and how `label` reads is the source's (`m3d_lit.data.sources`): CQ500 adds `votes`,
+reader -> {finding: 0/1}; here are the splits and the files, the same for every source.
 """
 
 from __future__ import annotations
 
-import csv
-import functools
 import hashlib
 import json
 import math
@@ -20,118 +18,15 @@ import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from m3d_lit.data import phrasing
-from m3d_lit.data.labels import CQ500_READERS, SLICE_FILE, read_cq500_reads, read_physionet_labels
-from m3d_lit.data.phrasing import findings_report
+from m3d_lit.data.sources import get_source
 from m3d_lit.errors import InputError
 
-__all__ = [
-    "SPLITS",
-    "build_cq500_samples",
-    "build_physionet_samples",
-    "check_fractions",
-    "cq500_findings",
-    "findings_report",
-    "make_splits",
-    "physionet_findings",
-    "write_qa",
-]
+__all__ = ["SPLITS", "check_fractions", "make_splits", "write_qa"]
 
 SPLITS = ("train", "val", "test")
-OPEN_CQ500 = ("ICH", *phrasing.HEMORRHAGE_TYPES, "BleedLocation-Left", "BleedLocation-Right")
-# The main finding the splits are stratified by: ICH (CQ500 majority; PhysioNet any hemorrhage).
-STRATIFY_KEY = "ICH"
-
-
-def cq500_findings(record: Mapping) -> dict[str, int]:
-    """The majority-of-readers findings of a `read_cq500_reads` record."""
-    return dict(record["majority"])
-
-
-def physionet_findings(record: Mapping) -> dict[str, int]:
-    """A `read_physionet_labels` record in CQ500 finding names (no side, chronicity or mass effect)."""
-    return {"ICH": record["hemorrhage"], **record["types"], "Fracture": record["fracture"]}
-
-
-def _sample(dataset: str, sid: str, key: str, kind: str, question: str, answer: str, label: dict) -> dict:
-    return {
-        "id": sid,
-        "qid": f"{sid}:{key}",
-        "image": f"images/{sid}.npy",
-        "question": question,
-        "answer": answer,
-        "kind": kind,
-        "label": label,
-        "dataset": dataset,
-        "patient": sid,
-    }
-
-
-def build_cq500_samples(name: str, record: Mapping, rng: random.Random | None = None) -> list[dict]:
-    """One open hemorrhage question (types and side) and five closed questions for one CQ500 scan.
-
-    Args:
-        name: the scan name, e.g. "CQ500-CT-427" (also the patient and the image file stem).
-        record: a `read_cq500_reads` record; answers use the reader majority, `label.votes` keeps each vote.
-        rng: picks the paraphrases (training); None gives the canonical wording.
-    """
-    majority, readers = record["majority"], record["readers"]
-
-    def label(keys: Sequence[str]) -> dict:
-        votes = {r: {k: readers[r][k] for k in keys} for r in CQ500_READERS}
-        return {**{k: majority[k] for k in keys}, "votes": votes}
-
-    samples = [
-        _sample(
-            "cq500",
-            name,
-            "hemorrhage",
-            "open",
-            phrasing.open_question(True, rng),
-            phrasing.open_answer(majority, rng),
-            label(OPEN_CQ500),
-        )
-    ]
-    for finding in phrasing.CLOSED_FINDINGS:
-        question = phrasing.closed_question(finding, rng)
-        answer = phrasing.closed_answer(finding, majority[finding], rng)
-        samples.append(_sample("cq500", name, finding, "closed", question, answer, label([finding])))
-    return samples
-
-
-def build_physionet_samples(
-    pid: str, record: Mapping, rng: random.Random | None = None, seg: bool = True
-) -> list[dict]:
-    """An open hemorrhage question, a closed fracture question and (with `seg`) a segmentation sample.
-
-    The first two are the paper's QA records for a PhysioNet patient; the segmentation sample trains the
-    `[SEG]` path (stage 3) and is scored on its own (Dice), never with the text metrics.
-
-    Args:
-        pid: the 3-digit patient id, e.g. "049" (also the image and mask file stem).
-        record: a `read_physionet_labels` record.
-        rng: picks the paraphrases (training); None gives the canonical wording.
-        seg: add the segmentation sample.
-    """
-    findings = physionet_findings(record)
-    hemorrhage = {k: findings[k] for k in ("ICH", *phrasing.HEMORRHAGE_TYPES)}
-    open_qa = (phrasing.open_question(False, rng), phrasing.open_answer(findings, rng))
-    fracture_qa = (
-        phrasing.closed_question("Fracture", rng),
-        phrasing.closed_answer("Fracture", findings["Fracture"], rng),
-    )
-    samples = [
-        _sample("physionet", pid, "hemorrhage", "open", *open_qa, hemorrhage),
-        _sample("physionet", pid, "Fracture", "closed", *fracture_qa, {"Fracture": findings["Fracture"]}),
-    ]
-    if not seg:
-        return samples
-    seg_qa = (phrasing.seg_question(rng), phrasing.seg_answer(findings["ICH"], rng))
-    segment = _sample("physionet", pid, "segment", "seg", *seg_qa, {"ICH": findings["ICH"]})
-    # Negatives carry their (empty) mask too, so training also learns to predict nothing.
-    segment["mask"] = f"masks/{pid}.npy"
-    return samples + [segment]
+_STRATIFY = "stratify"  # the label the splits are spread by: the source's `stratify_value`
 
 
 def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
@@ -222,7 +117,7 @@ def _resolve_splits(
     moves between splits across runs.
     """
     if not path.exists():
-        return make_splits(labels, STRATIFY_KEY, fractions, seed)
+        return make_splits(labels, _STRATIFY, fractions, seed)
     splits = _load_splits(path, known)
     assigned = {p for patients in splits.values() for p in patients}
     for patient in sorted(set(labels) - assigned):
@@ -245,14 +140,6 @@ def _jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
-def _load_labels(dataset: str, raw_root: Path) -> tuple[Path, dict[str, dict]]:
-    if dataset == "cq500":
-        return raw_root / "reads.csv", read_cq500_reads(raw_root / "reads.csv")
-    if dataset == "physionet":
-        return raw_root, read_physionet_labels(raw_root)
-    raise ValueError(f"dataset {dataset!r} is not one of 'cq500', 'physionet'")
-
-
 def _warn_unmatched(label_path: Path, unlabeled: list[str], unprepared: list[str]) -> None:
     if unlabeled:
         warnings.warn(
@@ -268,20 +155,6 @@ def _warn_unmatched(label_path: Path, unlabeled: list[str], unprepared: list[str
         )
 
 
-def _check_slice_counts(label_path: Path, manifest: Path, records: dict[str, dict]) -> None:
-    """The per-slice CSV must label exactly the slices of each prepared NIfTI (`prepare`'s manifest)."""
-    if not manifest.is_file():
-        return
-    with manifest.open(newline="", encoding="utf-8") as handle:
-        depth = {row["id"]: int(row["orig_shape"].split("x")[0]) for row in csv.DictReader(handle)}
-    for pid, record in records.items():
-        if pid in depth and record["num_slices"] != depth[pid]:
-            raise InputError(
-                label_path,
-                f"patient {pid}: {record['num_slices']} slices labelled, the NIfTI has {depth[pid]}",
-            )
-
-
 def write_qa(
     dataset: str,
     raw_root: Path,
@@ -290,25 +163,26 @@ def write_qa(
     seed: int = 0,
     fractions: Sequence[float] = (0.7, 0.1, 0.2),
     seg: bool = True,
+    options: Mapping[str, Any] | None = None,
 ) -> dict:
     """Write `qa_{train,val,test}.jsonl`, `splits.json` and `reports.jsonl` into `out_dir`.
 
     Args:
-        dataset: "cq500" (reads `raw_root/reads.csv`) or "physionet" (reads the CSVs in `raw_root`).
-        raw_root: the raw dataset folder holding the label files.
-        out_dir: the `prepare` output folder (`images/<id>.npy`, PhysioNet `masks/<id>.npy`).
+        dataset: a source name (`m3d_lit.data.sources.SOURCES`), e.g. "cq500" (reads `raw_root/reads.csv`).
+        raw_root: the raw dataset folder.
+        out_dir: the `prepare` output folder (`images/<id>.npy`, `masks/<id>.npy` where the source has them).
         ids: the prepared ids; only those with labels get questions, the others are warned about.
         seed: picks the training paraphrases and the first split; later runs reuse `splits.json`.
         fractions: train, val, test shares of patients for the first split.
-        seg: PhysioNet only: write each patient's segmentation sample too.
+        seg: write the segmentation samples of a source with masks too.
+        options: the source's own options, as `prepare` got them (the folder source's label files).
 
     Returns:
         {"samples": {split: n}, "patients": {split: n}, "unlabeled": [...], "unprepared": [...]}.
     """
+    source = get_source(dataset)
     raw_root, out_dir = Path(raw_root), Path(out_dir)
-    label_path, records = _load_labels(dataset, raw_root)
-    findings = cq500_findings if dataset == "cq500" else physionet_findings
-    build = build_cq500_samples if dataset == "cq500" else functools.partial(build_physionet_samples, seg=seg)
+    label_path, records = source.load_labels(raw_root, dict(options or {}))
     prepared = set(ids)
     usable = sorted(prepared & set(records))
     unlabeled, unprepared = sorted(prepared - set(records)), sorted(set(records) - prepared)
@@ -317,9 +191,8 @@ def write_qa(
         raise InputError(
             label_path, f"none of the {len(prepared)} prepared ids has labels, e.g. {unlabeled[:5]}"
         )
-    if dataset == "physionet":
-        _check_slice_counts(raw_root / SLICE_FILE, out_dir / "manifest.csv", {p: records[p] for p in usable})
-    labels = {p: {STRATIFY_KEY: findings(records[p])[STRATIFY_KEY]} for p in usable}
+    source.match_prepared(raw_root, out_dir, {p: records[p] for p in usable})
+    labels = {p: {_STRATIFY: source.stratify_value(records[p])} for p in usable}
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = _resolve_splits(out_dir / "splits.json", labels, set(records), fractions, seed)
     split_of = {p: split for split, patients in splits.items() for p in patients}
@@ -328,10 +201,9 @@ def write_qa(
     for pid in usable:
         split = split_of[pid]
         train = split == "train"
-        qa[split] += build(pid, records[pid], random.Random(f"{seed}:{pid}") if train else None)
-        text = findings_report(
-            findings(records[pid]), random.Random(f"{seed}:{pid}:report") if train else None
-        )
+        rng = random.Random(f"{seed}:{pid}") if train else None
+        qa[split] += source.build_samples(pid, records[pid], rng, seg=seg)
+        text = source.report_text(records[pid], random.Random(f"{seed}:{pid}:report") if train else None)
         reports.append(
             {"id": pid, "image": f"images/{pid}.npy", "text": text, "split": split, "dataset": dataset}
         )

@@ -1,14 +1,15 @@
-"""`m3d-lit synth`: synthetic CQ500 (DICOM + reads.csv) and PhysioNet CT-ICH (NIfTI + CSVs) datasets.
+"""Synthetic raw datasets for `m3d-lit synth`: CQ500 (DICOM + reads.csv), PhysioNet CT-ICH (NIfTI + CSVs)
+and an example of the folder source (the user's own scans: NIfTI and DICOM, labels.csv, findings.yaml,
+masks).
 
-Both are written in the on-disk formats of the real downloads (shared/FORMATS.md), so the demo, the
-tests and real users go through the same readers. Each dataset folder is built under a temporary name
-and renamed when complete; a folder this command did not make is never overwritten.
-With `--m3d-data N` it also writes `OUT/M3D-Data` in the M3D-Data formats (`m3d_lit.data.synthetic_m3d`).
+All are written in the on-disk formats their readers expect (shared/FORMATS.md, the README's "Your own
+scans"), so the demo, the tests and real users go through the same readers. Each dataset folder is built
+under a temporary name and renamed when complete (`build_dataset`); a folder this module did not make
+is never overwritten. `m3d_lit.data.synthetic_m3d` writes M3D-Data.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -18,29 +19,33 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel import orientations
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from m3d_lit.arguments import CommandParser
+from m3d_lit.data.geometry import CANONICAL_AXES
+from m3d_lit.data.io import read_dicom_scan
 from m3d_lit.data.phantom import (
     BLEED_TYPES,
     FIELD_OF_VIEW_MM,
     HEAD_HEIGHT_MM,
+    RATES,
     Phantom,
     draw_findings,
     render_phantom,
 )
-from m3d_lit.data.synthetic_m3d import write_m3d_data
 from m3d_lit.errors import InputError
 
 __all__ = [
     "CQ500_COLUMNS",
+    "FOLDER_FINDINGS_YAML",
+    "build_dataset",
     "draw_findings",
-    "main",
     "physionet_numbers",
     "scan_phantom",
     "write_cq500",
     "write_ct_series",
+    "write_folder",
     "write_physionet",
 ]
 
@@ -52,7 +57,7 @@ CQ500_COLUMNS = ("name", "Category") + tuple(f"R{r}:{f}" for r in (1, 2, 3) for 
 PHYSIONET_COLUMNS = {"IVH": "Intraventricular", "IPH": "Intraparenchymal", "SAH": "Subarachnoid",
                      "EDH": "Epidural", "SDH": "Subdural"}  # fmt: skip
 MARKER = "synth.json"
-DATASET_CODES = {"cq500": 0, "physionet": 1}
+DATASET_CODES = {"cq500": 0, "physionet": 1, "folder": 3}  # 2: M3D-Data (synthetic_m3d)
 
 _PRIMARY_SERIES = ("CT Plain", "CT PRE CONTRAST 5MM STD", "CT 55mm Plain", "CT 5mm", "CT Plain 3mm")
 _SECOND_SERIES = ("CT POST CONTRAST", "CT Thin Bone", "CT 0.625mm")
@@ -67,7 +72,8 @@ def scan_phantom(
     Each scan has its own generator, so a scan does not depend on how many others are made.
     """
     rng = np.random.default_rng([seed, DATASET_CODES[dataset], index])
-    return render_phantom(shape, draw_findings(rng, "balanced" if balanced else dataset), rng), rng
+    rates = "balanced" if balanced else dataset if dataset in RATES else "cq500"
+    return render_phantom(shape, draw_findings(rng, rates), rng), rng
 
 
 def _spacing(shape: tuple[int, int, int]) -> tuple[float, float, float]:
@@ -259,15 +265,82 @@ def write_physionet(out: Path, count: int, shape: tuple[int, int, int], seed: in
     (out / "Patient_demographics.csv").write_text(_demographics(entries), newline="")
 
 
-def _build(target: Path, writer, count: int, shape: tuple[int, int, int], seed: int, balanced: bool) -> None:
-    """Build into a temporary sibling folder and rename it into place when complete."""
+FOLDER_FINDINGS_YAML = """\
+# The findings of labels.csv: each one's closed question and answers (see the README, "Your own scans").
+open_question: Which findings does this scan show?
+findings:
+  hemorrhage:
+    question: Is there an intracranial hemorrhage?
+    yes: Yes, there is a hemorrhage.
+    no: No, there is no hemorrhage.
+  fracture:
+    question: Is there a skull fracture?
+    yes: Yes, there is a fracture.
+    no: No, there is no fracture.
+  mass_effect:
+    question: Is there mass effect?
+segment:
+  question: Segment the hemorrhage.
+  yes: It is [SEG].
+  no: There is no hemorrhage to segment.
+"""
+
+
+def _stored_like(canonical: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """A canonical D x H x W array laid out as the array whose voxel-to-RAS affine is `affine`."""
+    back = orientations.ornt_transform(
+        orientations.axcodes2ornt(CANONICAL_AXES), orientations.io_orientation(affine)
+    )
+    return np.ascontiguousarray(orientations.apply_orientation(canonical, back))
+
+
+def write_folder(out: Path, count: int, shape: tuple[int, int, int], seed: int, balanced: bool) -> None:
+    """Write an example of the folder source into `out`: scans/, masks/, labels.csv and findings.yaml.
+
+    Scans `case000` ... are NIfTI (`.nii.gz`), every fourth a DICOM series folder `scans/<id>/`; each mask
+    (any hemorrhage) lies on its scan's grid, the DICOM ones in the array layout and affine the DICOM
+    reader gives. Args: as `write_cq500`.
+    """
+    (out / "scans").mkdir(parents=True)
+    (out / "masks").mkdir()
+    rows = [["id", "hemorrhage", "hemorrhage_side", "fracture", "mass_effect"]]
+    for n in range(count):
+        phantom, rng = scan_phantom("folder", n, shape, seed, balanced)
+        sid, truth = f"case{n:03d}", phantom.truth
+        mask = (phantom.bleeds > 0).astype(np.uint8)
+        if n % 4 == 3:
+            series = out / "scans" / sid
+            ident = {"n": n, "seed": seed, "intercept": -1024.0}
+            write_ct_series(series, phantom.hu, _spacing(shape), "CT Plain", ident)
+            scan = read_dicom_scan(series)
+            nib.save(
+                nib.Nifti1Image(_stored_like(mask, scan.affine), scan.affine), out / "masks" / f"{sid}.nii.gz"
+            )
+        else:
+            nib.save(_nifti(phantom.hu, _spacing(shape)), out / "scans" / f"{sid}.nii.gz")
+            nib.save(_nifti(mask, _spacing(shape)), out / "masks" / f"{sid}.nii.gz")
+        left, right = truth["BleedLocation-Left"], truth["BleedLocation-Right"]
+        side = "both" if left and right else "left" if left else "right" if right else ""
+        side = side if truth["ICH"] else ""
+        rows.append([sid, str(truth["ICH"]), side, str(truth["Fracture"]), str(truth["MassEffect"])])
+    (out / "labels.csv").write_text(_csv_text(rows, "\n"), newline="")
+    (out / "findings.yaml").write_text(FOLDER_FINDINGS_YAML)
+
+
+def build_dataset(
+    target: Path, writer, count: int, shape: tuple[int, int, int], seed: int, balanced: bool
+) -> bool:
+    """Build into a temporary sibling folder and rename it into place when complete.
+
+    Returns False when `target` already holds this very dataset (same settings), True when written.
+    """
     settings = {"count": count, "shape": list(shape), "seed": seed, "balanced": balanced}
     if target.exists():
         marker = target / MARKER
         if not marker.exists():
             raise InputError(target, "exists and was not made by `m3d-lit synth`; choose another --out")
         if json.loads(marker.read_text()) == settings:
-            return
+            return False
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -276,47 +349,4 @@ def _build(target: Path, writer, count: int, shape: tuple[int, int, int], seed: 
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
-
-
-def _parser() -> argparse.ArgumentParser:
-    ap = CommandParser(prog="m3d-lit synth", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True, help="folder for cq500/, physionet/ and M3D-Data/")
-    ap.add_argument("--cq500", type=int, default=64, help="number of CQ500 scans (0 = none)")
-    ap.add_argument("--physionet", type=int, default=64, help="number of PhysioNet patients (0 = none)")
-    ap.add_argument("--shape", type=int, nargs=3, default=(32, 128, 128), metavar=("D", "H", "W"))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--balanced", action="store_true", help="each finding in about half of the scans")
-    ap.add_argument(
-        "--m3d-data", type=int, default=0, metavar="N",
-        help="also write M3D-Data (M3D-Cap, M3D-VQA, M3D-Seg) of N scans each into OUT/M3D-Data (0 = none)",
-    )  # fmt: skip
-    ap.add_argument("--m3d-shape", type=int, nargs=3, default=(32, 256, 256), metavar=("D", "H", "W"),
-                    help="volume size of the M3D-Data images (the paper's 32 256 256 by default)")  # fmt: skip
-    return ap
-
-
-def main(argv: list[str]) -> int:
-    """Entry point of `m3d-lit synth`."""
-    args = _parser().parse_args(argv)
-    shape = tuple(args.shape)
-    if min(shape) < 8 or shape[1] != shape[2]:
-        raise InputError("--shape", f"{shape}: need D, H, W >= 8 and H == W")
-    if args.cq500 < 0 or args.physionet < 0:
-        raise InputError("--cq500/--physionet", f"{args.cq500} and {args.physionet} must be >= 0")
-    m3d_shape = tuple(args.m3d_shape)
-    if args.m3d_data and (args.m3d_data < 3 or min(m3d_shape) < 8 or m3d_shape[1] != m3d_shape[2]):
-        raise InputError(
-            "--m3d-data/--m3d-shape", f"{args.m3d_data} and {m3d_shape}: need N >= 3, D, H, W >= 8, H == W"
-        )
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, writer, count in (
-        ("cq500", write_cq500, args.cq500),
-        ("physionet", write_physionet, args.physionet),
-    ):
-        if count:
-            _build(args.out / name, writer, count, shape, args.seed, args.balanced)
-            print(f"m3d-lit synth: {count} {name} scans in {args.out / name}")
-    if args.m3d_data:
-        _build(args.out / "M3D-Data", write_m3d_data, args.m3d_data, m3d_shape, args.seed, args.balanced)
-        print(f"m3d-lit synth: M3D-Data of {args.m3d_data} scans each in {args.out / 'M3D-Data'}")
-    return 0
+    return True

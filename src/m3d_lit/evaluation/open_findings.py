@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from m3d_lit.data.phrasing import OPEN_QUESTIONS, TYPE_NAMES
+from m3d_lit.data.sources import SOURCES
 from m3d_lit.evaluation.bootstrap import interval, weighted_means
 from m3d_lit.evaluation.closed import rate_intervals, rates
 
@@ -53,7 +54,8 @@ def parse_open(text: str) -> OpenFindings:
 def _is_hemorrhage_answer(record: dict) -> bool:
     """The brain-CT open hemorrhage question (by its wording or its dataset), not any open answer that
     happens to say "hemorrhage" (M3D-VQA's, say)."""
-    ours = record.get("question") in _QUESTIONS or record.get("dataset") in ("cq500", "physionet")
+    source = SOURCES.get(str(record.get("dataset")))
+    ours = record.get("question") in _QUESTIONS or (source is not None and source.hemorrhage_question)
     return record.get("kind") == "open" and ours and _BLEED.search(record["answer"].lower()) is not None
 
 

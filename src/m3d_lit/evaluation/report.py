@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from m3d_lit.atomic import atomic_output
+from m3d_lit.data.sources import SOURCES, display_name
 from m3d_lit.evaluation.closed import POOLED
 from m3d_lit.evaluation.metrics import require_wordnet
 from m3d_lit.evaluation.report_clinical import closed_section, open_section
@@ -35,26 +36,12 @@ PAPER_SOURCE = (
     "('Published reference numbers')"
 )
 PAPER_TABLE1: dict[str, dict[str, float]] = {
-    "cq500": {
-        "bleu1": 0.5405,
-        "bleu2": 0.3333,
-        "bleu3": 0.2571,
-        "bleu4": 0.2059,
-        "rouge": 0.2975,
-        "meteor": 0.1878,
-    },
-    "physionet": {
-        "bleu1": 0.3958,
-        "bleu2": 0.1064,
-        "bleu3": 0.0435,
-        "bleu4": 0.0222,
-        "rouge": 0.2574,
-        "meteor": 0.2141,
-    },
+    name: dict(source.paper_table1) for name, source in SOURCES.items() if source.paper_table1
 }
 PAPER_SEG_SOURCE = "CT-ICH U-Net baseline (Hssayeni et al.), as recorded in shared/FORMATS.md"
-PAPER_SEG_DICE: dict[str, float] = {"physionet": 0.31}
-DATASET_NAMES = {"cq500": "CQ500", "physionet": "PhysioNet"}
+PAPER_SEG_DICE: dict[str, float] = {
+    name: source.paper_seg_dice for name, source in SOURCES.items() if source.paper_seg_dice is not None
+}
 TEXT_KEYS = {
     "m3d": ["bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rougeL", "meteor"],
     "corpus": [f"bleu{n}" for n in range(1, 5)]
@@ -62,6 +49,7 @@ TEXT_KEYS = {
     + ["rouge1", "rouge2", "rougeL", "meteor"],
 }
 PLOT_NAME = "closed_balanced_accuracy.png"
+_TABLE1_RECORDS = ", ".join(s.table1_records for s in SOURCES.values() if s.table1_records)
 
 
 def metric_definitions(protocol: str = "m3d") -> list[str]:
@@ -106,8 +94,7 @@ def _text_definitions(protocol: str, wordnet: str) -> list[str]:
 
 def _other_definitions() -> list[str]:
     return [
-        "Table 1 rows cover the question-answer records only (per CQ500 scan the open question and the five "
-        "closed ones, per PhysioNet patient the open question and the fracture question); segmentation "
+        f"Table 1 rows cover the question-answer records only ({_TABLE1_RECORDS}); segmentation "
         "and box samples are scored in their own tables.",
         "Closed questions: samples whose reference starts with Yes/No (kind `closed` when given). "
         "A prediction counts as Yes/No by its first word (case, spaces and punctuation ignored); "
@@ -154,7 +141,7 @@ def _table1(metrics: dict[str, Any]) -> list[str]:
     head = "| Dataset | Source | " + " | ".join(f"{n} ({protocol})" for n in names) + " | n records | kinds |"
     lines = ["## Question answering: the rows of the paper's Table 1", "", head, "|" + " --- |" * 10]
     for name, group in _groups(metrics):
-        label = DATASET_NAMES.get(name, name)
+        label = display_name(name)
         paper = PAPER_TABLE1.get(name)
         if paper:
             values = " | ".join(
@@ -209,7 +196,7 @@ def _closed(metrics: dict[str, Any], records: list[dict], out_dir: Path) -> list
     groups = [(name, g) for name, g in _groups(metrics) if "closed" in g]
     if not groups:
         return []
-    labelled = [(DATASET_NAMES.get(name, name), name, g) for name, g in groups]
+    labelled = [(display_name(name), name, g) for name, g in groups]
     lines = closed_section(labelled, records, out_dir)
     lines += [
         "",
@@ -224,7 +211,7 @@ def _closed(metrics: dict[str, Any], records: list[dict], out_dir: Path) -> list
         "|" + " --- |" * 9,
     ]
     for name, group in groups:
-        prefix = DATASET_NAMES.get(name, name)
+        prefix = display_name(name)
         for question, row in group["closed"].items():
             if question != POOLED:
                 lines.append(_closed_row(f"{prefix}: {question}", row["n"], row["positives"], row))
@@ -251,7 +238,7 @@ def _plot_closed(groups: list[tuple[str, dict[str, Any]]], path: Path) -> None:
         for question, row in group["closed"].items():
             if question == POOLED:
                 continue
-            text = f"{DATASET_NAMES.get(name, name)}: {question}"
+            text = f"{display_name(name)}: {question}"
             labels.append(text if len(text) <= 60 else text[:57] + "...")
             values.append(row["balanced_accuracy"])
     fig = Figure(figsize=(8, 1.0 + 0.3 * len(labels)), layout="constrained")
@@ -284,7 +271,7 @@ def _segmentation(metrics: dict[str, Any]) -> list[str]:
         published = _fmt(PAPER_SEG_DICE.get(name))
         dice, iou = _with_ci(group, "dice", "ci95_seg"), _with_ci(group, "iou", "ci95_seg")
         row = f"{group['n_seg']} | seg (reference mask non-empty) | {dice} | {iou} | {published}"
-        lines.append(f"| {DATASET_NAMES.get(name, name)} | {row} |")
+        lines.append(f"| {display_name(name)} | {row} |")
     return lines + ["", f"Published Dice: {PAPER_SEG_SOURCE}."]
 
 
@@ -366,7 +353,7 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     protocol = metrics.get("protocol", "m3d")
     lines = [f"# {title}", "", f"{metrics['n']} samples; text metrics under the `{protocol}` protocol.", ""]
-    labelled = [(DATASET_NAMES.get(name, name), name, g) for name, g in _groups(metrics)]
+    labelled = [(display_name(name), name, g) for name, g in _groups(metrics)]
     sections = (_table1(metrics), _closed(metrics, records, out_dir), open_section(labelled))
     for section in (*sections, _segmentation(metrics)):
         lines += section + ([""] if section else [])
