@@ -189,10 +189,16 @@ def _ask(driver, question: str, without_image: bool) -> str:
     blank = driver.find_element(By.CSS_SELECTOR, "#m3d-blank input")
     if blank.is_selected() != without_image:
         blank.click()
+
+    def answered() -> str | None:
+        # while it works, Gradio writes its progress ("processing | 0.4/2.0s") above the previous answer's
+        # status: the answer is there when the status is one "Answered ..." line that was not there before
+        text = driver.find_element(By.ID, "m3d-status").text.strip()
+        return text if text != before and "\n" not in text and text.startswith("Answered") else None
+
+    before = driver.find_element(By.ID, "m3d-status").text.strip()
     driver.find_element(By.ID, "m3d-ask").click()
-    return str(
-        _poll(lambda: "Answered" in (t := driver.find_element(By.ID, "m3d-status").text) and t, "an answer")
-    )
+    return str(_poll(answered, "an answer"))
 
 
 def _expected(checkpoint: Path, volume: Path, question: str) -> tuple[str, object, float]:

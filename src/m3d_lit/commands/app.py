@@ -63,7 +63,9 @@ def main(argv: list[str]) -> int:
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
     os.environ["GRADIO_TEMP_DIR"] = str(workdir / "gradio")
-    signal.signal(signal.SIGTERM, _stop)
+    # Ctrl-C and SIGTERM stop it and remove the folder, also where SIGINT came ignored (a background job)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _stop)
     try:
         serve(args, workdir)
     except KeyboardInterrupt:
