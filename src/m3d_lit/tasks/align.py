@@ -87,11 +87,12 @@ class AlignTask(BaseTask):
 
     def configure_models(self) -> nn.Module:
         from m3d_lit.models.lamed import build_lamed
+        from m3d_lit.models.overrides import apply_overrides
 
         self._official_init()
         model = build_lamed(self.hparams.preset, self.hparams.overrides, llm_path=self.hparams.llm_path)
-        trainable = self.trainable_config()
-        model.set_trainable(trainable, lora=self.hparams.get("lora"))
+        model.config = apply_overrides(model.config, self.run_settings())
+        model.set_trainable(self.trainable_config())
         mode = self.hparams.gradient_checkpointing
         if mode != "none":
             model.enable_gradient_checkpointing(llm=mode in ("llm", "all"), vision=mode in ("vision", "all"))

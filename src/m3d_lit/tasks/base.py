@@ -135,6 +135,11 @@ class BaseTask(LightningModule):
     def configure_collate(self) -> Any:
         raise NotImplementedError
 
+    def run_settings(self) -> dict[str, Any]:
+        """Model-config sections this stage's own arguments set for the run (`FinetuneTask`: `lora` and
+        `loss`); applied over the preset and `overrides`, after the model is built."""
+        return {}
+
     def model_step(self, batch: dict[str, Any], split: str) -> Tensor:
         raise NotImplementedError
 

@@ -57,9 +57,9 @@ def _llm_weights_hash(llm: torch.nn.Module) -> str:
 
 def base_fingerprint(task: BaseTask) -> dict[str, Any]:
     """What a checkpoint must match to be loaded into `task` (computed when the task is built)."""
-    from m3d_lit.models.presets import resolve
+    from m3d_lit.models.presets import fingerprint_config
 
-    config = resolve(task.hparams.preset, task.hparams.overrides)
+    config = fingerprint_config(task.hparams.preset, task.hparams.overrides)
     llm = getattr(task.model, "llm", None)
     llm_record = None
     if isinstance(llm, torch.nn.Module):
