@@ -95,8 +95,7 @@ class Runner:
         self._write(task, predictions, metrics)
 
     def _write(self, task: str, predictions: list[dict], metrics: dict[str, Any]) -> None:
-        from m3d_lit.evaluation.evaluate import write_jsonl
-        from m3d_lit.evaluation.score import write_json
+        from m3d_lit.atomic import write_json, write_jsonl
 
         folder = self.args.out / task
         folder.mkdir(parents=True, exist_ok=True)
@@ -198,8 +197,7 @@ class Runner:
 
     def write_summary(self, tasks: list[str]) -> None:
         """OUT/metrics.json (setup + every task's status and headline figures) and OUT/report.md."""
-        from m3d_lit.evaluation.report import atomic_output
-        from m3d_lit.evaluation.score import write_json
+        from m3d_lit.atomic import atomic_path, write_json
 
         setup = {
             "checkpoint": None if self.args.checkpoint is None else str(self.args.checkpoint),
@@ -215,7 +213,7 @@ class Runner:
         summary = {"setup": setup, "tasks": {t: {"title": TASKS[t], **self.results[t]} for t in tasks}}
         self.args.out.mkdir(parents=True, exist_ok=True)
         write_json(self.args.out / "metrics.json", summary)
-        with atomic_output(self.args.out / "report.md") as tmp:
+        with atomic_path(self.args.out / "report.md") as tmp:
             tmp.write_text("\n".join(report_lines(summary)) + "\n", encoding="utf-8")
 
 

@@ -94,11 +94,9 @@ def embed(clip: LoadedClip, volumes: list[Path], texts: list[str]) -> dict[str, 
 
 
 def _write(path: Path, result: dict[str, list]) -> None:
-    from m3d_lit.evaluation.report import atomic_output
+    from m3d_lit.atomic import write_text
 
-    text = json.dumps(result, allow_nan=False) + "\n"
-    with atomic_output(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    write_text(path, json.dumps(result, allow_nan=False) + "\n")
 
 
 def main(argv: list[str]) -> int:

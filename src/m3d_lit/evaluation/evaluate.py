@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,20 +36,11 @@ from m3d_lit.errors import InputError
 from m3d_lit.evaluation.score import add_protocol_options, protocol_options
 
 __all__ = [
-    "MaskSaver", "annotate", "generate_records", "main", "tensorboard_scalars", "write_jsonl", "yes_no_ids",
+    "MaskSaver", "annotate", "generate_records", "main", "tensorboard_scalars", "yes_no_ids",
     "yes_probability",
 ]  # fmt: skip
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write rows as JSON lines atomically (temporary file, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def _seg_scores(seg_logits: torch.Tensor | None, mask: torch.Tensor | None) -> dict[str, Any]:
@@ -220,11 +210,11 @@ def _check_window(data: Path, record: dict[str, Any]) -> None:
 
 
 def main(argv: list[str]) -> int:
+    from m3d_lit.atomic import write_json, write_jsonl
     from m3d_lit.data.collate import LMCollator
     from m3d_lit.data.datasets import QAJsonlDataset
     from m3d_lit.evaluation.metrics import compute_metrics
     from m3d_lit.evaluation.report import write_report
-    from m3d_lit.evaluation.score import write_json
     from m3d_lit.tasks.loading import load_task
 
     parser = _parser()

@@ -9,17 +9,15 @@ says how many records and which kinds it covers; brackets hold patient-level boo
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from m3d_lit.atomic import atomic_path
 from m3d_lit.evaluation.closed import POOLED
 from m3d_lit.evaluation.metrics import require_wordnet
 from m3d_lit.evaluation.report_clinical import closed_section, open_section
@@ -28,7 +26,6 @@ __all__ = [
     "PAPER_SEG_DICE",
     "PAPER_SOURCE",
     "PAPER_TABLE1",
-    "atomic_output",
     "metric_definitions",
     "write_report",
 ]
@@ -65,19 +62,6 @@ TEXT_KEYS = {
     + ["rouge1", "rouge2", "rougeL", "meteor"],
 }
 PLOT_NAME = "closed_balanced_accuracy.png"
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path` in one step."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def metric_definitions(protocol: str = "m3d") -> list[str]:
@@ -282,7 +266,7 @@ def _plot_closed(groups: list[tuple[str, dict[str, Any]]], path: Path) -> None:
     ax.set_xlim(0, 1)
     ax.set_xlabel("balanced accuracy")
     ax.set_title("Closed questions (dashed: majority baseline, 0.5 when both answers occur)", fontsize=9)
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
 
 
@@ -326,7 +310,7 @@ def _save_slice(volume: Any, path: Path) -> None:
         array = array[0]
     if array.ndim != 3:
         raise ValueError(f"expected a D x H x W (or 1 x D x H x W) volume, got shape {array.shape}")
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         imsave(tmp, array[array.shape[0] // 2], cmap="gray", vmin=0.0, vmax=1.0, format="png")
 
 
@@ -389,6 +373,6 @@ def write_report(
     lines += _examples(records, out_dir, images, examples)
     lines += ["## How each metric is computed", ""] + [f"- {line}" for line in metric_definitions(protocol)]
     path = out_dir / "report.md"
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

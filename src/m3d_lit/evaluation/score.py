@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from m3d_lit.arguments import CommandParser
+from m3d_lit.atomic import write_json
 from m3d_lit.errors import InputError
 from m3d_lit.evaluation.bootstrap import RESAMPLES, SEED
 from m3d_lit.evaluation.metrics import compute_metrics
-from m3d_lit.evaluation.report import atomic_output
 from m3d_lit.evaluation.scoring import PROTOCOLS, check_p_yes
 
 __all__ = [
@@ -83,13 +83,6 @@ def _problem(record: Any) -> str | None:
         ):
             return f"{key!r} must be a finite number, got {value!r}"
     return check_p_yes(record.get("p_yes"))
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file in the same folder, then `os.replace`); NaN is refused."""
-    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
-    with atomic_output(Path(path)) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 def _cell(group: dict[str, Any], row: str) -> str:
