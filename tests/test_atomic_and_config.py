@@ -89,3 +89,25 @@ def test_fingerprint_dict_is_the_old_resolved_dict() -> None:
 def test_bad_settings_are_refused_in_one_line(build, problem: str) -> None:
     with pytest.raises(InputError, match=f"^{problem}$"):
         build()
+
+
+def test_one_collator_factory_for_both_models_and_the_declared_hand_over() -> None:
+    from types import SimpleNamespace
+
+    from m3d_lit.data.collate import ClipCollator, LMCollator, make_collator
+    from m3d_lit.data.datamodules import BaseDataModule
+    from m3d_lit.models.tokenizer import build_llm_tokenizer, build_text_tokenizer
+
+    lamed = SimpleNamespace(
+        tokenizer=build_llm_tokenizer(None), num_visual_tokens=4, max_length=32, img_size=[4, 8, 8]
+    )
+    collate = make_collator(lamed, generation=True)
+    assert isinstance(collate, LMCollator) and collate.generation and collate.img_size == (4, 8, 8)
+    clip = SimpleNamespace(text_tokenizer=build_text_tokenizer(None), max_length=64)
+    assert isinstance(make_collator(clip, max_length=16), ClipCollator)
+    assert make_collator(clip, max_length=16).max_length == 16
+    with pytest.raises(ValueError, match="no generation mode"):
+        make_collator(clip, generation=True)
+    dm = BaseDataModule()
+    dm.set_collator(collate)
+    assert dm.collate_fn is collate

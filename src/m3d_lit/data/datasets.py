@@ -2,7 +2,7 @@
 
 Every reader turns a split file into ``Record`` rows; ``RecordDataset`` loads a row's volume (memory
 mapped ``.npy``), picks the wording, augments at train time and returns the contract item
-(docs/architecture.md "Samples and batches").
+(`data.sample.Sample`, docs/architecture.md "Samples and batches").
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from m3d_lit.data.augment import VolumeAugment, sample_seed
+from m3d_lit.data.sample import Sample
 from m3d_lit.errors import InputError
 
 __all__ = [
@@ -192,7 +193,7 @@ class RecordDataset(Dataset):
             )
         return torch.zeros_like(volume) if self.blank_images else volume
 
-    def __getitem__(self, key: int | SampleKey) -> dict[str, Any]:
+    def __getitem__(self, key: int | SampleKey) -> Sample:
         index, epoch = (key.index, key.epoch) if isinstance(key, SampleKey) else (int(key), 0)
         record = self.records[index]
         rng = np.random.default_rng(sample_seed(self.seed, epoch, index)) if self.train else None

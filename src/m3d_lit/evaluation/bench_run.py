@@ -63,11 +63,11 @@ class Runner:
 
     def _clip(self) -> tuple[torch.nn.Module, Any]:
         """`--clip-checkpoint`: a stage-1 checkpoint or an M3D-CLIP directory."""
-        from m3d_lit.data.collate import ClipCollator
+        from m3d_lit.data.collate import make_collator
         from m3d_lit.evaluation.embed import load_clip
 
         loaded = load_clip(self.args.clip_checkpoint, str(self.device))
-        return loaded.model, ClipCollator(loaded.model.text_tokenizer, loaded.max_length)
+        return loaded.model, make_collator(loaded.model, max_length=loaded.max_length)
 
     def fail(self, task: str, message: str) -> None:
         self.results[task] = {"status": "failed", "reason": message}
@@ -146,14 +146,12 @@ class Runner:
         return rows, metrics
 
     def _scored(self, task: str, records: list) -> tuple[list[dict], dict[str, Any]]:
-        from m3d_lit.data.collate import LMCollator
+        from m3d_lit.data.collate import make_collator
         from m3d_lit.evaluation.evaluate import generate_records
 
         model, _ = self._model("lamed")
         size = tuple(model.img_size)
-        collate = LMCollator(
-            model.tokenizer, model.num_visual_tokens, model.max_length, size, generation=True
-        )
+        collate = make_collator(model, generation=True)
         loader = self._loader(records, collate, size)
         predictions = list(generate_records(model, loader, self.args.max_new_tokens, self.device))
         metrics = self._score(task, records, predictions)

@@ -211,7 +211,7 @@ def _check_window(data: Path, record: dict[str, Any]) -> None:
 
 def main(argv: list[str]) -> int:
     from m3d_lit.atomic import write_json, write_jsonl
-    from m3d_lit.data.collate import LMCollator
+    from m3d_lit.data.collate import make_collator
     from m3d_lit.data.datasets import QAJsonlDataset
     from m3d_lit.evaluation.metrics import compute_metrics
     from m3d_lit.evaluation.report import write_report
@@ -250,9 +250,7 @@ def main(argv: list[str]) -> int:
         save_mask = MaskSaver(args.out / "masks", {r.id: r.image for r in dataset.records})
     if args.limit is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(args.limit, len(dataset))))
-    collate = LMCollator(
-        model.tokenizer, model.num_visual_tokens, model.max_length, img_size, generation=True
-    )
+    collate = make_collator(model, generation=True)
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate, num_workers=args.workers)
     records = []
     label = "blank scans" if args.blank_images else "swapped scans" if args.swap_images else "scans"

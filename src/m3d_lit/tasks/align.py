@@ -149,10 +149,9 @@ class AlignTask(BaseTask):
         return nn.ModuleDict({"token_acc": TokenAccuracy()})
 
     def configure_collate(self) -> Any:
-        from m3d_lit.data.collate import LMCollator
+        from m3d_lit.data.collate import make_collator
 
-        m = self.model
-        return LMCollator(m.tokenizer, m.num_visual_tokens, m.max_length, tuple(m.img_size))
+        return make_collator(self.model)
 
     def forward_batch(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         return self.model(
@@ -187,17 +186,14 @@ class AlignTask(BaseTask):
     @torch.no_grad()
     def log_examples(self, batch: dict[str, Any]) -> None:
         """Generate answers for the first samples of a batch; log them as a text table and images."""
-        from m3d_lit.data.collate import LMCollator
+        from m3d_lit.data.collate import make_collator
         from m3d_lit.evaluation.visual import middle_slice_grid
 
         writer = self.tensorboard()
         if writer is None:
             return
         n = min(self.hparams.log_examples, len(batch["questions"]))
-        m = self.model
-        collate = LMCollator(
-            m.tokenizer, m.num_visual_tokens, m.max_length, tuple(m.img_size), generation=True
-        )
+        collate = make_collator(self.model, generation=True)
         items = [
             {
                 "id": batch["ids"][i],
@@ -211,7 +207,7 @@ class AlignTask(BaseTask):
             for i in range(n)
         ]
         prompt = collate(items)
-        out = m.generate(
+        out = self.model.generate(
             batch["images"][:n],
             prompt["input_ids"].to(self.device),
             prompt["attention_mask"].to(self.device),

@@ -42,9 +42,9 @@ class ClipTask(BaseTask):
         return nn.ModuleDict({"recall": RetrievalRecall(ks=(1, 5, 10))})
 
     def configure_collate(self) -> Any:
-        from m3d_lit.data.collate import ClipCollator
+        from m3d_lit.data.collate import make_collator
 
-        return ClipCollator(self.model.text_tokenizer, self.hparams.text_max_length)
+        return make_collator(self.model, max_length=self.hparams.text_max_length)
 
     def _gather(self, features: Tensor) -> Tensor:
         if self.trainer.world_size <= 1:
