@@ -135,7 +135,7 @@ def test_stream_grows_to_the_command_line_answer(
 
 @pytest.mark.slow
 def test_second_question_waits_for_the_first(engine: Engine, prepared: list[Path]) -> None:
-    from m3d_lit.data.datasets import load_volume
+    from m3d_lit.data.datasets import load_prepared_volume as load_volume
 
     image = load_volume(sorted((prepared[0] / "images").glob("*.npy"))[0]).numpy()
     running, most, lock = [0], [0], threading.Lock()

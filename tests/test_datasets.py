@@ -13,9 +13,11 @@ from m3d_lit.data.datasets import (
     Record,
     RecordDataset,
     SampleKey,
-    load_volume,
     read_qa_jsonl,
     swap_images,
+)
+from m3d_lit.data.datasets import (
+    load_prepared_volume as load_volume,
 )
 from m3d_lit.errors import InputError
 

@@ -1,8 +1,10 @@
 """The `m3d-lit` command: LightningCLI for training, plain subcommands for everything else.
 
 `m3d-lit fit|validate|test -c stages/<stage>.yaml [--data datamodules/<source>.yaml] [--key value ...]`
-runs a training recipe. `m3d-lit synth|prepare|describe|plan|score|eval|ask|embed|app ...` dispatch to the
-`main(argv)` of their module, imported only when used so `--help` stays fast.
+runs a training recipe; the recipes ship in the package, so `-c stage3` and `--data cq500_qa` name them
+(`m3d-lit recipes` lists them), and every run starts from the shared `stages/trainer/common.yaml`.
+`m3d-lit synth|prepare|describe|plan|score|eval|ask|embed|app|recipes ...` dispatch to the `main(argv)` of
+their module, imported only when used so `--help` stays fast.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import importlib
 import os
 import sys
 
+from m3d_lit.commands import LIGHTNING_COMMANDS
 from m3d_lit.errors import InputError, TrainingError
+from m3d_lit.recipes import expand_argv
 
 __all__ = ["main", "SUBCOMMANDS"]
 
@@ -45,13 +49,16 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "m3d_lit.commands.bench",
         "the eight M3D-Bench tasks -> predictions, metrics.json, report.md",
     ),
+    "recipes": ("m3d_lit.commands.recipes", "the stage, trainer and data recipes that ship in the package"),
 }
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def _usage() -> str:
     lines = ["usage: m3d-lit COMMAND [ARGS]", "", "training (LightningCLI; add --help for options):"]
-    lines += [f"  {name:<10} {name} a recipe: -c stages/<stage>.yaml" for name in LIGHTNING_COMMANDS[:3]]
+    lines += [
+        f"  {name:<10} {name} a recipe: -c stage1|stage2|stage3 (or a YAML)"
+        for name in LIGHTNING_COMMANDS[:3]
+    ]
     lines += ["", "tools:"]
     lines += [f"  {name:<10} {text}" for name, (_, text) in SUBCOMMANDS.items()]
     return "\n".join(lines)
@@ -77,8 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         if command in LIGHTNING_COMMANDS:
             from m3d_lit.commands.lightning_cli import run_lightning  # not for --help: it loads torch
 
+            expanded = expand_argv(argv)
+            if not explicit and expanded != argv:
+                sys.argv[1:] = expanded  # DDP relaunches each rank with sys.argv: it gets the paths too
             try:
-                run_lightning(argv if explicit else None)
+                run_lightning(expanded if explicit else None)
             except ValueError as err:
                 # jsonargparse wraps what a task's __init__ raises; a bad input file stays one line
                 cause = _input_cause(err)

@@ -1,7 +1,7 @@
 """The model side of `m3d-lit app`: one checkpoint, one generation at a time, answers streamed token by token.
 
 Checkpoint loading, preprocessing settings, prompting and generation are the project's own (`load_task`,
-`LMCollator`, `LamedModel.generate`); this module only adds the pieces a browser needs: the partial answer
+`make_collator`, `LamedModel.generate`); this module only adds the pieces a browser needs: the partial answer
 after each token, the probability of "Yes" for a closed question, and a lock so that several sessions
 queue for the model instead of running on it at once.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from m3d_lit.data.collate import LMCollator
+from m3d_lit.data.collate import make_collator
 from m3d_lit.data.geometry import ScanGeometry
 from m3d_lit.data.geometry import write_mask as geometry_write_mask
 from m3d_lit.errors import InputError
@@ -74,9 +74,7 @@ class Engine:
         self.model, self.device, self.max_new_tokens = model, device, max_new_tokens
         self.size: tuple[int, int, int] = tuple(int(s) for s in model.img_size)  # type: ignore[assignment]
         self.window: str = scan_window(meta)
-        self.collate = LMCollator(
-            model.tokenizer, model.num_visual_tokens, model.max_length, self.size, generation=True
-        )
+        self.collate = make_collator(model, generation=True)
         self.yes_no = yes_no_ids(model.tokenizer)
         self._lock = threading.Lock()
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from m3d_lit.data.datasets import load_volume, read_qa_jsonl
+from m3d_lit.data.datasets import load_prepared_volume, read_qa_jsonl
 from m3d_lit.data.geometry import Scan as RawScan
 from m3d_lit.data.geometry import ScanGeometry
 from m3d_lit.data.io import load_scan, read_npy
@@ -155,7 +155,7 @@ def find_prepared(folders: list[Path], split: str = "test") -> dict[str, Prepare
 
 def load_prepared(key: str, entry: PreparedScan, size) -> Scan:
     """A prepared scan with the first non-empty reference mask among its lines."""
-    image = load_volume(entry.image).numpy()
+    image = load_prepared_volume(entry.image).numpy()
     if tuple(image.shape) != (1, *size):
         raise InputError(
             entry.image, f"volume of shape {tuple(image.shape)}, the checkpoint needs {(1, *size)}"
@@ -163,7 +163,7 @@ def load_prepared(key: str, entry: PreparedScan, size) -> Scan:
     reference = None
     for line in entry.questions:
         if line.mask is not None:
-            mask = (load_volume(line.mask).numpy()[0] > 0).astype(np.uint8)
+            mask = (load_prepared_volume(line.mask).numpy()[0] > 0).astype(np.uint8)
             if mask.any():
                 reference = mask
                 break

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from m3d_lit.commands.arguments import CommandParser
-from m3d_lit.data.collate import LMCollator
+from m3d_lit.data.collate import make_collator
 from m3d_lit.data.geometry import check_mask_path, write_mask
 from m3d_lit.data.preprocess import Prepared, load_and_preprocess
 from m3d_lit.errors import InputError
@@ -61,7 +61,7 @@ def ask(
     prepared = load_and_preprocess(volume, size=size, window=scan_window(meta))
     item = {"id": volume.name, "image": torch.from_numpy(np.asarray(prepared.image, dtype=np.float32)),
             "question": question.strip(), "answer": "", "kind": "open", "mask": None, "dataset": "ask"}  # fmt: skip
-    collate = LMCollator(model.tokenizer, model.num_visual_tokens, model.max_length, size, generation=True)
+    collate = make_collator(model, generation=True)
     batch = collate([item])
     with torch.no_grad():
         out = model.generate(

@@ -33,10 +33,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from m3d_lit.atomic import atomic_path, write_json, write_jsonl
 from m3d_lit.commands.arguments import CommandParser
-from m3d_lit.atomic import atomic_output
 from m3d_lit.commands.score import add_protocol_options, protocol_options
-from m3d_lit.data.collate import ClipCollator, LMCollator
+from m3d_lit.data.collate import make_collator
 from m3d_lit.data.datasets import RecordDataset, check_paths
 from m3d_lit.errors import InputError
 from m3d_lit.evaluation import bench_scores as scores
@@ -50,9 +50,8 @@ from m3d_lit.evaluation.bench import (
     question_types,
     report_lines,
 )
-from m3d_lit.evaluation.generation import generate_records, write_jsonl
+from m3d_lit.evaluation.generation import generate_records
 from m3d_lit.evaluation.judge import judge
-from m3d_lit.evaluation.score import write_json
 from m3d_lit.evaluation.scoring import compute_metrics
 from m3d_lit.tasks.loading import load_clip, load_task
 
@@ -166,7 +165,7 @@ class Runner:
     def _clip(self) -> tuple[torch.nn.Module, Any]:
         """`--clip-checkpoint`: a stage-1 checkpoint or an M3D-CLIP directory."""
         loaded = load_clip(self.args.clip_checkpoint, str(self.device))
-        return loaded.model, ClipCollator(loaded.model.text_tokenizer, loaded.max_length)
+        return loaded.model, make_collator(loaded.model, max_length=loaded.max_length)
 
     def fail(self, task: str, message: str) -> None:
         self.results[task] = {"status": "failed", "reason": message}
@@ -239,9 +238,7 @@ class Runner:
     def _scored(self, task: str, records: list) -> tuple[list[dict], dict[str, Any]]:
         model, _ = self._model("lamed")
         size = tuple(model.img_size)
-        collate = LMCollator(
-            model.tokenizer, model.num_visual_tokens, model.max_length, size, generation=True
-        )
+        collate = make_collator(model, generation=True)
         loader = self._loader(records, collate, size)
         predictions = list(generate_records(model, loader, self.args.max_new_tokens, self.device))
         metrics = self._score(task, records, predictions)
@@ -294,5 +291,5 @@ class Runner:
         summary = {"setup": setup, "tasks": {t: {"title": TASKS[t], **self.results[t]} for t in tasks}}
         self.args.out.mkdir(parents=True, exist_ok=True)
         write_json(self.args.out / "metrics.json", summary)
-        with atomic_output(self.args.out / "report.md") as tmp:
+        with atomic_path(self.args.out / "report.md") as tmp:
             tmp.write_text("\n".join(report_lines(summary)) + "\n", encoding="utf-8")

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from m3d_lit.atomic import atomic_output
+from m3d_lit.atomic import write_text
 from m3d_lit.data.preprocess import load_and_preprocess
 from m3d_lit.errors import InputError
 from m3d_lit.tasks.loading import LoadedClip, load_clip
@@ -63,9 +63,7 @@ def embed(clip: LoadedClip, volumes: list[Path], texts: list[str]) -> dict[str, 
 
 
 def _write(path: Path, result: dict[str, list]) -> None:
-    text = json.dumps(result, allow_nan=False) + "\n"
-    with atomic_output(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    write_text(path, json.dumps(result, allow_nan=False) + "\n")
 
 
 def main(argv: list[str]) -> int:

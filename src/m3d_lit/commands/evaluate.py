@@ -30,14 +30,14 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from m3d_lit.atomic import write_json, write_jsonl
 from m3d_lit.commands.arguments import CommandParser
 from m3d_lit.commands.score import add_protocol_options, protocol_options
-from m3d_lit.data.collate import LMCollator
+from m3d_lit.data.collate import make_collator
 from m3d_lit.data.datasets import QAJsonlDataset
 from m3d_lit.errors import InputError
-from m3d_lit.evaluation.generation import MaskSaver, annotate, generate_records, write_jsonl
+from m3d_lit.evaluation.generation import MaskSaver, annotate, generate_records
 from m3d_lit.evaluation.report import write_report
-from m3d_lit.evaluation.score import write_json
 from m3d_lit.evaluation.scoring import compute_metrics
 from m3d_lit.tasks.loading import load_task
 from m3d_lit.tasks.official import known_window
@@ -130,9 +130,7 @@ def main(argv: list[str]) -> int:
         save_mask = MaskSaver(args.out / "masks", {r.id: r.image for r in dataset.records})
     if args.limit is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(args.limit, len(dataset))))
-    collate = LMCollator(
-        model.tokenizer, model.num_visual_tokens, model.max_length, img_size, generation=True
-    )
+    collate = make_collator(model, generation=True)
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate, num_workers=args.workers)
     records = []
     label = "blank scans" if args.blank_images else "swapped scans" if args.swap_images else "scans"

@@ -105,7 +105,7 @@ def _manifest(model: Any, record: dict[str, Any], hparams: dict[str, Any], check
         "checkpoint": str(checkpoint.resolve()),
         "task": record.get("task"),
         "preprocessing": record.get("preprocessing"),
-        "config": model.config,
+        "config": model.config.to_dict(),
         "llm_path": hparams.get("llm_path"),
         "num_visual_tokens": model.num_visual_tokens,
         "tokens": {t: model.tokenizer.convert_tokens_to_ids(t) for t in LAMED_TOKENS},

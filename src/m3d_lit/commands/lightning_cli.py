@@ -22,9 +22,11 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from m3d_lit.commands import LIGHTNING_COMMANDS
 from m3d_lit.data.datamodules import BaseDataModule
 from m3d_lit.errors import InputError
 from m3d_lit.models.presets import resolve
+from m3d_lit.recipes import common_trainer
 from m3d_lit.tasks.base import BaseTask, zero_checkpoint_problem
 from m3d_lit.tasks.official import official_kind
 
@@ -173,12 +175,18 @@ class M3dLightningCLI(LightningCLI):
 
 
 def run_lightning(argv: list[str] | None) -> None:
-    """Run LightningCLI with the project's base classes in subclass mode (argv None: `sys.argv`)."""
+    """Run LightningCLI with the project's base classes in subclass mode (argv None: `sys.argv`).
+
+    Every command reads the shared trainer block (`recipes.common_trainer()`) first, as a default config
+    file: the recipes and options given override it.
+    """
+    defaults = {"default_config_files": [str(common_trainer())]}
     M3dLightningCLI(
         BaseTask,
         BaseDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={command: defaults for command in LIGHTNING_COMMANDS},
         args=argv,
     )

@@ -11,9 +11,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from m3d_lit.atomic import write_json
 from m3d_lit.commands.arguments import CommandParser
 from m3d_lit.evaluation.bootstrap import RESAMPLES, SEED
-from m3d_lit.evaluation.score import format_closed, format_open, format_table, read_predictions, write_json
+from m3d_lit.evaluation.score import format_closed, format_open, format_table, read_predictions
 from m3d_lit.evaluation.scoring import PROTOCOLS, compute_metrics
 
 __all__ = ["add_protocol_options", "main", "protocol_options"]

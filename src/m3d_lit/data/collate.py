@@ -1,7 +1,8 @@
 """Collators: lists of Dataset items -> the batches the tasks consume.
 
-The task builds the collator (only the model knows the tokenizer, the visual token count and the volume
-size) and hands it to the DataModule as ``datamodule.collate_fn`` in its ``setup()``.
+Only the model knows the tokenizer, the visual token count and the volume size, so every collator is
+built from it by ``make_collator(model)``: training (the task hands it to the DataModule with
+``BaseDataModule.set_collator`` in its ``setup()``), example logging, ``eval``, ``ask``, the bench and the app.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["IMAGE_TOKEN", "SEG_TOKEN", "build_prompt", "ClipCollator", "LMCollator"]
+from m3d_lit.data.sample import Sample
+
+__all__ = ["IMAGE_TOKEN", "SEG_TOKEN", "build_prompt", "ClipCollator", "LMCollator", "make_collator"]
 
 IMAGE_TOKEN = "<im_patch>"
 SEG_TOKEN = "[SEG]"
@@ -30,7 +33,7 @@ def build_prompt(question: str, num_visual_tokens: int) -> str:
     return IMAGE_TOKEN * num_visual_tokens + question
 
 
-def _stack_images(items: Sequence[dict], img_size: tuple[int, ...] | None) -> torch.Tensor:
+def _stack_images(items: Sequence[Sample], img_size: tuple[int, ...] | None) -> torch.Tensor:
     expected = None if img_size is None else (1, *img_size)
     first = tuple(items[0]["image"].shape)
     for item in items:
@@ -43,7 +46,7 @@ def _stack_images(items: Sequence[dict], img_size: tuple[int, ...] | None) -> to
     return torch.stack([item["image"].float() for item in items])
 
 
-def _text_lists(items: Sequence[dict]) -> dict[str, list[str]]:
+def _text_lists(items: Sequence[Sample]) -> dict[str, list[str]]:
     keys = {"ids": "id", "questions": "question", "answers": "answer", "kinds": "kind", "datasets": "dataset"}
     return {out: [item[key] for item in items] for out, key in keys.items()}
 
@@ -64,7 +67,7 @@ class ClipCollator:
         self.tokenizer = tokenizer
         self.max_length = max_length
 
-    def __call__(self, items: Sequence[dict]) -> dict[str, Any]:
+    def __call__(self, items: Sequence[Sample]) -> dict[str, Any]:
         if not items:
             raise ValueError("cannot collate an empty list of samples")
         texts = self.tokenizer(
@@ -144,7 +147,7 @@ class LMCollator:
             raise ValueError(f"the tokenizer does not keep {n} {IMAGE_TOKEN} tokens intact in the prompt")
         return ids[:n], ids[n:]
 
-    def _row(self, item: dict) -> tuple[list[int], list[int]]:
+    def _row(self, item: Sample) -> tuple[list[int], list[int]]:
         """Token ids and labels of one sample, truncated as the class docstring says."""
         images, question = self._prompt_ids(item["question"])
         answer = [] if self.generation else self._encode(item["answer"]) + [self.tokenizer.eos_token_id]
@@ -154,7 +157,7 @@ class LMCollator:
         prompt = self.prefix + images + question
         return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
 
-    def _masks(self, items: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _masks(self, items: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
         masks = torch.zeros(len(items), 1, *self.img_size)
         flags = torch.zeros(len(items), dtype=torch.bool)
         for i, item in enumerate(items):
@@ -170,7 +173,7 @@ class LMCollator:
             flags[i] = SEG_TOKEN in item["answer"]
         return masks, flags
 
-    def __call__(self, items: Sequence[dict]) -> dict[str, Any]:
+    def __call__(self, items: Sequence[Sample]) -> dict[str, Any]:
         if not items:
             raise ValueError("cannot collate an empty list of samples")
         rows = [self._row(item) for item in items]
@@ -193,3 +196,27 @@ class LMCollator:
             "seg_flags": flags,
             **_text_lists(items),
         }
+
+
+def make_collator(
+    model: Any, generation: bool = False, max_length: int | None = None
+) -> ClipCollator | LMCollator:
+    """The collator of `model`, the one way every caller builds it.
+
+    Args:
+        model: a `LamedModel` (its `tokenizer`, `num_visual_tokens`, `max_length`, `img_size` give an
+            `LMCollator`) or a `ClipModel` (its `text_tokenizer` and `max_length` give a `ClipCollator`).
+        generation: prompts alone, left padded, for generation (`LMCollator` only).
+        max_length: the token limit instead of the model's (stage 1's `text_max_length`).
+    """
+    if hasattr(model, "text_tokenizer"):
+        if generation:
+            raise ValueError("a CLIP model generates no text: its collator has no generation mode")
+        return ClipCollator(model.text_tokenizer, max_length or model.max_length)
+    return LMCollator(
+        model.tokenizer,
+        model.num_visual_tokens,
+        max_length or model.max_length,
+        tuple(model.img_size),
+        generation=generation,
+    )

@@ -1,14 +1,13 @@
 """LightningDataModules: one per data source, plus the weighted mix for stage 3.
 
-Each has a YAML in ``datamodules/`` (a LightningCLI ``data:`` group). The task sets ``collate_fn`` in its
-``setup()``; every dataloader uses it. Splits are ``train``/``val``/``test``; ``fit`` reads train and
+Each has a YAML in ``datamodules/`` (a LightningCLI ``data:`` group). The task hands over its collator
+with ``set_collator`` in its ``setup()``; every dataloader uses it. Splits are ``train``/``val``/``test``; ``fit`` reads train and
 val, ``validate`` val, ``test`` and ``predict`` test. Every file a split names is checked in ``setup()``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +26,7 @@ from m3d_lit.data.records import (
     read_reports,
     seg_class,
 )
+from m3d_lit.data.sample import Collator
 from m3d_lit.data.sampling import EpochSampler, MixDataset, MixSampler, ResumableDataLoader, seed_worker
 from m3d_lit.errors import InputError
 
@@ -79,9 +79,14 @@ class BaseDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.flip_axes = tuple(flip_axes)
         self.blank_prob = blank_prob
-        self.collate_fn: Callable[[list[dict]], dict[str, Any]] | None = None
+        self.collate_fn: Collator | None = None
         self.datasets: dict[str, Dataset] = {}
         self.unconfigured: set[str] = set()
+
+    def set_collator(self, collate: Collator) -> None:
+        """Take the collator the task builds from its model (`make_collator`); the task calls this in its
+        `setup()`, before any dataloader is requested."""
+        self.collate_fn = collate
 
     def read_split(self, split: str) -> list[Record] | None:
         """The rows of ``split`` (``train``/``val``/``test``), or None when that split is not configured."""
@@ -133,8 +138,8 @@ class BaseDataModule(L.LightningDataModule):
     def _loader(self, split: str) -> DataLoader | list:
         if self.collate_fn is None:
             raise RuntimeError(
-                f"{type(self).__name__}.collate_fn is not set: the task sets it in its setup()"
-                " (datamodule.collate_fn = LMCollator(...)) before any dataloader is requested"
+                f"{type(self).__name__}.collate_fn is not set: the task hands it over in its setup()"
+                " (datamodule.set_collator(make_collator(model))) before any dataloader is requested"
             )
         if split in self.unconfigured:
             return []  # Lightning runs no loop over an empty list of loaders
@@ -197,6 +202,11 @@ class M3DCapDataModule(BaseDataModule):
         self.root, self.json_path = Path(root), Path(json_path)
         self.split_keys = {"train": train_split, "val": val_split, "test": test_split}
 
+    def set_collator(self, collate: Collator) -> None:
+        """Take the collator the task builds from its model (`make_collator`); the task calls this in its
+        `setup()`, before any dataloader is requested."""
+        self.collate_fn = collate
+
     def read_split(self, split: str) -> list[Record] | None:
         key = self.split_keys[split]
         if key is None:
@@ -230,6 +240,11 @@ class M3DVQADataModule(BaseDataModule):
             raise ValueError(f"mode must be 'open' or 'closed', got {mode!r}")
         self.root, self.mode = Path(root), mode
         self.csvs = {"train": train_csv, "val": val_csv, "test": test_csv}
+
+    def set_collator(self, collate: Collator) -> None:
+        """Take the collator the task builds from its model (`make_collator`); the task calls this in its
+        `setup()`, before any dataloader is requested."""
+        self.collate_fn = collate
 
     def read_split(self, split: str) -> list[Record] | None:
         path = self.csvs[split]
@@ -265,6 +280,11 @@ class M3DSegDataModule(BaseDataModule):
         self.root, self.dataset_names = Path(root), list(datasets)
         self.split_keys = {"train": train_split, "val": val_split, "test": test_split}
         self.positioning = positioning
+
+    def set_collator(self, collate: Collator) -> None:
+        """Take the collator the task builds from its model (`make_collator`); the task calls this in its
+        `setup()`, before any dataloader is requested."""
+        self.collate_fn = collate
 
     def read_split(self, split: str) -> list[Record] | None:
         key = self.split_keys[split]
@@ -323,6 +343,11 @@ class BrainCTQADataModule(BaseDataModule):
         if any(s != settings[0] for s in settings[1:]):
             raise InputError(self.roots[0], f"prepare settings differ between roots: {settings}")
         return settings[0] if settings else None
+
+    def set_collator(self, collate: Collator) -> None:
+        """Take the collator the task builds from its model (`make_collator`); the task calls this in its
+        `setup()`, before any dataloader is requested."""
+        self.collate_fn = collate
 
     def read_split(self, split: str) -> list[Record] | None:
         if self.mode == "report":

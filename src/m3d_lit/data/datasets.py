@@ -2,7 +2,7 @@
 
 Every reader turns a split file into ``Record`` rows; ``RecordDataset`` loads a row's volume (memory
 mapped ``.npy``), picks the wording, augments at train time and returns the contract item
-(docs/architecture.md "Samples and batches").
+(`data.sample.Sample`, docs/architecture.md "Samples and batches").
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from m3d_lit.data.augment import VolumeAugment, sample_seed
+from m3d_lit.data.sample import Sample
 from m3d_lit.errors import InputError
 
 __all__ = [
@@ -26,7 +27,7 @@ __all__ = [
     "SampleKey",
     "RecordDataset",
     "QAJsonlDataset",
-    "load_volume",
+    "load_prepared_volume",
     "check_paths",
     "read_jsonl",
     "read_qa_jsonl",
@@ -68,8 +69,8 @@ class SampleKey(NamedTuple):
     epoch: int
 
 
-def load_volume(path: Path) -> torch.Tensor:
-    """A ``.npy`` volume as float32 1 x D x H x W (memory mapped; float16/uint8 caches converted)."""
+def load_prepared_volume(path: Path) -> torch.Tensor:
+    """A prepared ``.npy`` volume (or mask) as float32 1 x D x H x W (memory mapped; float16/uint8 caches converted)."""
     try:
         array = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as err:
@@ -185,19 +186,19 @@ class RecordDataset(Dataset):
         return len(self.records)
 
     def _volume(self, path: Path) -> torch.Tensor:
-        volume = load_volume(path)
+        volume = load_prepared_volume(path)
         if self.img_size is not None and tuple(volume.shape[1:]) != self.img_size:
             raise InputError(
                 path, f"volume shape {tuple(volume.shape)} differs from img_size {self.img_size}"
             )
         return torch.zeros_like(volume) if self.blank_images else volume
 
-    def __getitem__(self, key: int | SampleKey) -> dict[str, Any]:
+    def __getitem__(self, key: int | SampleKey) -> Sample:
         index, epoch = (key.index, key.epoch) if isinstance(key, SampleKey) else (int(key), 0)
         record = self.records[index]
         rng = np.random.default_rng(sample_seed(self.seed, epoch, index)) if self.train else None
         image = self._volume(record.image)
-        mask = None if record.mask is None else (load_volume(record.mask) > 0).float()
+        mask = None if record.mask is None else (load_prepared_volume(record.mask) > 0).float()
         if mask is not None and mask.shape != image.shape:
             raise InputError(
                 record.mask, f"mask shape {tuple(mask.shape)} differs from image {tuple(image.shape)}"

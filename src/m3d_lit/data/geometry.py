@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from nibabel import orientations
 
+from m3d_lit.atomic import atomic_path, save_npy
 from m3d_lit.errors import InputError
 
 __all__ = [
@@ -200,17 +200,16 @@ def write_mask(path: str | PathLike, grid: np.ndarray, geometry: ScanGeometry | 
     name = path.name.lower()
     on_grid = (np.asarray(grid, np.float32) > 0.5).astype(np.uint8)
     suffix = next(s for s in MASK_SUFFIXES if name.endswith(s))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
     if suffix == ".npy":
-        np.save(tmp, on_grid[None], allow_pickle=False)
-    else:
-        data, affine = (
-            (on_grid, grid_affine(on_grid.shape))
-            if geometry is None
-            else (geometry.to_source(grid), geometry.affine_array)
-        )
-        image = nib.Nifti1Image(data, affine)
-        image.set_qform(affine, code=1)  # scanner coordinates: what a viewer overlays the source with
-        image.set_sform(affine, code=1)
+        save_npy(path, on_grid[None])
+        return
+    data, affine = (
+        (on_grid, grid_affine(on_grid.shape))
+        if geometry is None
+        else (geometry.to_source(grid), geometry.affine_array)
+    )
+    image = nib.Nifti1Image(data, affine)
+    image.set_qform(affine, code=1)  # scanner coordinates: what a viewer overlays the source with
+    image.set_sform(affine, code=1)
+    with atomic_path(path, suffix=suffix) as tmp:
         nib.save(image, str(tmp))
-    os.replace(tmp, path)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from m3d_lit.atomic import TMP_PATTERN, write_bytes
 from m3d_lit.data.geometry import ScanGeometry
 from m3d_lit.data.preprocess import DEFAULT_SIZE, WINDOWS, check_size, preprocess_with_box
 from m3d_lit.data.sources import SOURCES, ScanRef, get_source, option_owners, relative, safe_id
@@ -71,12 +72,6 @@ def _natural(text: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
@@ -115,9 +110,9 @@ def _prepare_one(job: _Job) -> tuple[dict | None, tuple[str, str, str] | None]:
     except InputError as e:
         return None, (sid, relative(Path(e.path), job.root), e.problem)
     data = _npy_bytes(image.astype(job.dtype))
-    _atomic_write(job.out / "images" / f"{sid}.npy", data)
+    write_bytes(job.out / "images" / f"{sid}.npy", data)
     if out_mask is not None:
-        _atomic_write(job.out / "masks" / f"{sid}.npy", _npy_bytes(out_mask))
+        write_bytes(job.out / "masks" / f"{sid}.npy", _npy_bytes(out_mask))
     row = {
         "id": sid,
         "source": relative(source, job.root),
@@ -153,9 +148,9 @@ def _check_settings(out: Path, settings: dict, masks: bool) -> None:
     folders = (out, out / "images") + ((out / "masks",) if masks else ())
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
-        for leftover in folder.glob(".*.tmp-*"):  # from a killed run
+        for leftover in folder.glob(TMP_PATTERN):  # from a killed run
             leftover.unlink()
-    _atomic_write(path, (json.dumps(settings, indent=1) + "\n").encode())
+    write_bytes(path, (json.dumps(settings, indent=1) + "\n").encode())
 
 
 def _read_manifest(out: Path) -> dict[str, dict]:
@@ -196,7 +191,7 @@ def _write_tables(out: Path, rows: dict[str, dict], skipped: list) -> None:
         writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(records)
-        _atomic_write(out / name, buf.getvalue().encode())
+        write_bytes(out / name, buf.getvalue().encode())
 
 
 def _run(jobs: list[_Job], workers: int, progress: bool, on_result) -> None:

@@ -11,15 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from m3d_lit.atomic import write_text
 from m3d_lit.data.sources import get_source
 from m3d_lit.errors import InputError
 
@@ -125,17 +124,6 @@ def _resolve_splits(
     return {split: sorted(splits[split]) for split in SPLITS}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
@@ -208,9 +196,9 @@ def write_qa(
             {"id": pid, "image": f"images/{pid}.npy", "text": text, "split": split, "dataset": dataset}
         )
     for split in SPLITS:
-        _write_atomic(out_dir / f"qa_{split}.jsonl", _jsonl(qa[split]))
-    _write_atomic(out_dir / "reports.jsonl", _jsonl(reports))
-    _write_atomic(out_dir / "splits.json", json.dumps(splits, indent=1) + "\n")
+        write_text(out_dir / f"qa_{split}.jsonl", _jsonl(qa[split]))
+    write_text(out_dir / "reports.jsonl", _jsonl(reports))
+    write_text(out_dir / "splits.json", json.dumps(splits, indent=1) + "\n")
     return {
         "samples": {split: len(qa[split]) for split in SPLITS},
         "patients": {split: sum(split_of[p] == split for p in usable) for split in SPLITS},

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from m3d_lit.data.datasets import SampleKey
+from m3d_lit.data.sample import Sample
 
 __all__ = ["EpochSampler", "MixSampler", "MixDataset", "ResumableDataLoader", "seed_worker"]
 
@@ -99,7 +100,7 @@ class MixDataset(Dataset):
         source = int(np.searchsorted(self.offsets, index, side="right")) - 1
         return source, index - self.offsets[source]
 
-    def __getitem__(self, key: int | SampleKey) -> Any:
+    def __getitem__(self, key: int | SampleKey) -> Sample:
         index, epoch = (key.index, key.epoch) if isinstance(key, SampleKey) else (int(key), 0)
         source, local = self.locate(index)
         return self.datasets[source][SampleKey(local, epoch)]

@@ -9,7 +9,6 @@ samples, the path of a saved mask); `MaskSaver` writes predicted masks in the so
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,16 +22,7 @@ from m3d_lit.data.geometry import manifest_geometry, write_mask
 from m3d_lit.evaluation.closed import parse_closed
 from m3d_lit.evaluation.metrics import dice_iou
 
-__all__ = ["MaskSaver", "annotate", "generate_records", "write_jsonl", "yes_no_ids", "yes_probability"]
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write rows as JSON lines atomically (temporary file, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+__all__ = ["MaskSaver", "annotate", "generate_records", "yes_no_ids", "yes_probability"]
 
 
 def _seg_scores(seg_logits: torch.Tensor | None, mask: torch.Tensor | None) -> dict[str, Any]:

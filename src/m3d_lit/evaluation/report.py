@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from m3d_lit.atomic import atomic_output
+from m3d_lit.atomic import atomic_path
 from m3d_lit.data.sources import SOURCES, display_name
 from m3d_lit.evaluation.closed import POOLED
 from m3d_lit.evaluation.metrics import require_wordnet
@@ -253,7 +253,7 @@ def _plot_closed(groups: list[tuple[str, dict[str, Any]]], path: Path) -> None:
     ax.set_xlim(0, 1)
     ax.set_xlabel("balanced accuracy")
     ax.set_title("Closed questions (dashed: majority baseline, 0.5 when both answers occur)", fontsize=9)
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
 
 
@@ -297,7 +297,7 @@ def _save_slice(volume: Any, path: Path) -> None:
         array = array[0]
     if array.ndim != 3:
         raise ValueError(f"expected a D x H x W (or 1 x D x H x W) volume, got shape {array.shape}")
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         imsave(tmp, array[array.shape[0] // 2], cmap="gray", vmin=0.0, vmax=1.0, format="png")
 
 
@@ -360,6 +360,6 @@ def write_report(
     lines += _examples(records, out_dir, images, examples)
     lines += ["## How each metric is computed", ""] + [f"- {line}" for line in metric_definitions(protocol)]
     path = out_dir / "report.md"
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from m3d_lit.atomic import atomic_output
+from m3d_lit.atomic import atomic_path
 from m3d_lit.data import phrasing
 from m3d_lit.evaluation.closed import POOLED, finding_of, parse_closed
 
@@ -141,7 +141,7 @@ def _plot_roc(groups: list[tuple[str, str, dict[str, Any]]], records: list[dict]
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - specificity", ylabel="sensitivity")
     ax.set_title("Closed findings: ROC from p_yes", fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     return True
 

@@ -1,7 +1,7 @@
 """Reading and printing scores: a predictions file checked line by line, metrics as text tables, JSON out.
 
 `m3d-lit score` (`m3d_lit.commands.score`) reads a predictions file with `read_predictions`, scores it
-with `scoring.compute_metrics` and prints the tables below; `eval` and `bench` write with `write_json`.
+with `scoring.compute_metrics` and prints the tables below; `eval` and `bench` write with `atomic.write_json`.
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from m3d_lit.atomic import atomic_output
 from m3d_lit.errors import InputError
 from m3d_lit.evaluation.scoring import check_p_yes
 
-__all__ = ["format_closed", "format_open", "format_table", "read_predictions", "write_json"]
+__all__ = ["format_closed", "format_open", "format_table", "read_predictions"]
 
 ROWS = (
     ["n", "n_text"]
@@ -69,13 +68,6 @@ def _problem(record: Any) -> str | None:
         ):
             return f"{key!r} must be a finite number, got {value!r}"
     return check_p_yes(record.get("p_yes"))
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file in the same folder, then `os.replace`); NaN is refused."""
-    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
-    with atomic_output(Path(path)) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 def _cell(group: dict[str, Any], row: str) -> str:

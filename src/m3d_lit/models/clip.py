@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from m3d_lit.errors import InputError
 from m3d_lit.models import registry
+from m3d_lit.models.config import LOGIT_SCALES, ModelConfig
 from m3d_lit.models.presets import resolve
 from m3d_lit.models.tokenizer import build_text_tokenizer
 
@@ -22,7 +23,7 @@ MAX_LOGIT_SCALE = 100.0
 _MODES = ("frozen", "full")
 # `exp`: the parameter is log(scale), exponentiated and clamped to <= 100 (CLIP's recipe, m3d-lit's default);
 # `direct`: the parameter multiplies the similarities as it is (what M3D-CLIP's code does).
-SCALE_MODES = ("exp", "direct")
+SCALE_MODES = LOGIT_SCALES
 
 
 def _projection(head: str, width: int, embed_dim: int) -> nn.Module:
@@ -43,42 +44,43 @@ def _projection(head: str, width: int, embed_dim: int) -> nn.Module:
 class ClipModel(nn.Module):
     """Image-text contrastive model; `vision.*` names match `LamedModel`'s.
 
-    `config["clip"]["logit_scale"]` (`SCALE_MODES`, default `exp`) says how the `logit_scale` parameter
+    `config.clip.logit_scale` (`SCALE_MODES`, default `exp`) says how the `logit_scale` parameter
     turns into the multiplier of the cosine similarities.
 
     Args:
-        config: resolved preset dict (`presets.resolve`).
+        config: the resolved `ModelConfig` (`presets.resolve`), or its dict form.
         text_path: local BERT directory (weights + tokenizer); None builds the preset's BERT from its
             config with a WordPiece tokenizer trained on the shipped corpus.
         tokenizer: the text tokenizer to use instead of the one `text_path` gives (the BERT is then
-            built from `config["text"]` when `text_path` is None).
+            built from `config.text` when `text_path` is None).
     """
 
     def __init__(
         self,
-        config: dict[str, Any],
+        config: ModelConfig | dict[str, Any],
         text_path: str | Path | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
         super().__init__()
+        config = ModelConfig.from_dict(config)
+        if config.clip is None or config.text is None:
+            raise InputError("model config", "has no clip and text sections: it describes no CLIP model")
         self.config = config
-        self.img_size = tuple(config["img_size"])
-        self.max_length = int(config["clip"]["max_length"])
-        self.scale_mode = config["clip"].get("logit_scale", "exp")
-        if self.scale_mode not in SCALE_MODES:
-            raise ValueError(f"clip logit_scale {self.scale_mode!r} is not one of {SCALE_MODES}")
+        self.img_size = tuple(config.img_size)
+        self.max_length = int(config.clip.max_length)
+        self.scale_mode = config.clip.logit_scale
         self.text_tokenizer = tokenizer if tokenizer is not None else build_text_tokenizer(text_path)
         self.vision = registry.build(
-            "vit3d", img_size=self.img_size, patch_size=config["patch_size"], **config["vision"]
+            "vit3d", img_size=self.img_size, patch_size=config.patch_size, **config.vision.to_dict()
         )
         text_config = {
             "vocab_size": len(self.text_tokenizer),
             "pad_token_id": self.text_tokenizer.pad_token_id,
-            **config["text"],
+            **config.text.to_dict(),
         }
         self.text = registry.build("bert", path=text_path, config=text_config)
-        embed_dim = int(config["clip"]["embed_dim"])
-        head = config["clip"].get("head", "linear")
+        embed_dim = int(config.clip.embed_dim)
+        head = config.clip.head
         self.image_proj = _projection(head, self.vision.hidden_size, embed_dim)
         self.text_proj = _projection(head, self.text.config.hidden_size, embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))

@@ -16,6 +16,7 @@ from torch import nn
 from m3d_lit.errors import InputError
 from m3d_lit.models.build import build_lamed
 from m3d_lit.models.clip import build_clip
+from m3d_lit.models.config import ModelConfig
 from m3d_lit.models.presets import STAGE_TRAINABLE, resolve
 from m3d_lit.models.registry import build_perceiver
 from m3d_lit.models.vision import grid_size
@@ -31,11 +32,11 @@ def _count(params: Iterable[nn.Parameter]) -> dict[str, int]:
     }
 
 
-def _token_counts(config: dict[str, Any]) -> tuple[int, int]:
+def _token_counts(config: ModelConfig) -> tuple[int, int]:
     """(patch tokens, visual tokens) of a resolved preset."""
-    grid = grid_size(config["img_size"], config["patch_size"])
+    grid = grid_size(config.img_size, config.patch_size)
     with torch.device("meta"):
-        perceiver = build_perceiver(config["perceiver"], grid, 8, 8)
+        perceiver = build_perceiver(config.perceiver.to_dict(), grid, 8, 8)
     return grid[0] * grid[1] * grid[2], int(perceiver.num_tokens)
 
 

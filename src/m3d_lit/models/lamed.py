@@ -21,6 +21,7 @@ from m3d_lit.errors import InputError
 from m3d_lit.losses import at_least_fp32
 from m3d_lit.losses.segmentation import bce_loss, dice_loss
 from m3d_lit.models import registry
+from m3d_lit.models.config import LoraConfig, ModelConfig
 from m3d_lit.models.llm import NewTokenRows, apply_lora, sample_next, unwrap
 from m3d_lit.models.registry import build_perceiver
 from m3d_lit.models.tokenizer import build_llm_tokenizer
@@ -38,45 +39,41 @@ _MODES = {
 
 
 class LamedModel(nn.Module):
-    """M3D-LaMed built from a resolved preset (`presets.resolve`).
+    """M3D-LaMed built from a model configuration (`presets.resolve`).
 
     Args:
-        config: resolved preset dict (saved in checkpoints so the model can be rebuilt).
+        config: the resolved `ModelConfig` (or its dict form, as an official directory's is built).
         llm_path: local directory of the LLM and its tokenizer; None builds the preset's LLM from its
             config with a tokenizer trained on the shipped corpus.
         dtype: weight dtype of an LLM loaded from `llm_path`.
         tokenizer: a ready tokenizer (with the LaMed tokens) instead of the one `llm_path` names.
 
-    Optional config keys select M3D-LaMed's computation (`models/official/lamed.py` sets them for an
-    official directory; m3d-lit's presets leave them out): `seg_head_dropout` (a Dropout after the
-    `[SEG]` head), `seg_prompt` (`first`: the hidden state before the first `[SEG]`; `mean`: averaged
-    over every `[SEG]`), `loss.dice_smooth` (`both` or `denominator`), `stop_token_ids` (the ids that
-    end an answer besides EOS) and `segmentation.full_decoder`.
+    Some settings select M3D-LaMed's computation (`models/official/lamed.py` sets them for an
+    official directory; m3d-lit's presets keep the defaults): `seg_head_dropout`, `seg_prompt`,
+    `loss.dice_smooth`, `stop_token_ids` and `segmentation.full_decoder` (`models/config.py`).
     """
 
     def __init__(
         self,
-        config: dict[str, Any],
+        config: ModelConfig | dict[str, Any],
         llm_path: str | Path | None = None,
         dtype: torch.dtype | None = None,
         tokenizer: Any = None,
     ):
         super().__init__()
-        smoothing = (config.get("loss") or {}).get("dice_smooth", "both")
-        if smoothing not in ("both", "denominator"):
-            raise ValueError(f"loss.dice_smooth {smoothing!r} must be 'both' or 'denominator'")
+        config = ModelConfig.from_dict(config)
         self.config = config
-        self.img_size = tuple(config["img_size"])
-        self.max_length = int(config["max_length"])
+        self.img_size = tuple(config.img_size)
+        self.max_length = int(config.max_length)
         self.tokenizer = build_llm_tokenizer(llm_path) if tokenizer is None else tokenizer
         self.vision = registry.build(
-            "vit3d", img_size=self.img_size, patch_size=config["patch_size"], **config["vision"]
+            "vit3d", img_size=self.img_size, patch_size=config.patch_size, **config.vision.to_dict()
         )
-        llm_config = {"vocab_size": len(self.tokenizer), **config["llm"]}
+        llm_config = {"vocab_size": len(self.tokenizer), **config.llm.to_dict()}
         self.llm = registry.build("causal_lm", path=llm_path, config=llm_config, dtype=dtype)
         hidden = self.llm.config.hidden_size
         self.perceiver = build_perceiver(
-            config["perceiver"], self.vision.grid, self.vision.hidden_size, hidden
+            config.perceiver.to_dict(), self.vision.grid, self.vision.hidden_size, hidden
         )
         self.num_visual_tokens = int(self.perceiver.num_tokens)
         if self.num_visual_tokens >= self.max_length:
@@ -85,19 +82,17 @@ class LamedModel(nn.Module):
             )
         self.new_tokens = self._add_token_rows(hidden)
         self.segmentation = registry.build(
-            "segvol", img_size=self.img_size, patch_size=config["patch_size"], **config["segmentation"]
+            "segvol", img_size=self.img_size, patch_size=config.patch_size, **config.segmentation.to_dict()
         )
         prompt_dim = self.segmentation.prompt_dim
         head = [nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, prompt_dim)]
-        if config.get("seg_head_dropout"):
-            head.append(nn.Dropout(float(config["seg_head_dropout"])))
+        if config.seg_head_dropout:
+            head.append(nn.Dropout(float(config.seg_head_dropout)))
         self.seg_head = nn.Sequential(*head)
-        self.seg_prompt = config.get("seg_prompt", "first")
-        if self.seg_prompt not in ("first", "mean"):
-            raise ValueError(f"seg_prompt {self.seg_prompt!r} must be 'first' or 'mean'")
+        self.seg_prompt = config.seg_prompt
         self.im_patch_id = self.tokenizer.convert_tokens_to_ids(IM_PATCH)
         self.seg_id = self.tokenizer.convert_tokens_to_ids(SEG)
-        stops = [self.tokenizer.eos_token_id, *config.get("stop_token_ids", [])]
+        stops = [self.tokenizer.eos_token_id, *config.stop_token_ids]
         self.stop_ids = sorted({int(i) for i in stops if i is not None})
         # how answers become text; the official loader puts M3D's decoding here
         self.decode_text: Any = None
@@ -120,13 +115,15 @@ class LamedModel(nn.Module):
         return new_tokens
 
     # -- trainability -------------------------------------------------------------------------------
-    def set_trainable(self, trainable: dict[str, str], lora: dict[str, Any] | None = None) -> None:
+    def set_trainable(
+        self, trainable: dict[str, str], lora: LoraConfig | dict[str, Any] | None = None
+    ) -> None:
         """Set `frozen | full | lora` per component; keys left out are frozen.
 
         Args:
             trainable: `vision`, `perceiver`, `segmentation` (with `seg_head`): frozen|full; `llm`:
                 frozen|full|lora; `new_token_rows`: frozen|full (the added tokens' embedding rows).
-            lora: `r`, `alpha`, `dropout` (default: the preset's `lora`); used when `llm` is `lora`.
+            lora: the LoRA settings (default: the config's `lora`); used when `llm` is `lora`.
         """
         for key, mode in trainable.items():
             if key not in _MODES or mode not in _MODES[key]:
@@ -137,7 +134,7 @@ class LamedModel(nn.Module):
         if wrapped and modes["llm"] == "full":
             raise ValueError("llm already carries LoRA adapters; it cannot become fully trainable")
         if modes["llm"] == "lora" and not wrapped:
-            self.llm = apply_lora(self.llm, lora or self.config["lora"])
+            self.llm = apply_lora(self.llm, LoraConfig.from_dict(lora or self.config.lora))
         self.vision.requires_grad_(modes["vision"] == "full")
         self.perceiver.requires_grad_(modes["perceiver"] == "full")
         self.segmentation.requires_grad_(modes["segmentation"] == "full")
@@ -220,8 +217,8 @@ class LamedModel(nn.Module):
         logits = self.logits(hidden)
         lm_loss = None if labels is None else _lm_loss(logits, labels)
         seg = self._segment_batch(images, input_ids, hidden, masks, seg_flags)
-        weights = self.config.get("loss", {})
-        loss = weights.get("w_dice", 1.0) * seg["dice"] + weights.get("w_bce", 1.0) * seg["bce"]
+        weights = self.config.loss
+        loss = weights.w_dice * seg["dice"] + weights.w_bce * seg["bce"]
         if lm_loss is not None:
             loss = loss + lm_loss
         return {"loss": loss, "lm_loss": lm_loss, "logits": logits, **seg}
@@ -246,7 +243,7 @@ class LamedModel(nn.Module):
         seg_dtype = self.segmentation.prompt_encoder.no_mask_embed.weight.dtype
         seg_logits = self.segmentation(images[rows].to(seg_dtype), prompts.to(seg_dtype))
         target = masks[rows]
-        numerator = self.config.get("loss", {}).get("dice_smooth", "both") == "both"
+        numerator = self.config.loss.dice_smooth == "both"
         return {
             "dice": dice_loss(seg_logits, target, smooth_numerator=numerator).mean(),
             "bce": bce_loss(seg_logits, target).mean(),

@@ -20,6 +20,7 @@ from transformers import (
 )
 
 from m3d_lit.errors import InputError
+from m3d_lit.models.config import LoraConfig
 
 FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "phi3": (Phi3Config, Phi3ForCausalLM)}
 
@@ -139,20 +140,21 @@ def _slots(token_ids: Tensor, vocab_size: int) -> Tensor:
     return slot
 
 
-def apply_lora(llm: PreTrainedModel, lora: dict[str, Any]) -> nn.Module:
+def apply_lora(llm: PreTrainedModel, lora: LoraConfig) -> nn.Module:
     """Wrap `llm` with peft LoRA adapters on all its linear layers (the LM head excluded).
 
     Args:
         llm: the causal LM.
-        lora: `r`, `alpha`, `dropout` (paper: 16, 32, 0.1); optional `target_modules`.
+        lora: the adapters' settings (the model config's `lora` section).
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
 
-    config = LoraConfig(
-        r=int(lora.get("r", 16)),
-        lora_alpha=int(lora.get("alpha", 32)),
-        lora_dropout=float(lora.get("dropout", 0.1)),
-        target_modules=lora.get("target_modules", "all-linear"),
+    config = PeftLoraConfig(
+        r=int(lora.r),
+        lora_alpha=int(lora.alpha),
+        lora_dropout=float(lora.dropout),
+        target_modules=lora.target_modules,
         bias="none",
         task_type="CAUSAL_LM",
     )

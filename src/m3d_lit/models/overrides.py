@@ -1,37 +1,30 @@
-"""Check a preset's `overrides` against the settings each part of the model really takes.
+"""Apply a run's nested `overrides` onto a `ModelConfig`, refusing every key that names no setting.
 
-Every nested key must name a setting: a typo such as `{llm: {num_hiden_layers: 2}}` would otherwise be
-stored by `LlamaConfig` as a new attribute that nothing reads, and the model would be built with the
-preset's value without a word.
+A typo such as `{llm: {num_hiden_layers: 2}}` would otherwise be passed to `LlamaConfig`, stored as an
+attribute nothing reads, and the model built with the preset's value without a word. The settings of a
+section are its dataclass fields (`models/config.py`); the LLM and BERT sections also take the arguments
+of their transformers config class (passed on in `extra`).
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from m3d_lit.errors import InputError
+from m3d_lit.models.config import LLM_FAMILIES, ModelConfig, deep_merge
 
-__all__ = ["check_overrides", "section_settings"]
+__all__ = ["apply_overrides", "check_overrides", "section_settings"]
 
-# arguments the model passes itself; an override of them would be ignored or clash
-_PASSED_BY_MODEL = {"self", "img_size", "patch_size", "grid", "num_patches", "in_dim", "out_dim"}
-# beyond the preset's own keys and the builders' arguments: read with a default by llm.py, and `rope_theta`,
-# the transformers 4 name that LlamaConfig still maps into `rope_parameters`
-_EXTRA = {
-    "llm": {"layer_initializer_range", "attn_implementation", "rope_theta"},
-    "lora": {"target_modules"},
-    "clip": {"logit_scale"},
-    "loss": {"dice_smooth"},
-}
-# top-level settings `LamedModel` reads with a default (the official M3D behaviours, docs/architecture.md)
-_TOP_LEVEL = {"seg_head_dropout", "seg_prompt", "stop_token_ids"}
+# beyond the LLM config class's own arguments: `attn_implementation` (PretrainedConfig's, set by
+# `build_causal_lm`) and `rope_theta`, the transformers 4 name that LlamaConfig maps into `rope_parameters`
+_HF_EXTRA = {"llm": {"attn_implementation", "rope_theta"}, "text": set()}
 
 
-def _arguments(builder: Callable[..., Any]) -> set[str]:
-    return set(inspect.signature(builder).parameters) - _PASSED_BY_MODEL
+def _arguments(builder: Any) -> set[str]:
+    return set(inspect.signature(builder).parameters) - {"self", "kwargs"}
 
 
 def _hf_config_settings(section: str, merged: Mapping[str, Any]) -> set[str]:
@@ -42,36 +35,17 @@ def _hf_config_settings(section: str, merged: Mapping[str, Any]) -> set[str]:
         from m3d_lit.models.llm import FAMILIES
 
         family = merged.get("family", "llama")
-        if family not in FAMILIES:
-            raise InputError("overrides", f"llm.family {family!r} is not one of {sorted(FAMILIES)}")
+        if family not in LLM_FAMILIES:
+            raise InputError("overrides", f"llm.family {family!r} is not one of {sorted(LLM_FAMILIES)}")
         own = FAMILIES[family][0]
-    return _arguments(own.__init__) - _arguments(PretrainedConfig.__init__) | (
-        {"family"} if section == "llm" else set()
-    )
+    return _arguments(own.__init__) - _arguments(PretrainedConfig.__init__) | _HF_EXTRA[section]
 
 
-def section_settings(section: str, merged: Mapping[str, Any], preset: Mapping[str, Any]) -> set[str]:
-    """Names a section of the resolved config accepts (`merged`: the section after the overrides)."""
-    names = set(preset.get(section) or {}) | _EXTRA.get(section, set())
-    if section == "vision":
-        from m3d_lit.models.vision import ViT3D
-
-        names |= _arguments(ViT3D.__init__)
-    elif section == "segmentation":
-        from m3d_lit.models.segmentation import SegmentationModule
-
-        names |= _arguments(SegmentationModule.__init__)
-    elif section == "perceiver":
-        from m3d_lit.models.perceiver import SequencePoolPerceiver, SpatialPoolPerceiver
-
-        kind = {"spatial_pool": SpatialPoolPerceiver, "sequence_pool": SequencePoolPerceiver}
-        chosen = kind.get(merged.get("name", "spatial_pool"))
-        if chosen is None:
-            raise InputError(
-                "overrides", f"perceiver.name {merged.get('name')!r} is not one of {sorted(kind)}"
-            )
-        names = {"name"} | _arguments(chosen.__init__)
-    elif section in ("llm", "text"):
+def section_settings(section: str, merged: Mapping[str, Any]) -> set[str]:
+    """Names a section accepts (`merged`: the section's values after the overrides)."""
+    kind = ModelConfig.section_types()[section]
+    names = kind.names()
+    if section in ("llm", "text"):
         names |= _hf_config_settings(section, merged)
     return names
 
@@ -86,24 +60,39 @@ def _unknown(section: str, given: Mapping[str, Any], valid: set[str]) -> str | N
     return f"{listed} is not a setting{hint}; {section} takes: {', '.join(sorted(valid))}"
 
 
-def check_overrides(preset: Mapping[str, Any], overrides: Mapping[str, Any]) -> None:
-    """Raise `InputError` for an override key no part of the model reads, naming the valid ones."""
+def check_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> None:
+    """Raise `InputError` for an override key no part of the model reads, naming the valid ones.
+
+    Args:
+        base: the configuration the overrides apply to, in its dict form.
+        overrides: the nested overrides.
+    """
     if not isinstance(overrides, Mapping):
         example = "{llm: {num_hidden_layers: 2}}"
         raise InputError("overrides", f"must be a mapping such as {example}, got {overrides!r}")
-    known = (set(preset) | _TOP_LEVEL) - {"preset"}
+    known = ModelConfig.names() - {"preset"}
     unknown = sorted(set(overrides) - known - {"preset"})
     if unknown:
         raise InputError("overrides", f"unknown keys {unknown}; known: {sorted(known)}")
-    for section, value in overrides.items():
-        if section not in preset:
+    sections = ModelConfig.section_types()
+    for name, value in overrides.items():
+        if name not in sections:
+            if isinstance(value, Mapping):
+                raise InputError("overrides", f"{name} takes a value like {base.get(name)!r}, got {value!r}")
             continue
-        base = preset[section]
-        if isinstance(base, Mapping) != isinstance(value, Mapping):
-            want = "a mapping of settings" if isinstance(base, Mapping) else f"a value like {base!r}"
-            raise InputError("overrides", f"{section} takes {want}, got {value!r}")
-        if isinstance(value, Mapping):
-            merged = {**base, **value}
-            problem = _unknown(section, value, section_settings(section, merged, preset))
-            if problem:
-                raise InputError("overrides", problem)
+        current = base.get(name)
+        if not isinstance(value, Mapping):
+            if current is None and value is None:
+                continue
+            raise InputError("overrides", f"{name} takes a mapping of settings, got {value!r}")
+        merged = {**(current or {}), **value}
+        problem = _unknown(name, value, section_settings(name, merged))
+        if problem:
+            raise InputError("overrides", problem)
+
+
+def apply_overrides(config: ModelConfig, overrides: Mapping[str, Any] | None) -> ModelConfig:
+    """`config` with the nested `overrides` merged in (a new config; `config` is left as it is)."""
+    base = config.to_dict()
+    check_overrides(base, overrides or {})
+    return ModelConfig.from_dict(deep_merge(base, dict(overrides or {})))

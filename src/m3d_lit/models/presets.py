@@ -1,19 +1,22 @@
-"""Model size presets and the per-stage trainability defaults.
+"""Model size presets (instances of `ModelConfig`) and the per-stage trainability defaults.
 
-A preset is a plain nested dict so it can be saved in checkpoints and overridden from YAML
-(`overrides={"llm": {"num_hidden_layers": 2}}`). `resolve` deep-merges overrides into a copy.
+`resolve` applies a run's nested `overrides` (`{"llm": {"num_hidden_layers": 2}}`, from YAML or
+`--model.overrides`) onto a preset; every key must name a setting (`overrides.check_overrides`).
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
-__all__ = ["PRESETS", "STAGE_TRAINABLE", "resolve", "deep_merge"]
+from m3d_lit.errors import InputError
+from m3d_lit.models.config import ModelConfig, deep_merge
+from m3d_lit.models.overrides import apply_overrides
+
+__all__ = ["PRESETS", "STAGE_TRAINABLE", "resolve", "deep_merge", "fingerprint_config"]
 
 _LORA = {"r": 16, "alpha": 32, "dropout": 0.1}
 
-PRESETS: dict[str, dict[str, Any]] = {
+_PRESET_VALUES: dict[str, dict[str, Any]] = {
     # CPU demo: 8x4x4 = 128 patch tokens pooled (1, 2, 2) -> 32 visual tokens.
     "tiny": {
         "img_size": [32, 64, 64],
@@ -133,6 +136,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+PRESETS: dict[str, ModelConfig] = {
+    name: ModelConfig.from_dict({**values, "preset": name}) for name, values in _PRESET_VALUES.items()
+}
+
 # Defaults per stage; a task's `trainable` argument overrides single keys.
 STAGE_TRAINABLE: dict[int, dict[str, str]] = {
     1: {"vision": "full", "text": "full", "projections": "full"},
@@ -153,31 +160,22 @@ STAGE_TRAINABLE: dict[int, dict[str, str]] = {
 }
 
 
-def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Return a copy of `base` with `update` merged in; nested dicts merge, other values replace."""
-    merged = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-def resolve(preset: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The preset's config with `overrides` deep-merged in, plus `"preset": name`.
+def resolve(preset: str, overrides: dict[str, Any] | None = None) -> ModelConfig:
+    """The preset's config with `overrides` applied, its `preset` set to the name.
 
     Args:
         preset: one of `PRESETS`.
         overrides: nested values to replace, e.g. `{"vision": {"num_layers": 2}}`; every key must name a
             setting of its section (`overrides.check_overrides`), or `InputError` lists the valid ones.
     """
-    from m3d_lit.errors import InputError
-    from m3d_lit.models.overrides import check_overrides
-
     if preset not in PRESETS:
         raise InputError("preset", f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    check_overrides(PRESETS[preset], overrides or {})
-    config = deep_merge(PRESETS[preset], overrides or {})
+    return apply_overrides(PRESETS[preset], overrides)
+
+
+def fingerprint_config(preset: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The dict a checkpoint's fingerprint hashes: the preset's dict form with `overrides` merged in as
+    given (so checkpoints written when presets were dicts still match)."""
+    config = deep_merge(PRESETS[preset].to_dict(), overrides or {})
     config["preset"] = preset
     return config

@@ -9,12 +9,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from m3d_lit.data.collate import LMCollator
+from m3d_lit.data.collate import make_collator
 from m3d_lit.errors import InputError
 from m3d_lit.evaluation.visual import middle_slice_grid
 from m3d_lit.models.build import build_lamed
 from m3d_lit.models.lamed import cast_for_training
 from m3d_lit.models.official.clip import load_m3d_clip
+from m3d_lit.models.overrides import apply_overrides
 from m3d_lit.tasks.base import BaseTask
 from m3d_lit.tasks.metrics import TokenAccuracy
 from m3d_lit.tasks.official import official_kind
@@ -92,8 +93,8 @@ class AlignTask(BaseTask):
     def configure_models(self) -> nn.Module:
         self._official_init()
         model = build_lamed(self.hparams.preset, self.hparams.overrides, llm_path=self.hparams.llm_path)
-        trainable = self.trainable_config()
-        model.set_trainable(trainable, lora=self.hparams.get("lora"))
+        model.config = apply_overrides(model.config, self.run_settings())
+        model.set_trainable(self.trainable_config())
         mode = self.hparams.gradient_checkpointing
         if mode != "none":
             model.enable_gradient_checkpointing(llm=mode in ("llm", "all"), vision=mode in ("vision", "all"))
@@ -146,8 +147,7 @@ class AlignTask(BaseTask):
         return nn.ModuleDict({"token_acc": TokenAccuracy()})
 
     def configure_collate(self) -> Any:
-        m = self.model
-        return LMCollator(m.tokenizer, m.num_visual_tokens, m.max_length, tuple(m.img_size))
+        return make_collator(self.model)
 
     def forward_batch(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         return self.model(
@@ -186,10 +186,7 @@ class AlignTask(BaseTask):
         if writer is None:
             return
         n = min(self.hparams.log_examples, len(batch["questions"]))
-        m = self.model
-        collate = LMCollator(
-            m.tokenizer, m.num_visual_tokens, m.max_length, tuple(m.img_size), generation=True
-        )
+        collate = make_collator(self.model, generation=True)
         items = [
             {
                 "id": batch["ids"][i],
@@ -203,7 +200,7 @@ class AlignTask(BaseTask):
             for i in range(n)
         ]
         prompt = collate(items)
-        out = m.generate(
+        out = self.model.generate(
             batch["images"][:n],
             prompt["input_ids"].to(self.device),
             prompt["attention_mask"].to(self.device),

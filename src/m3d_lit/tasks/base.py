@@ -1,7 +1,8 @@
 """`BaseTask`: what every training stage shares.
 
 A stage is a recipe (`stages/*.yaml`); a task is the LightningModule that runs it. Subclasses build their
-model in `configure_models`, hand the DataModule its collator in `configure_collate`, and compute their
+model in `configure_models`, build their collator in `configure_collate` (`setup` hands it to the
+DataModule with `set_collator`), and compute their
 losses in `model_step`. Moving weights between stages (`init_from`) and resuming a stage (`--ckpt_path`)
 are kept apart: `init_from` is only read when a run starts fresh.
 """
@@ -148,6 +149,11 @@ class BaseTask(LightningModule):
     def configure_collate(self) -> Any:
         raise NotImplementedError
 
+    def run_settings(self) -> dict[str, Any]:
+        """Model-config sections this stage's own arguments set for the run (`FinetuneTask`: `lora` and
+        `loss`); applied over the preset and `overrides`, after the model is built."""
+        return {}
+
     def model_step(self, batch: dict[str, Any], split: str) -> Tensor:
         raise NotImplementedError
 
@@ -163,7 +169,12 @@ class BaseTask(LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None:
-            datamodule.collate_fn = self.configure_collate()
+            if not hasattr(datamodule, "set_collator"):
+                raise TypeError(
+                    f"{type(datamodule).__name__} has no set_collator(collate): derive the DataModule from "
+                    "m3d_lit.data.datamodules.BaseDataModule, which batches with the task's collator"
+                )
+            datamodule.set_collator(self.configure_collate())
         # `sync_batchnorm=True` converts torch's batch norms; the perceiver's synchronises itself
         sync = getattr(self.trainer.strategy, "_layer_sync", None) is not None
         if set_batchnorm_sync(self, sync) and sync:

@@ -7,7 +7,6 @@ They are listed in the stage recipes (`stages/*.yaml`): `AtomicCheckpointIO` und
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -22,6 +21,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from m3d_lit.atomic import torch_save as atomic_torch_save
 from m3d_lit.errors import TrainingError
 
 __all__ = [
@@ -34,27 +34,6 @@ __all__ = [
 ]
 
 LOSS_TERMS = ("lm_loss", "dice", "bce")
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """`torch.save` into a temporary file beside `path`, flushed to disk, then renamed over `path`.
-
-    A reader (or a resumed run) sees the old file or the new one, never a half-written one; a failed
-    write leaves no temporary file behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

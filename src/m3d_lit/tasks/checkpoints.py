@@ -21,7 +21,7 @@ import torch
 
 from m3d_lit.errors import InputError
 from m3d_lit.models.llm import unwrap
-from m3d_lit.models.presets import resolve
+from m3d_lit.models.presets import fingerprint_config
 
 __all__ = [
     "base_fingerprint",
@@ -54,7 +54,7 @@ def _llm_weights_hash(llm: torch.nn.Module) -> str:
 
 def base_fingerprint(task: Any) -> dict[str, Any]:
     """What a checkpoint must match to be loaded into `task` (computed when the task is built)."""
-    config = resolve(task.hparams.preset, task.hparams.overrides)
+    config = fingerprint_config(task.hparams.preset, task.hparams.overrides)
     llm = getattr(task.model, "llm", None)
     llm_record = None
     if isinstance(llm, torch.nn.Module):

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from m3d_lit.data.collate import ClipCollator
+from m3d_lit.data.collate import make_collator
 from m3d_lit.losses.contrastive import clip_loss
 from m3d_lit.models.clip import build_clip
 from m3d_lit.tasks.base import BaseTask
@@ -42,7 +42,7 @@ class ClipTask(BaseTask):
         return nn.ModuleDict({"recall": RetrievalRecall(ks=(1, 5, 10))})
 
     def configure_collate(self) -> Any:
-        return ClipCollator(self.model.text_tokenizer, self.hparams.text_max_length)
+        return make_collator(self.model, max_length=self.hparams.text_max_length)
 
     def _gather(self, features: Tensor) -> Tensor:
         if self.trainer.world_size <= 1:

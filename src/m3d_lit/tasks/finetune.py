@@ -19,10 +19,14 @@ __all__ = ["FinetuneTask"]
 class FinetuneTask(AlignTask):
     """Stage 3: loss = LM + w_dice * Dice + w_bce * BCE (the mask terms only on rows that produce `[SEG]`).
 
+    The LoRA settings and the loss weights live in the model configuration (`ModelConfig.lora`,
+    `ModelConfig.loss`, `models/config.py`), which also holds their defaults; these arguments set them
+    for a run (applied over the preset and `overrides`). Unset, the configuration's values stand.
+
     Args:
-        lora: LoRA settings for the LLM (`r`, `alpha`, `dropout`; paper: 16, 32, 0.1).
-        w_dice: weight of the Dice loss.
-        w_bce: weight of the binary cross-entropy of the mask.
+        lora: the LLM's LoRA settings (`r`, `alpha`, `dropout`, `target_modules`; paper: 16, 32, 0.1).
+        w_dice: weight of the Dice loss (`loss.w_dice`).
+        w_bce: weight of the binary cross-entropy of the mask (`loss.w_bce`).
         segvol_path: SegVol's released checkpoint (or the `model.*` dict M3D's `pretrain_seg_module`
             reads) to start the segmentation module from, on a fresh run like `init_from`; set
             `overrides.segmentation.full_decoder: true` so the decoder computes what SegVol computes.
@@ -36,12 +40,19 @@ class FinetuneTask(AlignTask):
     def __init__(
         self,
         lora: dict[str, Any] | None = None,
-        w_dice: float = 1.0,
-        w_bce: float = 1.0,
+        w_dice: float | None = None,
+        w_bce: float | None = None,
         segvol_path: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+
+    def run_settings(self) -> dict[str, Any]:
+        weights = {"w_dice": self.hparams.w_dice, "w_bce": self.hparams.w_bce}
+        settings: dict[str, Any] = {"loss": {k: v for k, v in weights.items() if v is not None}}
+        if self.hparams.lora is not None:
+            settings["lora"] = self.hparams.lora
+        return settings
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -59,7 +70,8 @@ class FinetuneTask(AlignTask):
         return metrics
 
     def compute_loss(self, out: dict[str, Tensor], batch: dict[str, Any], split: str) -> Tensor:
-        loss = out["lm_loss"] + self.hparams.w_dice * out["dice"] + self.hparams.w_bce * out["bce"]
+        weights = self.model.config.loss
+        loss = out["lm_loss"] + weights.w_dice * out["dice"] + weights.w_bce * out["bce"]
         flags = batch.get("seg_flags")
         if flags is None or not bool(flags.any()):
             return loss

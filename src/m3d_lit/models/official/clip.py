@@ -22,6 +22,7 @@ from transformers import BertTokenizer
 
 from m3d_lit.errors import InputError
 from m3d_lit.models.clip import ClipModel
+from m3d_lit.models.config import ModelConfig
 from m3d_lit.models.official.files import load_weights, read_config
 from m3d_lit.models.presets import resolve
 
@@ -185,7 +186,7 @@ def _check_bert(text: dict, check: _Checker, because: str) -> None:
     )
 
 
-def m3d_clip_config(directory: Path, config: dict, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+def m3d_clip_config(directory: Path, config: dict, weights: dict[str, torch.Tensor]) -> ModelConfig:
     """m3d-lit's resolved CLIP configuration for an M3D-CLIP directory, checked against its weights."""
     check = _Checker(directory, weights)
     sizes = _vision_sizes(config, check)
@@ -242,7 +243,7 @@ def load_m3d_clip(directory: str | Path) -> Any:
         )
     weights = load_weights(directory)
     resolved = m3d_clip_config(directory, config, weights)
-    tokenizer = _tokenizer(directory, resolved["text"]["vocab_size"])
+    tokenizer = _tokenizer(directory, resolved.text.vocab_size)
     model = ClipModel(resolved, tokenizer=tokenizer)
     state = _renamed(directory, weights)
     own = model.state_dict()

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from m3d_lit.errors import InputError
+from m3d_lit.models.config import ModelConfig
 from m3d_lit.models.lamed import LamedModel
 from m3d_lit.models.llm import unwrap
 from m3d_lit.models.official.files import load_weights, read_config
@@ -135,7 +136,7 @@ def _stop_ids(directory: Path) -> list[int]:
     return [int(i) for i in (eos if isinstance(eos, list) else [] if eos is None else [eos])]
 
 
-def official_config(directory: Path, config: dict, vocab_rows: int) -> dict[str, Any]:
+def official_config(directory: Path, config: dict, vocab_rows: int) -> ModelConfig:
     """m3d-lit's model config for an M3D-LaMed config.json (`vocab_rows`: embedding rows of the weights)."""
     family = FAMILIES.get(config.get("model_type"))
     if family is None:
@@ -161,7 +162,7 @@ def official_config(directory: Path, config: dict, vocab_rows: int) -> dict[str,
         segmentation = _segmentation(hard["segvol"], mm_hidden)
     except (KeyError, ValueError) as err:
         raise InputError(directory / "config.json", f"SegVol sizes unusable: {err}") from err
-    return {
+    values = {
         "preset": "m3d",
         "img_size": list(_get(config, "image_size", directory)),
         "patch_size": list(_get(config, "patch_size", directory)),
@@ -177,6 +178,10 @@ def official_config(directory: Path, config: dict, vocab_rows: int) -> dict[str,
         "loss": {"w_dice": 1.0, "w_bce": 1.0, "dice_smooth": "denominator"},
         "stop_token_ids": _stop_ids(directory),
     }
+    try:
+        return ModelConfig.from_dict(values)
+    except InputError as err:
+        raise InputError(directory / "config.json", f"describes no model m3d-lit can build: {err}") from None
 
 
 def official_to_lamed(key: str) -> str | None:

@@ -1,0 +1,39 @@
+"""`m3d-lit recipes`: the stage, trainer and data recipes that ship in the package, with their paths.
+
+Each name works where `m3d-lit fit|validate|test` takes a file: `-c stage3` (or `-c stage3_finetune`),
+`-c cpu`, `--data cq500_qa`.
+"""
+
+from __future__ import annotations
+
+from m3d_lit.arguments import CommandParser
+from m3d_lit.errors import InputError
+from m3d_lit.recipes import find_recipe, list_recipes
+
+__all__ = ["main"]
+
+_HEADINGS = {
+    "stage": "stages (-c NAME)",
+    "trainer": "trainer presets (-c NAME, after the stage)",
+    "data": "data (--data NAME)",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print every recipe by kind as `name  path`, or with NAME the path of that one recipe."""
+    parser = CommandParser(prog="m3d-lit recipes", description=__doc__.splitlines()[0])
+    parser.add_argument("name", nargs="?", help="print only this recipe's path (e.g. stage3, cq500_qa)")
+    args = parser.parse_args(argv)
+    if args.name:
+        found = find_recipe(args.name, ("stage", "trainer", "data"))
+        if found is None:
+            raise InputError(args.name, "names no recipe (`m3d-lit recipes` lists them)")
+        print(found)
+        return 0
+    blocks = []
+    for kind, recipes in list_recipes().items():
+        width = max(len(name) for name in recipes)
+        lines = [f"{_HEADINGS[kind]}:"] + [f"  {name:<{width}}  {path}" for name, path in recipes.items()]
+        blocks.append("\n".join(lines))
+    print("\n\n".join(blocks))
+    return 0
