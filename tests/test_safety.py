@@ -178,6 +178,26 @@ def test_last_checkpoint_is_the_newest_state_even_when_the_monitor_stops_improvi
     assert sorted(p.name for p in tmp_path.glob("epoch=*.ckpt")) == ["epoch=0-step=8.ckpt"]
 
 
+def test_a_second_run_in_the_same_folder_overwrites_last_checkpoint(tmp_path: Path) -> None:
+    # re-running a stage: the next stage and `make eval` read last.ckpt, never the earlier run's weights
+    def run(max_steps: int) -> None:
+        checkpoint = StageCheckpoint(
+            dirpath=tmp_path, filename="{epoch}-{step}", monitor="val/loss", save_top_k=1, save_last=True,
+            save_on_train_epoch_end=True,
+        )  # fmt: skip
+        trainer = Trainer(
+            accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, num_sanity_val_steps=0, callbacks=[checkpoint], default_root_dir=tmp_path,
+        )  # fmt: skip
+        trainer.fit(_PlateauTask())
+
+    run(20)
+    assert load_checkpoint(tmp_path / "last.ckpt")["global_step"] == 20
+    run(12)
+    assert load_checkpoint(tmp_path / "last.ckpt")["global_step"] == 12
+    assert sorted(p.name for p in tmp_path.glob("last*.ckpt")) == ["last.ckpt"]
+
+
 class _SendSignal(Callback):
     def __init__(self, signum: int, at_step: int) -> None:
         self.signum, self.at_step = signum, at_step

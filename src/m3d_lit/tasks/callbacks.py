@@ -61,7 +61,14 @@ class StageCheckpoint(ModelCheckpoint):
     ends at `max_steps` inside an epoch (a resumed one, say) leaves it at the previous epoch's end, so the
     next stage's `init_from` and `--ckpt_path last` would read stale weights. Here `last.ckpt` is also
     written when no top-k checkpoint was; the top-k files keep Lightning's rules.
+
+    A new run in a folder that holds an earlier run's checkpoints overwrites `last.ckpt` (and a top-k file
+    of the same name) instead of writing `last-v1.ckpt` beside it, which Lightning's version counter does:
+    the next stage and `make eval` read `last.ckpt`, and would read the earlier run's weights.
     """
+
+    def __init__(self, *args: Any, enable_version_counter: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, enable_version_counter=enable_version_counter, **kwargs)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
