@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from m3d_lit.recipes import recipes_root
+
 __all__ = ["DemoPlan", "main"]
 
-REPO = Path(__file__).resolve().parents[3]
 VARIANTS = {"scans": [], "blank": ["--blank-images"], "swapped": ["--swap-images"]}
 PROTOCOL = "m3d"
 # (summary key, column title): the text metrics are the paper's Table 1 columns, scored as M3D scores them
@@ -73,8 +74,8 @@ def _run(step: str, command: list[str], cwd: Path, seconds: dict[str, float]) ->
 def _stage(recipe: str, steps: int, batch: int, data: list[Path], mode: str, extra: list[str]) -> list[str]:
     return [
         sys.executable, "-m", "m3d_lit.cli", "fit",
-        "-c", str(REPO / "stages" / recipe),
-        "-c", str(REPO / "stages" / "trainer" / "cpu.yaml"),
+        "-c", str(recipes_root() / "stages" / recipe),
+        "-c", str(recipes_root() / "stages" / "trainer" / "cpu.yaml"),
         "--model.preset", "tiny",
         "--data.roots", json.dumps([str(p) for p in data]),
         "--data.mode", mode,
@@ -145,7 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m m3d_lit.commands.demo", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "demo")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs") / "demo",
+        help="output folder (default: runs/demo under the current one)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="the smoke test: small and fast, no margin")
     args = parser.parse_args(argv)
