@@ -20,12 +20,19 @@ the names a user gives against that class.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from m3d_lit.errors import InputError
+from m3d_lit.models.config_base import (
+    Section,
+    choice,
+    divides,
+    number,
+    positive_int,
+    triple,
+)
 
 __all__ = [
     "ClipConfig",
@@ -37,7 +44,6 @@ __all__ = [
     "SegmentationConfig",
     "TextConfig",
     "VisionConfig",
-    "deep_merge",
 ]
 
 PERCEIVERS = ("spatial_pool", "sequence_pool")
@@ -49,111 +55,8 @@ DICE_SMOOTHING = ("both", "denominator")
 SEG_PROMPTS = ("first", "mean")
 
 
-def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of `base` with `update` merged in; nested mappings merge, other values replace."""
-    merged = copy.deepcopy(dict(base))
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-def _positive_int(where: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(where, f"{value!r} must be a positive integer")
-
-
-def _number(where: str, value: Any, low: float = 0.0, high: float | None = None) -> None:
-    """A real number in [low, high) (no upper bound when `high` is None)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or value < low or (high is not None and value >= high):
-        bound = f"[{low}, {high})" if high is not None else f">= {low}"
-        raise InputError(where, f"{value!r} must be a number {bound}")
-
-
-def _choice(where: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise InputError(where, f"{value!r} is not one of {list(choices)}")
-
-
-def _divides(where: str, hidden: int, heads: int) -> None:
-    if hidden % heads:
-        raise InputError(where, f"hidden_size {hidden} is not divisible by num_heads {heads}")
-
-
-def _triple(where: str, value: Any) -> None:
-    items = [value] if isinstance(value, int) else value
-    if not isinstance(items, Sequence) or isinstance(items, str) or len(items) not in (1, 3):
-        raise InputError(where, f"{value!r} must be an integer or three integers")
-    for item in items:
-        _positive_int(where, item)
-
-
-class _Section(Mapping):
-    """Shared behaviour: the dict form (`to_dict`, `from_dict`) and a read-only `Mapping` view of it."""
-
-    _SAVED_IF_SET: ClassVar[frozenset[str]] = frozenset()
-    _SECTION: ClassVar[str] = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        """The plain nested dict (what checkpoints and `overrides` hold)."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            if f.name == "extra":
-                out.update(value)
-                continue
-            if f.name in self._SAVED_IF_SET and value == _default(f):
-                continue
-            out[f.name] = value.to_dict() if isinstance(value, _Section) else value
-        return out
-
-    @classmethod
-    def names(cls) -> set[str]:
-        """The settings this section declares."""
-        return {f.name for f in dataclasses.fields(cls) if f.name != "extra"}  # type: ignore[arg-type]
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Any:
-        """Build from a dict; keys it does not declare go to `extra` where there is one, else are refused."""
-        if isinstance(data, cls):
-            return data
-        where = cls._SECTION or "model config"
-        if not isinstance(data, Mapping):
-            raise InputError(where, f"must be a mapping of settings, got {data!r}")
-        known = cls.names()
-        values = {k: v for k, v in data.items() if k in known}
-        unknown = {k: v for k, v in data.items() if k not in known}
-        if unknown and "extra" not in {f.name for f in dataclasses.fields(cls)}:  # type: ignore[arg-type]
-            raise InputError(where, f"unknown settings {sorted(unknown)}; known: {sorted(known)}")
-        if unknown:
-            values["extra"] = unknown
-        try:
-            return cls(**values)
-        except TypeError as err:  # a required setting missing
-            raise InputError(where, f"cannot be built: {err}") from None
-
-    # -- the read-only Mapping view of `to_dict()` --------------------------------------------------
-    def __getitem__(self, key: str) -> Any:
-        return self.to_dict()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.to_dict())
-
-    def __len__(self) -> int:
-        return len(self.to_dict())
-
-
-def _default(f: dataclasses.Field) -> Any:
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
-    return f.default
-
-
 @dataclasses.dataclass(frozen=True, eq=True)
-class VisionConfig(_Section):
+class VisionConfig(Section):
     """The 3D ViT (`models/vision.py`, M3D's ViT-B/3D at the `paper` size)."""
 
     _SECTION: ClassVar[str] = "vision"
@@ -180,13 +83,13 @@ class VisionConfig(_Section):
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "mlp_dim", "num_layers", "num_heads", "in_channels"):
-            _positive_int(f"vision.{name}", getattr(self, name))
-        _divides("vision", self.hidden_size, self.num_heads)
-        _number("vision.dropout_rate", self.dropout_rate, 0.0, 1.0)
+            positive_int(f"vision.{name}", getattr(self, name))
+        divides("vision", self.hidden_size, self.num_heads)
+        number("vision.dropout_rate", self.dropout_rate, 0.0, 1.0)
 
 
 @dataclasses.dataclass(frozen=True, eq=True)
-class PerceiverConfig(_Section):
+class PerceiverConfig(Section):
     """The projector from ViT patch tokens to LLM-wide visual tokens (`models/perceiver.py`)."""
 
     _SECTION: ClassVar[str] = "perceiver"
@@ -202,18 +105,18 @@ class PerceiverConfig(_Section):
     """M3D's projector layout with this many linear layers (None: m3d-lit's two-layer MLP)."""
 
     def __post_init__(self) -> None:
-        _choice("perceiver.name", self.name, PERCEIVERS)
-        _choice("perceiver.proj", self.proj, PROJECTIONS)
+        choice("perceiver.name", self.name, PERCEIVERS)
+        choice("perceiver.proj", self.proj, PROJECTIONS)
         if self.name == "spatial_pool":
-            _triple("perceiver.pool", self.pool)
+            triple("perceiver.pool", self.pool)
         else:
-            _positive_int("perceiver.pool", self.pool)
+            positive_int("perceiver.pool", self.pool)
         if self.depth is not None:
-            _positive_int("perceiver.depth", self.depth)
+            positive_int("perceiver.depth", self.depth)
 
 
 @dataclasses.dataclass(frozen=True, eq=True)
-class _Transformer(_Section):
+class _Transformer(Section):
     """Sizes shared by the Hugging Face transformers m3d-lit builds (the LLM, BERT)."""
 
     _SAVED_IF_SET: ClassVar[frozenset[str]] = frozenset({"vocab_size"})
@@ -236,10 +139,10 @@ class _Transformer(_Section):
     def __post_init__(self) -> None:
         where = self._SECTION
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
-            _positive_int(f"{where}.{name}", getattr(self, name))
-        _positive_int(f"{where}.max_position_embeddings", self.max_position_embeddings)
+            positive_int(f"{where}.{name}", getattr(self, name))
+        positive_int(f"{where}.max_position_embeddings", self.max_position_embeddings)
         if self.vocab_size is not None:
-            _positive_int(f"{where}.vocab_size", self.vocab_size)
+            positive_int(f"{where}.vocab_size", self.vocab_size)
         if self.hidden_size % self.num_attention_heads:
             raise InputError(
                 where,
@@ -269,10 +172,10 @@ class LLMConfig(_Transformer):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _choice("llm.family", self.family, LLM_FAMILIES)
+        choice("llm.family", self.family, LLM_FAMILIES)
         for name in ("initializer_range", "layer_initializer_range"):
             if getattr(self, name) is not None:
-                _number(f"llm.{name}", getattr(self, name))
+                number(f"llm.{name}", getattr(self, name))
 
 
 @dataclasses.dataclass(frozen=True, eq=True)
@@ -283,7 +186,7 @@ class TextConfig(_Transformer):
 
 
 @dataclasses.dataclass(frozen=True, eq=True)
-class ClipConfig(_Section):
+class ClipConfig(Section):
     """The stage-1 contrastive heads (`models/clip.py`)."""
 
     _SECTION: ClassVar[str] = "clip"
@@ -299,14 +202,14 @@ class ClipConfig(_Section):
     """How the scale parameter multiplies the similarities: `exp` (clamped exp) or `direct` (M3D-CLIP)."""
 
     def __post_init__(self) -> None:
-        _positive_int("clip.embed_dim", self.embed_dim)
-        _positive_int("clip.max_length", self.max_length)
-        _choice("clip.head", self.head, CLIP_HEADS)
-        _choice("clip.logit_scale", self.logit_scale, LOGIT_SCALES)
+        positive_int("clip.embed_dim", self.embed_dim)
+        positive_int("clip.max_length", self.max_length)
+        choice("clip.head", self.head, CLIP_HEADS)
+        choice("clip.logit_scale", self.logit_scale, LOGIT_SCALES)
 
 
 @dataclasses.dataclass(frozen=True, eq=True)
-class SegmentationConfig(_Section):
+class SegmentationConfig(Section):
     """The SegVol-style segmentation module (`models/segmentation.py`) that `[SEG]` prompts."""
 
     _SECTION: ClassVar[str] = "segmentation"
@@ -350,12 +253,12 @@ class SegmentationConfig(_Section):
             "iou_head_depth",
             "iou_head_hidden_dim",
         ):
-            _positive_int(f"segmentation.{name}", getattr(self, name))
-        _divides("segmentation", self.hidden_size, self.num_heads)
+            positive_int(f"segmentation.{name}", getattr(self, name))
+        divides("segmentation", self.hidden_size, self.num_heads)
 
 
 @dataclasses.dataclass(frozen=True, eq=True)
-class LoraConfig(_Section):
+class LoraConfig(Section):
     """LoRA adapters on the LLM's linear layers (stage 3); the one home of these settings.
 
     Stage 3's `--model.lora` sets them for a run (as an override of this section).
@@ -374,9 +277,9 @@ class LoraConfig(_Section):
     """Which modules get adapters: peft's `all-linear` (the LM head excluded) or a list of names."""
 
     def __post_init__(self) -> None:
-        _positive_int("lora.r", self.r)
-        _positive_int("lora.alpha", self.alpha)
-        _number("lora.dropout", self.dropout, 0.0, 1.0)
+        positive_int("lora.r", self.r)
+        positive_int("lora.alpha", self.alpha)
+        number("lora.dropout", self.dropout, 0.0, 1.0)
         names = [self.target_modules] if isinstance(self.target_modules, str) else self.target_modules
         if not isinstance(names, Sequence) or not names or not all(isinstance(n, str) for n in names):
             raise InputError(
@@ -385,7 +288,7 @@ class LoraConfig(_Section):
 
 
 @dataclasses.dataclass(frozen=True, eq=True)
-class LossConfig(_Section):
+class LossConfig(Section):
     """Weights of stage 3's mask loss terms; the one home of these settings.
 
     The loss is LM + w_dice * Dice + w_bce * BCE; stage 3's `--model.w_dice` / `--model.w_bce` set them
@@ -403,13 +306,13 @@ class LossConfig(_Section):
     """Where the Dice smoothing term goes: `both` (numerator and denominator) or `denominator` (M3D)."""
 
     def __post_init__(self) -> None:
-        _number("loss.w_dice", self.w_dice)
-        _number("loss.w_bce", self.w_bce)
+        number("loss.w_dice", self.w_dice)
+        number("loss.w_bce", self.w_bce)
         if self.dice_smooth not in DICE_SMOOTHING:
             raise InputError("loss.dice_smooth", f"{self.dice_smooth!r} must be 'both' or 'denominator'")
 
 
-_SECTIONS: dict[str, type[_Section]] = {
+_SECTIONS: dict[str, type[Section]] = {
     "vision": VisionConfig,
     "perceiver": PerceiverConfig,
     "llm": LLMConfig,
@@ -422,7 +325,7 @@ _SECTIONS: dict[str, type[_Section]] = {
 
 
 @dataclasses.dataclass(frozen=True, eq=True)
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """A whole model: the input geometry and one section per component (a preset, or a resolved run)."""
 
     _SAVED_IF_SET: ClassVar[frozenset[str]] = frozenset(
@@ -465,17 +368,17 @@ class ModelConfig(_Section):
             value = getattr(self, name, None)
             if value is not None and not isinstance(value, kind):  # a dict section: build it
                 object.__setattr__(self, name, kind.from_dict(value))
-        _triple("img_size", self.img_size)
-        _triple("patch_size", self.patch_size)
-        _positive_int("max_length", self.max_length)
-        _number("seg_head_dropout", self.seg_head_dropout, 0.0, 1.0)
+        triple("img_size", self.img_size)
+        triple("patch_size", self.patch_size)
+        positive_int("max_length", self.max_length)
+        number("seg_head_dropout", self.seg_head_dropout, 0.0, 1.0)
         if self.seg_prompt not in SEG_PROMPTS:
             raise InputError("seg_prompt", f"{self.seg_prompt!r} must be 'first' or 'mean'")
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.stop_token_ids):
             raise InputError("stop_token_ids", f"{self.stop_token_ids!r} must be token ids")
 
     @staticmethod
-    def section_types() -> dict[str, type[_Section]]:
+    def section_types() -> dict[str, type[Section]]:
         """The component sections by name, each with its dataclass."""
         return dict(_SECTIONS)
 

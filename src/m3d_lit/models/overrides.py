@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from m3d_lit.errors import InputError
-from m3d_lit.models.config import LLM_FAMILIES, ModelConfig, deep_merge
+from m3d_lit.models.config import LLM_FAMILIES, ModelConfig
+from m3d_lit.models.config_base import deep_merge
 
 __all__ = ["apply_overrides", "check_overrides", "section_settings"]
 

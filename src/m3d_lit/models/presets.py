@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from m3d_lit.errors import InputError
-from m3d_lit.models.config import ModelConfig, deep_merge
+from m3d_lit.models.config import ModelConfig
+from m3d_lit.models.config_base import deep_merge
 from m3d_lit.models.overrides import apply_overrides
 
 __all__ = ["PRESETS", "STAGE_TRAINABLE", "resolve", "deep_merge", "fingerprint_config"]
