@@ -6,7 +6,7 @@ Each name works where `m3d-lit fit|validate|test` takes a file: `-c stage3` (or 
 
 from __future__ import annotations
 
-from m3d_lit.arguments import CommandParser
+from m3d_lit.commands.arguments import CommandParser
 from m3d_lit.errors import InputError
 from m3d_lit.recipes import find_recipe, list_recipes
 
