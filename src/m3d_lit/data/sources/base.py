@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import numpy as np
 from m3d_lit.data.geometry import Scan
 from m3d_lit.errors import InputError
 
-__all__ = ["ScanRef", "Skipped", "Source", "qa_sample", "relative", "safe_id"]
+__all__ = ["ScanRef", "Skipped", "Source", "qa_sample", "relative", "safe_id", "scans_by_id"]
 
 Skipped = tuple[str, str, str]  # (id, path relative to the root, reason)
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -34,6 +34,23 @@ def safe_id(sid: str, where: str | os.PathLike = "id") -> str:
             where, f"scan id {sid!r} is not allowed (letters, digits, '.', '_', '-'; no '..' or '/')"
         )
     return sid
+
+
+def scans_by_id(root: str | os.PathLike, scan_id: Callable[[Path], str | None]) -> dict[str, Path]:
+    """Scan id -> entry for every entry directly under `root` that `scan_id` names (None: not a scan), in
+    name order; two entries with one id are refused, naming both."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(root, "not a folder")
+    scans: dict[str, Path] = {}
+    for entry in sorted(root.iterdir()):
+        sid = scan_id(entry)
+        if sid is None:
+            continue
+        if sid in scans:
+            raise InputError(root, f"scan {sid!r} appears twice: {scans[sid].name!r} and {entry.name!r}")
+        scans[sid] = entry
+    return scans
 
 
 def relative(path: Path, root: Path) -> str:

@@ -21,7 +21,7 @@ from m3d_lit.data import phrasing
 from m3d_lit.data.geometry import Scan
 from m3d_lit.data.io import pick_series, read_dicom_scan
 from m3d_lit.data.labels import binary, check_width, column_index, read_table
-from m3d_lit.data.sources.base import ScanRef, Skipped, Source, qa_sample
+from m3d_lit.data.sources.base import ScanRef, Skipped, Source, qa_sample, scans_by_id
 from m3d_lit.errors import InputError
 
 __all__ = [
@@ -72,18 +72,7 @@ def cq500_scan_id(folder_name: str) -> str | None:
 
 def find_cq500_scans(root: str | PathLike) -> dict[str, Path]:
     """Map scan id -> scan folder for every CQ500 scan folder directly under `root`."""
-    root = Path(root)
-    if not root.is_dir():
-        raise InputError(root, "not a folder")
-    scans: dict[str, Path] = {}
-    for p in sorted(root.iterdir()):
-        sid = cq500_scan_id(p.name) if p.is_dir() else None
-        if sid is None:
-            continue
-        if sid in scans:
-            raise InputError(root, f"scan {sid} appears twice: {scans[sid].name!r} and {p.name!r}")
-        scans[sid] = p
-    return scans
+    return scans_by_id(root, lambda entry: cq500_scan_id(entry.name) if entry.is_dir() else None)
 
 
 def choose_series(

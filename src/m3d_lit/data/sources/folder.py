@@ -33,7 +33,7 @@ import yaml
 from m3d_lit.data.geometry import Scan
 from m3d_lit.data.io import find_series, read_dicom_scan, read_mask, read_nifti_scan
 from m3d_lit.data.labels import binary, check_width, read_table
-from m3d_lit.data.sources.base import ScanRef, Skipped, Source, qa_sample, relative, safe_id
+from m3d_lit.data.sources.base import ScanRef, Skipped, Source, qa_sample, relative, safe_id, scans_by_id
 from m3d_lit.errors import InputError
 
 __all__ = [
@@ -279,25 +279,18 @@ def read_labels(
 # ---------------------------------------------------------------- scans and masks
 
 
+def _scan_id(entry: Path) -> str | None:
+    """`<id>/` (a DICOM series), `<id>.nii` or `<id>.nii.gz`; None for anything else or a hidden name."""
+    if entry.name.startswith("."):
+        return None
+    if entry.is_dir():
+        return entry.name
+    return _NIFTI.sub("", entry.name) if entry.is_file() and _NIFTI.search(entry.name) else None
+
+
 def find_scans(root: str | Path) -> dict[str, Path]:
     """Scan id -> NIfTI file or DICOM folder for every scan directly under `root`."""
-    root = Path(root)
-    if not root.is_dir():
-        raise InputError(root, "not a folder")
-    scans: dict[str, Path] = {}
-    for entry in sorted(root.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir():
-            sid = entry.name
-        elif entry.is_file() and _NIFTI.search(entry.name):
-            sid = _NIFTI.sub("", entry.name)
-        else:
-            continue
-        if sid in scans:
-            raise InputError(root, f"scan {sid!r} appears twice: {scans[sid].name!r} and {entry.name!r}")
-        scans[sid] = entry
-    return scans
+    return scans_by_id(root, _scan_id)
 
 
 def _mask_for(masks: Path, sid: str) -> Path | None:
