@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from monai import transforms as mt
 
 __all__ = ["ALL_AXES", "BRAIN_CT_FLIP_AXES", "VolumeAugment", "sample_seed"]
 
@@ -59,6 +58,10 @@ class VolumeAugment:
                 raise ValueError(f"{name} must be in [0, 1], got {p}")
         self.flip_axes = tuple(flip_axes)
         self.rotate_prob = rotate_prob
+        # Imported here: `import monai` loads its whole network zoo (transformers' BERT included), ~5 s
+        # that every `m3d-lit eval` and every run without augmentation would pay for nothing.
+        from monai import transforms as mt
+
         geo = ["image", "mask"]
         self.transform = mt.Compose(
             [
