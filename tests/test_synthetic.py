@@ -13,7 +13,7 @@ import pytest
 
 from m3d_lit.commands import synth
 from m3d_lit.data import synthetic
-from m3d_lit.data.phantom import render_phantom
+from m3d_lit.data.phantom import BLEED_TYPES, render_phantom
 from m3d_lit.data.preprocess import apply_window
 from m3d_lit.errors import InputError
 
@@ -142,6 +142,14 @@ def test_frequencies_follow_the_real_labels_or_balance():
     assert all(0.3 < v < 0.85 for v in rates("balanced").values())
 
 
+def test_balanced_physionet_has_no_chronic_bleed_its_labels_could_not_name():
+    def chronic(dataset: str) -> float:
+        phantoms = [synthetic.scan_phantom(dataset, i, (8, 32, 32), 0, balanced=True)[0] for i in range(60)]
+        return np.mean([p.truth["ChronicBleed"] for p in phantoms])
+
+    assert chronic("physionet") == 0 and chronic("cq500") > 0.2
+
+
 def _draw(**kw) -> dict:
     return {"sides": {}, "fractures": [], "lesion_side": 1, **kw}
 
@@ -162,6 +170,23 @@ def test_tissue_values_and_acute_vs_chronic_contrast():
         brain = (p.hu > 20) & (p.hu < 45) & ~blood
         assert low < img[blood].mean() - img[brain].mean() < high
     assert acute.truth["ChronicBleed"] == 0 and chronic.truth["ChronicBleed"] == 1
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_chronic_collection_is_larger_and_acute_blood_does_not_cover_it(seed):
+    # Acute subarachnoid and epidural blood on the same side overlap a subdural's band. The chronic
+    # subdural is drawn last and 1.3x thicker; the acute one loses what the others paint over it.
+    same_side = dict(SDH=True, SAH=True, EDH=True, sides={"SDH": 1, "SAH": 1, "EDH": 1})
+    sdh = BLEED_TYPES.index("SDH") + 1
+    acute = _render(_draw(**same_side), seed)
+    chronic = _render(_draw(**same_side, chronic_type="SDH"), seed)
+    assert (chronic.bleeds == sdh).sum() > 1.3 * (acute.bleeds == sdh).sum()
+    # every voxel of the chronic collection keeps chronic density: 8-14 HU painted, noise sd 5 HU
+    assert chronic.hu[chronic.bleeds == sdh].max() < 45 < acute.hu[acute.bleeds == sdh].min() + 20
+    # the labels say what is left to see: an epidural inside the chronic band is no longer there
+    assert chronic.truth["ChronicBleed"] == 1
+    for name in ("SAH", "EDH"):
+        assert chronic.truth[name] == int((chronic.bleeds == BLEED_TYPES.index(name) + 1).any())
 
 
 @pytest.mark.parametrize("kind", ["IPH", "SDH", "EDH", "SAH", "IVH"])

@@ -35,6 +35,7 @@ _HEAD_AXES = (1.2, 0.9, 0.74)  # z, y, x semi-axes of the outer skull surface
 _HEAD_Z0 = -0.25
 _INNER, _SKULL_OUT = 0.89, 0.97  # rho of the inner and outer skull table (rho = 1 is the scalp surface)
 _Z_SCALE = FIELD_OF_VIEW_MM / 2 / (HEAD_HEIGHT_MM / 2)  # z units -> in-plane units (physical mm ratio)
+_CHRONIC_SCALE = 1.3  # size of a chronic collection against an acute one of its type
 
 
 @dataclass
@@ -97,26 +98,26 @@ def _anatomy(g: _Grid, shift: float, compress_side: int) -> tuple[np.ndarray, np
     return hu, inside, ventricles
 
 
-def _iph(g: _Grid, rng: np.random.Generator, side: int) -> np.ndarray:
-    r = rng.uniform(0.13, 0.18)
+def _iph(g: _Grid, rng: np.random.Generator, side: int, scale: float = 1.0) -> np.ndarray:
+    r = rng.uniform(0.13, 0.18) * scale
     center = (rng.uniform(-0.05, 0.45), rng.uniform(-0.35, 0.35), side * rng.uniform(0.35, 0.42))
     return g.ellipsoid(center, (r * _Z_SCALE * rng.uniform(0.8, 1.2), r * rng.uniform(0.9, 1.3), r))
 
 
-def _sdh(g: _Grid, rng: np.random.Generator, side: int) -> np.ndarray:
+def _sdh(g: _Grid, rng: np.random.Generator, side: int, scale: float = 1.0) -> np.ndarray:
     """A crescent along the inner table, thickest laterally, tapering to the front, back, top and bottom."""
     lateral = np.maximum(np.cos(g.theta - (0.0 if side > 0 else np.pi)), 0.0) ** 0.5
     zc = rng.uniform(0.0, 0.4)
     taper = np.clip(1 - ((g.z - zc) / 0.75) ** 2, 0, 1)
-    thickness = rng.uniform(0.20, 0.28) * lateral * taper
+    thickness = rng.uniform(0.20, 0.28) * scale * lateral * taper
     return (g.rho < _INNER) & (g.rho > _INNER - thickness)
 
 
-def _edh(g: _Grid, rng: np.random.Generator, side: int) -> np.ndarray:
+def _edh(g: _Grid, rng: np.random.Generator, side: int, scale: float = 1.0) -> np.ndarray:
     """A lens: the part of the cranial cavity inside a sphere centred beyond the skull."""
     angle = rng.uniform(-0.5, 0.5) + (0.0 if side > 0 else np.pi)
     zc = rng.uniform(0.0, 0.4)
-    radius, depth = rng.uniform(0.34, 0.42), rng.uniform(0.16, 0.22)
+    radius, depth = rng.uniform(0.34, 0.42) * scale, rng.uniform(0.16, 0.22) * scale
     # Point on the inner table along `angle` at height zc, then push the centre outward.
     az, ay, ax = _HEAD_AXES
     level = np.sqrt(max(_INNER**2 - ((zc - _HEAD_Z0) / az) ** 2, 0.05))
@@ -176,18 +177,23 @@ def _paint_bleeds(
     """Paint each drawn bleed type; returns the label map."""
     bleeds = np.zeros(hu.shape, np.int8)
     shapes = {"IPH": _iph, "SDH": _sdh, "EDH": _edh, "SAH": _sah}
-    for code, name in enumerate(BLEED_TYPES, start=1):
+    chronic = draw.get("chronic_type")
+    # The chronic collection last, so acute blood drawn over the same band (SAH in the sulci under a
+    # subdural, an epidural beside it) does not hide the part that makes it chronic.
+    order = sorted(BLEED_TYPES, key=lambda name: name == chronic)
+    for name in order:
         if not draw.get(name):
             continue
         side = draw["sides"][name]
         if name == "IVH":
             region = ventricles & ((g.x * side > 0) | (g.y > 0.1))
+        elif name == chronic:  # a collection that has grown for weeks: larger than an acute one
+            region = shapes[name](g, rng, side, _CHRONIC_SCALE) & inside
         else:
             region = shapes[name](g, rng, side) & inside
-        chronic = draw.get("chronic_type") == name
         # chronic blood is near CSF density, acute blood bright
-        hu[region] = rng.uniform(8, 14) if chronic else rng.uniform(62, 78)
-        bleeds[region] = code
+        hu[region] = rng.uniform(8, 14) if name == chronic else rng.uniform(62, 78)
+        bleeds[region] = BLEED_TYPES.index(name) + 1
     return bleeds
 
 
@@ -254,6 +260,8 @@ RATES = {
                  "left": 0.6, "right": 0.6, "chronic": 0.6, "fracture_ich": 0.5, "fracture_clear": 0.5,
                  "calvarial": 0.7, "base": 0.5, "mass": 0.65, "shift": 0.75},
 }  # fmt: skip
+# Balanced, for a dataset whose labels name no chronic bleed (PhysioNet CT-ICH: acute trauma).
+RATES["balanced_acute"] = {**RATES["balanced"], "chronic": 0.0}
 
 
 def draw_findings(rng: np.random.Generator, rates: str = "cq500") -> dict:
@@ -261,7 +269,8 @@ def draw_findings(rng: np.random.Generator, rates: str = "cq500") -> dict:
 
     Args:
         rng: the scan's random generator.
-        rates: "cq500", "physionet" (real label frequencies) or "balanced".
+        rates: "cq500", "physionet" (real label frequencies), "balanced" or "balanced_acute" (no
+            chronic bleed).
     """
     p = RATES[rates]
     draw: dict = {"sides": {}, "fractures": [], "lesion_side": int(rng.choice((-1, 1)))}

@@ -76,7 +76,9 @@ def scan_phantom(
     Each scan has its own generator, so a scan does not depend on how many others are made.
     """
     rng = np.random.default_rng([seed, DATASET_CODES[dataset], index])
-    rates = "balanced" if balanced else dataset if dataset in RATES else "cq500"
+    rates = dataset if dataset in RATES else "cq500"
+    if balanced:  # each finding the dataset's labels name in about half of the scans
+        rates = "balanced" if RATES[rates]["chronic"] else "balanced_acute"
     return render_phantom(shape, draw_findings(rng, rates), rng), rng
 
 
