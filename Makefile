@@ -45,7 +45,7 @@ lint: setup  ## ruff, and the import layers of pyproject.toml's [tool.importlint
 	$(BIN)/ruff check src tests perf
 	$(BIN)/lint-imports
 
-demo: setup  ## the whole pipeline on synthetic brain CT, on a CPU (10-13 minutes on 2 cores)
+demo: setup  ## the whole pipeline on synthetic brain CT, on a CPU (about 9 minutes on 2 cores)
 	$(BIN)/python -m m3d_lit.commands.demo $(ARGS)
 
 stage1: setup  ## stage 1, contrastive ViT pretraining (DATA=, TRAINER=, ARGS= to override)
