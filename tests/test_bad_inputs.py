@@ -28,6 +28,7 @@ from m3d_lit.data.sources.cq500 import CQ500_FINDINGS, CQ500_READERS, read_cq500
 from m3d_lit.errors import InputError
 
 SMALL = {"vision": {"num_layers": 1}, "llm": {"num_hidden_layers": 1}}
+VISION_ONLY = {"vision": {"num_layers": 1}}  # with llm_path: the LLM's sizes are its directory's
 CQ500_HEADER = ["name", "Category", *[f"{r}:{f}" for r in CQ500_READERS for f in CQ500_FINDINGS]]
 NUMBER = r"-?[0-9.]+"
 
@@ -303,7 +304,7 @@ def tokenizer_without_special_tokens(tmp: Path):
     from m3d_lit.tasks import AlignTask
 
     folder = _tokenizer_dir(tmp / "llm", eos=False)
-    build = lambda: AlignTask(preset="tiny", overrides=SMALL, llm_path=str(folder))  # noqa: E731
+    build = lambda: AlignTask(preset="tiny", overrides=VISION_ONLY, llm_path=str(folder))  # noqa: E731
     return build, folder, r"the tokenizer has no EOS token \(set eos_token in tokenizer_config\.json\)"
 
 
@@ -382,12 +383,22 @@ def test_scan_named_in_reads_csv_without_images_is_listed(tmp_path: Path) -> Non
         write_qa("cq500", raw / "cq500", tmp_path / "out", result.ids)
 
 
+def test_llm_settings_beside_llm_path_are_refused_not_ignored(tmp_path: Path) -> None:
+    from m3d_lit.models.build import build_lamed
+
+    folder = _tokenizer_dir(tmp_path / "llm", eos=True)
+    with pytest.raises(
+        InputError, match=r'overrides\.llm: \{"num_hidden_layers": 1\} would be ignored: the LLM'
+    ):
+        build_lamed("tiny", SMALL, llm_path=folder)
+
+
 def test_tokenizer_without_the_lamed_tokens_gets_them_added(tmp_path: Path) -> None:
     from m3d_lit.tasks import AlignTask
     from m3d_lit.tokens import LAMED_TOKENS
 
     folder = _tokenizer_dir(tmp_path / "llm", eos=True)
-    task = AlignTask(preset="tiny", overrides=SMALL, llm_path=str(folder))
+    task = AlignTask(preset="tiny", overrides=VISION_ONLY, llm_path=str(folder))
     vocab = task.model.tokenizer.get_vocab()
     assert all(t in vocab for t in LAMED_TOKENS) and task.model.tokenizer.pad_token is not None
     assert task.model.llm.get_input_embeddings().num_embeddings == len(task.model.tokenizer)

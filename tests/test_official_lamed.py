@@ -373,3 +373,10 @@ def test_eval_refuses_data_prepared_with_another_window_than_the_model_reads(
     settings["window"] = "none"
     (tmp_path / "prepare.json").write_text(json.dumps(settings))
     assert main(argv) == 0
+
+
+def test_overrides_beside_an_official_directory_are_refused_not_ignored() -> None:
+    from m3d_lit.models.build import build_lamed
+
+    with pytest.raises(InputError, match=r"overrides: .* would be ignored: an M3D-LaMed directory"):
+        build_lamed("tiny", {"llm": {"num_hidden_layers": 1}}, llm_path=KIT / "lamed_llama")

@@ -115,7 +115,7 @@ def test_stage3_checkpoint_leaves_out_the_frozen_llm_and_loads_strictly(tmp_path
     from m3d_lit.tasks import FinetuneTask
 
     llm = _local_llm(tmp_path / "llm", seed=1)
-    task = FinetuneTask(preset="tiny", overrides=SMALL, llm_path=str(llm))
+    task = FinetuneTask(preset="tiny", overrides={"vision": SMALL["vision"]}, llm_path=str(llm))
     with torch.no_grad():  # stands for training: every trainable weight moves
         for p in task.parameters():
             if p.requires_grad:

@@ -6,11 +6,13 @@ import each other in one direction only.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from m3d_lit.errors import InputError
 from m3d_lit.models.lamed import LamedModel
 from m3d_lit.models.official.lamed import build_official_lamed, is_official_lamed
 from m3d_lit.models.presets import resolve
@@ -29,16 +31,29 @@ def build_lamed(
 
     Args:
         preset: `tiny`, `small` or `paper`.
-        overrides: nested values deep-merged into the preset.
+        overrides: nested values deep-merged into the preset; an `llm` section with `llm_path`, or any
+            with an official directory, is refused (it would be ignored).
         llm_path: local LLM directory (weights + tokenizer); None builds from the preset. An official
-            M3D-LaMed directory builds that whole model instead (preset and overrides are not used).
+            M3D-LaMed directory builds that whole model instead (the preset is not used).
         device: where parameters are created; `"meta"` builds without memory (parameter counts).
         dtype: weight dtype of an LLM loaded from `llm_path`.
     """
     if llm_path is not None and is_official_lamed(llm_path):
+        if overrides:
+            raise InputError(
+                "overrides",
+                f"{json.dumps(overrides)} would be ignored: an M3D-LaMed directory ({llm_path}) builds the "
+                "whole model from its own config.json; remove them",
+            )
         if device is not None:
             raise ValueError("an official M3D-LaMed directory is built on the CPU (device must be None)")
         return build_official_lamed(llm_path, dtype)
+    if llm_path is not None and (overrides or {}).get("llm"):
+        raise InputError(
+            "overrides.llm",
+            f"{json.dumps(overrides['llm'])} would be ignored: the LLM is loaded from llm_path {llm_path} "
+            "with its own config.json; remove them",
+        )
     config = resolve(preset, overrides)
     if device is None:
         return LamedModel(config, llm_path, dtype)
