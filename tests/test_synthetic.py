@@ -103,15 +103,6 @@ def test_deterministic_for_a_seed(tmp_path):
     assert a["physionet/ct_scans/049.nii"] != c["physionet/ct_scans/049.nii"]
 
 
-def test_workers_write_the_same_files(tmp_path):
-    one = _digest(_synth(tmp_path / "one", 3, 3, seed=5))
-    assert synth.main(["--out", str(tmp_path / "two"), "--cq500", "3", "--physionet", "3", "--seed", "5",
-                       "--shape", *map(str, SHAPE), "--workers", "2"]) == 0  # fmt: skip
-    assert _digest(tmp_path / "two") == one
-    with pytest.raises(InputError, match="--workers"):
-        synth.main(["--out", str(tmp_path / "three"), "--workers", "0"])
-
-
 def test_rerun_is_a_no_op_and_foreign_folders_are_refused(tmp_path):
     _synth(tmp_path, 1, 0)
     before = _digest(tmp_path)

@@ -8,7 +8,6 @@ Writers: `m3d_lit.data.synthetic` and `m3d_lit.data.synthetic_m3d`. `--folder N`
 from __future__ import annotations
 
 import argparse
-import functools
 from pathlib import Path
 
 from m3d_lit.commands.arguments import CommandParser
@@ -33,8 +32,6 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--shape", type=int, nargs=3, default=(32, 128, 128), metavar=("D", "H", "W"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--balanced", action="store_true", help="each finding in about half of the scans")
-    ap.add_argument("--workers", type=int, default=1,
-                    help="processes that render the scans (the files are the same for any number)")  # fmt: skip
     ap.add_argument(
         "--m3d-data", type=int, default=0, metavar="N",
         help="also write M3D-Data (M3D-Cap, M3D-VQA, M3D-Seg) of N scans each into OUT/M3D-Data (0 = none)",
@@ -52,8 +49,6 @@ def main(argv: list[str]) -> int:
         raise InputError("--shape", f"{shape}: need D, H, W >= 8 and H == W")
     if args.cq500 < 0 or args.physionet < 0:
         raise InputError("--cq500/--physionet", f"{args.cq500} and {args.physionet} must be >= 0")
-    if args.workers < 1:
-        raise InputError("--workers", f"{args.workers} must be at least 1")
     if args.folder < 0:
         raise InputError("--folder", f"{args.folder} must be >= 0")
     m3d_shape = tuple(args.m3d_shape)
@@ -68,8 +63,7 @@ def main(argv: list[str]) -> int:
         ("folder", write_folder, args.folder),
     ):
         if count:
-            write = functools.partial(writer, workers=args.workers)
-            build_dataset(args.out / name, write, count, shape, args.seed, args.balanced)
+            build_dataset(args.out / name, writer, count, shape, args.seed, args.balanced)
             print(f"m3d-lit synth: {count} {name} scans in {args.out / name}")
     if args.m3d_data:
         build_dataset(

@@ -15,9 +15,6 @@ import io
 import json
 import os
 import shutil
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import nibabel as nib
@@ -46,7 +43,6 @@ __all__ = [
     "draw_findings",
     "physionet_numbers",
     "scan_phantom",
-    "scan_phantoms",
     "write_cq500",
     "write_ct_series",
     "write_folder",
@@ -80,29 +76,6 @@ def scan_phantom(
     if balanced:  # each finding the dataset's labels name in about half of the scans
         rates = "balanced" if RATES[rates]["chronic"] else "balanced_acute"
     return render_phantom(shape, draw_findings(rng, rates), rng), rng
-
-
-def scan_phantoms(
-    dataset: str, count: int, shape: tuple[int, int, int], seed: int, balanced: bool, workers: int = 1
-) -> Iterator[tuple[Phantom, np.random.Generator]]:
-    """`scan_phantom` of scans 0 .. count-1 in order, rendered by `workers` processes (1: in this one).
-
-    Each scan has its own generator, so the scans are the same whatever `workers` is. At most
-    2 x workers rendered scans wait for the caller, who writes them.
-    """
-    if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
-    if workers == 1:
-        yield from (scan_phantom(dataset, n, shape, seed, balanced) for n in range(count))
-        return
-    with ProcessPoolExecutor(workers) as pool:
-        pending: deque = deque()
-        for n in range(count):
-            pending.append(pool.submit(scan_phantom, dataset, n, shape, seed, balanced))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
 
 
 def _spacing(shape: tuple[int, int, int]) -> tuple[float, float, float]:
@@ -189,9 +162,7 @@ def _csv_text(rows: list[list[str]], newline: str) -> str:
     return buf.getvalue()
 
 
-def write_cq500(
-    out: Path, count: int, shape: tuple[int, int, int], seed: int, balanced: bool, workers: int = 1
-) -> None:
+def write_cq500(out: Path, count: int, shape: tuple[int, int, int], seed: int, balanced: bool) -> None:
     """Write `count` CQ500-style scans and `reads.csv` into the folder `out`.
 
     Args:
@@ -200,10 +171,10 @@ def write_cq500(
         shape: (D, H, W) of each primary series.
         seed: base seed.
         balanced: each finding in about half of the scans instead of the real frequencies.
-        workers: processes that render the phantoms (`scan_phantoms`); the files are the same for any.
     """
     rows = [list(CQ500_COLUMNS)]
-    for n, (phantom, rng) in enumerate(scan_phantoms("cq500", count, shape, seed, balanced, workers)):
+    for n in range(count):
+        phantom, rng = scan_phantom("cq500", n, shape, seed, balanced)
         # Zip downloads unpack as "CQ500CT<n> CQ500CT<n>"; both namings occur in the wild.
         folder = f"CQ500CT{n} CQ500CT{n}" if n % 4 == 3 else f"CQ500-CT-{n}"
         study = out / folder / "Unknown Study"
@@ -274,9 +245,7 @@ def physionet_numbers(count: int) -> list[int]:
     return [n for n in range(49, 49 + count + 7) if not 59 <= n <= 65][:count]
 
 
-def write_physionet(
-    out: Path, count: int, shape: tuple[int, int, int], seed: int, balanced: bool, workers: int = 1
-) -> None:
+def write_physionet(out: Path, count: int, shape: tuple[int, int, int], seed: int, balanced: bool) -> None:
     """Write `count` PhysioNet-style patients: ct_scans/, masks/ and the two label CSVs, into `out`.
 
     Args: as `write_cq500`; patients are numbered 049, 050, ... (059-065 skipped).
@@ -287,8 +256,8 @@ def write_physionet(
         ["PatientNumber", "SliceNumber", *PHYSIONET_COLUMNS.values(), "No_Hemorrhage", "Fracture_Yes_No"]
     ]
     entries = []
-    phantoms = scan_phantoms("physionet", count, shape, seed, balanced, workers)
-    for pid, (phantom, rng) in zip(physionet_numbers(count), phantoms, strict=True):
+    for i, pid in enumerate(physionet_numbers(count)):
+        phantom, rng = scan_phantom("physionet", i, shape, seed, balanced)
         nib.save(_nifti(phantom.hu, _spacing(shape)), out / "ct_scans" / f"{pid:03d}.nii")
         mask = (phantom.bleeds > 0).astype(np.uint8)
         nib.save(_nifti(mask, _spacing(shape)), out / "masks" / f"{pid:03d}.nii")
@@ -327,9 +296,7 @@ def _stored_like(canonical: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(orientations.apply_orientation(canonical, back))
 
 
-def write_folder(
-    out: Path, count: int, shape: tuple[int, int, int], seed: int, balanced: bool, workers: int = 1
-) -> None:
+def write_folder(out: Path, count: int, shape: tuple[int, int, int], seed: int, balanced: bool) -> None:
     """Write an example of the folder source into `out`: scans/, masks/, labels.csv and findings.yaml.
 
     Scans `case000` ... are NIfTI (`.nii.gz`), every fourth a DICOM series folder `scans/<id>/`; each mask
@@ -339,7 +306,8 @@ def write_folder(
     (out / "scans").mkdir(parents=True)
     (out / "masks").mkdir()
     rows = [["id", "hemorrhage", "hemorrhage_side", "fracture", "mass_effect"]]
-    for n, (phantom, _rng) in enumerate(scan_phantoms("folder", count, shape, seed, balanced, workers)):
+    for n in range(count):
+        phantom, rng = scan_phantom("folder", n, shape, seed, balanced)
         sid, truth = f"case{n:03d}", phantom.truth
         mask = (phantom.bleeds > 0).astype(np.uint8)
         if n % 4 == 3:
