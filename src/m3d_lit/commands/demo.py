@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     raw, data = out / "raw", out / "data"
     seconds: dict[str, float] = {}
     total = time.perf_counter()
-    # the scans are the same for any number of workers; a few cores are enough for files this small
+    # prepare's output is the same for any number of workers; a few cores are enough for files this small
     workers = str(min(4, os.cpu_count() or 1))
 
     if (raw / "synth.json").is_file() and json.loads((raw / "synth.json").read_text()) == {
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         n = str(plan.scans)
         _run("synth", [*m3d, "synth", "--out", str(raw), "--cq500", n, "--physionet", n, "--balanced",
-                       "--seed", str(args.seed), "--workers", workers], out, seconds)  # fmt: skip
+                       "--seed", str(args.seed)], out, seconds)  # fmt: skip
         (raw / "synth.json").write_text(json.dumps({"scans": plan.scans, "seed": args.seed}))
     for name in ("cq500", "physionet"):
         _run(f"prepare {name}", [*m3d, "prepare", name, "--root", str(raw / name), "--out", str(data / name),
