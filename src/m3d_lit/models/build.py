@@ -35,8 +35,10 @@ def build_lamed(
             with an official directory, is refused (it would be ignored).
         llm_path: local LLM directory (weights + tokenizer); None builds from the preset. An official
             M3D-LaMed directory builds that whole model instead (the preset is not used).
-        device: where parameters are created; `"meta"` builds without memory (parameter counts).
-        dtype: weight dtype of an LLM loaded from `llm_path`.
+        device: where parameters are created (None: the default device, which Lightning's
+            `configure_model` sets to the rank's own); `"meta"` builds without memory or reading weights.
+        dtype: weight dtype of the LLM (from `llm_path`, or built at random), or of every weight of an
+            official directory: a frozen LLM is made in its training dtype at once.
     """
     if llm_path is not None and is_official_lamed(llm_path):
         if overrides:
@@ -45,9 +47,10 @@ def build_lamed(
                 f"{json.dumps(overrides)} would be ignored: an M3D-LaMed directory ({llm_path}) builds the "
                 "whole model from its own config.json; remove them",
             )
-        if device is not None:
-            raise ValueError("an official M3D-LaMed directory is built on the CPU (device must be None)")
-        return build_official_lamed(llm_path, dtype)
+        if device is None:
+            return build_official_lamed(llm_path, dtype)
+        with torch.device(device):
+            return build_official_lamed(llm_path, dtype)
     if llm_path is not None and (overrides or {}).get("llm"):
         raise InputError(
             "overrides.llm",

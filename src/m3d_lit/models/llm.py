@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
@@ -21,10 +24,24 @@ from transformers import (
 
 from m3d_lit.errors import InputError
 from m3d_lit.models.config import LoraConfig
+from m3d_lit.models.official.files import iter_weights, weight_index
+
+log = logging.getLogger(__name__)
 
 FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "phi3": (Phi3Config, Phi3ForCausalLM)}
 
-__all__ = ["FAMILIES", "build_causal_lm", "NewTokenRows", "apply_lora", "sample_next", "unwrap"]
+__all__ = [
+    "FAMILIES",
+    "NewTokenRows",
+    "apply_lora",
+    "assign_tensor",
+    "build_causal_lm",
+    "default_dtype",
+    "load_causal_lm",
+    "materialise_buffers",
+    "sample_next",
+    "unwrap",
+]
 
 
 def build_causal_lm(
@@ -34,24 +51,21 @@ def build_causal_lm(
 ) -> PreTrainedModel:
     """A Hugging Face causal LM from a local directory, or a Llama built from a config dict.
 
+    Tensors are made on the default device (`torch.device(...)` as a context, which Lightning's
+    `configure_model` provides); under the meta device nothing is read or initialised.
+
     Args:
-        path: local model directory (e.g. LLaMA-2-7B); `trust_remote_code` stays off.
+        path: local model directory (e.g. LLaMA-2-7B); `trust_remote_code` stays off. Its weights are read
+            one tensor at a time straight into `dtype` on the default device (`load_causal_lm`).
         config: `LlamaConfig` fields for a randomly initialised model (used when `path` is None), plus
             optional `layer_initializer_range`: the init std of the decoder layers' linear weights, when
             it should differ from `initializer_range` (which then sets the embeddings and LM head), and
             optional `family` (`llama` by default, or `phi3`: then the fields are `Phi3Config`'s).
-        dtype: weight dtype when loading from `path` (bf16 on GPU saves half the memory).
+        dtype: weight dtype (None: the directory's saved dtype; for a config, the default dtype). A
+            frozen LLM is made in its training dtype at once, never in fp32 first.
     """
     if path is not None:
-        path = Path(path)
-        if not path.is_dir():
-            raise InputError(path, "LLM directory not found")
-        try:
-            return AutoModelForCausalLM.from_pretrained(
-                str(path), local_files_only=True, trust_remote_code=False, dtype=dtype
-            )
-        except (OSError, ValueError) as err:
-            raise InputError(path, f"not a loadable causal LM ({err})") from err
+        return load_causal_lm(path, dtype)
     if not config or "vocab_size" not in config:
         raise ValueError("build_causal_lm needs a path, or a config with vocab_size")
     options = dict(config)
@@ -60,13 +74,124 @@ def build_causal_lm(
     if family not in FAMILIES:
         raise ValueError(f"LLM family {family!r} is not one of {sorted(FAMILIES)}")
     config_class, model_class = FAMILIES[family]
-    model = model_class(config_class(**{"attn_implementation": "sdpa", **options}))
-    if layer_std is not None:
-        with torch.no_grad():
-            for module in model.model.layers.modules():
-                if isinstance(module, nn.Linear):
-                    module.weight.normal_(0.0, float(layer_std))
+    with default_dtype(dtype):
+        model = model_class(config_class(**{"attn_implementation": "sdpa", **options}))
+        if layer_std is not None:
+            with torch.no_grad():
+                for module in model.model.layers.modules():
+                    if isinstance(module, nn.Linear):
+                        module.weight.normal_(0.0, float(layer_std))
     return model
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """Floating tensors made inside are `dtype` (None: unchanged)."""
+    if dtype is None:
+        yield
+        return
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """A causal LM from a local directory: built on the meta device, then each saved tensor is read once,
+    straight into `dtype` on the default device, so no moment holds a second copy or another dtype.
+
+    A directory whose tensor names or shapes are not the model's own (an older layout that transformers
+    renames while loading) goes through `from_pretrained` instead, which is correct but holds more memory
+    while loading; the log says so.
+
+    Args:
+        path: the model directory (config.json + weights).
+        dtype: the weights' dtype (None: the saved dtype, as `from_pretrained` gives it).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(path, "LLM directory not found")
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        dtype = dtype or _saved_dtype(config)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (OSError, ValueError, KeyError) as err:
+        raise InputError(path, f"not a loadable causal LM ({err})") from err
+    device = torch.get_default_device()
+    if device.type == "meta":
+        return model
+    wanted = _assignment(model, weight_index(path))
+    if wanted is None:
+        log.info("%s: tensor names differ from the model's; loading through from_pretrained", path)
+        try:
+            loaded = AutoModelForCausalLM.from_pretrained(
+                str(path), local_files_only=True, trust_remote_code=False, dtype=dtype
+            )
+        except (OSError, ValueError) as err:
+            raise InputError(path, f"not a loadable causal LM ({err})") from err
+        return loaded.to(device)
+    for name, tensor in iter_weights(path, dtype, device, names=wanted):
+        assign_tensor(model, name, tensor)
+    model.tie_weights()  # a tied head still points at the meta tensor the embeddings replaced
+    materialise_buffers(model, device)
+    return model.eval()  # as from_pretrained returns it
+
+
+def _saved_dtype(config: Any) -> torch.dtype:
+    saved = getattr(config, "dtype", None)
+    if isinstance(saved, str):
+        saved = getattr(torch, saved, None)
+    return saved if isinstance(saved, torch.dtype) else torch.float32
+
+
+def _assignment(model: nn.Module, index: dict[str, Any]) -> set[str] | None:
+    """The saved names to read into `model`, or None when the files do not hold exactly its tensors.
+
+    Every parameter (a tied one once) and persistent buffer must be there with its shape; extra names
+    may only be tied aliases or the per-layer rotary frequencies older checkpoints saved.
+    """
+    needed = dict(model.named_parameters())
+    persistent = set(model.state_dict())
+    needed.update({n: b for n, b in model.named_buffers() if n in persistent})
+    if any(name not in index or tuple(index[name].shape) != tuple(t.shape) for name, t in needed.items()):
+        return None
+    extra = [n for n in index if n not in needed and n not in persistent and "rotary_emb.inv_freq" not in n]
+    return None if extra else set(needed)
+
+
+def assign_tensor(model: nn.Module, name: str, tensor: Tensor) -> None:
+    """Make `tensor` the parameter (keeping its `requires_grad`) or buffer `name` of `model`, in place of
+    what is there (a meta tensor, say); no copy is made."""
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if leaf in owner._parameters:
+        old = owner._parameters[leaf]
+        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+    else:
+        owner._buffers[leaf] = tensor
+
+
+def materialise_buffers(model: PreTrainedModel, device: torch.device) -> None:
+    """Give the buffers no checkpoint holds (rotary frequencies) their values on `device`.
+
+    They are made on `device` and set by the model's own initialiser for their module, which computes
+    them from the config as building the model would have.
+    """
+    owners = {}
+    for name, buffer in model.named_buffers():
+        if buffer.is_meta:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            owner._buffers[leaf] = torch.empty_like(buffer, device=device)
+            owners[owner_name] = owner
+    for owner in owners.values():
+        model._init_weights(owner)
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"tensors left without values after loading: {left[:3]}")
 
 
 def unwrap(llm: nn.Module) -> PreTrainedModel:

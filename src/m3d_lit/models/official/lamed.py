@@ -19,8 +19,8 @@ import torch
 from m3d_lit.errors import InputError
 from m3d_lit.models.config import ModelConfig
 from m3d_lit.models.lamed import LamedModel
-from m3d_lit.models.llm import unwrap
-from m3d_lit.models.official.files import load_weights, read_config
+from m3d_lit.models.llm import assign_tensor, materialise_buffers, unwrap
+from m3d_lit.models.official.files import TensorInfo, iter_weights, read_config, weight_index
 from m3d_lit.models.official.text import build_tokenizer, m3d_decoder
 from m3d_lit.tokens import LAMED_TOKENS
 
@@ -194,70 +194,77 @@ def official_to_lamed(key: str) -> str | None:
     return key
 
 
-def _map_weights(directory: Path, state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict:
-    mapped: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
+def _check_shapes(directory: Path, index: dict[str, TensorInfo], own: dict[str, torch.Tensor]) -> list[str]:
+    """The directory's keys the model takes, every shape checked against the model its config describes."""
+    taken = []
+    for key, info in index.items():
         target = official_to_lamed(key)
         if target is None:
             continue
         if target not in own:
             raise InputError(directory, f"holds {key}, which the model its config.json describes lacks")
-        if tuple(value.shape) != tuple(own[target].shape):
+        if tuple(info.shape) != tuple(own[target].shape):
             raise InputError(
                 directory,
-                f"{key} has shape {tuple(value.shape)} but config.json implies {tuple(own[target].shape)}",
+                f"{key} has shape {tuple(info.shape)} but config.json implies {tuple(own[target].shape)}",
             )
-        mapped[target] = value
-    return mapped
+        taken.append(key)
+    return taken
 
 
 def build_official_lamed(directory: str | Path, dtype: torch.dtype | None = None) -> Any:
     """`LamedModel` holding every weight of an official M3D-LaMed directory, computing as M3D does.
 
-    Built on the meta device and given the directory's tensors, so a 7B model is never initialised at
-    random first; `dtype` (default float32) is the weights' dtype.
+    Built on the meta device; each saved tensor is then read once, straight into `dtype` (default
+    float32) on the default device (`torch.device(...)` as a context), so a 7B model is never initialised
+    at random first nor held twice. Under the meta device nothing is read (a skeleton for checks).
     """
     directory = Path(directory)
     config = read_config(directory)
     if config.get("model_type") not in FAMILIES:
         official_config(directory, config, 0)  # raises, naming the model_type
-    state = load_weights(directory)
-    embed = state.get("model.embed_tokens.weight")
+    index = weight_index(directory)
+    embed = index.get("model.embed_tokens.weight")
     if embed is None:
         raise InputError(directory, "has no model.embed_tokens.weight")
     tokenizer = build_tokenizer(directory, rows=embed.shape[0])
     with torch.device("meta"):
         model = LamedModel(official_config(directory, config, embed.shape[0]), tokenizer=tokenizer)
     own = model.state_dict()
-    mapped = _map_weights(directory, state, own)
-    ids = torch.tensor([tokenizer.convert_tokens_to_ids(t) for t in LAMED_TOKENS])
-    head = state.get("lm_head.weight", embed)
-    mapped.update(
-        {
-            "new_tokens.token_ids": ids,
-            "new_tokens.input_rows": embed[ids],
-            "new_tokens.output_rows": head[ids],
-        }
-    )
-    missing = [k for k in own if k not in mapped]
+    taken = _check_shapes(directory, index, own)
+    loaded = {official_to_lamed(key) for key in taken}
+    derived = ("new_tokens.token_ids", "new_tokens.input_rows", "new_tokens.output_rows")
+    missing = [k for k in own if k not in loaded and k not in derived]
     if missing:
         raise InputError(directory, f"lacks {len(missing)} weights the model needs, e.g. {missing[:2]}")
-    model.load_state_dict(mapped, strict=True, assign=True)
-    _materialise_unsaved(model)
-    model.to(dtype or torch.float32)
-    model.unused_official_weights = {k: v for k, v in state.items() if official_to_lamed(k) is None}
+    device = torch.get_default_device()
+    if device.type == "meta":
+        return model
+    dtype = dtype or torch.float32
+    for key, tensor in iter_weights(directory, dtype, device, names=set(taken)):
+        assign_tensor(model, official_to_lamed(key), tensor)
+    _materialise_unsaved(model, tokenizer, device)
+    model.to(dtype)  # the remaining floating buffers, as the official model casts them
+    model.unused_official_weights = dict(iter_weights(directory, names=set(index) - set(taken)))
     model.decode_text = m3d_decoder(directory, tokenizer)
     return model
 
 
-def _materialise_unsaved(model: Any) -> None:
-    """Give the buffers no checkpoint holds (rotary frequencies, the added rows' lookup) their values."""
+def _materialise_unsaved(model: Any, tokenizer: Any, device: torch.device) -> None:
+    """Give what no checkpoint holds its values: the tied head, the rotary frequencies, and the added
+    tokens' trainable rows (their rows of the loaded embedding and head) with their lookup."""
     llm = unwrap(model.llm)
     if llm.config.tie_word_embeddings:
         llm.tie_weights()
-    decoder = llm.get_decoder()
-    decoder.rotary_emb = type(decoder.rotary_emb)(config=decoder.config)
+    ids = torch.tensor([tokenizer.convert_tokens_to_ids(t) for t in LAMED_TOKENS], device=device)
+    embed = llm.get_input_embeddings().weight
+    head = llm.get_output_embeddings()
+    head = embed if head is None else head.weight
+    assign_tensor(model, "new_tokens.token_ids", ids)
+    assign_tensor(model, "new_tokens.input_rows", embed.detach()[ids].clone())
+    assign_tensor(model, "new_tokens.output_rows", head.detach()[ids].clone())
     model.new_tokens.rebuild_slot()
+    materialise_buffers(llm, device)
     left = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
     if left:
         raise RuntimeError(f"tensors left without values after loading: {left[:3]}")
