@@ -33,6 +33,12 @@ CLIP = {
 }
 
 
+def built(task):
+    """A task with its model built, as Lightning's `configure_model` builds it (outside a trainer: on the CPU)."""
+    task.configure_model()
+    return task
+
+
 def write_volume(path: Path, seed: int, dtype: str = "float32") -> Path:
     """A random 1x8x16x16 volume in [0, 1] at ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)

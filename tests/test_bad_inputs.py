@@ -219,6 +219,7 @@ def _stage2_checkpoint(tmp: Path, overrides: dict, preset_name: str | None = Non
     from m3d_lit.tasks import AlignTask
 
     task = AlignTask(preset="tiny", overrides=overrides)
+    task.configure_model()
     checkpoint = {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}
     task.on_save_checkpoint(checkpoint)
     if preset_name:  # a checkpoint of another preset, recorded as such (building `small` takes minutes here)
@@ -232,6 +233,7 @@ def checkpoint_of_another_preset(tmp: Path):
 
     path = _stage2_checkpoint(tmp, SMALL, preset_name="small")
     task = FinetuneTask(preset="tiny", overrides=SMALL)
+    task.configure_model()
     return lambda: task.load_init_weights(path), path, r"was made with preset 'small'; this model uses 'tiny'"
 
 
@@ -304,7 +306,7 @@ def tokenizer_without_special_tokens(tmp: Path):
     from m3d_lit.tasks import AlignTask
 
     folder = _tokenizer_dir(tmp / "llm", eos=False)
-    build = lambda: AlignTask(preset="tiny", overrides=VISION_ONLY, llm_path=str(folder))  # noqa: E731
+    build = lambda: AlignTask(preset="tiny", overrides=VISION_ONLY, llm_path=str(folder)).configure_model()  # noqa: E731
     return build, folder, r"the tokenizer has no EOS token \(set eos_token in tokenizer_config\.json\)"
 
 
@@ -399,6 +401,7 @@ def test_tokenizer_without_the_lamed_tokens_gets_them_added(tmp_path: Path) -> N
 
     folder = _tokenizer_dir(tmp_path / "llm", eos=True)
     task = AlignTask(preset="tiny", overrides=VISION_ONLY, llm_path=str(folder))
+    task.configure_model()
     vocab = task.model.tokenizer.get_vocab()
     assert all(t in vocab for t in LAMED_TOKENS) and task.model.tokenizer.pad_token is not None
     assert task.model.llm.get_input_embeddings().num_embeddings == len(task.model.tokenizer)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import built
 
 from m3d_lit.boxes import format_box
 from m3d_lit.commands import bench, synth
@@ -194,8 +195,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "m3d": m3d,
         "brainct": _brainct(base / "physionet"),
-        "stage3": _checkpoint(FinetuneTask(preset="tiny", overrides=OVERRIDES), seg, base / "stage3.ckpt"),
-        "stage1": _checkpoint(ClipTask(preset="tiny", overrides=OVERRIDES), cap, base / "stage1.ckpt"),
+        "stage3": _checkpoint(built(FinetuneTask(preset="tiny", overrides=OVERRIDES)), seg, base / "stage3.ckpt"),
+        "stage1": _checkpoint(built(ClipTask(preset="tiny", overrides=OVERRIDES)), cap, base / "stage1.ckpt"),
         "base": base,
     }
 

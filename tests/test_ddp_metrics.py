@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLIP, LAMED
+from conftest import CLIP, LAMED, built
 
 # 5 patients x 3 questions: 2 ranks get 8 and 7 samples, batch sizes 4 and 3 leave partial batches, and
 # the 3 [SEG] rows (lines 2, 8, 14) all go to rank 0, so rank 1 must sync metrics it never updated
@@ -75,10 +75,10 @@ def run_validate(stage: str, root: Path, devices: int, batch_size: int, out: Pat
             (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(values))
 
     if stage == "clip":
-        task = ClipTask(preset="tiny", overrides=CLIP, text_max_length=32)
+        task = built(ClipTask(preset="tiny", overrides=CLIP, text_max_length=32))
         task.model.forward = fake_clip_outputs
     else:
-        task = FinetuneTask(preset="tiny", overrides=LAMED, log_examples=0)
+        task = built(FinetuneTask(preset="tiny", overrides=LAMED, log_examples=0))
         vocab = task.model.llm.get_input_embeddings().num_embeddings
         task.forward_batch = lambda batch: fake_lm_outputs(batch, vocab)
     data = BrainCTQADataModule(
@@ -101,7 +101,7 @@ def expected_finetune(root: Path, vocab_of) -> dict[str, float]:
     from m3d_lit.tasks import FinetuneTask
     from m3d_lit.tasks.metrics import MeanDice, TokenAccuracy
 
-    task = FinetuneTask(preset="tiny", overrides=LAMED, log_examples=0)
+    task = built(FinetuneTask(preset="tiny", overrides=LAMED, log_examples=0))
     dataset = QAJsonlDataset(root / "qa_val.jsonl")
     batch = task.configure_collate()([dataset[i] for i in range(len(dataset))])
     out = fake_lm_outputs(batch, vocab_of(task))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import built
 from safetensors.torch import load_file
 
 from m3d_lit.commands.export import _write_merged, export, main
@@ -49,7 +50,7 @@ def save_checkpoint(task: AlignTask, path: Path) -> Path:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[FinetuneTask, Path]:
     """A tiny stage-3 task whose LoRA and new token rows are far from their initial values."""
     torch.manual_seed(0)
-    task = FinetuneTask(preset="tiny", overrides=TINY)
+    task = built(FinetuneTask(preset="tiny", overrides=TINY))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in task.model.llm.named_parameters():
@@ -207,7 +208,7 @@ def test_existing_folder_needs_overwrite(trained: tuple[FinetuneTask, Path], tmp
 
 
 def test_refuses_a_checkpoint_without_lora(tmp_path: Path) -> None:
-    checkpoint = save_checkpoint(AlignTask(preset="tiny", overrides=TINY), tmp_path / "stage2.ckpt")
+    checkpoint = save_checkpoint(built(AlignTask(preset="tiny", overrides=TINY)), tmp_path / "stage2.ckpt")
     with pytest.raises(InputError, match="without LoRA"):
         export(checkpoint, tmp_path / "export")
     assert not (tmp_path / "export").exists() and not (tmp_path / "export.tmp").exists()

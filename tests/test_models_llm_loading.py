@@ -50,7 +50,10 @@ def test_sharded_directories_load_the_same(tmp_path: Path) -> None:
     single = _save(tmp_path / "one", LlamaForCausalLM, LlamaConfig)
     sharded = _save(tmp_path / "many", LlamaForCausalLM, LlamaConfig, max_shard_size="20KB")
     assert (sharded / "model.safetensors.index.json").is_file()
-    a, b = load_causal_lm(single, torch.bfloat16).state_dict(), load_causal_lm(sharded, torch.bfloat16).state_dict()
+    a, b = (
+        load_causal_lm(single, torch.bfloat16).state_dict(),
+        load_causal_lm(sharded, torch.bfloat16).state_dict(),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -68,7 +71,9 @@ def test_weights_go_to_the_default_device_in_the_asked_dtype(tmp_path: Path) -> 
     for name, tensor in iter_weights(folder, torch.float16, "cpu", names={"model.norm.weight"}):
         assert name == "model.norm.weight" and tensor.dtype == torch.float16
         assert torch.equal(tensor, saved[name].to(torch.float16))
-    assert {k: tuple(v.shape) for k, v in saved.items()} == {k: i.shape for k, i in weight_index(folder).items()}
+    assert {k: tuple(v.shape) for k, v in saved.items()} == {
+        k: i.shape for k, i in weight_index(folder).items()
+    }
 
 
 def test_renamed_layouts_go_through_from_pretrained(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import built
 
 from m3d_lit import cli
 from m3d_lit.errors import InputError
@@ -232,7 +233,7 @@ CLIP_VISION = {"vision": {"hidden_size": 96, "mlp_dim": 192, "num_layers": 2, "n
 def test_stage2_clip_path_refuses_other_sizes_and_a_second_vision_source(tmp_path: Path) -> None:
     from m3d_lit.tasks import AlignTask
 
-    task = AlignTask(preset="tiny", clip_path=str(KIT / "clip"))  # tiny's ViT is 192 wide
+    task = built(AlignTask(preset="tiny", clip_path=str(KIT / "clip")))  # tiny's ViT is 192 wide
     with pytest.raises(
         InputError, match=r"vision\.blocks\.0\.attn\.out_proj\.bias is \(96,\) there and \(192,\) here"
     ):
@@ -240,7 +241,7 @@ def test_stage2_clip_path_refuses_other_sizes_and_a_second_vision_source(tmp_pat
     with pytest.raises(InputError, match="would both start the vision encoder"):
         AlignTask(preset="tiny", clip_path=str(KIT / "clip"), init_from="checkpoints/stage1/last.ckpt")
     with pytest.raises(InputError, match="has no config.json"):
-        AlignTask(preset="tiny", overrides=CLIP_VISION, clip_path=str(tmp_path)).load_clip_vision(
+        built(AlignTask(preset="tiny", overrides=CLIP_VISION, clip_path=str(tmp_path))).load_clip_vision(
             str(tmp_path)
         )
 

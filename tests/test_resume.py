@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import built
 from torch.utils.data import Dataset
 
 from m3d_lit.cli import main
@@ -115,7 +116,7 @@ def test_stage3_checkpoint_leaves_out_the_frozen_llm_and_loads_strictly(tmp_path
     from m3d_lit.tasks import FinetuneTask
 
     llm = _local_llm(tmp_path / "llm", seed=1)
-    task = FinetuneTask(preset="tiny", overrides={"vision": SMALL["vision"]}, llm_path=str(llm))
+    task = built(FinetuneTask(preset="tiny", overrides={"vision": SMALL["vision"]}, llm_path=str(llm)))
     with torch.no_grad():  # stands for training: every trainable weight moves
         for p in task.parameters():
             if p.requires_grad:
@@ -142,12 +143,12 @@ def test_stage3_checkpoint_leaves_out_the_frozen_llm_and_loads_strictly(tmp_path
         load_task(tmp_path / "moved.ckpt")
 
 
-def _overlay(folder: Path, run: str, version: int, kill_at: int | None = None) -> Path:
-    """Trainer settings of one run: CSV losses every step, last.ckpt every EVERY steps, no validation;
-    with `kill_at`, the process kills itself before optimizer step `kill_at` + 1."""
+def _overlay(folder: Path, run: str, version: int, kill_at: int | None = None, steps: int = STEPS) -> Path:
+    """Trainer settings of one run: `steps` steps, CSV losses every step, last.ckpt every EVERY steps, no
+    validation; with `kill_at`, the process kills itself before optimizer step `kill_at` + 1."""
     overlay = {
         "trainer": {
-            "max_steps": STEPS,
+            "max_steps": steps,
             "max_epochs": -1,
             "log_every_n_steps": 1,
             "limit_val_batches": 0,

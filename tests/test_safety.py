@@ -62,7 +62,7 @@ class _Data(Dataset):
 class _ToyTask(BaseTask):
     """A task around `_Toy`: BaseTask's optimizer, schedule, RNG and checkpoint handling, in milliseconds."""
 
-    def configure_models(self) -> nn.Module:
+    def build_model(self) -> nn.Module:
         return _Toy()
 
     def model_step(self, batch: torch.Tensor, split: str) -> torch.Tensor:
@@ -93,6 +93,7 @@ def test_non_finite_loss_term_stops_with_step_and_term_and_keeps_the_last_good_c
     tmp_path: Path, term: str
 ) -> None:
     task = _ToyTask()
+    task.configure_model()
     task.model.poison = {3: term}
     with pytest.raises(
         NonFiniteError, match=rf"non-finite loss term {term}=nan.* at step 3 \(epoch 0, batch 3\)"
@@ -106,6 +107,7 @@ def test_non_finite_loss_term_stops_with_step_and_term_and_keeps_the_last_good_c
 
 def test_non_finite_gradient_names_the_parameter(tmp_path: Path) -> None:
     task = _ToyTask()
+    task.configure_model()
     task.model.poison = {2: "grad"}
     with pytest.raises(NonFiniteError, match=r"non-finite gradient of model\.net\.0\.weight .* at step 2"):
         _fit(tmp_path, [NonFiniteGuard()], task=task)
@@ -113,6 +115,7 @@ def test_non_finite_gradient_names_the_parameter(tmp_path: Path) -> None:
 
 def test_skip_limit_drops_bad_steps_then_stops(tmp_path: Path) -> None:
     task = _ToyTask()
+    task.configure_model()
     task.model.poison = {1: "dice", 3: "lm_loss"}
     guard = NonFiniteGuard(skip_limit=2)
     with pytest.warns(UserWarning, match=r"step skipped \(1 of 2 allowed\)"):
@@ -120,6 +123,7 @@ def test_skip_limit_drops_bad_steps_then_stops(tmp_path: Path) -> None:
     assert guard.skipped == 2 and all(torch.isfinite(p).all() for p in task.parameters())
     # a skipped step leaves the weights as they were
     clean = _ToyTask()
+    clean.configure_model()
     clean.model.poison = {1: "bce"}
     _fit(tmp_path / "b", [NonFiniteGuard(skip_limit=1)], steps=1, task=clean)
     before = {k: v.clone() for k, v in clean.state_dict().items()}
@@ -132,6 +136,7 @@ def test_skip_limit_drops_bad_steps_then_stops(tmp_path: Path) -> None:
     )
     assert all(torch.equal(before[k], v) for k, v in clean.state_dict().items())
     third = _ToyTask()
+    third.configure_model()
     third.model.poison = {1: "dice", 2: "dice", 4: "bce"}
     with pytest.raises(
         NonFiniteError,

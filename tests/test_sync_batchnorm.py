@@ -95,14 +95,15 @@ def test_trainer_sync_batchnorm_keeps_the_perceiver_norm_and_switches_its_sync_o
     from m3d_lit.tasks.base import BaseTask
 
     class Task(BaseTask):
-        def configure_models(self) -> nn.Module:
+        def build_model(self) -> nn.Module:
             return nn.Sequential(BatchNormMLP(6, 4))
 
     for flag in (True, False):
         trainer = Trainer(accelerator="cpu", devices=1, strategy="ddp", sync_batchnorm=flag, logger=False)
         task = Task()
         task.trainer = trainer
-        task.setup("validate")
+        trainer.state.fn = "validate"
+        task.configure_model()
         assert task.model[0][0].sync is flag
 
 
@@ -122,7 +123,7 @@ def _fit_tokens(devices: int, folder: Path) -> None:
     from m3d_lit.tasks.base import BaseTask
 
     class Task(BaseTask):
-        def configure_models(self) -> nn.Module:
+        def build_model(self) -> nn.Module:
             return nn.Sequential(BatchNormMLP(6, 4))
 
         def model_step(self, batch: torch.Tensor, split: str) -> torch.Tensor:

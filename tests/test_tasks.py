@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import built
 
 from m3d_lit.cli import main
 from m3d_lit.tasks.base import load_checkpoint
@@ -68,7 +69,7 @@ def test_init_from_refuses_checkpoint_without_the_weights(tmp_path: Path) -> Non
     from m3d_lit.errors import InputError
     from m3d_lit.tasks import AlignTask
 
-    task = AlignTask(preset="tiny")
+    task = built(AlignTask(preset="tiny"))
     path = tmp_path / "other.ckpt"
     torch.save({"state_dict": {"model.something.weight": torch.zeros(1)}}, path)
     with pytest.raises(InputError, match="lacks"):
@@ -106,9 +107,9 @@ def test_stage3_keeps_every_part_stage2_handed_it_and_says_which_start_fresh(
         "model.segmentation.",
         "model.seg_head.",
     )
-    source = _checkpoint_of(AlignTask(preset="tiny", overrides=SMALL), tmp_path / "stage2.ckpt", handed)
+    source = _checkpoint_of(built(AlignTask(preset="tiny", overrides=SMALL)), tmp_path / "stage2.ckpt", handed)
     torch.manual_seed(0)
-    stage3 = FinetuneTask(preset="tiny", overrides=SMALL)
+    stage3 = built(FinetuneTask(preset="tiny", overrides=SMALL))
     with caplog.at_level("INFO"):
         stage3.load_init_weights(tmp_path / "stage2.ckpt")
     own = stage3.state_dict()
@@ -130,7 +131,7 @@ def test_stage3_keeps_every_part_stage2_handed_it_and_says_which_start_fresh(
     # a stage-3 checkpoint handed to another stage-3 run carries its LoRA adapters on as well
     source = _checkpoint_of(stage3, tmp_path / "stage3.ckpt", ("model.llm.",))
     torch.manual_seed(0)
-    again = FinetuneTask(preset="tiny", overrides=SMALL)
+    again = built(FinetuneTask(preset="tiny", overrides=SMALL))
     again.load_init_weights(tmp_path / "stage3.ckpt")
     assert again.init_summary["fresh"] == {} and again.init_summary["init_from"]["llm LoRA"] == lora
     assert all(torch.equal(again.state_dict()[k], source[k]) for k in source if "lora_" in k)
@@ -142,7 +143,7 @@ def test_align_step_changes_only_trainable_weights(prepared: list[Path]) -> None
     from m3d_lit.data.datamodules import BrainCTQADataModule
     from m3d_lit.tasks import AlignTask
 
-    task = AlignTask(preset="tiny", optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    task = built(AlignTask(preset="tiny", optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2)))
     before = {k: v.clone() for k, v in task.state_dict().items()}
     data = BrainCTQADataModule([str(r) for r in prepared], mode="report", batch_size=4)
     trainer = Trainer(

@@ -12,12 +12,15 @@ a task's constructor also with a traceback); here each becomes an `InputError` o
 
 from __future__ import annotations
 
+import os
 import re
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
+import torch
 from jsonargparse import Namespace
+from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
@@ -29,8 +32,9 @@ from m3d_lit.models.presets import resolve
 from m3d_lit.recipes import common_trainer
 from m3d_lit.tasks.base import BaseTask, zero_checkpoint_problem
 from m3d_lit.tasks.official import official_kind
+from m3d_lit.tasks.strategies import is_sharded_checkpoint
 
-__all__ = ["M3dLightningCLI", "check_paths", "fold_optimizer_options", "one_line"]
+__all__ = ["M3dLightningCLI", "check_launch", "check_paths", "fold_optimizer_options", "hardware_problem", "one_line"]
 
 SCHEDULE_OPTIONS = (
     "the task schedules the learning rate itself (linear warm-up, then cosine decay, per step, with "
@@ -112,7 +116,7 @@ def check_paths(config: Namespace) -> None:
         init_from = None
     if init_from and not ckpt and zero_checkpoint_problem(init_from):
         raise InputError(init_from, f"--model.init_from: {zero_checkpoint_problem(init_from)}")
-    if init_from and not ckpt and not Path(init_from).is_file():
+    if init_from and not ckpt and not (Path(init_from).is_file() or is_sharded_checkpoint(init_from)):
         raise InputError(
             init_from,
             "--model.init_from: checkpoint not found (run the previous stage, or pass null to start fresh)",
@@ -121,6 +125,58 @@ def check_paths(config: Namespace) -> None:
         folder = init_args.get(key)
         if folder and not Path(folder).is_dir():
             raise InputError(folder, f"--model.{key}: directory not found")
+
+
+def hardware_problem(config: Namespace, err: Exception) -> InputError:
+    """What a trainer preset asked of hardware this machine does not have, in one line."""
+    trainer = config.get("trainer") or Namespace()
+    accelerator = str(trainer.get("accelerator"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        return InputError(
+            "--trainer.accelerator",
+            f"{accelerator!r} (set by a GPU preset: gpu1, ddp_8x4090, ddp_nvlink, fsdp, zero2_8x4090) needs "
+            "a CUDA GPU, and torch sees none here: use -c cpu on this machine, or run on a GPU machine",
+        )
+    return InputError("--trainer", one_line(str(err))[1])
+
+
+def check_launch(trainer: Any) -> None:
+    """Refuse a run whose processes would not make up the world the launcher started.
+
+    torchrun and SLURM start the processes themselves; Lightning's own launcher only starts those of one
+    machine. `num_nodes` x `devices` must be that world, else every rank shards the data for a world
+    that does not exist.
+    """
+    env = trainer._accelerator_connector.cluster_environment
+    nodes, devices = trainer.num_nodes, trainer.num_devices
+    strategy = trainer.strategy
+    if getattr(strategy, "requires_several_processes", False) and nodes * devices < 2:
+        raise InputError(
+            "--trainer.strategy",
+            f"{type(strategy).__name__} shards the model over processes, and this run has one "
+            f"(num_nodes {nodes} x devices {devices}): use -c gpu1 on one GPU, -c cpu on a CPU",
+        )
+    if isinstance(env, TorchElasticEnvironment):
+        world, local = env.world_size(), int(os.environ.get("LOCAL_WORLD_SIZE", devices))
+        if nodes * devices != world or local != devices:
+            raise InputError(
+                "--trainer.num_nodes",
+                f"{nodes} x devices {devices} disagrees with torchrun, which started {world} processes, "
+                f"{local} per machine: pass --trainer.num_nodes {max(1, world // max(local, 1))} and "
+                f"--trainer.devices {local} (or torchrun --nproc-per-node {devices})",
+            )
+    elif isinstance(env, SLURMEnvironment):
+        try:
+            env.validate_settings(num_devices=devices, num_nodes=nodes)
+        except ValueError as err:
+            raise InputError("--trainer.num_nodes", f"disagrees with SLURM: {err}") from None
+    elif nodes > 1 and "NODE_RANK" not in os.environ and not env.creates_processes_externally:
+        raise InputError(
+            "--trainer.num_nodes",
+            f"{nodes} machines, but nothing says which one this is: start each with torchrun --nnodes "
+            f"{nodes} --node-rank R ..., with srun under SLURM, or set NODE_RANK, MASTER_ADDR and "
+            "MASTER_PORT (README: Train on GPUs)",
+        )
 
 
 def _check_preset(config: Namespace) -> None:
@@ -150,12 +206,22 @@ class M3dLightningCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         # Read what the run reads first: the trainer creates its log folder and writes its config there.
         stage = self.subcommand
+        if isinstance(self.model, BaseTask):  # the model itself is built by the trainer, on each rank
+            fresh_fit = stage == "fit" and not self._subcommand_config().get("ckpt_path")
+            try:
+                self.model.preflight(self.datamodule, fresh_fit)
+            except InputError as err:  # a setting of the task is named as the option that sets it
+                if err.path in self.model.hparams:
+                    raise InputError(f"--model.{err.path}", err.problem) from None
+                raise
         if stage in ("fit", "validate", "test") and self.datamodule is not None:
             self.datamodule.setup(stage)
-        init_from = self.model.hparams.get("init_from") if self.model is not None else None
-        if stage == "fit" and init_from and not self._subcommand_config().get("ckpt_path"):
-            self.model.load_init_weights(init_from)
-        return super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as err:
+            raise hardware_problem(self._subcommand_config(), err) from None
+        check_launch(trainer)
+        return trainer
 
     def _subcommand_config(self) -> Namespace:
         subcommand = self.config.get("subcommand")

@@ -265,7 +265,8 @@ class LamedModel(nn.Module):
     def _zero_seg_term(self, hidden: Tensor) -> Tensor:
         # DDP needs a gradient for every trainable parameter each step: touch them with weight 0.
         params = [p for m in (self.seg_head, self.segmentation) for p in m.parameters() if p.requires_grad]
-        zero = hidden.new_zeros((), dtype=torch.float32)
+        # in the dtype the mask losses have (at least fp32), so every rank's terms are alike under DDP
+        zero = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
         return zero + 0.0 * sum(p.float().sum() for p in params) if params else zero
 
     # -- generation ---------------------------------------------------------------------------------

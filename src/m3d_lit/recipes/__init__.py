@@ -52,7 +52,8 @@ def find_recipe(name: str, kinds: tuple[str, ...]) -> Path | None:
 
 
 def _expand(value: str, kinds: tuple[str, ...]) -> str:
-    if Path(value).exists():
+    # a folder of the same name (a run's `fsdp/` checkpoints, say) is no configuration: the recipe wins
+    if Path(value).is_file():
         return value
     found = find_recipe(value, kinds)
     return value if found is None else str(found)
@@ -60,7 +61,7 @@ def _expand(value: str, kinds: tuple[str, ...]) -> str:
 
 def expand_argv(argv: list[str]) -> list[str]:
     """`argv` of a LightningCLI command with recipe names given to `-c/--config` and `--data` replaced
-    by their paths (a name that is an existing path, or names no recipe, stays as it is)."""
+    by their paths (a name that is an existing file, or names no recipe, stays as it is)."""
     out: list[str] = []
     flags = {**dict.fromkeys(_CONFIG_FLAGS, ("stage", "trainer", "data")), "--data": ("data",)}
     i = 0

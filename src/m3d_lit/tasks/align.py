@@ -13,7 +13,6 @@ from m3d_lit.data.collate import make_collator
 from m3d_lit.errors import InputError
 from m3d_lit.evaluation.visual import middle_slice_grid
 from m3d_lit.models.build import build_lamed
-from m3d_lit.models.lamed import cast_for_training
 from m3d_lit.models.official.clip import load_m3d_clip
 from m3d_lit.models.overrides import apply_overrides
 from m3d_lit.tasks.base import BaseTask
@@ -90,9 +89,11 @@ class AlignTask(BaseTask):
         self.model.vision.load_state_dict(source)
         rank_zero_info(f"clip_path {path}: vision encoder loaded ({len(source)} tensors)")
 
-    def configure_models(self) -> nn.Module:
+    def build_model(self) -> nn.Module:
         self._official_init()
-        model = build_lamed(self.hparams.preset, self.hparams.overrides, llm_path=self.hparams.llm_path)
+        model = build_lamed(
+            self.hparams.preset, self.hparams.overrides, llm_path=self.hparams.llm_path, dtype=self.llm_dtype()
+        )
         model.config = apply_overrides(model.config, self.run_settings())
         model.set_trainable(self.trainable_config())
         mode = self.hparams.gradient_checkpointing
@@ -120,28 +121,9 @@ class AlignTask(BaseTask):
             return
         super().load_init_weights(path)
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if stage == "fit" and self.hparams.clip_path and not self.trainer.ckpt_path:
+    def on_model_ready(self, fresh_fit: bool) -> None:
+        if fresh_fit and self.hparams.clip_path:
             self.load_clip_vision(self.hparams.clip_path)
-        self._check_data_size()
-        if str(self.trainer.precision).startswith("bf16"):
-            # bf16-mixed keeps fp32 weights by default: for a frozen 7B LLM that is 25 GiB, which does not
-            # fit a 24 GB card. Frozen weights go to bf16, the trainable ones stay fp32 for the optimizer.
-            cast_for_training(self.model, torch.bfloat16)
-
-    def _check_data_size(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        settings = getattr(datamodule, "preprocessing", None) if datamodule is not None else None
-        size = (settings or {}).get("size")
-        want = tuple(int(s) for s in self.model.img_size)
-        if size is not None and tuple(int(s) for s in size) != want:
-            root = (getattr(datamodule, "roots", None) or ["the data"])[0]
-            raise InputError(
-                root,
-                f"was prepared at size {list(size)}, but the model takes {list(want)}: prepare it again "
-                f"with `m3d-lit prepare ... --size {' '.join(map(str, want))}`",
-            )
 
     def configure_metrics(self) -> nn.ModuleDict:
         return nn.ModuleDict({"token_acc": TokenAccuracy()})
@@ -162,11 +144,28 @@ class AlignTask(BaseTask):
     def compute_loss(self, out: dict[str, Tensor], batch: dict[str, Any], split: str) -> Tensor:
         return out["lm_loss"]
 
+    def item_counts(self, out: dict[str, Tensor], batch: dict[str, Any]) -> Tensor:
+        """How many items each mean in `out` is over: the answer tokens of the LM loss."""
+        return (batch["labels"][:, 1:] != -100).sum().reshape(1)
+
+    def global_terms(self, out: dict[str, Tensor], batch: dict[str, Any]) -> dict[str, Tensor]:
+        """`out` with its training loss terms as shares of the global batch's means (`global_shares`)."""
+        shares = self.global_shares(self.item_counts(out, batch))
+        if shares is None:
+            return out
+        return {**out, **{k: out[k] * shares[i].to(out[k].dtype) for i, k in enumerate(self.loss_terms)}}
+
+    loss_terms: tuple[str, ...] = ("lm_loss",)
+
     def model_step(self, batch: dict[str, Any], split: str) -> Tensor:
         out = self.forward_batch(batch)
+        if split == "train":
+            out = self.global_terms(out, batch)
         loss = self.compute_loss(out, batch, split)
         size = len(batch["input_ids"])
-        sync = split != "train"
+        # training terms are shares of the global batch under data parallelism: their mean over the
+        # ranks is the global batch's loss
+        sync = split != "train" or self.trainer.world_size > 1
         self.log(f"{split}/loss", loss, batch_size=size, prog_bar=True, sync_dist=sync)
         self.log(f"{split}/lm_loss", out["lm_loss"], batch_size=size, sync_dist=sync)
         if split != "train":

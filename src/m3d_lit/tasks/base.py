@@ -1,14 +1,17 @@
 """`BaseTask`: what every training stage shares.
 
-A stage is a recipe (`stages/*.yaml`); a task is the LightningModule that runs it. Subclasses build their
-model in `configure_models`, build their collator in `configure_collate` (`setup` hands it to the
-DataModule with `set_collator`), and compute their
-losses in `model_step`. Moving weights between stages (`init_from`) and resuming a stage (`--ckpt_path`)
-are kept apart: `init_from` is only read when a run starts fresh.
+A stage is a recipe (`stages/*.yaml`); a task is the LightningModule that runs it. Subclasses say how
+their model is built in `build_model`, build their collator in `configure_collate`, and compute their
+losses in `model_step`. The model is built in Lightning's `configure_model` hook, so on every rank it is
+made once, on that rank's device and, for a frozen LLM, straight in the training dtype (the hook runs
+inside the strategy's device and precision contexts); nothing is built in `__init__`. Code that uses a
+task outside a trainer calls `configure_model()` itself. Moving weights between stages (`init_from`) and
+resuming a stage (`--ckpt_path`) are kept apart: `init_from` is only read when a run starts fresh.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -17,10 +20,13 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import grad_norm, rank_zero_info
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from m3d_lit.errors import InputError
+from m3d_lit.models.lamed import cast_for_training
 from m3d_lit.models.perceiver import set_batchnorm_sync
 from m3d_lit.models.presets import STAGE_TRAINABLE
 from m3d_lit.tasks.checkpoints import (
@@ -33,8 +39,16 @@ from m3d_lit.tasks.checkpoints import (
     summarise_init,
 )
 from m3d_lit.tasks.hparams import write_hparams
+from m3d_lit.tasks.strategies import is_sharded_checkpoint, read_sharded_checkpoint, shard_model
 
-__all__ = ["EVAL_SPLITS", "BaseTask", "load_checkpoint", "warmup_cosine", "zero_checkpoint_problem"]
+__all__ = [
+    "EVAL_SPLITS",
+    "BaseTask",
+    "check_data_size",
+    "load_checkpoint",
+    "warmup_cosine",
+    "zero_checkpoint_problem",
+]
 
 EVAL_SPLITS = ("val", "test")
 
@@ -46,13 +60,13 @@ def zero_checkpoint_problem(path: str | Path) -> str | None:
     runs on their own files rather than done silently on load.
     """
     path = Path(path)
-    if not path.is_dir():
+    if not path.is_dir() or is_sharded_checkpoint(path):
         return None
     tag = (path / "latest").read_text().strip() if (path / "latest").is_file() else None
     if tag is None or not any((path / tag).glob("*model_states.pt")):
         return (
-            "is a folder, not a checkpoint file (nor a DeepSpeed checkpoint folder with a `latest` tag, "
-            "nor an M3D-LaMed directory with a config.json)"
+            "is a folder, not a checkpoint file (nor a sharded checkpoint folder with .metadata and meta.pt, "
+            "nor a DeepSpeed checkpoint folder with a `latest` tag, nor an M3D-LaMed directory with a config.json)"
         )
     out = path.with_name(f"{path.stem}.fp32.ckpt")
     command = (
@@ -66,8 +80,11 @@ def zero_checkpoint_problem(path: str | Path) -> str | None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a Lightning checkpoint safely (`weights_only=True`), with a clear error for a bad file."""
+    """Read a Lightning checkpoint safely (`weights_only=True`), with a clear error for a bad file; a
+    sharded folder of the `fsdp` preset is read whole, as the same dict."""
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        return read_sharded_checkpoint(path)
     problem = zero_checkpoint_problem(path)
     if problem:
         raise InputError(path, problem)
@@ -79,6 +96,21 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         cause = f"{type(err).__name__}: {err}"
         problem = f"not a readable checkpoint: truncated, damaged or not from torch.save ({cause})"
         raise InputError(path, problem) from err
+
+
+def check_data_size(model: nn.Module, datamodule: Any) -> None:
+    """Refuse data prepared at another volume size than the model's (read from the DataModule's
+    `preprocessing` record, when it has one)."""
+    settings = getattr(datamodule, "preprocessing", None) if datamodule is not None else None
+    size = (settings or {}).get("size")
+    want = tuple(int(s) for s in getattr(model, "img_size", ()))
+    if size is not None and want and tuple(int(s) for s in size) != want:
+        root = (getattr(datamodule, "roots", None) or ["the data"])[0]
+        raise InputError(
+            root,
+            f"was prepared at size {list(size)}, but the model takes {list(want)}: prepare it again "
+            f"with `m3d-lit prepare ... --size {' '.join(map(str, want))}`",
+        )
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -135,16 +167,21 @@ class BaseTask(LightningModule):
             )
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
-        self.model: nn.Module = self.configure_models()
+        self.model: nn.Module | None = None  # built by `configure_model`
         self._init_loaded = False
-        self.param_groups()  # an lr_scale naming no trainable part is refused now, not at the first step
-
+        self.base_fingerprint: dict[str, Any] | None = None
+        self._pending_rng: list[dict[str, Any]] | None = None
         self.eval_metrics = nn.ModuleDict({split: self.configure_metrics() for split in EVAL_SPLITS})
-        self._init_reliability()
 
     # -- what each stage provides -------------------------------------------------------------------
-    def configure_models(self) -> nn.Module:
+    def build_model(self) -> nn.Module:
+        """The stage's model with its trainability set, made on the default device; a frozen LLM in
+        `llm_dtype()`. Under the meta device it must read no weights (a skeleton for `preflight`)."""
         raise NotImplementedError
+
+    def on_model_ready(self, fresh_fit: bool) -> None:
+        """After the model is built and `init_from` is loaded, before the frozen weights are cast:
+        a stage's own starting weights (`fresh_fit`: a new training run, not a resume or evaluation)."""
 
     def configure_collate(self) -> Any:
         raise NotImplementedError
@@ -166,8 +203,52 @@ class BaseTask(LightningModule):
     def trainable_config(self) -> dict[str, str]:
         return {**STAGE_TRAINABLE[self.stage], **(self.hparams.trainable or {})}
 
-    def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
+    def llm_dtype(self) -> torch.dtype | None:
+        """The dtype a frozen (or LoRA-adapted) LLM is made in: bf16 under a bf16 precision, else the
+        default dtype the precision sets (fp32, or fp64 under `64-true`); a fully trained LLM keeps the
+        default dtype for its optimizer. Outside a trainer: None (the saved dtype)."""
+        if self._trainer is None:
+            return None
+        frozen = self.trainable_config().get("llm", "frozen") in ("frozen", "lora")
+        if frozen and str(self.trainer.precision).startswith("bf16"):
+            return torch.bfloat16
+        return torch.get_default_dtype()
+
+    def configure_model(self) -> None:
+        """Build the model (once), then ready it for this trainer run: weights to start from on a fresh
+        fit, the collator for the DataModule, synchronised batch norm, frozen weights in bf16.
+
+        Lightning calls this inside the strategy's device and precision contexts, so every tensor is made
+        where and how it trains; outside a trainer it builds on the current default device."""
+        if self.model is None:
+            # on the rank's own device (ModelParallelStrategy leaves the default device as it is)
+            device = self.trainer.strategy.root_device if self._trainer is not None else None
+            with torch.device(device) if device is not None else contextlib.nullcontext():
+                model = self.build_model()
+            self._check_model(model)
+            self.model = model
+            self.base_fingerprint = base_fingerprint(self)
+        if self._trainer is not None:
+            self._ready_for(self.trainer)
+
+    def _check_model(self, model: nn.Module) -> None:
+        tokenizer = getattr(model, "tokenizer", None)
+        if tokenizer is not None and tokenizer.eos_token_id is None:
+            # the answers end with EOS; without it the collator fails later with no file named
+            where = self.hparams.get("llm_path") or "built-in tokenizer"
+            raise InputError(where, "the tokenizer has no EOS token (set eos_token in tokenizer_config.json)")
+        self.param_groups(model)  # an lr_scale naming no trainable part is refused before any step
+
+    def _ready_for(self, trainer: Any) -> None:
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        fresh_fit = fitting and not trainer.ckpt_path
+        if fitting and self.hparams.init_from and trainer.ckpt_path:
+            rank_zero_info(f"resuming from {trainer.ckpt_path}: init_from is not read")
+        if fresh_fit and self.hparams.init_from and not self._init_loaded:
+            self.load_init_weights(self.hparams.init_from)
+        self.on_model_ready(fresh_fit)
+        datamodule = getattr(trainer, "datamodule", None)
+        check_data_size(self.model, datamodule)
         if datamodule is not None:
             if not hasattr(datamodule, "set_collator"):
                 raise TypeError(
@@ -176,14 +257,30 @@ class BaseTask(LightningModule):
                 )
             datamodule.set_collator(self.configure_collate())
         # `sync_batchnorm=True` converts torch's batch norms; the perceiver's synchronises itself
-        sync = getattr(self.trainer.strategy, "_layer_sync", None) is not None
+        sync = getattr(trainer.strategy, "_layer_sync", None) is not None
         if set_batchnorm_sync(self, sync) and sync:
             rank_zero_info("sync_batchnorm: the perceiver's batch norm takes its statistics over all ranks")
-        if stage == "fit" and self.hparams.init_from:
-            if self.trainer.ckpt_path:
-                rank_zero_info(f"resuming from {self.trainer.ckpt_path}: init_from is not read")
-            elif not self._init_loaded:  # `m3d-lit fit` loads it before the run writes anything
-                self.load_init_weights(self.hparams.init_from)
+        bf16 = str(trainer.precision).startswith("bf16")
+        if bf16:
+            # bf16-mixed keeps fp32 weights: for a frozen 7B LLM that is 25 GiB, more than a 24 GB card.
+            # Frozen weights are bf16 (the LLM was made so), the trainable ones fp32 for the optimizer.
+            cast_for_training(self.model, torch.bfloat16)
+        if isinstance(trainer.strategy, ModelParallelStrategy):
+            shard_model(self.model, trainer.strategy.device_mesh, torch.bfloat16 if bf16 else None)
+
+    def preflight(self, datamodule: Any = None, fresh_fit: bool = True) -> None:
+        """Check what a run would fail on before it writes anything, without memory: the model is built
+        on the meta device (no weights read) and checked, with `init_from`'s tensor names and shapes
+        against it on a fresh fit."""
+        with torch.device("meta"):
+            skeleton = self.build_model()
+        self._check_model(skeleton)
+        check_data_size(skeleton, datamodule)
+        init_from = self.hparams.init_from
+        # an M3D-LaMed directory given as init_from is what the model is built from (`AlignTask`)
+        if fresh_fit and init_from and Path(init_from) != Path(self.hparams.get("llm_path") or ""):
+            own = {f"model.{key}": value for key, value in skeleton.state_dict().items()}
+            self.init_weights_plan(init_from, own)
 
     def on_fit_start(self) -> None:
         # The recipes turn off Lightning's placeholder `hp_metric`; pair the hparams with real tags instead.
@@ -199,13 +296,23 @@ class BaseTask(LightningModule):
         LoRA adapters trained or loaded earlier carry on. The log names, per part, what came from the
         checkpoint and what starts as built here (`init_summary` keeps the counts).
         """
+        own = self.state_dict()
+        checkpoint, wanted = self.init_weights_plan(path, own)
+        source = checkpoint["state_dict"]
+        check_init_source(path, checkpoint, self)
+        self.load_state_dict({k: source[k] for k in wanted}, strict=False)
+        self._init_loaded = True
+        self.init_summary, text = summarise_init(own, source, wanted, self.hparams.get("llm_path"))
+        rank_zero_info(f"init_from {path}: {text}")
+
+    def init_weights_plan(self, path: str | Path, own: dict[str, Tensor]) -> tuple[dict[str, Any], list[str]]:
+        """(the checkpoint, the keys of `own` to take from it): the required prefixes must all be there
+        with this model's shapes; with `init_prefixes` unset every other key that fits is taken too."""
         prefixes = tuple(self.hparams.init_prefixes or self.default_init_prefixes)
         checkpoint = load_checkpoint(path)
         source = checkpoint.get("state_dict")
         if not isinstance(source, dict):
             raise InputError(path, "has no state_dict: not a Lightning checkpoint of m3d-lit")
-        check_init_source(path, checkpoint, self)
-        own = self.state_dict()
         wanted = [key for key in own if key.startswith(prefixes)]
         missing = [key for key in wanted if key not in source]
         if not wanted or missing:
@@ -226,10 +333,23 @@ class BaseTask(LightningModule):
             wanted += [
                 k for k in own if k not in required and k in source and source[k].shape == own[k].shape
             ]
-        self.load_state_dict({k: source[k] for k in wanted}, strict=False)
-        self._init_loaded = True
-        self.init_summary, text = summarise_init(own, source, wanted, self.hparams.get("llm_path"))
-        rank_zero_info(f"init_from {path}: {text}")
+        return checkpoint, wanted
+
+    def global_shares(self, counts: Tensor) -> Tensor | None:
+        """Under data parallelism, what turns each rank's mean into its share of the global batch's mean.
+
+        A rank's loss term is a mean over its own `counts` items (answer tokens, mask rows); the
+        gradients of the ranks are averaged. Scaling each rank's mean by `count_r x world / sum of counts`
+        makes that average the gradient of the mean over every item of the global batch, which is what
+        one process computes on the same batch, whatever the ranks' shares. None with a single rank (the
+        mean is already that); 0 for a term no rank has items of.
+        """
+        world = self.trainer.world_size
+        if world <= 1:
+            return None
+        counts = counts.detach().to(torch.float64)
+        total = self.trainer.strategy.reduce(counts.clone(), reduce_op="sum")
+        return torch.where(total > 0, counts * world / total.clamp(min=1.0), torch.zeros_like(counts))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         return self.model_step(batch, "train")
@@ -262,19 +382,23 @@ class BaseTask(LightningModule):
                     self.log(f"{split}/{key}", value, sync_dist=True, reduce_fx="max")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        norms = grad_norm(self.model, norm_type=2)
-        if "grad_2.0_norm_total" in norms:
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"], on_step=True, on_epoch=False)
+        grads = [p.grad.detach() for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            # torch's norm of sharded (DTensor) gradients is itself sharded until made whole
+            total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+            total = total.full_tensor() if hasattr(total, "full_tensor") else total
+            self.log("train/grad_norm", total, on_step=True, on_epoch=False)
 
-    def param_groups(self) -> list[dict[str, Any]]:
+    def param_groups(self, model: nn.Module | None = None) -> list[dict[str, Any]]:
         """One optimizer group per top-level part with trainable weights, each with its `lr_scale`."""
+        model = self.model if model is None else model
         scale = self.hparams.lr_scale or {}
         groups = []
-        for name, module in self.model.named_children():
+        for name, module in model.named_children():
             params = [p for p in module.parameters() if p.requires_grad]
             if params:
                 groups.append({"params": params, "name": name, "lr_scale": scale.get(name, 1.0)})
-        direct = [p for n, p in self.model.named_parameters(recurse=False) if p.requires_grad]
+        direct = [p for n, p in model.named_parameters(recurse=False) if p.requires_grad]
         if direct:
             groups.append({"params": direct, "name": "model", "lr_scale": scale.get("model", 1.0)})
         names = [g["name"] for g in groups]
@@ -308,15 +432,6 @@ class BaseTask(LightningModule):
         self._save_reliability(checkpoint)
 
     # -- exact resume and frozen-base checks (tasks/checkpoints.py) ----------------------------------
-    def _init_reliability(self) -> None:
-        self.base_fingerprint = base_fingerprint(self)
-        self._pending_rng: list[dict[str, Any]] | None = None
-        tokenizer = getattr(self.model, "tokenizer", None)
-        if tokenizer is not None and tokenizer.eos_token_id is None:
-            # the answers end with EOS; without it the collator fails later with no file named
-            where = self.hparams.get("llm_path") or "built-in tokenizer"
-            raise InputError(where, "the tokenizer has no EOS token (set eos_token in tokenizer_config.json)")
-
     def _save_reliability(self, checkpoint: dict[str, Any]) -> None:
         """Record the model fingerprint and every rank's RNG states; leave out the rebuildable frozen LLM."""
         record = checkpoint["m3d_lit"]

@@ -39,16 +39,20 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def _llm_weights_hash(llm: torch.nn.Module) -> str:
-    """A hash of names, shapes and evenly spaced values of the LLM's own (non-LoRA) weights."""
+def _llm_weights_hash(llm: torch.nn.Module, dtype: torch.dtype | None = None) -> str:
+    """A hash of names, shapes and evenly spaced values of the LLM's own (non-LoRA) weights, the values
+    first rounded to `dtype` when given (None: as they are held)."""
     digest = hashlib.sha256()
     named = {n.replace(".base_layer", ""): p for n, p in unwrap(llm).named_parameters() if "lora_" not in n}
     for name in sorted(named):
         flat = named[name].detach().reshape(-1)
         digest.update(f"{name}:{tuple(named[name].shape)}".encode())
         if flat.numel() and not flat.is_meta:
-            index = torch.linspace(0, flat.numel() - 1, min(SAMPLES_PER_TENSOR, flat.numel())).long()
-            digest.update(flat[index.to(flat.device)].float().cpu().numpy().tobytes())
+            count = min(SAMPLES_PER_TENSOR, flat.numel())
+            index = torch.linspace(0, flat.numel() - 1, count, dtype=torch.float32, device="cpu").long()
+            values = flat[index.to(flat.device)]
+            values = values if dtype is None else values.to(dtype)
+            digest.update(values.float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -59,7 +63,13 @@ def base_fingerprint(task: Any) -> dict[str, Any]:
     llm_record = None
     if isinstance(llm, torch.nn.Module):
         path = task.hparams.get("llm_path")
-        llm_record = {"path": None if path is None else str(path), "weights": _llm_weights_hash(llm)}
+        # `weights_bf16` is the same whatever dtype the LLM was loaded in (a bf16 run, a float32 eval);
+        # `weights` is what checkpoints of earlier versions hold
+        llm_record = {
+            "path": None if path is None else str(path),
+            "weights": _llm_weights_hash(llm),
+            "weights_bf16": _llm_weights_hash(llm, torch.bfloat16),
+        }
     return {
         "preset": task.hparams.preset,
         "config": _sha(json.dumps(config, sort_keys=True, default=str).encode()),
@@ -83,10 +93,11 @@ def _llm_mismatch(saved: dict | None, own: dict | None) -> str | None:
         return f"it was made with the LLM at {saved['path']!r}; pass that directory as --model.llm_path"
     if saved["path"] is None and own["path"] is not None:
         return f"it was made with a randomly initialised LLM, this model loads {own['path']!r}"
-    if saved["weights"] != own["weights"]:
+    key = "weights_bf16" if "weights_bf16" in saved and "weights_bf16" in own else "weights"
+    if saved[key] != own[key]:
         return (
-            f"its base LLM (llm_path {saved['path']!r}, weights {saved['weights']}) is not this model's "
-            f"(llm_path {own['path']!r}, weights {own['weights']})"
+            f"its base LLM (llm_path {saved['path']!r}, weights {saved[key]}) is not this model's "
+            f"(llm_path {own['path']!r}, weights {own[key]})"
         )
     return None
 

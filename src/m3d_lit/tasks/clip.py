@@ -33,7 +33,7 @@ class ClipTask(BaseTask):
     def __init__(self, text_path: str | None = None, text_max_length: int = 128, **kwargs: Any) -> None:
         super().__init__(**kwargs)
 
-    def configure_models(self) -> nn.Module:
+    def build_model(self) -> nn.Module:
         model = build_clip(self.hparams.preset, self.hparams.overrides, text_path=self.hparams.text_path)
         model.set_trainable(self.trainable_config())
         return model

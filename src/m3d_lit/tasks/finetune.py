@@ -54,9 +54,9 @@ class FinetuneTask(AlignTask):
             settings["lora"] = self.hparams.lora
         return settings
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if stage == "fit" and self.hparams.segvol_path and not self.trainer.ckpt_path:
+    def on_model_ready(self, fresh_fit: bool) -> None:
+        super().on_model_ready(fresh_fit)
+        if fresh_fit and self.hparams.segvol_path:
             loaded = load_segvol_weights(self.model.segmentation, self.hparams.segvol_path)
             rank_zero_info(f"segvol_path {self.hparams.segvol_path}: loaded {len(loaded['loaded'])} tensors")
 
@@ -69,9 +69,23 @@ class FinetuneTask(AlignTask):
             metrics[name] = MeanMetric().set_dtype(torch.float64)
         return metrics
 
+    loss_terms = ("lm_loss", "dice", "bce")
+
+    def item_counts(self, out: dict[str, Tensor], batch: dict[str, Any]) -> Tensor:
+        """Answer tokens for the LM loss; the rows that made a mask for Dice and BCE."""
+        tokens = super().item_counts(out, batch)
+        rows = tokens.new_full((1,), out["seg_rows"].numel())
+        return torch.cat([tokens, rows, rows])
+
     def compute_loss(self, out: dict[str, Tensor], batch: dict[str, Any], split: str) -> Tensor:
         weights = self.model.config.loss
         loss = out["lm_loss"] + weights.w_dice * out["dice"] + weights.w_bce * out["bce"]
+        if split == "train" and self.trainer.world_size > 1:
+            # every rank logs its share (0 without mask rows), so the synchronised mean is the global
+            # batch's; a log some ranks skip would leave the others waiting in the all-reduce
+            self.log("train/loss_dice", out["dice"], batch_size=len(batch["input_ids"]), sync_dist=True)
+            self.log("train/loss_bce", out["bce"], batch_size=len(batch["input_ids"]), sync_dist=True)
+            return loss
         flags = batch.get("seg_flags")
         if flags is None or not bool(flags.any()):
             return loss

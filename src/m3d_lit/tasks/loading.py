@@ -36,6 +36,7 @@ def load_official_task(path: Path, device: str = "cpu") -> tuple[Any, dict[str, 
             f"config.json has model_type {config.get('model_type')!r}, not one of {sorted(FAMILIES)}",
         )
     task = FinetuneTask(llm_path=str(path), trainable=dict(FROZEN), log_examples=0)
+    task.configure_model()
     record = {"task": f"{FinetuneTask.__module__}.FinetuneTask", "preprocessing": None, "official": str(path)}
     return task.to(device).eval(), record
 
@@ -70,6 +71,7 @@ def load_task(path: str | Path, device: str = "cpu") -> tuple[BaseTask, dict[str
     hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k in accepted}
     hparams["init_from"] = None
     task = cls(**hparams)
+    task.configure_model()
     restore_frozen_base(path, checkpoint, task)
     state = checkpoint.get("state_dict") or {}
     try:

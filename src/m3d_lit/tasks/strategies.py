@@ -1,12 +1,31 @@
-"""Strategy presets for the hardware the project targets."""
+"""Strategy presets for the hardware the project targets, and the sharded checkpoints of the `fsdp` one.
+
+- `PCIeDDPStrategy`: DDP for GPUs without peer-to-peer (RTX 4090 boxes).
+- `ShardedStrategy`: Lightning's `ModelParallelStrategy` with FSDP2 (`fully_shard` per decoder layer
+  and ViT block, the rest as one root unit), hybrid across machines: each machine holds one sharded copy,
+  the machines replicate it. Its checkpoints are folders (one shard file per rank, written under a
+  temporary name and renamed when complete) that leave out the frozen LLM like every m3d-lit checkpoint;
+  `read_sharded_checkpoint` reads one back in a single process (eval, ask, export, the next stage).
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
 
-from lightning.pytorch.strategies import DDPStrategy
+import torch
+from lightning.fabric.utilities.load import _METADATA_FILENAME
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from torch import nn
 
-__all__ = ["PCIeDDPStrategy"]
+from m3d_lit.errors import InputError
+from m3d_lit.models.llm import unwrap
+
+__all__ = ["PCIeDDPStrategy", "ShardedStrategy", "is_sharded_checkpoint", "read_sharded_checkpoint", "shard_model"]
 
 
 class PCIeDDPStrategy(DDPStrategy):
@@ -40,3 +59,165 @@ class PCIeDDPStrategy(DDPStrategy):
         if self.nccl_p2p_disable:
             os.environ.setdefault("NCCL_P2P_DISABLE", "1")
         super().setup_environment()
+
+
+def sharded_blocks(model: nn.Module) -> list[nn.Module]:
+    """The units FSDP2 shards one by one: the LLM's decoder layers, the ViT's and BERT's blocks.
+
+    The segmentation module stays in the root unit: on a step without a mask row its weights are touched
+    with weight 0 from the root's forward, which a unit of its own would not have gathered.
+    """
+    blocks: list[nn.Module] = []
+    llm = getattr(model, "llm", None)
+    if isinstance(llm, nn.Module):
+        blocks += list(unwrap(llm).get_decoder().layers)
+    vision = getattr(model, "vision", None)
+    if isinstance(vision, nn.Module):
+        blocks += list(vision.blocks)
+    text = getattr(model, "text", None)
+    encoder = getattr(text, "encoder", None)
+    if isinstance(encoder, nn.Module):
+        blocks += list(encoder.layer)
+    return blocks
+
+
+def shard_model(model: nn.Module, mesh: Any, param_dtype: torch.dtype | None = None) -> nn.Module:
+    """Apply FSDP2 to `model` in place (once): every `sharded_blocks` unit, then the root.
+
+    Args:
+        model: the built model, its weights loaded (frozen ones in their training dtype).
+        mesh: a 2-D device mesh (replicate, shard): hybrid sharding; (1, world) is plain FSDP.
+        param_dtype: the dtype the units compute in (bf16 under a bf16 precision: trainable fp32 weights
+            are cast for the compute, gradients reduced in fp32); None: as they are held.
+    """
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    if isinstance(model, FSDPModule):
+        return model
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    for block in sharded_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+class ShardedStrategy(ModelParallelStrategy):
+    """FSDP2 through Lightning's `ModelParallelStrategy`, for GPUs (and CPU ranks with gloo in tests).
+
+    The task shards its model in `configure_model` (`shard_model`): on N machines of G devices the mesh is
+    (N, G) with `hybrid`, so each machine keeps one copy sharded G ways and only gradients cross machines;
+    without it one copy is sharded over all N x G ranks. Every rank reads its own samples (the mesh's
+    shape does not split the data). Checkpoints are sharded folders written atomically, leaving out the
+    frozen LLM (rebuilt from `llm_path` on load, as for every m3d-lit checkpoint).
+
+    Args:
+        hybrid: shard within a machine, replicate across machines (HSDP); False shards over all ranks.
+        process_group_backend: `nccl` on GPUs (default), `gloo` on CPUs.
+    """
+
+    strategy_name = "m3d_fsdp"
+    requires_several_processes = True
+
+    def __init__(self, hybrid: bool = True, process_group_backend: str | None = None) -> None:
+        super().__init__(save_distributed_checkpoint=True, process_group_backend=process_group_backend)
+        self.hybrid = hybrid
+
+    def setup_environment(self) -> None:
+        if self.hybrid:
+            self._data_parallel_size, self._tensor_parallel_size = self.num_nodes, self.num_processes
+        else:
+            self._data_parallel_size, self._tensor_parallel_size = 1, self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.world_size, "rank": self.global_rank}
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """Write the folder under a temporary name beside `filepath`, then put it in place, so a kill
+        during the write leaves the previous checkpoint whole."""
+        path = Path(self.broadcast(str(filepath)))
+        temporary = Path(self.broadcast(str(path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"))))
+        super().save_checkpoint(checkpoint, temporary, storage_options)
+        self.barrier("m3d_fsdp_saved")
+        if self.global_rank == 0:
+            previous = path.with_name(f".{path.name}.previous")
+            shutil.rmtree(previous, ignore_errors=True)
+            if path.is_dir():
+                os.replace(path, previous)
+            elif path.exists():
+                path.unlink()
+            os.replace(temporary, path)
+            shutil.rmtree(previous, ignore_errors=True)
+        self.barrier("m3d_fsdp_renamed")
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Restore a sharded folder; the frozen weights it leaves out keep the values built from
+        `llm_path` (the task checks they are the same model, `restore_frozen_base`)."""
+        from torch.distributed.checkpoint import DefaultLoadPlanner, load
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not is_sharded_checkpoint(path):
+            return super().load_checkpoint(path, weights_only)
+        # partial: the frozen LLM is not in the folder (checked below), and an optimizer without state
+        # (plain SGD) saved none of the entries a fresh one lists
+        planner = DefaultLoadPlanner(allow_partial_load=True)
+        state = get_model_state_dict(self.model)
+        metadata = torch.load(path / _METADATA_FILENAME, weights_only=True)
+        omitted = set((metadata.get("m3d_lit") or {}).get("omitted") or [])
+        missing = sorted(set(state) - _saved_keys(path, "state_dict") - omitted)
+        if missing:
+            raise InputError(path, f"lacks {len(missing)} weights of this model, e.g. {missing[:2]}")
+        load({"state_dict": state}, checkpoint_id=path, planner=planner)
+        self.model.load_state_dict(state, strict=False)
+        for index, optimizer in enumerate(self.optimizers):
+            optimizer_state = {f"optimizer_{index}": get_optimizer_state_dict(self.model, optimizer)}
+            load(optimizer_state, checkpoint_id=path, planner=planner)
+            options = StateDictOptions(cpu_offload=True)
+            set_optimizer_state_dict(
+                self.model, optimizer, optim_state_dict=optimizer_state[f"optimizer_{index}"], options=options
+            )
+        return metadata
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """A folder written by `ShardedStrategy` (torch distributed-checkpoint shards + Lightning's meta.pt)."""
+    path = Path(path)
+    return path.is_dir() and (path / ".metadata").is_file() and (path / _METADATA_FILENAME).is_file()
+
+
+def _saved_keys(path: Path, group: str) -> set[str]:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    prefix = f"{group}."
+    keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {key[len(prefix) :] for key in keys if key.startswith(prefix)}
+
+
+def read_sharded_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A `ShardedStrategy` folder as the dict a Lightning checkpoint file holds (whole tensors on the CPU,
+    without the optimizer state), read in one process without a process group."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(path)
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        template = {
+            key.removeprefix("state_dict."): torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
+            for key, entry in metadata.items()
+            if key.startswith("state_dict.") and isinstance(entry, TensorStorageMetadata)
+        }
+        with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": as meant here
+            warnings.simplefilter("ignore", UserWarning)
+            load({"state_dict": template}, checkpoint_id=path, no_dist=True)
+        record = torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for incomplete or foreign folders
+        raise InputError(path, f"not a readable sharded checkpoint ({type(err).__name__}: {err})") from err
+    return {**record, "state_dict": template}
