@@ -55,6 +55,7 @@ class BaseDataModule(L.LightningDataModule):
         blank_prob: train-time image dropout: the chance that a training sample without a mask gets an
             all-zero volume (its question and answer kept), so the model learns to answer an empty scan
             from the question alone, as the `--blank-images` control then measures. 0 turns it off.
+        shuffle: reshuffle the training samples every epoch; false keeps the split files' order.
     """
 
     def __init__(
@@ -66,6 +67,7 @@ class BaseDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         flip_axes: tuple[int, ...] = ALL_AXES,
         blank_prob: float = 0.0,
+        shuffle: bool = True,
     ) -> None:
         super().__init__()
         if batch_size < 1 or num_workers < 0:
@@ -79,6 +81,7 @@ class BaseDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.flip_axes = tuple(flip_axes)
         self.blank_prob = blank_prob
+        self.shuffle = shuffle
         self.collate_fn: Collator | None = None
         self.datasets: dict[str, Dataset] = {}
         self.unconfigured: set[str] = set()
@@ -125,7 +128,7 @@ class BaseDataModule(L.LightningDataModule):
 
     def train_sampler(self, dataset: Dataset) -> EpochSampler:
         replicas, rank = self._ranks()
-        return EpochSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=self.seed)
+        return EpochSampler(dataset, num_replicas=replicas, rank=rank, shuffle=self.shuffle, seed=self.seed)
 
     def eval_sampler(self, dataset: Dataset) -> Sampler | None:
         """Under DDP each val/test sample goes to exactly one rank (Lightning's sampler repeats samples to
