@@ -130,12 +130,16 @@ def _write_source(name: str, records: dict[str, list[Record]], preprocessing: An
     return _summary(name, splits)
 
 
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.2f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
+
+
 def _summary(name: str, splits: dict[str, dict[str, Any]]) -> str:
     parts = []
     for split, entry in splits.items():
         rows = {m: len(t["item"]) for m, t in entry["rows"].items() if t["item"]}
         shown = ", ".join(f"{n} {m}" for m, n in rows.items())
-        parts.append(f"{split}: {entry['items']} scans ({shown}), {entry['bytes'] / entry['items'] / 2**20:.2f} MiB/scan")
+        parts.append(f"{split}: {entry['items']} scans ({shown}), {_size(entry['bytes'] / entry['items'])}/scan")
     first = next(iter(splits.values()))
     return f"{name}: {first['dtype']} {'x'.join(map(str, first['shape']))}; " + "; ".join(parts)
 

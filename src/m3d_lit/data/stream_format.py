@@ -16,9 +16,9 @@ in the order of the split's records, so a row's position is its index in the fil
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -187,9 +187,9 @@ def _is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
-def _check_credentials(url: str, setting: str) -> None:
+def _check_credentials(url: str, storage_options: dict[str, Any], setting: str) -> None:
     """An ``s3://`` source without credentials is named before any request is made."""
-    if not url.startswith("s3://"):
+    if not url.startswith("s3://") or "aws_access_key_id" in storage_options:
         return
     import boto3
 
@@ -201,17 +201,30 @@ def _check_credentials(url: str, setting: str) -> None:
         )
 
 
-def _fetch(url: str, storage_options: dict[str, Any] | None, cache_dir: Path, setting: str) -> Path:
+def _s3_get(remote: str, storage_options: dict[str, Any]) -> bytes:
+    """One small object with short timeouts: LitData's S3 download retries an unreachable endpoint for
+    minutes, and a wrong URL should be named at once."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(connect_timeout=10, read_timeout=30, retries={"max_attempts": 2, "mode": "standard"})
+    bucket, _, key = remote.removeprefix("s3://").partition("/")
+    client = boto3.Session().client("s3", config=config, **storage_options)
+    return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def _fetch(url: str, storage_options: dict[str, Any] | None, cache_dir: Path, setting: str) -> bytes:
     from litdata.streaming.downloader import get_downloader
 
-    _check_credentials(url, setting)
-    # one file per process: ranks of one machine fetch it at the same time
-    local = cache_dir / f"{zlib.crc32(url.encode()):08x}-{os.getpid()}-{MANIFEST}"
-    local.parent.mkdir(parents=True, exist_ok=True)
+    options = dict(storage_options or {})
+    _check_credentials(url, options, setting)
+    remote = f"{url.rstrip('/')}/{MANIFEST}"
+    buffer = io.BytesIO()
     try:
-        get_downloader(url, str(cache_dir), [], storage_options or {}).download_file(
-            f"{url.rstrip('/')}/{MANIFEST}", str(local)
-        )
+        if url.startswith("s3://"):
+            buffer.write(_s3_get(remote, options))
+        else:
+            get_downloader(url, str(cache_dir), [], options).download_fileobj(remote, buffer)
     except Exception as err:  # boto, obstore and the other stores each raise their own types
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise InputError(
@@ -219,22 +232,26 @@ def _fetch(url: str, storage_options: dict[str, Any] | None, cache_dir: Path, se
             f"{url}: cannot read {MANIFEST} ({type(err).__name__}: {first}); check the URL, the credentials and "
             "that the store is reachable, or copy the folder and give its local path",
         ) from None
-    return local
+    return buffer.getvalue()
 
 
 def read_manifest(
     source: str, storage_options: dict[str, Any] | None, cache_dir: Path, setting: str = "data.input_dirs"
 ) -> dict[str, Any]:
     """The manifest of a streaming source folder (a local path or a URL), checked to be one."""
-    path = _fetch(source, storage_options, cache_dir, setting) if _is_url(source) else Path(source) / MANIFEST
-    if not path.is_file():
-        hint = "run `m3d-lit optimize PREPARED_DIR --out DIR` and give DIR/<name>"
-        if (Path(source) / "prepare.json").is_file() or (Path(source) / "qa_train.jsonl").is_file():
-            hint = f"it is a `prepare` folder: write its chunks with `m3d-lit optimize {source} --out DIR`"
-        raise InputError(setting, f"{source} is not a streaming folder (no {MANIFEST}): {hint}")
+    if _is_url(source):
+        data = _fetch(source, storage_options, cache_dir, setting)
+    else:
+        path = Path(source) / MANIFEST
+        if not path.is_file():
+            hint = "run `m3d-lit optimize PREPARED_DIR --out DIR` and give DIR/<name>"
+            if (Path(source) / "prepare.json").is_file() or (Path(source) / "qa_train.jsonl").is_file():
+                hint = f"it is a `prepare` folder: write its chunks with `m3d-lit optimize {source} --out DIR`"
+            raise InputError(setting, f"{source} is not a streaming folder (no {MANIFEST}): {hint}")
+        data = path.read_bytes()
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        manifest = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InputError(setting, f"{source}: {MANIFEST} is unreadable ({err}); write the folder again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise InputError(setting, f"{source}: {MANIFEST} is not format {FORMAT}; write the folder again")
