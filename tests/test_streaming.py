@@ -65,7 +65,9 @@ def test_streaming_rows_equal_the_file_modules_rows(chunks, brainct_data, mode: 
 def test_m3d_seg_negatives_are_decided_when_optimizing(m3d_seg_data, tmp_path: Path) -> None:
     recipe = tmp_path / "m3d_seg.yaml"
     args = {"root": str(m3d_seg_data["root"]), "datasets": m3d_seg_data["datasets"], "val_split": None}
-    recipe.write_text(json.dumps({"class_path": "m3d_lit.data.datamodules.M3DSegDataModule", "init_args": args}))
+    recipe.write_text(
+        json.dumps({"class_path": "m3d_lit.data.datamodules.M3DSegDataModule", "init_args": args})
+    )
     assert main(["optimize", "--recipe", str(recipe), "--out", str(tmp_path / "chunks")]) == 0
     streamed = StreamingDataModule([str(tmp_path / "chunks" / "m3d_seg")], **DRAWS)
     files = M3DSegDataModule(**args, **DRAWS)
@@ -94,7 +96,9 @@ def _sources() -> list[SourceRows]:
 
 def test_an_epoch_plan_holds_every_row_once_and_shuffles_within_chunk_windows() -> None:
     labels, rows = epoch_plan(_sources(), seed=0, epoch=1, window=2)
-    assert sorted(zip(labels.tolist(), rows.tolist())) == [(0, r) for r in range(23)] + [(1, r) for r in range(8)]
+    assert sorted(zip(labels.tolist(), rows.tolist())) == [(0, r) for r in range(23)] + [
+        (1, r) for r in range(8)
+    ]
     a = rows[labels == 0]
     chunks = _sources()[0].chunk_of_row[a]
     visits = sorted(range(5), key=lambda c: np.flatnonzero(chunks == c).min())
@@ -103,7 +107,9 @@ def test_an_epoch_plan_holds_every_row_once_and_shuffles_within_chunk_windows() 
         assert where.max() - where.min() + 1 == len(where)
     assert sorted(a.tolist()) != a.tolist()
     again = epoch_plan(_sources(), seed=0, epoch=1, window=2)
-    assert np.array_equal(again[1], rows) and not np.array_equal(epoch_plan(_sources(), 0, 2, window=2)[1], rows)
+    assert np.array_equal(again[1], rows) and not np.array_equal(
+        epoch_plan(_sources(), 0, 2, window=2)[1], rows
+    )
     labels, rows = epoch_plan(_sources(), seed=0, epoch=0, shuffle=False)
     assert labels.tolist() == [0] * 23 + [1] * 8 and rows.tolist() == list(range(23)) + list(range(8))
     labels, rows = epoch_plan(_sources(), seed=0, epoch=0, weights=[1.0, 3.0], samples=400)
@@ -181,11 +187,15 @@ def test_bad_streaming_settings_are_one_line(chunks: Path, brainct_data, tmp_pat
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-    with pytest.raises(InputError, match=r"s3://bucket/cq500: no S3 credentials found: set AWS_ACCESS_KEY_ID"):
+    with pytest.raises(
+        InputError, match=r"s3://bucket/cq500: no S3 credentials found: set AWS_ACCESS_KEY_ID"
+    ):
         StreamingDataModule(["s3://bucket/cq500"])
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
-    with pytest.raises(InputError, match=r"s3://bucket/cq500: cannot read m3d_lit_stream\.json \(EndpointConnectionError"):
+    with pytest.raises(
+        InputError, match=r"s3://bucket/cq500: cannot read m3d_lit_stream\.json \(EndpointConnectionError"
+    ):
         StreamingDataModule(["s3://bucket/cq500"], storage_options={"endpoint_url": "http://127.0.0.1:9"})
 
 

@@ -90,7 +90,9 @@ def _sources(args: argparse.Namespace) -> dict[str, tuple[dict[str, list[Record]
             name, records = _recipe_source(name)
             preprocessing = None
         if name in sources:
-            raise InputError("--out", f"two inputs are named {name!r}; optimize them into separate --out folders")
+            raise InputError(
+                "--out", f"two inputs are named {name!r}; optimize them into separate --out folders"
+            )
         if not records:
             raise InputError(folder or name, "has no rows in any split")
         sources[name] = (records, preprocessing)
@@ -102,15 +104,20 @@ def _check_out(out: Path, names: list[str]) -> None:
         raise InputError("--out", f"{out}: write to a local folder, then copy it to the object store")
     for marker in (MANIFEST, "index.json"):
         if (out / marker).exists():
-            raise InputError("--out", f"{out} is itself a chunk folder ({marker}); choose an empty or new folder")
+            raise InputError(
+                "--out", f"{out} is itself a chunk folder ({marker}); choose an empty or new folder"
+            )
     taken = [out / n for n in names if (out / n).exists()]
     if taken:
         raise InputError(
-            "--out", f"{taken[0]} already exists (chunks of an earlier run?): remove it or choose another --out"
+            "--out",
+            f"{taken[0]} already exists (chunks of an earlier run?): remove it or choose another --out",
         )
 
 
-def _write_source(name: str, records: dict[str, list[Record]], preprocessing: Any, args: argparse.Namespace) -> str:
+def _write_source(
+    name: str, records: dict[str, list[Record]], preprocessing: Any, args: argparse.Namespace
+) -> str:
     target = args.out / name
     partial = args.out / f".{name}.partial-{os.getpid()}"
     dtype = None if args.dtype == "keep" else args.dtype
@@ -139,7 +146,9 @@ def _summary(name: str, splits: dict[str, dict[str, Any]]) -> str:
     for split, entry in splits.items():
         rows = {m: len(t["item"]) for m, t in entry["rows"].items() if t["item"]}
         shown = ", ".join(f"{n} {m}" for m, n in rows.items())
-        parts.append(f"{split}: {entry['items']} scans ({shown}), {_size(entry['bytes'] / entry['items'])}/scan")
+        parts.append(
+            f"{split}: {entry['items']} scans ({shown}), {_size(entry['bytes'] / entry['items'])}/scan"
+        )
     first = next(iter(splits.values()))
     return f"{name}: {first['dtype']} {'x'.join(map(str, first['shape']))}; " + "; ".join(parts)
 

@@ -158,7 +158,8 @@ def write_split(
             shape, stored_dtype = list(image.shape), str(image.dtype)
         elif list(image.shape) != shape or str(image.dtype) != stored_dtype:
             raise InputError(
-                plan.image, f"volume {image.shape} {image.dtype} differs from the split's {shape} {stored_dtype}"
+                plan.image,
+                f"volume {image.shape} {image.dtype} differs from the split's {shape} {stored_dtype}",
             )
         for slot, (mode, position, _) in enumerate(plan.rows):
             tables[mode][position] = (index, slot)
@@ -246,13 +247,17 @@ def read_manifest(
         if not path.is_file():
             hint = "run `m3d-lit optimize PREPARED_DIR --out DIR` and give DIR/<name>"
             if (Path(source) / "prepare.json").is_file() or (Path(source) / "qa_train.jsonl").is_file():
-                hint = f"it is a `prepare` folder: write its chunks with `m3d-lit optimize {source} --out DIR`"
+                hint = (
+                    f"it is a `prepare` folder: write its chunks with `m3d-lit optimize {source} --out DIR`"
+                )
             raise InputError(setting, f"{source} is not a streaming folder (no {MANIFEST}): {hint}")
         data = path.read_bytes()
     try:
         manifest = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(setting, f"{source}: {MANIFEST} is unreadable ({err}); write the folder again") from None
+        raise InputError(
+            setting, f"{source}: {MANIFEST} is unreadable ({err}); write the folder again"
+        ) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise InputError(setting, f"{source}: {MANIFEST} is not format {FORMAT}; write the folder again")
     return manifest

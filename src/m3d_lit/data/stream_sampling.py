@@ -68,7 +68,8 @@ def epoch_plan(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(source, row) of every position of plan `epoch`; see the module docstring."""
     orders = [
-        source_order(s, seed, epoch, i, window) if shuffle else np.arange(s.rows) for i, s in enumerate(sources)
+        source_order(s, seed, epoch, i, window) if shuffle else np.arange(s.rows)
+        for i, s in enumerate(sources)
     ]
     rng = np.random.default_rng([seed, epoch, len(sources)])
     if weights is None:

@@ -101,7 +101,11 @@ class StreamRows(Dataset):
         index = self.offsets[source] + row  # the row's index in the file-based module: the same draws
         rng = np.random.default_rng(sample_seed(self.seed, epoch, index)) if self.train else None
         text = SampleText(
-            fields["id"], tuple(fields["question"]), tuple(fields["answer"]), fields["kind"], fields["dataset"]
+            fields["id"],
+            tuple(fields["question"]),
+            tuple(fields["answer"]),
+            fields["kind"],
+            fields["dataset"],
         )
         return finish_sample(text, image, mask, rng, self.augment, self.blank_prob)
 

@@ -19,9 +19,10 @@ The counters stay on the device between log points: one device sync and one all-
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from functools import lru_cache
-from typing import Any, Callable
+from functools import cache
+from typing import Any
 
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
@@ -77,7 +78,7 @@ def _lamed_flops(pl_module: LightningModule) -> Callable[[dict[str, Any]], Any]:
     counts = count_params(settings)
     seg_id = pl_module.model.seg_id
 
-    @lru_cache(maxsize=None)
+    @cache
     def per_sample(width: int, share: float) -> float:
         at = replace(settings, overrides={**settings.overrides, "max_length": width}, seg_share=share)
         return flops_per_sample(at, counts)["train_model_flops"]
@@ -100,13 +101,17 @@ def _clip_flops(pl_module: LightningModule) -> Callable[[dict[str, Any]], Any]:
     text = model.text.config
     embeddings = sum(p.numel() for n, p in model.text.named_parameters() if "embeddings" in n)
     matrices = sum(p.numel() for p in model.text.parameters()) - embeddings
-    projections = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("vision.", "text.")))
+    projections = sum(
+        p.numel() for n, p in model.named_parameters() if not n.startswith(("vision.", "text."))
+    )
     factor = {part: 3.0 if any(p.requires_grad for p in getattr(model, part).parameters()) else 1.0
               for part in ("vision", "text")}  # fmt: skip
 
     def flops(batch: dict[str, Any]) -> float:
         rows, width = batch["input_ids"].shape
-        text_forward = 2.0 * matrices * width + 4.0 * width * width * text.hidden_size * text.num_hidden_layers
+        text_forward = (
+            2.0 * matrices * width + 4.0 * width * width * text.hidden_size * text.num_hidden_layers
+        )
         per = factor["vision"] * vision + factor["text"] * text_forward + 3.0 * 2.0 * projections
         return rows * per
 
