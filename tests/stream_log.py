@@ -12,13 +12,14 @@ from lightning.pytorch import Callback
 
 
 class RowLog(Callback):
-    """Append `{"step", "rank", "ids"}` for each training batch to `path` (the step the batch completes)."""
+    """Append `{"step", "rank", "rows"}` (id and question) for each training batch to `path` (the step the batch completes)."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        line = {"step": trainer.global_step, "rank": trainer.global_rank, "ids": list(batch["ids"])}
+        rows = [f"{i} | {q}" for i, q in zip(batch["ids"], batch["questions"])]  # a scan's rows share its id
+        line = {"step": trainer.global_step, "rank": trainer.global_rank, "rows": rows}
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(line) + "\n")
             handle.flush()

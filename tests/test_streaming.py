@@ -138,9 +138,13 @@ def _steps(loaders: list[StreamLoader], epoch: int, steps: int | None = None) ->
     for loader in loaders:
         loader.sampler.set_epoch(epoch)
     iterators = [iter(loader) for loader in loaders]
-    seen = []
-    for _ in range(loaders[0].sampler.batches if steps is None else steps):  # what this epoch has left
-        seen += [row for it in iterators for row in next(it)]
+    seen: list[tuple] = []
+    while steps is None or len(seen) < steps * len(loaders) * loaders[0].batch_size:
+        try:
+            batches = [next(it) for it in iterators]
+        except StopIteration:  # what this epoch had left
+            break
+        seen += [row for batch in batches for row in batch]
     return seen
 
 

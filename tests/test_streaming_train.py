@@ -68,16 +68,17 @@ def _rows(log: Path, up_to: int | None = None) -> list[str]:
     """The logged ids in stream order (step, then rank), of the steps up to `up_to`."""
     lines = [json.loads(x) for x in log.read_text().splitlines()]
     lines = [x for x in lines if up_to is None or x["step"] <= up_to]
-    return [i for x in sorted(lines, key=lambda x: (x["step"], x["rank"])) for i in x["ids"]]
+    return [i for x in sorted(lines, key=lambda x: (x["step"], x["rank"])) for i in x["rows"]]
 
 
 def _stream(chunks: list[str], count: int) -> list[str]:
-    """The first `count` row ids of the training stream of the recipe's settings (seed 0, shuffled)."""
+    """The first `count` rows (id | question) of the training stream of the recipe's settings (seed 0)."""
     data = StreamingDataModule(chunks, mode="qa", batch_size=2)
     data.setup("fit")
     data.set_collator(list)
-    loader = data.train_dataloader()
-    return [data.datasets["train"][loader.sampler.plans.key(p)]["id"] for p in range(count)]
+    plans = data.train_dataloader().sampler.plans
+    samples = [data.datasets["train"][plans.key(p)] for p in range(count)]
+    return [f"{s['id']} | {s['question']}" for s in samples]
 
 
 @pytest.mark.slow
@@ -88,8 +89,9 @@ def test_two_ranks_train_one_epoch_on_every_row_once(sources, tmp_path: Path, mo
     devices = ["--trainer.devices", "2", "--trainer.strategy", "ddp_fork", "--trainer.max_epochs", "1"]
     assert main(_argv(3, sources["chunks"], overlay, *devices)) == 0
     rows = _rows(log)
-    qa = [r.id for root in sources["prepared"] for r in BrainCTQADataModule([root]).read_split("train")]
-    assert len(rows) == len(qa) == 20 and sorted(rows) == sorted(qa)  # 5 steps x 2 ranks x 2 rows
+    modules = [BrainCTQADataModule([root]) for root in sources["prepared"]]
+    qa = [f"{r.id} | {r.question[0]}" for m in modules for r in m.read_split("train")]
+    assert len(rows) == len(set(rows)) == 20 and sorted(rows) == sorted(qa)  # 5 steps x 2 ranks x 2 rows
     assert rows == _stream(sources["chunks"], 20) and rows != qa  # the plan's order, shuffled
 
 

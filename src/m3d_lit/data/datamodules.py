@@ -85,6 +85,8 @@ class BaseDataModule(L.LightningDataModule):
         self.collate_fn: Collator | None = None
         self.datasets: dict[str, Dataset] = {}
         self.unconfigured: set[str] = set()
+        self._train_loader: DataLoader | None = None
+        self._loader_state: dict[str, Any] | None = None
 
     def set_collator(self, collate: Collator) -> None:
         """Take the collator the task builds from its model (`make_collator`); the task calls this in its
@@ -168,7 +170,27 @@ class BaseDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader | list:
-        return self._loader("train")
+        loader = self._loader("train")
+        if isinstance(loader, DataLoader) and hasattr(loader, "load_state_dict"):
+            self._train_loader = loader
+            if self._loader_state is not None:
+                loader.load_state_dict(self._loader_state)
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's position, saved in checkpoints beside Lightning's own copy of it.
+
+        Lightning restores a loader's state only where it builds the loader after reading the checkpoint;
+        with ``max_epochs`` set it builds it earlier (to count the steps of the LR schedule) and the state
+        is dropped. A DataModule's state is restored before that, so the loader starts from it either way.
+        """
+        loader = self._train_loader
+        return {} if loader is None else {"train_loader": loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loader_state = state_dict.get("train_loader")
+        if self._train_loader is not None and self._loader_state is not None:
+            self._train_loader.load_state_dict(self._loader_state)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader("val")

@@ -167,18 +167,17 @@ class StreamLoader(DataLoader):
         return self.sampler.batches_per_epoch()
 
     def __iter__(self) -> Iterator[Any]:
+        # A generator: nothing is read before the first batch is asked for. Lightning creates the iterator
+        # before it restores a checkpoint's loader state (and before it sets the epoch), so the position
+        # and epoch are taken only then.
         sampler: StreamSampler = self.sampler
         self.epoch, self.taken = int(sampler.epoch), 0
         if self._resume is not None and self._resume[0] == self.epoch:
             self.taken = self._resume[1]
         self._resume = None
         sampler.start, sampler.batches = self.position, max(0, len(self) - self.taken)
-        return self._counted(super().__iter__())
-
-    def _counted(self, batches: Iterator[Any]) -> Iterator[Any]:
-        step = self.sampler.step
-        for batch in batches:
-            self.position += step
+        for batch in super().__iter__():
+            self.position += sampler.step  # counted when handed out: a checkpoint now counts it as taken
             self.taken += 1
             yield batch
 
