@@ -96,12 +96,26 @@ def test_two_ranks_train_one_epoch_on_every_row_once(sources, tmp_path: Path, mo
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_on_two_ranks_repeats_and_skips_no_row(sources, tmp_path: Path, monkeypatch) -> None:
+def test_sigkill_then_resume_on_two_ranks_repeats_and_skips_no_row(
+    sources, tmp_path: Path, monkeypatch
+) -> None:
     monkeypatch.chdir(tmp_path)
-    log = tmp_path / "rows.jsonl"
+    argv = _argv(
+        3, sources["chunks"], _overlay(tmp_path, "base", tmp_path / "unused"), "--trainer.max_steps", "6"
+    )
+    two = ["--trainer.devices", "2", "--trainer.strategy", "ddp_fork"]
+    saved_at, rows = _kill_and_resume(argv, tmp_path, tmp_path / "rows.jsonl", two)
+    # steps 1-2 on one rank (2 rows each), steps 3-6 on two ranks (4 rows each): one whole plan, in order
+    assert len(rows) == 2 * saved_at + 4 * (6 - saved_at) == 20
+    assert rows == _stream(sources["chunks"], 20) and len(set(rows)) == 20
+
+
+def _kill_and_resume(argv: list[str], tmp_path: Path, log: Path, resume: list[str]) -> tuple[int, list[str]]:
+    """Train in a subprocess that SIGKILLs itself before step 4 (last.ckpt at step 2), then resume in this
+    process with `resume` appended; the rows of the checkpointed steps and of the resumed run."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
-    killed = _argv(3, sources["chunks"], _overlay(tmp_path, "killed", log, kill_at=3), "--trainer.max_steps", "6")
+    killed = [*argv, "-c", str(_overlay(tmp_path, "killed", log, kill_at=3))]
     done = subprocess.run(
         [sys.executable, "-m", "m3d_lit.cli", *killed], cwd=tmp_path, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=900, check=False,
@@ -110,15 +124,26 @@ def test_sigkill_then_resume_on_two_ranks_repeats_and_skips_no_row(sources, tmp_
     saved_at = int(load_checkpoint(tmp_path / "ckpt" / "last.ckpt")["global_step"])
     before = _rows(log, up_to=saved_at)  # the batches the checkpoint holds; the next one is trained again
     assert saved_at == 2 and len(_rows(log)) == 6 and len(before) == 4
-
     log.rename(tmp_path / "killed.jsonl")
-    resume = _argv(3, sources["chunks"], _overlay(tmp_path, "resumed", log), "--trainer.max_steps", "6",
-                   "--trainer.devices", "2", "--trainer.strategy", "ddp_fork", "--ckpt_path", "last")  # fmt: skip
-    assert main(resume) == 0
-    after = _rows(log)
-    assert len(after) == 4 * 2 * 2  # steps 3-6 on two ranks
-    rows = _rows(tmp_path / "killed.jsonl", up_to=saved_at) + after
-    assert rows == _stream(sources["chunks"], 20) and len(set(rows)) == 20  # one whole plan, in order
+    assert main([*argv, "-c", str(_overlay(tmp_path, "resumed", log)), *resume, "--ckpt_path", "last"]) == 0
+    return saved_at, before + _rows(log)
+
+
+@pytest.mark.slow
+def test_the_file_module_resumes_exactly_with_max_epochs_set(sources, tmp_path: Path, monkeypatch) -> None:
+    """The recipes set max_epochs (3), for which Lightning builds the loader before it reads the checkpoint
+    and drops the loader's own state: the DataModule's copy of it keeps the resume exact."""
+    monkeypatch.chdir(tmp_path)
+    argv = _argv(
+        3, sources["chunks"], _overlay(tmp_path, "base", tmp_path / "unused"), "--trainer.max_steps", "6"
+    )
+    at = argv.index("--data")
+    argv[at : at + 4] = ["--data.roots", json.dumps(sources["prepared"])]
+    assert main([*argv, "-c", str(_overlay(tmp_path, "whole", tmp_path / "whole.jsonl"))]) == 0
+    whole = _rows(tmp_path / "whole.jsonl")
+    (tmp_path / "ckpt").rename(tmp_path / "whole_ckpt")
+    _, rows = _kill_and_resume(argv, tmp_path, tmp_path / "rows.jsonl", [])
+    assert len(whole) == 12 and rows == whole
 
 
 def _float64_losses(data, steps: int) -> list[float]:
@@ -167,7 +192,9 @@ def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_every_stage_logs_samples_tokens_and_mfu_to_tensorboard(sources, stage, tmp_path, monkeypatch) -> None:
+def test_every_stage_logs_samples_tokens_and_mfu_to_tensorboard(
+    sources, stage, tmp_path, monkeypatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     recipe = yaml.safe_load((REPO / "stages" / f"{STAGES[stage]}.yaml").read_text())
     (monitor,) = [c for c in recipe["trainer"]["callbacks"] if c["class_path"].endswith("ThroughputLogger")]

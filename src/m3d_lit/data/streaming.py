@@ -208,7 +208,9 @@ class StreamingDataModule(BaseDataModule):
 
     def _loader(self, split: str) -> DataLoader | list:
         if split != "train" or self.collate_fn is None or "train" not in self.datasets:
-            return super()._loader(split)  # val/test as the file-based modules; its errors say what is missing
+            return super()._loader(
+                split
+            )  # val/test as the file-based modules; its errors say what is missing
         dataset = self.datasets["train"]
         replicas, rank = self._ranks()
         weights = None if self.weights is None else [float(self.weights[n]) for n in self.names]
