@@ -25,7 +25,7 @@ from m3d_lit.atomic import write_text
 from m3d_lit.commands.arguments import CommandParser
 from m3d_lit.data.datamodules import BaseDataModule, BrainCTQADataModule
 from m3d_lit.data.datasets import Record
-from m3d_lit.data.stream_format import FORMAT, MANIFEST, SPLITS, group_records, write_split
+from m3d_lit.data.stream_format import FORMAT, MANIFEST, SPLITS, group_records, require_litdata, write_split
 from m3d_lit.errors import InputError
 from m3d_lit.recipes import find_recipe
 
@@ -156,6 +156,7 @@ def _summary(name: str, splits: dict[str, dict[str, Any]]) -> str:
 def main(argv: list[str]) -> int:
     """Entry point of `m3d-lit optimize`."""
     args = _parser().parse_args(argv)
+    require_litdata("optimize")
     if not args.prepared and not args.recipe:
         raise InputError("arguments", "name at least one prepared folder or --recipe")
     if args.chunk_mb < 1 or args.workers < 1:

@@ -16,6 +16,7 @@ in the order of the split's records, so a row's position is its index in the fil
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -41,6 +42,7 @@ __all__ = [
     "group_records",
     "load_item",
     "read_manifest",
+    "require_litdata",
     "row_mode",
     "write_split",
 ]
@@ -49,6 +51,14 @@ MANIFEST = "m3d_lit_stream.json"
 FORMAT = 1
 MODES = ("qa", "report")
 SPLITS = ("train", "val", "test")
+
+
+def require_litdata(setting: str) -> None:
+    """A clear line where LitData is not installed (it is the optional `stream` extra)."""
+    if importlib.util.find_spec("litdata") is None:
+        raise InputError(
+            setting, "streaming data needs LitData: `pip install 'm3d-lit[stream]'` (or `make setup`)"
+        )
 
 
 def row_mode(kind: str) -> str:

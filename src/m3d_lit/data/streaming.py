@@ -25,7 +25,7 @@ from m3d_lit.data.datamodules import BaseDataModule
 from m3d_lit.data.datasets import SampleText, finish_sample
 from m3d_lit.data.sample import Sample
 from m3d_lit.data.sampling import seed_worker
-from m3d_lit.data.stream_format import MODES, read_manifest
+from m3d_lit.data.stream_format import MODES, read_manifest, require_litdata
 from m3d_lit.data.stream_sampling import RowKey, SourceRows, StreamLoader, StreamSampler
 from m3d_lit.errors import InputError
 
@@ -134,6 +134,7 @@ class StreamingDataModule(BaseDataModule):
         storage_options: dict[str, Any] | None = None, flip_axes: tuple[int, ...] = ALL_AXES, **kwargs: Any,
     ) -> None:  # fmt: skip
         super().__init__(flip_axes=flip_axes, **kwargs)
+        require_litdata("data")
         if not input_dirs:
             raise InputError("data.input_dirs", "is empty: name at least one `m3d-lit optimize` folder")
         if mode not in MODES:
