@@ -27,10 +27,11 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
 
 from m3d_lit.models.llm import unwrap
-from m3d_lit.models.plan import PlanSettings, count_params, flops_per_sample
+from m3d_lit.models.plan import PlanSettings, flops_per_sample
 
 __all__ = ["ThroughputLogger", "batch_flops", "peak_flops"]
 
@@ -56,16 +57,19 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
 
 def _plan_settings(pl_module: LightningModule, stage: int) -> PlanSettings:
     model = pl_module.model
-    overrides = model.config.to_dict()
+    # the model's whole configuration over the task's preset (an M3D-LaMed directory names its own "preset")
+    overrides = {k: v for k, v in model.config.to_dict().items() if k != "preset"}
     llm = getattr(model, "llm", None)
     if llm is not None:  # an llm_path or M3D-LaMed directory brings its own sizes, not the preset's
         hf = unwrap(llm).config
         sizes = {k: getattr(hf, k) for k in _LLM_SIZES if getattr(hf, k, None) is not None}
-        overrides["llm"] = {**overrides["llm"], **sizes}
+        # the sizes and family are what the count reads; a directory's other keys need not be settings
+        family = {k: v for k, v in overrides["llm"].items() if k == "family"}
+        overrides["llm"] = {**family, **sizes}
     checkpointing = pl_module.hparams.get("gradient_checkpointing", "none")
     trainable = pl_module.trainable_config() if stage in (2, 3) else None
     return PlanSettings(
-        preset=str(overrides.get("preset") or pl_module.hparams.preset),
+        preset=str(pl_module.hparams.preset),
         stage=stage if stage in (2, 3) else 2,
         overrides=overrides,
         trainable=trainable,
@@ -73,9 +77,24 @@ def _plan_settings(pl_module: LightningModule, stage: int) -> PlanSettings:
     )
 
 
+def _counts(parts: dict[str, list[nn.Module]]) -> dict[str, dict[str, int]]:
+    """`count_params`'s figures (frozen, trainable, trainable_matrix per part), read off the built model: one
+    from `llm_path` or an M3D-LaMed directory is not its preset."""
+    counts = {}
+    for name, modules in parts.items():
+        entry = {"frozen": 0, "trainable": 0, "trainable_matrix": 0}
+        for param in (p for m in modules for p in m.parameters()):
+            entry["trainable" if param.requires_grad else "frozen"] += param.numel()
+            entry["trainable_matrix"] += param.numel() if param.requires_grad and param.dim() >= 2 else 0
+        counts[name] = entry
+    return counts
+
+
 def _lamed_flops(pl_module: LightningModule) -> Callable[[dict[str, Any]], Any]:
     settings = _plan_settings(pl_module, pl_module.stage)
-    counts = count_params(settings)
+    model = pl_module.model
+    counts = _counts({"vision": [model.vision], "perceiver": [model.perceiver], "llm": [model.llm],
+                      "new_token_rows": [model.new_tokens], "segmentation": [model.segmentation, model.seg_head]})  # fmt: skip
     seg_id = pl_module.model.seg_id
 
     @cache
@@ -88,7 +107,7 @@ def _lamed_flops(pl_module: LightningModule) -> Callable[[dict[str, Any]], Any]:
         plain = rows * per_sample(width, 0.0)
         if pl_module.stage != 3 or batch.get("seg_flags") is None:
             return plain
-        seg = ((batch["input_ids"] == seg_id).any(1) & batch["seg_flags"].bool()).sum()
+        seg = ((batch["input_ids"] == seg_id).any(1) & batch["seg_flags"].bool()).sum().double()
         return seg * (per_sample(width, 1.0) - per_sample(width, 0.0)) + plain
 
     return flops
@@ -96,8 +115,9 @@ def _lamed_flops(pl_module: LightningModule) -> Callable[[dict[str, Any]], Any]:
 
 def _clip_flops(pl_module: LightningModule) -> Callable[[dict[str, Any]], Any]:
     settings = _plan_settings(pl_module, 1)
-    vision = flops_per_sample(settings)["forward"]["vision"]
     model = pl_module.model
+    parts = {"vision": [model.vision], "perceiver": [], "llm": [], "new_token_rows": [], "segmentation": []}
+    vision = flops_per_sample(settings, _counts(parts))["forward"]["vision"]
     text = model.text.config
     embeddings = sum(p.numel() for n, p in model.text.named_parameters() if "embeddings" in n)
     matrices = sum(p.numel() for p in model.text.parameters()) - embeddings
@@ -138,13 +158,20 @@ class ThroughputLogger(Callback):
         self.peak: float | None = None
         self.flops: Callable[[dict[str, Any]], Any] | None = None
         self._origin: float | None = None
+        self._val_start: float | None = None
         self._paused = 0.0
         self._counts: list[Any] = [0, 0, 0.0]
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self.flops = batch_flops(pl_module)
+        try:
+            self.flops = batch_flops(pl_module)
+        except Exception as err:  # a FLOP count the plan cannot make must not stop training
+            self.flops = None
+            rank_zero_warn(
+                f"ThroughputLogger: no FLOP count for this model ({err}); TFLOP/s and MFU not logged"
+            )
         device = trainer.strategy.root_device
         self.peak = self.peak_tflops * 1e12 if self.peak_tflops else peak_flops(device, trainer.precision)
         if self.peak is None:
@@ -166,7 +193,8 @@ class ThroughputLogger(Callback):
             return
         samples, tokens, flops = self._counts
         mask = batch["attention_mask"]
-        self._counts = [samples + len(mask), tokens + mask.sum(), flops + self.flops(batch)]
+        counted = self.flops(batch) if self.flops is not None else 0.0
+        self._counts = [samples + len(mask), tokens + mask.sum(), flops + counted]
         if trainer.fit_loop._should_accumulate() or not trainer._logger_connector.should_update_logs:
             return  # Lightning's own test of "this step is logged", as its LearningRateMonitor uses
         now = self._now(pl_module)
@@ -178,9 +206,10 @@ class ThroughputLogger(Callback):
         metrics = {
             "throughput/samples_per_sec": totals[0] / elapsed,
             "throughput/tokens_per_sec": totals[1] / elapsed,
-            "throughput/tflops_per_sec": totals[2] / elapsed / trainer.world_size / 1e12,
         }
-        if self.peak:
+        if self.flops is not None:
+            metrics["throughput/tflops_per_sec"] = totals[2] / elapsed / trainer.world_size / 1e12
+        if self.peak and self.flops is not None:
             metrics["throughput/mfu"] = metrics["throughput/tflops_per_sec"] * 1e12 / self.peak
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=False)
 
@@ -189,7 +218,6 @@ class ThroughputLogger(Callback):
             self._val_start = time.perf_counter()
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        start = getattr(self, "_val_start", None)
-        if start is not None and self._origin is not None:
-            self._paused += time.perf_counter() - start
+        if self._val_start is not None and self._origin is not None:
+            self._paused += time.perf_counter() - self._val_start
         self._val_start = None
