@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from m3d_lit.data.augment import ALL_AXES, VolumeAugment, sample_seed
+from m3d_lit.data.augment import BRAIN_CT_FLIP_AXES, VolumeAugment, sample_seed
 from m3d_lit.data.datamodules import BaseDataModule
 from m3d_lit.data.datasets import SampleText, finish_sample
 from m3d_lit.data.sample import Sample
@@ -123,7 +123,8 @@ class StreamingDataModule(BaseDataModule):
         cache_dir: where chunks of a URL source are cached (None: LitData's default).
         max_cache_size: the chunk cache's limit, e.g. ``"200GB"`` (None: LitData's default).
         storage_options: the object store's client options, e.g. ``{endpoint_url: http://...}``.
-        flip_axes: axes augmentation may mirror (brain CT: none, the answers name sides).
+        flip_axes: axes augmentation may mirror (default: none of brain CT's, whose answers name sides;
+            M3D-Data sources allow [0, 1, 2]).
         **kwargs: ``BaseDataModule`` arguments (batch_size, num_workers, seed, augment, shuffle, ...).
     """
 
@@ -131,7 +132,7 @@ class StreamingDataModule(BaseDataModule):
         self, input_dirs: list[str], mode: Literal["qa", "report"] = "qa",
         weights: dict[str, float] | None = None, samples_per_epoch: int | None = None, shuffle_window: int = 4,
         cache_dir: str | None = None, max_cache_size: str | None = None,
-        storage_options: dict[str, Any] | None = None, flip_axes: tuple[int, ...] = ALL_AXES, **kwargs: Any,
+        storage_options: dict[str, Any] | None = None, flip_axes: tuple[int, ...] = BRAIN_CT_FLIP_AXES, **kwargs: Any,
     ) -> None:  # fmt: skip
         super().__init__(flip_axes=flip_axes, **kwargs)
         require_litdata("data")
