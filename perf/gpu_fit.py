@@ -1,16 +1,17 @@
-"""Does paper stage 3 fit a 24 GB GPU? Peak memory, samples/s and MFU of real training steps.
+"""Does paper stage 3 fit a 24 GB GPU? Peak memory, samples/s, tokens/s and MFU of `m3d-lit fit` itself.
 
 .venv/bin/python perf/gpu_fit.py                      # GPU: paper preset, cap 24 GiB, micro-batch 1 2 4
-.venv/bin/python perf/gpu_fit.py --smoke              # CPU: tiny preset, 2 steps, same code path
+.venv/bin/python perf/gpu_fit.py --smoke              # CPU: tiny preset, 2 micro-batches, same code path
 
-The paper preset is built with random weights (LLaMA-2-7B dimensions, no download) directly on the
-device: frozen parameters in bf16, trainable ones (ViT, perceiver, LoRA, new token rows, segmentation)
-in fp32, steps under bf16 autocast with AdamW: the layout of `precision: bf16-mixed` with a bf16 frozen
-LLM. The process is capped with `torch.cuda.set_per_process_memory_fraction`, so a 24 GB card is
-mimicked on a larger one. Every row ends with `[SEG]` (the segmentation module runs: the worst case)
-unless `--no-seg`. Per micro-batch: `--steps` steps, the first two untimed; peak allocated and reserved
-memory; samples/s; MFU = model FLOPs (plan's count, no recompute) x samples/s / the card's dense bf16
-peak. Beside each, `m3d-lit plan`'s estimate with the same settings (reserve 0). The last line is JSON.
+Each (checkpointing, micro-batch) runs `m3d-lit fit -c stage3` in its own process: the whole loop with
+Lightning, the strategy, the precision plugin and the data loader, on generated `prepare` data at the
+preset's volume size whose rows fill the context (`<im_patch>` x N + a question + an answer ending in
+`[SEG]`, with a mask, so the segmentation module runs: the worst case; `--no-seg` answers without it).
+The paper preset is built with random LLaMA-2-7B weights (`--model.random_llm true`), in bf16-mixed with
+the frozen LLM held in bf16. The process is capped with `torch.cuda.set_per_process_memory_fraction` so a
+24 GB card is mimicked on a larger one. The figures are those the recipes' `ThroughputLogger` writes to
+TensorBoard (`throughput/*`, the last log interval: the first batch is left out) and the peak allocated
+memory, beside `m3d-lit plan`'s estimate with the same settings. The last line is JSON.
 """
 
 from __future__ import annotations
@@ -18,103 +19,120 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
-import time
+import tempfile
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from lightning.pytorch import Callback
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-# Dense bf16 tensor FLOP/s (fp32 accumulate) by device-name fragment; the first match wins.
-PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "4090": 165.0, "L40S": 362.0}
-WARMUP = 2
+PERF = Path(__file__).resolve().parent
+WORDS = "the scan shows a dense collection over the left convexity with mass effect and midline shift".split()
 
 
-def _peak_tflops(device: torch.device, override: float | None) -> float | None:
-    if override is not None:
-        return override
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+class PeakMemory(Callback):
+    """Cap this process's CUDA memory at `cap_gib` and write the peak allocated and reserved GiB to `path`."""
+
+    def __init__(self, path: str, cap_gib: float = 24.0) -> None:
+        self.path, self.cap_gib = Path(path), cap_gib
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        device = trainer.strategy.root_device
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, self.cap_gib * 2**30 / total), device)
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        device = trainer.strategy.root_device
+        cuda = device.type == "cuda"
+        peak = {
+            "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if cuda else None,
+        }
+        self.path.write_text(json.dumps(peak))
 
 
-def build(preset: str, device: torch.device, checkpointing: str) -> torch.nn.Module:
-    """Stage-3 model with random weights: frozen bf16, trainable fp32, non-reentrant checkpointing."""
-    from m3d_lit.models.build import build_lamed
-    from m3d_lit.models.lamed import cast_for_training
-    from m3d_lit.models.presets import STAGE_TRAINABLE
-
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # a 7B model made in fp32 would not fit the cap
-    try:
-        with torch.device(device):
-            model = build_lamed(preset)
-            model.set_trainable(STAGE_TRAINABLE[3])
-    finally:
-        torch.set_default_dtype(default)
-    cast_for_training(model).train()
-    if checkpointing != "none":
-        model.enable_gradient_checkpointing(
-            llm=checkpointing in ("llm", "all"), vision=checkpointing in ("vision", "all")
-        )
-    return model
+def write_data(root: Path, size: tuple[int, ...], rows: int, words: int, seg: bool) -> None:
+    """A `prepare` folder: float16 volumes, masks and QA rows whose answers have `words` words."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    answer = " ".join(WORDS[i % len(WORDS)] for i in range(words)) + (" It is [SEG]." if seg else ".")
+    lines = []
+    for i in range(rows):
+        np.save(root / "images" / f"s{i}.npy", rng.random((1, *size), dtype=np.float32).astype(np.float16))
+        mask = np.zeros((1, *size), dtype=np.uint8)
+        mask[:, : size[0] // 2, : size[1] // 2, : size[2] // 2] = 1
+        np.save(root / "masks" / f"s{i}.npy", mask)
+        lines.append({"id": f"s{i}", "image": f"images/s{i}.npy", "mask": f"masks/s{i}.npy", "kind": "seg",
+                      "question": "Describe and segment the bleed.", "answer": answer, "dataset": "bench"})  # fmt: skip
+    (root / "qa_train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
 
 
-def run_micro_batch(model: torch.nn.Module, micro_batch: int, steps: int, seg: bool) -> dict[str, Any]:
-    """`steps` AdamW steps at `micro_batch`; peak memory and samples/s of the timed ones."""
-    from m3d_lit.models.plan import synthetic_batch
+def fit(args: argparse.Namespace, data: Path, out: Path, mode: str, micro_batch: int) -> dict[str, Any]:
+    """One `m3d-lit fit` run in its own process; its throughput scalars and peak memory."""
+    run = out / f"{mode}-mb{micro_batch}"
+    monitor = {
+        "class_path": "m3d_lit.tasks.throughput.ThroughputLogger",
+        "init_args": {"peak_tflops": args.peak_tflops},
+    }
+    peak = {
+        "class_path": "gpu_fit.PeakMemory",
+        "init_args": {"path": str(run / "peak.json"), "cap_gib": args.cap_gib},
+    }
+    trainer = {
+        "accelerator": "cpu" if args.smoke else "gpu", "devices": 1,
+        "precision": "32-true" if args.smoke else "bf16-mixed",
+        "max_steps": args.steps, "log_every_n_steps": args.steps - 1, "limit_val_batches": 0,
+        "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_checkpointing": False,
+        "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                   "init_args": {"save_dir": str(run), "name": "tb", "default_hp_metric": False}},
+        "callbacks": [monitor, peak],
+    }  # fmt: skip
+    overlay = run / "overlay.yaml"
+    overlay.parent.mkdir(parents=True)
+    overlay.write_text(json.dumps({"trainer": trainer}))
+    argv = [
+        "fit", "-c", "stage3", "-c", str(overlay), "--model.preset", args.preset, "--model.init_from", "null",
+        "--model.random_llm", "true", "--model.gradient_checkpointing", mode,
+        "--data.roots", json.dumps([str(data)]), "--data.batch_size", str(micro_batch),
+        "--data.num_workers", str(args.workers),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PERF), env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-m", "m3d_lit.cli", *argv], cwd=run, env=env, capture_output=True, text=True
+    )
+    row: dict[str, Any] = {"checkpointing": mode, "micro_batch": micro_batch}
+    if done.returncode != 0:
+        oom = "OutOfMemoryError" in done.stderr or "CUDA out of memory" in done.stderr
+        return {**row, "oom": oom, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+    return {**row, "oom": False, **_scalars(run / "tb"), **json.loads((run / "peak.json").read_text())}
 
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in synthetic_batch(model, micro_batch, model.max_length, seg).items()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    try:
-        for step in range(steps):
-            if step == WARMUP:
-                _sync(cuda)
-                start = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                loss = model(**batch)["loss"]
-            loss.backward()
-            optimizer.step()
-        _sync(cuda)
-    except torch.OutOfMemoryError as err:
-        return {"micro_batch": micro_batch, "oom": True, "error": str(err).splitlines()[0]}
-    finally:
-        optimizer.zero_grad(set_to_none=True)
-        del optimizer
-    seconds = time.perf_counter() - start
-    row = {"micro_batch": micro_batch, "oom": False, "loss": float(loss.detach())}
-    row["samples_per_s"] = (steps - WARMUP) * micro_batch / seconds
-    if cuda:
-        row["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        row["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
-    return row
+
+def _scalars(folder: Path) -> dict[str, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next(folder.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    tags = [t for t in events.Tags()["scalars"] if t.startswith("throughput/")]
+    return {t.split("/", 1)[1]: events.Scalars(t)[-1].value for t in tags}
 
 
-def _sync(cuda: bool) -> None:
-    if cuda:
-        torch.cuda.synchronize()
-
-
-def _estimate(preset: str, checkpointing: str, seg: bool) -> dict[str, float]:
+def _estimate(preset: str, mode: str, micro_batch: int, seg: bool) -> dict[str, float]:
     from m3d_lit.models.plan import PlanSettings, plan
 
-    result = plan(
-        PlanSettings(
-            preset=preset, micro_batch=1, checkpointing=checkpointing, reserve=0.0, seg_share=float(seg)
-        )
+    settings = PlanSettings(
+        preset=preset, micro_batch=micro_batch, checkpointing=mode, reserve=0.0, seg_share=float(seg)
     )
+    result = plan(settings)
     return {
-        "total_gib_mb1": result["total_gib"],
-        "per_sample_gib": result["per_sample_gib"],
-        "train_model_flops": result["flops"]["train_model_tflop_per_sample"] * 1e12,
+        "plan_gib": result["total_gib"],
+        "plan_tflop_per_sample": result["flops"]["train_model_tflop_per_sample"],
     }
 
 
@@ -122,19 +140,18 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="paper")
     ap.add_argument("--micro-batches", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument(
-        "--steps", type=int, default=10, help=f"steps per micro-batch, the first {WARMUP} untimed"
-    )
+    ap.add_argument("--steps", type=int, default=12, help="steps per run; throughput over steps 2..N")
     ap.add_argument("--cap-gib", type=float, default=24.0, help="per-process GPU memory cap")
     ap.add_argument(
-        "--checkpointing",
-        nargs="+",
-        choices=("none", "llm", "vision", "all"),
-        default=["llm", "all"],
-        help="modes to run in turn; all of them must agree on the LLM (llm + all, or none + vision)",
+        "--checkpointing", nargs="+", choices=("none", "llm", "vision", "all"), default=["llm", "all"]
     )
-    ap.add_argument("--no-seg", action="store_true", help="rows without [SEG]: the segmentation module idles")
-    ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the card")
+    ap.add_argument(
+        "--no-seg", action="store_true", help="answers without [SEG]: the segmentation module idles"
+    )
+    ap.add_argument(
+        "--peak-tflops", type=float, default=None, help="dense peak of the card (default: its own)"
+    )
+    ap.add_argument("--workers", type=int, default=4, help="DataLoader workers")
     ap.add_argument("--smoke", action="store_true", help="CPU check: tiny preset, micro-batch 1 2, 3 steps")
     return ap
 
@@ -142,51 +159,36 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.smoke:
-        args.preset, args.micro_batches, args.steps = "tiny", [1, 2], WARMUP + 1
-        torch.set_num_threads(1)  # shared CPUs: see perf/README.md
-    llm_modes = {mode in ("llm", "all") for mode in args.checkpointing}
-    if len(llm_modes) != 1:
-        raise ValueError(f"--checkpointing {args.checkpointing}: the modes disagree on the LLM")
-    if args.steps <= WARMUP or min(args.micro_batches) < 1:
-        raise ValueError(f"--steps {args.steps} must exceed {WARMUP}; micro-batches must be >= 1")
-    cuda = torch.cuda.is_available() and not args.smoke
-    if not cuda and not args.smoke:
+        args.preset, args.micro_batches, args.steps, args.workers = "tiny", [1, 2], 3, 0
+        args.checkpointing, args.peak_tflops = args.checkpointing[:1], args.peak_tflops or 1.0
+    elif not torch.cuda.is_available():
         raise SystemExit("perf/gpu_fit.py: no CUDA device; use --smoke for the CPU check")
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    estimates = {m: _estimate(args.preset, m, not args.no_seg) for m in args.checkpointing}
-    if cuda:
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total), device)
-    start = time.perf_counter()
-    model = build(args.preset, device, args.checkpointing[0])
-    build_s = time.perf_counter() - start
-    weights = torch.cuda.memory_allocated(device) / 2**30 if cuda else None
-    print(f"built {args.preset} on {device} in {build_s:.0f} s; weights {weights} GiB", flush=True)
-    peak = _peak_tflops(device, args.peak_tflops)
+    if args.steps < 3 or min(args.micro_batches) < 1:
+        raise ValueError(f"--steps {args.steps} must be >= 3; micro-batches must be >= 1")
+    from m3d_lit.models.presets import resolve
+
+    config = resolve(args.preset)
+    words = max(1, (config["max_length"] - 256 - 16) // 2) if not args.smoke else 8
     rows = []
-    for mode in args.checkpointing:
-        model.vision.gradient_checkpointing = mode in ("vision", "all")
-        estimate = estimates[mode]
-        for mb in args.micro_batches:
-            row = {"checkpointing": mode, **run_micro_batch(model, mb, args.steps, not args.no_seg)}
-            row["plan_gib"] = estimate["total_gib_mb1"] + estimate["per_sample_gib"] * (mb - 1)
-            if not row["oom"] and peak:
-                row["mfu"] = estimate["train_model_flops"] * row["samples_per_s"] / (peak * 1e12)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    result = {
-        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-        "preset": args.preset,
-        "cap_gib": args.cap_gib if cuda else None,
-        "checkpointing": args.checkpointing,
-        "seg": not args.no_seg,
-        "weights_gib": weights,
-        "build_s": build_s,
-        "peak_tflops": peak,
-        "train_model_tflop_per_sample": {m: e["train_model_flops"] / 1e12 for m, e in estimates.items()},
-        "rows": rows,
-    }
-    print(json.dumps({"gpu_fit": result}))
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        write_data(
+            data, tuple(config["img_size"]), 2 * max(args.micro_batches) * args.steps, words, not args.no_seg
+        )
+        for mode in args.checkpointing:
+            for mb in args.micro_batches:
+                row = {
+                    **fit(args, data, Path(tmp) / "runs", mode, mb),
+                    **_estimate(args.preset, mode, mb, not args.no_seg),
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    device = "cpu" if args.smoke else torch.cuda.get_device_name()
+    print(
+        json.dumps(
+            {"gpu_fit": {"device": device, "preset": args.preset, "cap_gib": args.cap_gib, "rows": rows}}
+        )
+    )
     return 0
 
 

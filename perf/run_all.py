@@ -36,6 +36,8 @@ def commands(quick: bool) -> dict[str, list[str]]:
             "train_step": [*py, str(PERF / "train_step.py"), "--presets", "tiny", "--stages", "3", "--steps", "1"],
             "generate": [*py, str(PERF / "generate.py"), "--batches", "1", "8", "--new-tokens", "8", "--repeats", "1"],
             "loader": [*py, str(PERF / "loader.py"), "--samples", "4", "--otf-samples", "4", "--workers", "0"],
+            "stream_loader": [*py, str(PERF / "stream_loader.py"), "--samples", "8", "--size", "16", "64", "64",
+                              "--repeats", "1"],
             "prepare": [*py, str(PERF / "prepare.py"), "--scans", "2", "--shape", "16", "64", "64",
                         "--size", "16", "64", "64", "--workers", "1"],
         }  # fmt: skip
@@ -44,6 +46,7 @@ def commands(quick: bool) -> dict[str, list[str]]:
         "train_step": [*py, str(PERF / "train_step.py"), "--presets", "tiny", "small", "--steps", "2"],
         "generate": [*py, str(PERF / "generate.py")],
         "loader": [*py, str(PERF / "loader.py"), "--samples", "16", "--otf-samples", "8"],
+        "stream_loader": [*py, str(PERF / "stream_loader.py"), "--samples", "48", "--workers", "2"],
         "prepare": [*py, str(PERF / "prepare.py"), "--scans", "4", "--workers", "1", "2"],
     }
 
@@ -100,6 +103,14 @@ def table(results: dict[str, Any]) -> str:
             f"| {r['source']} | {r['workers']} | {r['samples_per_s']:.2f} |" for r in get["loader"]["rows"]
         ]
         out += ["", f"cached float16 / on-the-fly: x{get['loader']['cached_over_on_the_fly']:.1f}", ""]
+    if get.get("stream_loader"):
+        r = get["stream_loader"]
+        shape = "x".join(map(str, r["size"]))
+        out += [f"## stream_loader (1x{shape} float16, 1 rank, {r['workers']} workers)", "",
+                "| loader | samples/s | MiB/sample |", "| --- | --- | --- |"]  # fmt: skip
+        out += [f"| {n} | {r['samples_per_s'][n]:.2f} | {r['bytes_per_sample'][n] / 2**20:.3f} |"
+                for n in ("stream", "files")]  # fmt: skip
+        out.append("")
     if get.get("prepare"):
         out += ["## prepare", "", "| dataset | workers | scans/s |", "| --- | --- | --- |"]
         out += [f"| {r['dataset']} | {r['workers']} | {r['scans_per_s']:.2f} |" for r in get["prepare"]]

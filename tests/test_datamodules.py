@@ -12,6 +12,7 @@ import yaml
 from conftest import DATA_SHAPE, write_vqa_csv
 from jsonargparse import ArgumentParser
 
+from m3d_lit.cli import main
 from m3d_lit.data.collate import LMCollator
 from m3d_lit.data.datamodules import (
     BaseDataModule,
@@ -252,6 +253,8 @@ def _point_at_fixtures(cfg: dict, fx: dict) -> dict:
         args["roots"] = [
             str(fx["brainct"]["physionet" if "physionet" in r else "cq500"]) for r in args["roots"]
         ]
+    elif name == "StreamingDataModule":
+        args["input_dirs"] = [str(fx["chunks"] / Path(d).name) for d in args["input_dirs"]]
     return cfg
 
 
@@ -260,6 +263,10 @@ def test_every_datamodule_yaml_parses_and_loads_a_batch(
     path, tmp_path, m3d_cap_data, m3d_vqa_data, m3d_seg_data, brainct_data, tiny_tokenizer
 ):
     fixtures = {"cap": m3d_cap_data, "vqa": m3d_vqa_data, "seg": m3d_seg_data, "brainct": brainct_data}
+    if path.name == "streaming.yaml":
+        prepared = [str(brainct_data[n]) for n in ("cq500", "physionet")]
+        assert main(["optimize", *prepared, "--out", str(tmp_path / "chunks")]) == 0
+        fixtures["chunks"] = tmp_path / "chunks"
     overlay = tmp_path / path.name
     overlay.write_text(yaml.safe_dump(_point_at_fixtures(yaml.safe_load(path.read_text()), fixtures)))
     parser = ArgumentParser(exit_on_error=False)

@@ -89,6 +89,7 @@ def test_stage_recipe_with_the_common_trainer_block_composes_the_old_config(
     callbacks = trainer["callbacks"]
     assert [c["class_path"].rsplit(".", 1)[1] for c in callbacks] == [
         "StageCheckpoint", "LearningRateMonitor", "StageCheckpoint", "NonFiniteGuard", "PreemptionCheckpoint",
+        "ThroughputLogger",
     ]  # fmt: skip
     assert callbacks[0]["init_args"]["dirpath"] == f"checkpoints/stage{stage}"
     assert callbacks[2]["init_args"]["dirpath"] == f"checkpoints/stage{stage}/steps"

@@ -28,6 +28,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "m3d_lit.commands.prepare",
         "raw scans (cq500, physionet or your own folder) -> cached volumes, QA files and splits",
     ),
+    "optimize": (
+        "m3d_lit.commands.optimize",
+        "prepared folders or M3D-Data recipes -> LitData chunks for the streaming data recipe",
+    ),
     "describe": ("m3d_lit.commands.describe", "parameter counts of a preset, without loading weights"),
     "plan": ("m3d_lit.commands.plan", "memory and FLOP estimate of a preset on a GPU"),
     "score": (

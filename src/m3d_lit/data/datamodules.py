@@ -55,6 +55,7 @@ class BaseDataModule(L.LightningDataModule):
         blank_prob: train-time image dropout: the chance that a training sample without a mask gets an
             all-zero volume (its question and answer kept), so the model learns to answer an empty scan
             from the question alone, as the `--blank-images` control then measures. 0 turns it off.
+        shuffle: reshuffle the training samples every epoch; false keeps the split files' order.
     """
 
     def __init__(
@@ -66,6 +67,7 @@ class BaseDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         flip_axes: tuple[int, ...] = ALL_AXES,
         blank_prob: float = 0.0,
+        shuffle: bool = True,
     ) -> None:
         super().__init__()
         if batch_size < 1 or num_workers < 0:
@@ -79,9 +81,12 @@ class BaseDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.flip_axes = tuple(flip_axes)
         self.blank_prob = blank_prob
+        self.shuffle = shuffle
         self.collate_fn: Collator | None = None
         self.datasets: dict[str, Dataset] = {}
         self.unconfigured: set[str] = set()
+        self._train_loader: DataLoader | None = None
+        self._loader_state: dict[str, Any] | None = None
 
     def set_collator(self, collate: Collator) -> None:
         """Take the collator the task builds from its model (`make_collator`); the task calls this in its
@@ -125,7 +130,7 @@ class BaseDataModule(L.LightningDataModule):
 
     def train_sampler(self, dataset: Dataset) -> EpochSampler:
         replicas, rank = self._ranks()
-        return EpochSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=self.seed)
+        return EpochSampler(dataset, num_replicas=replicas, rank=rank, shuffle=self.shuffle, seed=self.seed)
 
     def eval_sampler(self, dataset: Dataset) -> Sampler | None:
         """Under DDP each val/test sample goes to exactly one rank (Lightning's sampler repeats samples to
@@ -165,7 +170,27 @@ class BaseDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader | list:
-        return self._loader("train")
+        loader = self._loader("train")
+        if isinstance(loader, DataLoader) and hasattr(loader, "load_state_dict"):
+            self._train_loader = loader
+            if self._loader_state is not None:
+                loader.load_state_dict(self._loader_state)
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's position, saved in checkpoints beside Lightning's own copy of it.
+
+        Lightning restores a loader's state only where it builds the loader after reading the checkpoint;
+        with ``max_epochs`` set it builds it earlier (to count the steps of the LR schedule) and the state
+        is dropped. A DataModule's state is restored before that, so the loader starts from it either way.
+        """
+        loader = self._train_loader
+        return {} if loader is None else {"train_loader": loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loader_state = state_dict.get("train_loader")
+        if self._train_loader is not None and self._loader_state is not None:
+            self._train_loader.load_state_dict(self._loader_state)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader("val")

@@ -25,6 +25,8 @@ from m3d_lit.errors import InputError
 __all__ = [
     "Record",
     "SampleKey",
+    "SampleText",
+    "finish_sample",
     "RecordDataset",
     "QAJsonlDataset",
     "load_prepared_volume",
@@ -97,7 +99,9 @@ def _unreadable(path: Path) -> str | None:
 def check_paths(records: Iterable[Record]) -> None:
     """Raise ONE InputError if any file named by a split file (image, mask, text) is missing or unreadable."""
     pairs = [(r.source, p) for r in records for p in r.paths()]
-    bad = [(src, p, why) for src, p in pairs if (why := _unreadable(p)) is not None]
+    # a scan serves several rows (CQ500: six questions): each distinct file is opened once
+    problems = {p: _unreadable(p) for p in dict.fromkeys(p for _, p in pairs)}
+    bad = [(src, p, problems[p]) for src, p in pairs if problems[p] is not None]
     if not bad:
         return
     sources = sorted({str(src) for src, _, _ in bad})
@@ -206,19 +210,44 @@ class RecordDataset(Dataset):
         answers = record.answer if record.answer_file is None else (_read_text(record.answer_file),)
         if record.negative and mask is not None and not bool(mask.any()):
             answers, mask = record.negative, None
-        if self.augment is not None and rng is not None:
-            image, mask = self.augment(image, mask, int(rng.integers(2**32)))
-        if self.blank_prob and rng is not None and mask is None and rng.random() < self.blank_prob:
-            image = torch.zeros_like(image)
-        return {
-            "id": record.id,
-            "image": image,
-            "question": _pick(record.question, rng),
-            "answer": _pick(answers, rng),
-            "kind": record.kind,
-            "mask": mask,
-            "dataset": record.dataset,
-        }
+        text = SampleText(record.id, record.question, answers, record.kind, record.dataset)
+        return finish_sample(text, image, mask, rng, self.augment, self.blank_prob)
+
+
+class SampleText(NamedTuple):
+    """The text side of one row, every wording kept (index 0 canonical)."""
+
+    id: str
+    question: tuple[str, ...]
+    answer: tuple[str, ...]
+    kind: str
+    dataset: str
+
+
+def finish_sample(
+    text: SampleText,
+    image: torch.Tensor,
+    mask: torch.Tensor | None,
+    rng: np.random.Generator | None,
+    augment: VolumeAugment | None = None,
+    blank_prob: float = 0.0,
+) -> Sample:
+    """Augment, blank and pick the wordings of one loaded row, drawing from ``rng`` in one fixed order
+    (augmentation seed, blank draw, question, answer), so every Dataset that seeds ``rng`` from (seed,
+    epoch, index) yields the same sample for the same row; ``rng`` None: canonical wordings, no draws."""
+    if augment is not None and rng is not None:
+        image, mask = augment(image, mask, int(rng.integers(2**32)))
+    if blank_prob and rng is not None and mask is None and rng.random() < blank_prob:
+        image = torch.zeros_like(image)
+    return {
+        "id": text.id,
+        "image": image,
+        "question": _pick(text.question, rng),
+        "answer": _pick(text.answer, rng),
+        "kind": text.kind,
+        "mask": mask,
+        "dataset": text.dataset,
+    }
 
 
 def _read_text(path: Path) -> str:
