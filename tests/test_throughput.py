@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import CLIP, LAMED
+from conftest import CLIP, LAMED, built
 
 from m3d_lit.models.plan import flops_per_sample
 from m3d_lit.tasks import ClipTask, FinetuneTask
@@ -22,7 +22,7 @@ def _batch(model, width: int, seg: list[bool]) -> dict:
 
 
 def test_stage3_flops_are_plans_at_the_batch_width_with_segmentation_per_row() -> None:
-    task = FinetuneTask(preset="tiny", overrides=LAMED)
+    task = built(FinetuneTask(preset="tiny", overrides=LAMED))
     settings = _plan_settings(task, 3)
     flops = batch_flops(task)
     for width in (40, 48):
@@ -39,7 +39,7 @@ def test_stage3_flops_are_plans_at_the_batch_width_with_segmentation_per_row() -
 
 
 def test_stage1_flops_grow_with_rows_and_text_length() -> None:
-    task = ClipTask(preset="tiny", overrides=CLIP)
+    task = built(ClipTask(preset="tiny", overrides=CLIP))
     flops = batch_flops(task)
     one, two = (flops({"input_ids": torch.zeros(n, 16, dtype=torch.long)}) for n in (1, 2))
     assert two == 2 * one and flops({"input_ids": torch.zeros(1, 32, dtype=torch.long)}) > one > 0

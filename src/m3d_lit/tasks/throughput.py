@@ -162,9 +162,9 @@ class ThroughputLogger(Callback):
         self._paused = 0.0
         self._counts: list[Any] = [0, 0, 0.0]
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # here, not in `setup`: the task builds its model in `configure_model`, after `setup`
+        self._origin, self._paused, self._counts = None, 0.0, [0, 0, 0.0]
         try:
             self.flops = batch_flops(pl_module)
         except Exception as err:  # a FLOP count the plan cannot make must not stop training
@@ -176,9 +176,6 @@ class ThroughputLogger(Callback):
         self.peak = self.peak_tflops * 1e12 if self.peak_tflops else peak_flops(device, trainer.precision)
         if self.peak is None:
             rank_zero_info(f"ThroughputLogger: no peak FLOP/s known for {device}; set peak_tflops to log MFU")
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._origin, self._paused, self._counts = None, 0.0, [0, 0, 0.0]
 
     def _now(self, pl_module: LightningModule) -> float:
         if pl_module.device.type == "cuda":
