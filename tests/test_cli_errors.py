@@ -78,6 +78,26 @@ CASES = {
     "eval-zero": (["eval", "--checkpoint", "zero.ckpt", "--data", "d.jsonl", "--out", "o"], r"zero\.ckpt: is a DeepSpeed ZeRO checkpoint folder .*then pass zero\.fp32\.ckpt"),
     "export-zero": (["export", "--checkpoint", "zero.ckpt", "--out", "o"], r"zero\.ckpt: is a DeepSpeed ZeRO checkpoint folder .*then pass zero\.fp32\.ckpt"),
     "fit-data-root": (FIT, r"missing/reports\.jsonl: is missing \(report mode reads it\): run `m3d-lit prepare` for this folder"),
+    "fit-gpu-preset-on-cpu": ([*FIT, "-c", "gpu1"], r"--trainer\.accelerator: 'gpu' \(set by a GPU preset: .*\) needs a CUDA GPU, and torch sees none here: use -c cpu on this machine, or run on a GPU machine"),
+    "fit-nvlink-on-cpu": ([*FIT, "-c", "ddp_nvlink"], r"--trainer\.accelerator: 'gpu' .* needs a CUDA GPU, .*"),
+    "fit-fsdp-one-device": ([*FIT, "-c", "fsdp", "--trainer.accelerator", "cpu", "--trainer.devices", "1"], r"--trainer\.strategy: ShardedStrategy shards the model over processes, and this run has one \(num_nodes 1 x devices 1\): use -c gpu1 on one GPU, -c cpu on a CPU"),
+    "fit-nodes-without-launcher": ([*FIT, "-c", "multinode"], r"--trainer\.num_nodes: 2 machines, but nothing says which one this is: start each with torchrun --nnodes 2 --node-rank R \.\.\., with srun under SLURM, or set NODE_RANK, MASTER_ADDR and MASTER_PORT \(README: Train on GPUs\)"),
+}  # fmt: skip
+# launcher variables of a world that the run's num_nodes x devices disagrees with
+LAUNCHED = {
+    "fit-torchrun-world": (
+        {"TORCHELASTIC_RUN_ID": "none", "RANK": "0", "GROUP_RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+         "WORLD_SIZE": "2",
+         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
+        r"--trainer\.num_nodes: 1 x devices 1 disagrees with torchrun, which started 2 processes, 1 per machine: "
+        r"pass --trainer\.num_nodes 2 and --trainer\.devices 1 \(or torchrun --nproc-per-node 1\)",
+    ),
+    "fit-slurm-nodes": (
+        {"SLURM_NTASKS": "2", "SLURM_JOB_NAME": "train", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "1",
+         "SLURM_NODEID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODELIST": "node1"},
+        r"--trainer\.num_nodes: disagrees with SLURM: You set `num_nodes=1` in Lightning, but the number of nodes "
+        r"configured in SLURM `--nodes=2` does not match\. HINT: Set `num_nodes=2`\.",
+    ),
 }  # fmt: skip
 
 
@@ -95,11 +115,17 @@ def _lightning_logs_to_this_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
                 monkeypatch.setattr(handler, "stream", sys.stderr)
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [*CASES, *LAUNCHED])
 def test_mistake_gets_one_line_and_exit_2_and_writes_nothing(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    argv, problem = CASES[name]
+    if name in LAUNCHED:
+        variables, problem = LAUNCHED[name]
+        argv = FIT
+        for key, value in variables.items():
+            monkeypatch.setenv(key, value)
+    else:
+        argv, problem = CASES[name]
     monkeypatch.chdir(tmp_path)
     (tmp_path / "raw").mkdir()
     np.save(tmp_path / "v.npy", np.zeros((4, 16, 16), np.float32))

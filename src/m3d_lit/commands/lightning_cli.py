@@ -32,9 +32,15 @@ from m3d_lit.models.presets import resolve
 from m3d_lit.recipes import common_trainer
 from m3d_lit.tasks.base import BaseTask, zero_checkpoint_problem
 from m3d_lit.tasks.official import official_kind
-from m3d_lit.tasks.strategies import is_sharded_checkpoint
 
-__all__ = ["M3dLightningCLI", "check_launch", "check_paths", "fold_optimizer_options", "hardware_problem", "one_line"]
+__all__ = [
+    "M3dLightningCLI",
+    "check_launch",
+    "check_paths",
+    "fold_optimizer_options",
+    "hardware_problem",
+    "one_line",
+]
 
 SCHEDULE_OPTIONS = (
     "the task schedules the learning rate itself (linear warm-up, then cosine decay, per step, with "
@@ -116,7 +122,8 @@ def check_paths(config: Namespace) -> None:
         init_from = None
     if init_from and not ckpt and zero_checkpoint_problem(init_from):
         raise InputError(init_from, f"--model.init_from: {zero_checkpoint_problem(init_from)}")
-    if init_from and not ckpt and not (Path(init_from).is_file() or is_sharded_checkpoint(init_from)):
+    # a folder passed the check above only if it is a sharded or ZeRO checkpoint m3d-lit reads
+    if init_from and not ckpt and not Path(init_from).exists():
         raise InputError(
             init_from,
             "--model.init_from: checkpoint not found (run the previous stage, or pass null to start fresh)",
@@ -204,7 +211,9 @@ class M3dLightningCLI(LightningCLI):
         check_paths(config)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
-        # Read what the run reads first: the trainer creates its log folder and writes its config there.
+        # Everything the run needs is checked before it starts: then the trainer creates its log folder
+        # and writes its config there. The model (on the meta device), the hardware and the launcher
+        # first, the data (which may be slow to list) last.
         stage = self.subcommand
         if isinstance(self.model, BaseTask):  # the model itself is built by the trainer, on each rank
             fresh_fit = stage == "fit" and not self._subcommand_config().get("ckpt_path")
@@ -214,13 +223,13 @@ class M3dLightningCLI(LightningCLI):
                 if err.path in self.model.hparams:
                     raise InputError(f"--model.{err.path}", err.problem) from None
                 raise
-        if stage in ("fit", "validate", "test") and self.datamodule is not None:
-            self.datamodule.setup(stage)
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except MisconfigurationException as err:
             raise hardware_problem(self._subcommand_config(), err) from None
         check_launch(trainer)
+        if stage in ("fit", "validate", "test") and self.datamodule is not None:
+            self.datamodule.setup(stage)
         return trainer
 
     def _subcommand_config(self) -> Namespace:

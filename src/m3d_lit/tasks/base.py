@@ -39,7 +39,7 @@ from m3d_lit.tasks.checkpoints import (
     summarise_init,
 )
 from m3d_lit.tasks.hparams import write_hparams
-from m3d_lit.tasks.strategies import is_sharded_checkpoint, read_sharded_checkpoint, shard_model
+from m3d_lit.tasks.strategies import CONSOLIDATED, is_sharded_checkpoint, read_sharded_checkpoint, shard_model
 
 __all__ = [
     "EVAL_SPLITS",
@@ -60,7 +60,7 @@ def zero_checkpoint_problem(path: str | Path) -> str | None:
     runs on their own files rather than done silently on load.
     """
     path = Path(path)
-    if not path.is_dir() or is_sharded_checkpoint(path):
+    if not path.is_dir() or is_sharded_checkpoint(path) or (path / CONSOLIDATED).is_file():
         return None
     tag = (path / "latest").read_text().strip() if (path / "latest").is_file() else None
     if tag is None or not any((path / tag).glob("*model_states.pt")):
@@ -85,6 +85,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if is_sharded_checkpoint(path):
         return read_sharded_checkpoint(path)
+    if path.is_dir() and (path / CONSOLIDATED).is_file():  # a ZeRO folder of the zero2 preset
+        path = path / CONSOLIDATED
     problem = zero_checkpoint_problem(path)
     if problem:
         raise InputError(path, problem)

@@ -1,6 +1,8 @@
 """Strategy presets for the hardware the project targets, and the sharded checkpoints of the `fsdp` one.
 
 - `PCIeDDPStrategy`: DDP for GPUs without peer-to-peer (RTX 4090 boxes).
+- `ZeroStrategy`: DeepSpeed ZeRO-2 (CUDA only), its folders written atomically with a plain
+  `m3d_lit.ckpt` inside that every reader takes.
 - `ShardedStrategy`: Lightning's `ModelParallelStrategy` with FSDP2 (`fully_shard` per decoder layer
   and ViT block, the rest as one root unit), hybrid across machines: each machine holds one sharded copy,
   the machines replicate it. Its checkpoints are folders (one shard file per rank, written under a
@@ -19,13 +21,24 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.load import _METADATA_FILENAME
-from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
 from torch import nn
 
+from m3d_lit.atomic import torch_save as atomic_torch_save
 from m3d_lit.errors import InputError
 from m3d_lit.models.llm import unwrap
 
-__all__ = ["PCIeDDPStrategy", "ShardedStrategy", "is_sharded_checkpoint", "read_sharded_checkpoint", "shard_model"]
+__all__ = [
+    "CONSOLIDATED",
+    "PCIeDDPStrategy",
+    "ShardedStrategy",
+    "ZeroStrategy",
+    "is_sharded_checkpoint",
+    "read_sharded_checkpoint",
+    "save_folder_atomically",
+    "shard_model",
+    "write_consolidated",
+]
 
 
 class PCIeDDPStrategy(DDPStrategy):
@@ -94,7 +107,9 @@ def shard_model(model: nn.Module, mesh: Any, param_dtype: torch.dtype | None = N
 
     if isinstance(model, FSDPModule):
         return model
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    policy = MixedPrecisionPolicy(
+        param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None
+    )
     for block in sharded_blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
@@ -134,22 +149,9 @@ class ShardedStrategy(ModelParallelStrategy):
         return {"num_replicas": self.world_size, "rank": self.global_rank}
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        """Write the folder under a temporary name beside `filepath`, then put it in place, so a kill
-        during the write leaves the previous checkpoint whole."""
-        path = Path(self.broadcast(str(filepath)))
-        temporary = Path(self.broadcast(str(path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"))))
-        super().save_checkpoint(checkpoint, temporary, storage_options)
-        self.barrier("m3d_fsdp_saved")
-        if self.global_rank == 0:
-            previous = path.with_name(f".{path.name}.previous")
-            shutil.rmtree(previous, ignore_errors=True)
-            if path.is_dir():
-                os.replace(path, previous)
-            elif path.exists():
-                path.unlink()
-            os.replace(temporary, path)
-            shutil.rmtree(previous, ignore_errors=True)
-        self.barrier("m3d_fsdp_renamed")
+        save_folder_atomically(
+            self, filepath, lambda folder: ModelParallelStrategy.save_checkpoint(self, checkpoint, folder)
+        )
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Restore a sharded folder; the frozen weights it leaves out keep the values built from
@@ -184,6 +186,79 @@ class ShardedStrategy(ModelParallelStrategy):
                 self.model, optimizer, optim_state_dict=optimizer_state[f"optimizer_{index}"], options=options
             )
         return metadata
+
+
+class ZeroStrategy(DeepSpeedStrategy):
+    """DeepSpeed ZeRO (stage 2 by default: optimizer state and gradients sharded) for CUDA GPUs.
+
+    Its checkpoints are DeepSpeed folders (`--ckpt_path` resumes from them) written under a temporary name
+    and renamed when complete, without the frozen weights (`exclude_frozen_parameters`: rebuilt from
+    `llm_path` on load, checked against the record), plus `m3d_lit.ckpt` beside DeepSpeed's files: the
+    trainable weights as the forward uses them and the run's record, a plain checkpoint file that eval,
+    ask, export and the next stage's `init_from` read (no conversion step, no pickled DeepSpeed objects).
+
+    Args:
+        stage: the ZeRO stage (2: optimizer state and gradients; 3 would shard the weights too, whose
+            `m3d_lit.ckpt` would then hold only this rank's view: not supported here).
+        **kwargs: Lightning's `DeepSpeedStrategy` arguments.
+    """
+
+    strategy_name = "m3d_zero"
+
+    def __init__(self, stage: int = 2, **kwargs: Any) -> None:
+        if stage not in (1, 2):
+            raise InputError(
+                "--trainer.strategy.init_args.stage", f"{stage}: ZeroStrategy takes stage 1 or 2"
+            )
+        super().__init__(stage=stage, exclude_frozen_parameters=True, **kwargs)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        def write(folder: Path) -> None:
+            if self.is_global_zero:
+                write_consolidated(checkpoint, folder)
+            DeepSpeedStrategy.save_checkpoint(self, checkpoint, folder, storage_options)
+
+        save_folder_atomically(self, filepath, write)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        # the frozen weights were left out of DeepSpeed's module states (the task checks and restores them)
+        module = self.lightning_module
+        strict, module.strict_loading = module.strict_loading, False
+        try:
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        finally:
+            module.strict_loading = strict
+
+
+def save_folder_atomically(strategy: Any, filepath: Any, write: Any) -> None:
+    """Have every rank `write(folder)` into one temporary folder beside `filepath`, then put it in place
+    on rank 0, so a kill during the write leaves the previous checkpoint whole."""
+    path = Path(strategy.broadcast(str(filepath)))
+    temporary = Path(strategy.broadcast(str(path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"))))
+    write(temporary)
+    strategy.barrier("m3d_checkpoint_written")
+    if strategy.global_rank == 0:
+        previous = path.with_name(f".{path.name}.previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        if path.is_dir():
+            os.replace(path, previous)
+        elif path.exists():
+            path.unlink()
+        os.replace(temporary, path)
+        shutil.rmtree(previous, ignore_errors=True)
+    strategy.barrier("m3d_checkpoint_renamed")
+
+
+CONSOLIDATED = "m3d_lit.ckpt"
+
+
+def write_consolidated(checkpoint: dict[str, Any], folder: Path) -> Path:
+    """`folder/m3d_lit.ckpt`: the checkpoint without its optimizer state, a plain Lightning file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    kept = {k: v for k, v in checkpoint.items() if k != "optimizer_states"}
+    path = folder / CONSOLIDATED
+    atomic_torch_save(kept, path)
+    return path
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
