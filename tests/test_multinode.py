@@ -38,6 +38,8 @@ TOLERANCE_FP64 = 1e-9
 TOLERANCE_FP32 = 1e-4
 # the fsdp preset clips gradients at norm 1: the reference does too (global norm of sharded gradients)
 FP32_SGD = ["--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.05", "--trainer.gradient_clip_val", "1.0"]
+# as the recipes have it: Lightning then builds the training loader before a sharded checkpoint is restored
+WITH_EPOCHS = ["--trainer.max_epochs", "3"]
 
 
 def _fit_args(roots: list[Path], overlay: Path, batch: int, precision: str, *extra: str) -> list[str]:
@@ -151,7 +153,8 @@ def test_fsdp_on_two_ranks_trains_as_one_process_and_its_folder_is_read_back(
 
     reference = _reference(tmp_path, prepared, "32-true", *FP32_SGD)
     killed = _overlay(tmp_path, "fsdp", 0, kill_at=EVERY + 1, steps=STEPS)
-    done = _m3d(tmp_path, _fit_args(prepared, killed, GLOBAL_BATCH // 2, "32-true", *FSDP_CPU, *FP32_SGD))
+    args = _fit_args(prepared, killed, GLOBAL_BATCH // 2, "32-true", *FSDP_CPU, *FP32_SGD)
+    done = _m3d(tmp_path, [*args, *WITH_EPOCHS])
     assert done.returncode != 0
     folder = tmp_path / "fsdp" / "last.ckpt"
     shards = sorted(p.name for p in folder.glob("*.distcp"))
@@ -159,7 +162,7 @@ def test_fsdp_on_two_ranks_trains_as_one_process_and_its_folder_is_read_back(
     assert not list(folder.parent.glob(".*.tmp"))  # written under a temporary name, then renamed
     resumed = _overlay(tmp_path, "fsdp", 1, steps=STEPS)
     resumed_args = _fit_args(prepared, resumed, GLOBAL_BATCH // 2, "32-true", *FSDP_CPU, *FP32_SGD)
-    done = _m3d(tmp_path, [*resumed_args, "--ckpt_path", "last"])
+    done = _m3d(tmp_path, [*resumed_args, *WITH_EPOCHS, "--ckpt_path", "last"])
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     _assert_same_run(tmp_path, "fsdp", reference, TOLERANCE_FP32)
 

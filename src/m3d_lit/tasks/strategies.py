@@ -35,6 +35,7 @@ __all__ = [
     "ZeroStrategy",
     "is_sharded_checkpoint",
     "read_sharded_checkpoint",
+    "rebuild_train_loader_after_restore",
     "save_folder_atomically",
     "shard_model",
     "write_consolidated",
@@ -167,6 +168,7 @@ class ShardedStrategy(ModelParallelStrategy):
         path = Path(self.broadcast(str(checkpoint_path)))
         if not is_sharded_checkpoint(path):
             return super().load_checkpoint(path, weights_only)
+        rebuild_train_loader_after_restore(self)
         # partial: the frozen LLM is not in the folder (checked below), and an optimizer without state
         # (plain SGD) saved none of the entries a fresh one lists
         planner = DefaultLoadPlanner(allow_partial_load=True)
@@ -224,10 +226,25 @@ class ZeroStrategy(DeepSpeedStrategy):
         # the frozen weights were left out of DeepSpeed's module states (the task checks and restores them)
         module = self.lightning_module
         strict, module.strict_loading = module.strict_loading, False
+        rebuild_train_loader_after_restore(self)
         try:
             return super().load_checkpoint(checkpoint_path, weights_only)
         finally:
             module.strict_loading = strict
+
+
+def rebuild_train_loader_after_restore(strategy: Any) -> None:
+    """Have the fit loop build its training loader again once the checkpoint is restored.
+
+    These strategies restore a checkpoint after their setup, and with `max_epochs` set Lightning builds
+    the training loader (and its iterator) in that setup, to count the steps of the learning-rate
+    schedule: the loader's restored position would come too late for it, and the resumed epoch would
+    start from its first batch. Built again after the restore, the loader starts where the checkpoint
+    says (`BaseDataModule` keeps the position in its own state).
+    """
+    trainer = strategy.lightning_module.trainer
+    if trainer.state.fn == "fit":
+        trainer.fit_loop._combined_loader = None
 
 
 def save_folder_atomically(strategy: Any, filepath: Any, write: Any) -> None:
