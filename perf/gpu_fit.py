@@ -7,11 +7,12 @@ Each (checkpointing, micro-batch) runs `m3d-lit fit -c stage3` in its own proces
 Lightning, the strategy, the precision plugin and the data loader, on generated `prepare` data at the
 preset's volume size whose rows fill the context (`<im_patch>` x N + a question + an answer ending in
 `[SEG]`, with a mask, so the segmentation module runs: the worst case; `--no-seg` answers without it).
-The paper preset is built with random LLaMA-2-7B weights (`--model.random_llm true`), in bf16-mixed with
-the frozen LLM held in bf16. The process is capped with `torch.cuda.set_per_process_memory_fraction` so a
+The paper preset is built with random LLaMA-2-7B weights (`--model.random_llm true`) through the `gpu1`
+preset (bf16-mixed, the frozen LLM made in bf16 on the GPU), one micro-batch per optimizer step. The process is capped with `torch.cuda.set_per_process_memory_fraction` so a
 24 GB card is mimicked on a larger one. The figures are those the recipes' `ThroughputLogger` writes to
 TensorBoard (`throughput/*`, the last log interval: the first batch is left out) and the peak allocated
-memory, beside `m3d-lit plan`'s estimate with the same settings. The last line is JSON.
+memory and the host's peak RSS of the process, beside `m3d-lit plan`'s estimate with the same settings.
+The last line is JSON.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -52,6 +54,8 @@ class PeakMemory(Callback):
         peak = {
             "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
             "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if cuda else None,
+            # this rank's host memory high-water mark (Linux: KiB)
+            "host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         }
         self.path.write_text(json.dumps(peak))
 
@@ -88,6 +92,7 @@ def fit(args: argparse.Namespace, data: Path, out: Path, mode: str, micro_batch:
         "accelerator": "cpu" if args.smoke else "gpu", "devices": 1,
         "precision": "32-true" if args.smoke else "bf16-mixed",
         "max_steps": args.steps, "log_every_n_steps": args.steps - 1, "limit_val_batches": 0,
+        "accumulate_grad_batches": 1,
         "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_checkpointing": False,
         "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                    "init_args": {"save_dir": str(run), "name": "tb", "default_hp_metric": False}},
@@ -96,8 +101,9 @@ def fit(args: argparse.Namespace, data: Path, out: Path, mode: str, micro_batch:
     overlay = run / "overlay.yaml"
     overlay.parent.mkdir(parents=True)
     overlay.write_text(json.dumps({"trainer": trainer}))
+    preset = [] if args.smoke else ["-c", "gpu1"]  # the one-GPU preset, one micro-batch per step here
     argv = [
-        "fit", "-c", "stage3", "-c", str(overlay), "--model.preset", args.preset, "--model.init_from", "null",
+        "fit", "-c", "stage3", *preset, "-c", str(overlay), "--model.preset", args.preset, "--model.init_from", "null",
         "--model.random_llm", "true", "--model.gradient_checkpointing", mode,
         "--data.roots", json.dumps([str(data)]), "--data.batch_size", str(micro_batch),
         "--data.num_workers", str(args.workers),
