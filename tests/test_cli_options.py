@@ -50,6 +50,31 @@ def test_optimizer_option_keeps_the_task_groups_and_schedule(
     assert len(checkpoint["lr_schedulers"]) == 1
 
 
+@pytest.mark.parametrize(
+    ("flags", "wanted"),
+    [
+        (["--optimizer.lr", "5e-4"], {"class_path": "torch.optim.AdamW", "lr": 5e-4, "weight_decay": 0.0}),
+        # the recipe's class again: its other arguments stay (AdamW's own default weight decay is 0.01)
+        (["--optimizer", "AdamW", "--optimizer.lr", "5e-4"],
+         {"class_path": "torch.optim.AdamW", "lr": 5e-4, "weight_decay": 0.0}),
+        (["--optimizer=SGD", "--optimizer.lr=0.1"], {"class_path": "torch.optim.SGD", "lr": 0.1, "momentum": 0.0}),
+    ],
+)  # fmt: skip
+def test_optimizer_flags_set_the_task_optimizer_as_print_config_shows(
+    flags: list[str], wanted: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        _fit_stage1([tmp_path], *flags, "--print_config")
+    assert exit_.value.code in (0, None)
+    optimizer = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["optimizer"]
+    shown = {"class_path": optimizer["class_path"], **optimizer["init_args"]}
+    assert {key: shown[key] for key in wanted} == wanted
+    assert not any(tmp_path.iterdir())
+
+
 def test_lr_scheduler_option_is_refused_with_the_task_options(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

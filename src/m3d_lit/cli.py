@@ -86,9 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0]
     try:
         if command in LIGHTNING_COMMANDS:
-            from m3d_lit.commands.lightning_cli import run_lightning  # not for --help: it loads torch
+            from m3d_lit.commands.lightning_cli import (  # not for --help: they load torch
+                optimizer_flags_to_model,
+                run_lightning,
+            )
 
-            expanded = expand_argv(argv)
+            expanded = optimizer_flags_to_model(expand_argv(argv))
             if not explicit and expanded != argv:
                 sys.argv[1:] = expanded  # DDP relaunches each rank with sys.argv: it gets the paths too
             try:

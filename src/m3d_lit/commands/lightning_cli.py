@@ -12,6 +12,9 @@ a task's constructor also with a traceback); here each becomes an `InputError` o
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
 import os
 import re
 from argparse import ArgumentError
@@ -37,9 +40,11 @@ __all__ = [
     "M3dLightningCLI",
     "check_launch",
     "check_paths",
+    "check_resume",
     "fold_optimizer_options",
     "hardware_problem",
     "one_line",
+    "optimizer_flags_to_model",
 ]
 
 SCHEDULE_OPTIONS = (
@@ -186,6 +191,68 @@ def check_launch(trainer: Any) -> None:
         )
 
 
+def _did_you_mean(parser: Any, problem: str) -> str:
+    """For `unrecognized arguments: --trainer.max_step 5`: the options of that name's command it is close to."""
+    found = re.search(r"unrecognized arguments: (--[\w.]+)", problem)
+    if found is None:
+        return ""
+    options: set[str] = set(parser._option_string_actions)
+    for subparser in getattr(parser._subcommands_action, "_name_parser_map", {}).values():
+        options |= set(subparser._option_string_actions)
+    close = difflib.get_close_matches(found.group(1), sorted(options), n=2, cutoff=0.8)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def _accepted(problem: str) -> str:
+    """For `Problem with given class_path 'X': Option 'y' is not accepted`: the close names X takes."""
+    found = re.search(r"class_path '([\w.]+)': Option '(\w+)' is not accepted", problem)
+    if found is None:
+        return ""
+    path, option = found.groups()
+    if option in ("lr", "learning_rate", "weight_decay"):
+        return f" (the optimizer's settings: --model.optimizer.{option} or --optimizer.{option})"
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return ""
+    accepted = {p for klass in cls.__mro__ if "__init__" in vars(klass)
+                for p in inspect.signature(klass.__init__).parameters if p not in ("self", "args", "kwargs")}  # fmt: skip
+    close = difflib.get_close_matches(option, sorted(accepted), n=2, cutoff=0.7)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def optimizer_flags_to_model(argv: list[str]) -> list[str]:
+    """`--optimizer X`, `--optimizer.lr 1e-4` (also with `=`) -> the same for `--model.optimizer`.
+
+    The task's optimizer argument then takes them as jsonargparse takes any nested class: the same class
+    keeps the recipe's other arguments (its weight decay 0.0 stays), another class starts from its own
+    defaults, and `--print_config` shows the result. A top-level `optimizer:` in a YAML file is moved by
+    `fold_optimizer_options`.
+    """
+    out = []
+    for arg in argv:
+        flag, sep, value = arg.partition("=")
+        if flag == "--optimizer" or flag.startswith("--optimizer."):
+            arg = "--model." + flag[2:] + sep + value
+        out.append(arg)
+    return out
+
+
+def check_resume(trainer: Any, ckpt_path: str | None) -> None:
+    """`--ckpt_path last` with no last.ckpt in the run's checkpoint folders is a mistake: Lightning would
+    start a new run in silence (it lets `last` stand for "nothing yet" on a first start)."""
+    if ckpt_path != "last":
+        return
+    folders = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    if folders and not any(path.exists() for folder in folders for path in folder.glob("last*.ckpt")):
+        shown = ", ".join(sorted({str(folder) for folder in folders}))
+        raise InputError(
+            "--ckpt_path",
+            f"last: there is no last.ckpt to resume in {shown}: leave --ckpt_path out to start a new run",
+        )
+
+
 def _check_preset(config: Namespace) -> None:
     init_args = config.model.get("init_args") if isinstance(config.get("model"), Namespace) else None
     if init_args is not None and "preset" in init_args:
@@ -197,6 +264,8 @@ class M3dLightningCLI(LightningCLI):
 
     def init_parser(self, **kwargs: Any) -> Any:
         kwargs.setdefault("exit_on_error", False)
+        # `--trainer.max_step 5` is a typo, not `--trainer.max_steps`: argparse would take the prefix
+        kwargs.setdefault("allow_abbrev", False)
         return super().init_parser(**kwargs)
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
@@ -204,7 +273,8 @@ class M3dLightningCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
-            raise InputError(*one_line(str(err))) from None
+            option, problem = one_line(str(err))
+            raise InputError(option, problem + _did_you_mean(parser, problem) + _accepted(problem)) from None
         config = self._subcommand_config()
         fold_optimizer_options(config)
         _check_preset(config)
@@ -228,6 +298,7 @@ class M3dLightningCLI(LightningCLI):
         except MisconfigurationException as err:
             raise hardware_problem(self._subcommand_config(), err) from None
         check_launch(trainer)
+        check_resume(trainer, self._subcommand_config().get("ckpt_path"))
         if stage in ("fit", "validate", "test") and self.datamodule is not None:
             self.datamodule.setup(stage)
         return trainer

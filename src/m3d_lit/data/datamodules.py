@@ -119,6 +119,21 @@ class BaseDataModule(L.LightningDataModule):
                     self.unconfigured.add(split)
                 else:
                     self.datasets[split] = dataset
+        if "train" in splits and not len(self.datasets.get("train", ())):
+            # Lightning would run an empty epoch and exit 0, having trained nothing
+            raise InputError(
+                self.data_location(),
+                "has no training samples (no train split, or an empty one): give the folder `m3d-lit "
+                "prepare` wrote (its qa_train.jsonl, or reports.jsonl for mode report)",
+            )
+
+    def data_location(self) -> str:
+        """What this module reads, for messages: its roots, input folders, root or JSON file."""
+        for name in ("roots", "input_dirs", "root", "json_path"):
+            value = getattr(self, name, None)
+            if value:
+                return ", ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+        return type(self).__name__
 
     def _ranks(self) -> tuple[int, int]:
         trainer = self.trainer
