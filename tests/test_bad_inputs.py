@@ -281,7 +281,7 @@ def folder_given_as_checkpoint(tmp: Path):
 
     (tmp / "runs").mkdir()
     problem = (
-        r"is a folder, not a checkpoint file \(nor a DeepSpeed checkpoint folder with a `latest` tag, "
+        r"is a folder, not a checkpoint file \(nor a sharded checkpoint folder with \.metadata and meta\.pt, nor a DeepSpeed checkpoint folder with a `latest` tag, "
         r"nor an M3D-LaMed directory with a config.json\)"
     )
     return lambda: load_task(tmp / "runs"), tmp / "runs", problem

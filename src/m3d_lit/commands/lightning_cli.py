@@ -191,6 +191,13 @@ def check_launch(trainer: Any) -> None:
         )
 
 
+def _cause(err: BaseException | None) -> InputError | None:
+    """The `InputError` a library error was raised from, if any."""
+    while err is not None and not isinstance(err, InputError):
+        err = err.__cause__ or err.__context__
+    return err
+
+
 def _did_you_mean(parser: Any, problem: str) -> str:
     """For `unrecognized arguments: --trainer.max_step 5`: the options of that name's command it is close to."""
     found = re.search(r"unrecognized arguments: (--[\w.]+)", problem)
@@ -218,7 +225,8 @@ def _accepted(problem: str) -> str:
         return ""
     accepted = {p for klass in cls.__mro__ if "__init__" in vars(klass)
                 for p in inspect.signature(klass.__init__).parameters if p not in ("self", "args", "kwargs")}  # fmt: skip
-    close = difflib.get_close_matches(option, sorted(accepted), n=2, cutoff=0.7)
+    close = [name for name in sorted(accepted) if name.startswith(option)][:2]
+    close = close or difflib.get_close_matches(option, sorted(accepted), n=2, cutoff=0.7)
     return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
@@ -313,7 +321,12 @@ class M3dLightningCLI(LightningCLI):
         except InputError:
             raise
         except (ArgumentError, ValueError, TypeError, MisconfigurationException) as err:
-            # what reaches here was raised by a constructor given the user's values
+            # what reaches here was raised by a constructor given the user's values; a task's or data
+            # module's own refusal of one of its settings is named as the option that sets it
+            cause = _cause(err)
+            if cause is not None and re.fullmatch(r"[a-z_]+", cause.path):
+                part = "--data" if "--data" in one_line(str(err))[0] else "--model"
+                raise InputError(f"{part}.{cause.path}", cause.problem) from None
             option, problem = one_line(str(err))
             raise InputError(
                 "--trainer" if isinstance(err, MisconfigurationException) else option, problem

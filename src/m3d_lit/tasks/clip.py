@@ -7,6 +7,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from m3d_lit.data.collate import make_collator
+from m3d_lit.errors import InputError
 from m3d_lit.losses.contrastive import clip_loss
 from m3d_lit.models.clip import build_clip
 from m3d_lit.tasks.base import BaseTask
@@ -24,13 +25,28 @@ class ClipTask(BaseTask):
     Args:
         text_path: local directory of a BERT-family encoder (None: built from the preset's config).
         text_max_length: token limit of the report text.
+        random_text: with the `paper` preset and no `text_path`, build the random BERT anyway (memory and
+            speed tests); without it that combination is refused.
         **kwargs: see `BaseTask`.
     """
 
     stage = 1
     hparams_metrics = ("val/loss", "val/i2t_R@1", "val/t2i_R@1")
 
-    def __init__(self, text_path: str | None = None, text_max_length: int = 128, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        text_path: str | None = None,
+        text_max_length: int = 128,
+        random_text: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs.get("preset", "tiny") == "paper" and text_path is None and not random_text:
+            raise InputError(
+                "text_path",
+                "the paper preset needs a pretrained text encoder: pass --model.text_path "
+                "/models/bert-base-uncased (null would train against a random BERT that knows no word; "
+                "--model.random_text true does so on purpose)",
+            )
         super().__init__(**kwargs)
 
     def build_model(self) -> nn.Module:
