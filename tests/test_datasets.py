@@ -133,10 +133,22 @@ def test_augmentation_is_fixed_by_the_seed_and_brain_ct_default_never_mirrors():
     brain = VolumeAugment(flip_axes=BRAIN_CT_FLIP_AXES, flip_prob=1.0, rotate_prob=0.0)
     _, kept = brain(image, mask, 3)
     assert BRAIN_CT_FLIP_AXES == () and torch.equal(kept, mask)
-    with pytest.raises(ValueError, match="needs H == W"):
-        augment(torch.zeros(1, 4, 8, 16), None, 0)
     with pytest.raises(ValueError, match="flip_axes"):
         VolumeAugment(flip_axes=(3,))
+
+
+def test_a_non_square_volume_turns_by_half_a_turn_with_its_mask():
+    """H != W: no crash; a rotation is by 180 degrees (both in-plane axes reversed), mask with image."""
+    image = torch.arange(4 * 8 * 16, dtype=torch.float32).reshape(1, 4, 8, 16) / 512
+    mask = (image > 0.6).float()
+    augment = VolumeAugment(flip_axes=(), rotate_prob=1.0, intensity_prob=0.0)
+    turned, turned_mask = augment(image, mask, 0)
+    assert turned.shape == image.shape and turned_mask.shape == mask.shape
+    assert torch.equal(turned, torch.flip(image, dims=(2, 3))) and torch.equal(
+        turned_mask, torch.flip(mask, dims=(2, 3))
+    )
+    kept, _ = VolumeAugment(flip_axes=(), rotate_prob=0.0, intensity_prob=0.0)(image, mask, 0)
+    assert torch.equal(kept, image)
 
 
 def test_record_dataset_augments_train_items_per_epoch_only(brainct_data, tmp_path):

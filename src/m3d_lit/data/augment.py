@@ -25,12 +25,14 @@ class VolumeAugment:
 
     RandRotate90 in the (H, W) plane, RandFlip on each of ``flip_axes`` (spatial axes: 0 = D, 1 = H,
     2 = W), RandScaleIntensity and RandShiftIntensity. Rotations and flips move the mask with the image;
-    intensity changes touch the image only.
+    intensity changes touch the image only. A volume whose H and W differ (a size the user chose, or a
+    published model's input) cannot turn by 90 degrees and keep its shape: it turns by 180 degrees instead,
+    the one in-plane rotation that keeps it (and keeps left and right apart, as every rotation does).
 
     Args:
         flip_axes: spatial axes that may be mirrored; brain-CT DataModules default to none
             (``BRAIN_CT_FLIP_AXES``) because a mirror swaps left and right.
-        rotate_prob: probability of a 90/180/270 degree in-plane rotation (needs H == W).
+        rotate_prob: probability of a 90/180/270 degree in-plane rotation (180 where H != W).
         flip_prob: probability of a flip, per axis.
         intensity: factor range of the intensity scale and offset range of the shift.
         intensity_prob: probability of each intensity change.
@@ -63,17 +65,21 @@ class VolumeAugment:
         from monai import transforms as mt
 
         geo = ["image", "mask"]
+        rest = [
+            *[
+                mt.RandFlipd(geo, prob=flip_prob, spatial_axis=a, allow_missing_keys=True)
+                for a in self.flip_axes
+            ],
+            mt.RandScaleIntensityd("image", factors=intensity, prob=intensity_prob),
+            mt.RandShiftIntensityd("image", offsets=intensity, prob=intensity_prob),
+        ]
         self.transform = mt.Compose(
-            [
-                mt.RandRotate90d(geo, prob=rotate_prob, spatial_axes=(1, 2), allow_missing_keys=True),
-                *[
-                    mt.RandFlipd(geo, prob=flip_prob, spatial_axis=a, allow_missing_keys=True)
-                    for a in self.flip_axes
-                ],
-                mt.RandScaleIntensityd("image", factors=intensity, prob=intensity_prob),
-                mt.RandShiftIntensityd("image", offsets=intensity, prob=intensity_prob),
-            ]
+            [mt.RandRotate90d(geo, prob=rotate_prob, spatial_axes=(1, 2), allow_missing_keys=True), *rest]
         )
+        half_turn = mt.RandLambdad(
+            geo, func=lambda x: torch.flip(x, dims=(-2, -1)), prob=rotate_prob, allow_missing_keys=True
+        )
+        self.transform_non_square = mt.Compose([half_turn, *rest])
 
     def __call__(
         self, image: torch.Tensor, mask: torch.Tensor | None, seed: int
@@ -81,13 +87,10 @@ class VolumeAugment:
         """Augment ``image`` (and ``mask``) with the draws that ``seed`` fixes."""
         if image.ndim != 4 or image.shape[0] != 1:
             raise ValueError(f"expected a 1 x D x H x W volume, got shape {tuple(image.shape)}")
-        if self.rotate_prob > 0 and image.shape[2] != image.shape[3]:
-            raise ValueError(
-                f"in-plane rotation needs H == W, got volume shape {tuple(image.shape)}; set rotate_prob=0"
-            )
+        transform = self.transform if image.shape[2] == image.shape[3] else self.transform_non_square
         data = {"image": image} if mask is None else {"image": image, "mask": mask}
-        self.transform.set_random_state(seed=seed)
-        out = self.transform(data)
+        transform.set_random_state(seed=seed)
+        out = transform(data)
         new_mask = None if mask is None else _plain(out["mask"])
         return _plain(out["image"]), new_mask
 
