@@ -111,7 +111,9 @@ def run_steps(checkpointing: str = "none") -> dict[str, list]:
     model = build_lamed("tiny", LAMED)
     model.set_trainable(STAGE_TRAINABLE[3])
     if checkpointing != "none":
-        model.enable_gradient_checkpointing(llm=checkpointing in ("llm", "all"), vision=checkpointing == "all")
+        model.enable_gradient_checkpointing(
+            llm=checkpointing in ("llm", "all"), vision=checkpointing == "all"
+        )
     model = model.double().train()
     _draw_weights(model)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
