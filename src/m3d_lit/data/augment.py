@@ -85,6 +85,8 @@ class VolumeAugment:
             raise ValueError(
                 f"in-plane rotation needs H == W, got volume shape {tuple(image.shape)}; set rotate_prob=0"
             )
+        # in float32 whatever the cache holds: the intensity changes make values float16 cannot hold
+        image = image.float()
         data = {"image": image} if mask is None else {"image": image, "mask": mask}
         self.transform.set_random_state(seed=seed)
         out = self.transform(data)

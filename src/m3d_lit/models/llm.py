@@ -122,9 +122,13 @@ class NewTokenRows(nn.Module):
         return torch.where((slot >= 0).unsqueeze(-1), rows, base)
 
     def logits(self, hidden: Tensor, base: Tensor) -> Tensor:
-        """Replace the logit columns of the new tokens in `base` (... x V) by `hidden @ output_rows.T`."""
+        """Write `hidden @ output_rows.T` over the logit columns of the new tokens in `base` (... x V).
+
+        In place, so no second ... x V tensor is made: `base` is the LM head's fresh output, and a linear
+        layer's backward reads its input and weight, never its output.
+        """
         new = hidden @ self.output_rows.to(hidden.dtype).t()
-        return base.index_copy(-1, self.token_ids, new.to(base.dtype))
+        return base.index_copy_(-1, self.token_ids, new.to(base.dtype))
 
     @torch.no_grad()
     def write_back(self, embedding: Tensor, head: Tensor | None) -> None:

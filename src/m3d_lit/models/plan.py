@@ -42,6 +42,7 @@ from m3d_lit.errors import InputError
 from m3d_lit.models.build import build_lamed
 from m3d_lit.models.lamed import cast_for_training
 from m3d_lit.models.llm import unwrap
+from m3d_lit.models.lm_loss import label_positions
 from m3d_lit.models.presets import STAGE_TRAINABLE, deep_merge, resolve
 from m3d_lit.models.saved_bytes import saved_bytes
 from m3d_lit.models.tokenizer import build_llm_tokenizer
@@ -231,13 +232,17 @@ def synthetic_batch(
     input_ids = torch.cat([torch.full((batch, n), model.im_patch_id), text, tail], dim=1)
     labels = input_ids.clone()
     labels[:, :n] = -100
+    masks = torch.rand(batch, 1, *model.img_size, generator=gen) > 0.9
     return {
         "images": torch.rand(batch, 1, *model.img_size, generator=gen),
         "input_ids": input_ids,
         "attention_mask": torch.ones_like(input_ids),
         "labels": labels,
-        "masks": (torch.rand(batch, 1, *model.img_size, generator=gen) > 0.9).float(),
+        "label_positions": label_positions(labels),
+        # as `LMCollator` ships them: masks only for the rows that segment
+        "masks": masks if seg else masks[:0],
         "seg_flags": torch.full((batch,), seg),
+        "seg_rows": torch.arange(batch if seg else 0),
     }
 
 

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from m3d_lit.data.collate import make_collator
+from m3d_lit.data.collate import make_collator, row_masks
 from m3d_lit.errors import InputError
 from m3d_lit.evaluation.visual import middle_slice_grid
 from m3d_lit.models.build import build_lamed
@@ -157,6 +157,8 @@ class AlignTask(BaseTask):
             labels=batch["labels"],
             masks=batch.get("masks"),
             seg_flags=batch.get("seg_flags"),
+            seg_rows=batch.get("seg_rows"),
+            label_positions=batch.get("label_positions"),
         )
 
     def compute_loss(self, out: dict[str, Tensor], batch: dict[str, Any], split: str) -> Tensor:
@@ -170,7 +172,7 @@ class AlignTask(BaseTask):
         self.log(f"{split}/loss", loss, batch_size=size, prog_bar=True, sync_dist=sync)
         self.log(f"{split}/lm_loss", out["lm_loss"], batch_size=size, sync_dist=sync)
         if split != "train":
-            self.eval_metrics[split]["token_acc"].update(out["logits"].detach(), batch["labels"])
+            self.eval_metrics[split]["token_acc"].update(out["predicted"], out["targets"])
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -211,7 +213,6 @@ class AlignTask(BaseTask):
             f"| {q} | {a} | {g} |" for q, a, g in zip(batch["questions"], batch["answers"], out["texts"])
         ]
         writer.add_text("val/examples", "\n".join(rows), self.global_step)
-        masks = batch.get("masks")
         pred = [None if s is None else s.sigmoid() for s in out["seg_logits"]]
-        grid = middle_slice_grid(batch["images"][:n], None if masks is None else masks[:n], pred)
+        grid = middle_slice_grid(batch["images"][:n], row_masks(batch, n), pred)
         writer.add_image("val/middle_slices", grid, self.global_step)

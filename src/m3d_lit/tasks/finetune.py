@@ -72,10 +72,10 @@ class FinetuneTask(AlignTask):
     def compute_loss(self, out: dict[str, Tensor], batch: dict[str, Any], split: str) -> Tensor:
         weights = self.model.config.loss
         loss = out["lm_loss"] + weights.w_dice * out["dice"] + weights.w_bce * out["bce"]
-        flags = batch.get("seg_flags")
-        if flags is None or not bool(flags.any()):
+        # the rows that segment: a shape known on the host, so nothing here waits for the device
+        size = len(out["seg_rows"])
+        if size == 0:
             return loss
-        size = int(flags.sum())
         if split == "train":
             self.log("train/loss_dice", out["dice"], batch_size=size)
             self.log("train/loss_bce", out["bce"], batch_size=size)
@@ -83,7 +83,6 @@ class FinetuneTask(AlignTask):
         metrics = self.eval_metrics[split]
         metrics["loss_dice"].update(out["dice"].detach(), weight=size)
         metrics["loss_bce"].update(out["bce"].detach(), weight=size)
-        if out.get("seg_logits") is not None:
-            # seg_logits row j belongs to batch row seg_rows[j] (rows whose [SEG] survived truncation)
-            metrics["dice"].update(out["seg_logits"].detach(), batch["masks"][out["seg_rows"]])
+        # seg_logits row j belongs to batch row seg_rows[j], and so does the batch's mask j
+        metrics["dice"].update(out["seg_logits"].detach(), batch["masks"])
         return loss
