@@ -43,7 +43,7 @@ def _peak_tflops(device: torch.device, override: float | None) -> float | None:
 def build(preset: str, device: torch.device, checkpointing: str) -> torch.nn.Module:
     """Stage-3 model with random weights: frozen bf16, trainable fp32, non-reentrant checkpointing."""
     from m3d_lit.models.build import build_lamed
-    from m3d_lit.models.lamed import cast_for_training
+    from m3d_lit.models.lamed import cast_for_training, checkpoint_parts
     from m3d_lit.models.presets import STAGE_TRAINABLE
 
     default = torch.get_default_dtype()
@@ -55,10 +55,8 @@ def build(preset: str, device: torch.device, checkpointing: str) -> torch.nn.Mod
     finally:
         torch.set_default_dtype(default)
     cast_for_training(model).train()
-    if checkpointing != "none":
-        model.enable_gradient_checkpointing(
-            llm=checkpointing in ("llm", "all"), vision=checkpointing in ("vision", "all")
-        )
+    parts = checkpoint_parts(checkpointing)
+    model.enable_gradient_checkpointing(llm="llm" in parts, vision="vision" in parts, seg="seg" in parts)
     return model
 
 
@@ -129,9 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--checkpointing",
         nargs="+",
-        choices=("none", "llm", "vision", "all"),
         default=["llm", "all"],
-        help="modes to run in turn; all of them must agree on the LLM (llm + all, or none + vision)",
+        help="modes to run in turn (none, all, or llm, vision, seg joined by commas); all of them must "
+        "agree on the LLM (llm + all, or none + vision)",
     )
     ap.add_argument("--no-seg", action="store_true", help="rows without [SEG]: the segmentation module idles")
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the card")
@@ -144,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.preset, args.micro_batches, args.steps = "tiny", [1, 2], WARMUP + 1
         torch.set_num_threads(1)  # shared CPUs: see perf/README.md
-    llm_modes = {mode in ("llm", "all") for mode in args.checkpointing}
+    from m3d_lit.models.lamed import checkpoint_parts
+
+    llm_modes = {"llm" in checkpoint_parts(mode) for mode in args.checkpointing}
     if len(llm_modes) != 1:
         raise ValueError(f"--checkpointing {args.checkpointing}: the modes disagree on the LLM")
     if args.steps <= WARMUP or min(args.micro_batches) < 1:
@@ -165,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     peak = _peak_tflops(device, args.peak_tflops)
     rows = []
     for mode in args.checkpointing:
-        model.vision.gradient_checkpointing = mode in ("vision", "all")
+        parts = checkpoint_parts(mode)
+        model.vision.gradient_checkpointing = "vision" in parts
+        model.segmentation.image_encoder.gradient_checkpointing = "seg" in parts
         estimate = estimates[mode]
         for mb in args.micro_batches:
             row = {"checkpointing": mode, **run_micro_batch(model, mb, args.steps, not args.no_seg)}

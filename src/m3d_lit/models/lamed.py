@@ -26,7 +26,11 @@ from m3d_lit.models.registry import build_perceiver
 from m3d_lit.models.tokenizer import build_llm_tokenizer
 from m3d_lit.tokens import IM_PATCH, LAMED_TOKENS, SEG
 
-__all__ = ["LamedModel", "cast_for_training"]
+__all__ = ["CHECKPOINT_PARTS", "LamedModel", "cast_for_training", "checkpoint_parts"]
+
+# the parts whose blocks activation checkpointing can recompute: LLM decoder layers, vision encoder
+# blocks, segmentation (SegVol) encoder blocks
+CHECKPOINT_PARTS = ("llm", "vision", "seg")
 
 _MODES = {
     "vision": ("frozen", "full"),
@@ -144,8 +148,11 @@ class LamedModel(nn.Module):
         for name, param in self.llm.named_parameters():
             param.requires_grad_(modes["llm"] == "full" or (modes["llm"] == "lora" and "lora_" in name))
 
-    def enable_gradient_checkpointing(self, llm: bool = True, vision: bool = False) -> None:
-        """Non-reentrant activation checkpointing (reentrant breaks DDP with LoRA and frozen inputs)."""
+    def enable_gradient_checkpointing(
+        self, llm: bool = True, vision: bool = False, seg: bool = False
+    ) -> None:
+        """Non-reentrant activation checkpointing (reentrant breaks DDP with LoRA and frozen inputs) of the
+        LLM's decoder layers, the vision encoder's blocks and the segmentation encoder's blocks."""
         if llm:
             base = unwrap(self.llm)
             kwargs = {"use_reentrant": False}
@@ -154,6 +161,7 @@ class LamedModel(nn.Module):
             else:
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.vision.gradient_checkpointing = vision
+        self.segmentation.image_encoder.gradient_checkpointing = seg
 
     # -- building blocks ----------------------------------------------------------------------------
     def embed(self, images: Tensor, input_ids: Tensor) -> Tensor:
@@ -287,9 +295,11 @@ class LamedModel(nn.Module):
         seg_dtype = self.segmentation.prompt_encoder.no_mask_embed.weight.dtype
         seg_logits = self.segmentation(images[seg_rows].to(seg_dtype), prompts.to(seg_dtype))
         numerator = self.config.loss.dice_smooth == "both"
+        # one float copy of the (bool) masks, which both terms then share
+        target = masks.to(torch.promote_types(seg_logits.dtype, torch.float32))
         return {
-            "dice": dice_loss(seg_logits, masks, smooth_numerator=numerator).mean(),
-            "bce": bce_loss(seg_logits, masks).mean(),
+            "dice": dice_loss(seg_logits, target, smooth_numerator=numerator).mean(),
+            "bce": bce_loss(seg_logits, target).mean(),
             "seg_logits": seg_logits,
             "seg_rows": seg_rows,
         }
@@ -408,6 +418,19 @@ def _positions(attention_mask: Tensor) -> Tensor:
 
 def _new_cache() -> Any:
     return DynamicCache()
+
+
+def checkpoint_parts(mode: str) -> frozenset[str]:
+    """The parts a checkpointing setting names: `none`, `all`, or parts of `CHECKPOINT_PARTS` joined by
+    commas (`llm`, `vision,seg`); raises ValueError naming the valid ones."""
+    if mode in ("none", "all"):
+        return frozenset(CHECKPOINT_PARTS if mode == "all" else ())
+    parts = [part.strip() for part in mode.split(",")]
+    if not parts or any(part not in CHECKPOINT_PARTS for part in parts):
+        raise ValueError(
+            f"{mode!r} is not none, all, or a comma-separated list of {', '.join(CHECKPOINT_PARTS)}"
+        )
+    return frozenset(parts)
 
 
 def cast_for_training(model: nn.Module, frozen_dtype: torch.dtype = torch.bfloat16) -> nn.Module:

@@ -13,7 +13,7 @@ from m3d_lit.data.collate import make_collator, row_masks
 from m3d_lit.errors import InputError
 from m3d_lit.evaluation.visual import middle_slice_grid
 from m3d_lit.models.build import build_lamed
-from m3d_lit.models.lamed import cast_for_training
+from m3d_lit.models.lamed import cast_for_training, checkpoint_parts
 from m3d_lit.models.official.clip import load_m3d_clip
 from m3d_lit.models.overrides import apply_overrides
 from m3d_lit.tasks.base import BaseTask
@@ -95,9 +95,11 @@ class AlignTask(BaseTask):
         model = build_lamed(self.hparams.preset, self.hparams.overrides, llm_path=self.hparams.llm_path)
         model.config = apply_overrides(model.config, self.run_settings())
         model.set_trainable(self.trainable_config())
-        mode = self.hparams.gradient_checkpointing
-        if mode != "none":
-            model.enable_gradient_checkpointing(llm=mode in ("llm", "all"), vision=mode in ("vision", "all"))
+        parts = checkpoint_parts(self.hparams.gradient_checkpointing)
+        if parts:
+            model.enable_gradient_checkpointing(
+                llm="llm" in parts, vision="vision" in parts, seg="seg" in parts
+            )
         return model
 
     def _official_init(self) -> None:

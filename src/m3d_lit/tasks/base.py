@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import grad_norm, rank_zero_info
 from torch import Tensor, nn
 
 from m3d_lit.errors import InputError
+from m3d_lit.models.lamed import checkpoint_parts
 from m3d_lit.models.perceiver import set_batchnorm_sync
 from m3d_lit.models.presets import STAGE_TRAINABLE
 from m3d_lit.tasks.checkpoints import (
@@ -103,8 +104,9 @@ class BaseTask(LightningModule):
         warmup_ratio: share of the total steps spent in linear warm-up.
         min_lr_ratio: final learning rate of the cosine decay, as a share of the peak.
         lr_scale: per-component multiplier of the learning rate, e.g. `{perceiver: 10.0}`.
-        gradient_checkpointing: non-reentrant activation checkpointing (`none`, `llm`, `vision`, `all`);
-            a stage without an LLM ignores `llm`.
+        gradient_checkpointing: non-reentrant activation checkpointing: `none`, `all`, or parts joined
+            by commas: `llm` (decoder layers), `vision` (ViT blocks), `seg` (segmentation encoder blocks),
+            e.g. `vision,seg`; a stage ignores the parts it does not have.
     """
 
     stage: int = 0
@@ -129,10 +131,10 @@ class BaseTask(LightningModule):
             raise InputError("warmup_ratio", f"{warmup_ratio} must be in [0, 1)")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise InputError("min_lr_ratio", f"{min_lr_ratio} must be in [0, 1]")
-        if gradient_checkpointing not in ("none", "llm", "vision", "all"):
-            raise InputError(
-                "gradient_checkpointing", f"{gradient_checkpointing!r} is not none | llm | vision | all"
-            )
+        try:
+            checkpoint_parts(gradient_checkpointing)
+        except ValueError as err:
+            raise InputError("gradient_checkpointing", str(err)) from None
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
         self.model: nn.Module = self.configure_models()
