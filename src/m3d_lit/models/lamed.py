@@ -211,6 +211,18 @@ class LamedModel(nn.Module):
         )
         return out.last_hidden_state, getattr(out, self._cache_kw, None)
 
+    def _full_mask(self, attention_mask: Tensor) -> Tensor:
+        """The attention mask a whole-sequence forward gives the decoder.
+
+        For SDPA attention it is the B x 1 x L x L mask itself, which transformers takes as it is. Given
+        the B x L padding mask, transformers first asks the device whether the batch is padded at all
+        (to let SDPA run without a mask), and the host waits for the answer on every forward. The mask
+        built here is the one it builds for a padded batch. Other attention implementations get the
+        B x L mask."""
+        if getattr(unwrap(self.llm).config, "_attn_implementation", None) != "sdpa":
+            return attention_mask
+        return _causal_padding_mask(attention_mask)
+
     def _vision_dtype(self) -> torch.dtype:
         return self.vision.patch_embedding.position_embeddings.dtype
 
@@ -250,7 +262,8 @@ class LamedModel(nn.Module):
         `predicted`/`targets` (the argmax token at each labelled position and its label, N each);
         `logits` only with `full_logits`.
         """
-        hidden, _ = self.decode(self.embed(images, input_ids), attention_mask, _positions(attention_mask))
+        mask = self._full_mask(attention_mask)
+        hidden, _ = self.decode(self.embed(images, input_ids), mask, _positions(attention_mask))
         out: dict[str, Any] = {"lm_loss": None}
         if full_logits:
             out["logits"] = self.logits(hidden)
@@ -409,6 +422,13 @@ class LamedModel(nn.Module):
             for i, row in enumerate(rows):
                 out[row] = logits[i]
         return out
+
+
+def _causal_padding_mask(attention_mask: Tensor) -> Tensor:
+    """B x 1 x L x L bool, True where query i may attend key j: j <= i and key j is a real token."""
+    length = attention_mask.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
+    return causal[None, None] & attention_mask.bool()[:, None, None, :]
 
 
 def _positions(attention_mask: Tensor) -> Tensor:

@@ -171,7 +171,7 @@ class AlignTask(BaseTask):
         loss = self.compute_loss(out, batch, split)
         size = len(batch["input_ids"])
         sync = split != "train"
-        self.log(f"{split}/loss", loss, batch_size=size, prog_bar=True, sync_dist=sync)
+        self.log_loss(split, loss, size)
         self.log(f"{split}/lm_loss", out["lm_loss"], batch_size=size, sync_dist=sync)
         if split != "train":
             self.eval_metrics[split]["token_acc"].update(out["predicted"], out["targets"])

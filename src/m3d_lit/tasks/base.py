@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import grad_norm, rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from m3d_lit.errors import InputError
@@ -263,10 +263,34 @@ class BaseTask(LightningModule):
                     # already equal on every rank: "max" keeps it exact where a mean would round
                     self.log(f"{split}/{key}", value, sync_dist=True, reduce_fx="max")
 
+    def is_log_step(self) -> bool:
+        """Whether Lightning writes this training step's logged values (the check its own
+        `LearningRateMonitor` makes): it reads them on the host, a wait for the device, only then."""
+        trainer = self._trainer
+        return trainer is not None and bool(trainer._logger_connector.should_update_logs)
+
+    def log_loss(self, split: str, loss: Tensor, batch_size: int) -> None:
+        """`<split>/loss`, shown in the progress bar.
+
+        Lightning turns every progress-bar value into a Python number after each batch, which makes the
+        host wait for the device. In training the loss is therefore handed over only at the steps that are
+        logged, already on the host; the logs hold the same values as before (Lightning writes a step's
+        values only at those steps), and the bar shows the loss of the last logged step.
+        """
+        if split != "train":
+            self.log(f"{split}/loss", loss, batch_size=batch_size, prog_bar=True, sync_dist=True)
+        elif self.is_log_step():
+            self.log("train/loss", loss.detach().cpu(), batch_size=batch_size, prog_bar=True)
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        norms = grad_norm(self.model, norm_type=2)
-        if "grad_2.0_norm_total" in norms:
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"], on_step=True, on_epoch=False)
+        # Only at logged steps, and as one device tensor (Lightning's `grad_norm` copies each norm to
+        # the host): nothing here makes the other steps wait for the device.
+        if not self.is_log_step():
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+            self.log("train/grad_norm", total, on_step=True, on_epoch=False)
 
     def param_groups(self) -> list[dict[str, Any]]:
         """One optimizer group per top-level part with trainable weights, each with its `lr_scale`."""
