@@ -163,6 +163,19 @@ class LamedModel(nn.Module):
         self.vision.gradient_checkpointing = vision
         self.segmentation.image_encoder.gradient_checkpointing = seg
 
+    def compile_blocks(self, **options: Any) -> None:
+        """`torch.compile` every repeated block where the time goes: the ViT's blocks, the LLM's decoder
+        layers and the segmentation encoder's blocks, each on its own (in place, `nn.Module.compile`), so
+        one compiled graph serves all blocks of a part and the glue between them stays eager.
+
+        Args:
+            **options: `torch.compile` arguments, e.g. `backend`, `mode`.
+        """
+        blocks = [*self.vision.blocks, *unwrap(self.llm).get_decoder().layers]
+        blocks += list(self.segmentation.image_encoder.blocks)
+        for block in blocks:
+            block.compile(**options)
+
     # -- building blocks ----------------------------------------------------------------------------
     def embed(self, images: Tensor, input_ids: Tensor) -> Tensor:
         """Token embeddings with the visual tokens written over each row's `<im_patch>` placeholders."""

@@ -37,6 +37,8 @@ class AlignTask(BaseTask):
         log_examples: how many validation samples get their generated answer and middle slice logged to
             TensorBoard once per validation epoch.
         max_new_tokens: generation limit for those examples.
+        compile_blocks: `torch.compile` the ViT blocks, the LLM's decoder layers and the segmentation
+            encoder's blocks for training (`fit` only; the first steps are slow while they compile).
         **kwargs: see `BaseTask`.
     """
 
@@ -51,6 +53,7 @@ class AlignTask(BaseTask):
         random_llm: bool = False,
         log_examples: int = 4,
         max_new_tokens: int = 48,
+        compile_blocks: bool = False,
         **kwargs: Any,
     ) -> None:
         official = kwargs.get("init_from") and official_kind(kwargs["init_from"]) == "lamed"
@@ -131,6 +134,8 @@ class AlignTask(BaseTask):
             # bf16-mixed keeps fp32 weights by default: for a frozen 7B LLM that is 25 GiB, which does not
             # fit a 24 GB card. Frozen weights go to bf16, the trainable ones stay fp32 for the optimizer.
             cast_for_training(self.model, torch.bfloat16)
+        if stage == "fit" and self.hparams.compile_blocks:
+            self.model.compile_blocks()
 
     def _check_data_size(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
