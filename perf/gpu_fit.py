@@ -42,8 +42,9 @@ def _peak_tflops(device: torch.device, override: float | None) -> float | None:
 
 def build(preset: str, device: torch.device, checkpointing: str) -> torch.nn.Module:
     """Stage-3 model with random weights: frozen bf16, trainable fp32, non-reentrant checkpointing."""
+    from m3d_lit.models.blocks import checkpoint_parts
     from m3d_lit.models.build import build_lamed
-    from m3d_lit.models.lamed import cast_for_training, checkpoint_parts
+    from m3d_lit.models.lamed import cast_for_training
     from m3d_lit.models.presets import STAGE_TRAINABLE
 
     default = torch.get_default_dtype()
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.preset, args.micro_batches, args.steps = "tiny", [1, 2], WARMUP + 1
         torch.set_num_threads(1)  # shared CPUs: see perf/README.md
-    from m3d_lit.models.lamed import checkpoint_parts
+    from m3d_lit.models.blocks import checkpoint_parts
 
     llm_modes = {"llm" in checkpoint_parts(mode) for mode in args.checkpointing}
     if len(llm_modes) != 1:

@@ -19,18 +19,14 @@ from transformers import DynamicCache
 from m3d_lit.errors import InputError
 from m3d_lit.losses import at_least_fp32
 from m3d_lit.losses.segmentation import bce_loss, dice_loss
-from m3d_lit.models import lm_loss, registry
+from m3d_lit.models import blocks, lm_loss, registry
 from m3d_lit.models.config import LoraConfig, ModelConfig
 from m3d_lit.models.llm import NewTokenRows, apply_lora, sample_next, unwrap
 from m3d_lit.models.registry import build_perceiver
 from m3d_lit.models.tokenizer import build_llm_tokenizer
 from m3d_lit.tokens import IM_PATCH, LAMED_TOKENS, SEG
 
-__all__ = ["CHECKPOINT_PARTS", "LamedModel", "cast_for_training", "checkpoint_parts"]
-
-# the parts whose blocks activation checkpointing can recompute: LLM decoder layers, vision encoder
-# blocks, segmentation (SegVol) encoder blocks
-CHECKPOINT_PARTS = ("llm", "vision", "seg")
+__all__ = ["LamedModel", "cast_for_training"]
 
 _MODES = {
     "vision": ("frozen", "full"),
@@ -151,30 +147,16 @@ class LamedModel(nn.Module):
     def enable_gradient_checkpointing(
         self, llm: bool = True, vision: bool = False, seg: bool = False
     ) -> None:
-        """Non-reentrant activation checkpointing (reentrant breaks DDP with LoRA and frozen inputs) of the
-        LLM's decoder layers, the vision encoder's blocks and the segmentation encoder's blocks."""
-        if llm:
-            base = unwrap(self.llm)
-            kwargs = {"use_reentrant": False}
-            if hasattr(base, "activation_checkpointing_enable"):
-                base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        self.vision.gradient_checkpointing = vision
-        self.segmentation.image_encoder.gradient_checkpointing = seg
+        """Non-reentrant activation checkpointing of the LLM, vision and segmentation encoder blocks."""
+        blocks.set_checkpointing(self, llm, vision, seg)
 
     def compile_blocks(self, **options: Any) -> None:
-        """`torch.compile` every repeated block where the time goes: the ViT's blocks, the LLM's decoder
-        layers and the segmentation encoder's blocks, each on its own (in place, `nn.Module.compile`), so
-        one compiled graph serves all blocks of a part and the glue between them stays eager.
+        """`torch.compile` each ViT block, decoder layer and segmentation encoder block (`blocks.py`).
 
         Args:
             **options: `torch.compile` arguments, e.g. `backend`, `mode`.
         """
-        blocks = [*self.vision.blocks, *unwrap(self.llm).get_decoder().layers]
-        blocks += list(self.segmentation.image_encoder.blocks)
-        for block in blocks:
-            block.compile(**options)
+        blocks.compile_blocks(self, **options)
 
     # -- building blocks ----------------------------------------------------------------------------
     def embed(self, images: Tensor, input_ids: Tensor) -> Tensor:
@@ -252,10 +234,8 @@ class LamedModel(nn.Module):
         label_positions: Tensor | None = None,
         full_logits: bool = False,
     ) -> dict[str, Any]:
-        """Losses and outputs of one batch.
-
-        The batches of `LMCollator` carry `seg_rows` and `label_positions`, found on the host, so the
-        forward never waits for the device to learn a shape; without them they are found here.
+        """Losses and outputs of one batch. `LMCollator`'s batches carry `seg_rows` and `label_positions`,
+        found on the host, so the forward never waits for the device; without them they are found here.
 
         Args:
             images: B x 1 x D x H x W volumes, any float dtype (widened to the encoders' dtype here).
@@ -451,19 +431,6 @@ def _positions(attention_mask: Tensor) -> Tensor:
 
 def _new_cache() -> Any:
     return DynamicCache()
-
-
-def checkpoint_parts(mode: str) -> frozenset[str]:
-    """The parts a checkpointing setting names: `none`, `all`, or parts of `CHECKPOINT_PARTS` joined by
-    commas (`llm`, `vision,seg`); raises ValueError naming the valid ones."""
-    if mode in ("none", "all"):
-        return frozenset(CHECKPOINT_PARTS if mode == "all" else ())
-    parts = [part.strip() for part in mode.split(",")]
-    if not parts or any(part not in CHECKPOINT_PARTS for part in parts):
-        raise ValueError(
-            f"{mode!r} is not none, all, or a comma-separated list of {', '.join(CHECKPOINT_PARTS)}"
-        )
-    return frozenset(parts)
 
 
 def cast_for_training(model: nn.Module, frozen_dtype: torch.dtype = torch.bfloat16) -> nn.Module:

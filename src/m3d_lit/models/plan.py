@@ -43,8 +43,9 @@ import torch
 from torch import Tensor, nn
 
 from m3d_lit.errors import InputError
+from m3d_lit.models.blocks import CHECKPOINT_PARTS, checkpoint_parts
 from m3d_lit.models.build import build_lamed
-from m3d_lit.models.lamed import CHECKPOINT_PARTS, cast_for_training, checkpoint_parts
+from m3d_lit.models.lamed import cast_for_training
 from m3d_lit.models.llm import unwrap
 from m3d_lit.models.lm_loss import CHUNK_ROWS, label_positions
 from m3d_lit.models.presets import STAGE_TRAINABLE, deep_merge, resolve

@@ -12,8 +12,9 @@ from torch import Tensor, nn
 from m3d_lit.data.collate import make_collator, row_masks
 from m3d_lit.errors import InputError
 from m3d_lit.evaluation.visual import middle_slice_grid
+from m3d_lit.models.blocks import checkpoint_parts
 from m3d_lit.models.build import build_lamed
-from m3d_lit.models.lamed import cast_for_training, checkpoint_parts
+from m3d_lit.models.lamed import cast_for_training
 from m3d_lit.models.official.clip import load_m3d_clip
 from m3d_lit.models.overrides import apply_overrides
 from m3d_lit.tasks.base import BaseTask

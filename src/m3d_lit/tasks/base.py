@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from m3d_lit.errors import InputError
-from m3d_lit.models.lamed import checkpoint_parts
+from m3d_lit.models.blocks import checkpoint_parts
 from m3d_lit.models.perceiver import set_batchnorm_sync
 from m3d_lit.models.presets import STAGE_TRAINABLE
 from m3d_lit.tasks.checkpoints import (
