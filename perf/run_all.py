@@ -38,6 +38,9 @@ def commands(quick: bool) -> dict[str, list[str]]:
             "loader": [*py, str(PERF / "loader.py"), "--samples", "4", "--otf-samples", "4", "--workers", "0"],
             "prepare": [*py, str(PERF / "prepare.py"), "--scans", "2", "--shape", "16", "64", "64",
                         "--size", "16", "64", "64", "--workers", "1"],
+            "fit_overhead": [*py, str(PERF / "train_step.py"), "--fit", "--steps", "2", "--batch", "2",
+                             "--rounds", "1"],
+            "padding": [*py, str(PERF / "padding.py"), "--samples", "192"],
         }  # fmt: skip
     return {
         "plan": [*py, "-m", "m3d_lit.commands.plan", "--json", "--micro-batch", "2"],
@@ -45,6 +48,18 @@ def commands(quick: bool) -> dict[str, list[str]]:
         "generate": [*py, str(PERF / "generate.py")],
         "loader": [*py, str(PERF / "loader.py"), "--samples", "16", "--otf-samples", "8"],
         "prepare": [*py, str(PERF / "prepare.py"), "--scans", "4", "--workers", "1", "2"],
+        "fit_overhead": [
+            *py,
+            str(PERF / "train_step.py"),
+            "--fit",
+            "--steps",
+            "8",
+            "--batch",
+            "8",
+            "--rounds",
+            "2",
+        ],
+        "padding": [*py, str(PERF / "padding.py")],
     }
 
 
@@ -67,7 +82,7 @@ def run(name: str, cmd: list[str], timeout: float) -> dict[str, Any]:
     elif name == "plan":
         result = json.loads(done.stdout)
     else:
-        result = json.loads(lines[-1])[name]
+        result = json.loads(lines[-1])[{"fit_overhead": "train_step"}.get(name, name)]
     return {"result": result, "seconds": seconds}
 
 
@@ -100,6 +115,17 @@ def table(results: dict[str, Any]) -> str:
             f"| {r['source']} | {r['workers']} | {r['samples_per_s']:.2f} |" for r in get["loader"]["rows"]
         ]
         out += ["", f"cached float16 / on-the-fly: x{get['loader']['cached_over_on_the_fly']:.1f}", ""]
+    if get.get("fit_overhead"):
+        f = get["fit_overhead"]
+        out += ["## m3d-lit fit against the bare step (stage 3, tiny, CPU)", "",
+                f"fit / bare: {f['fit_over_bare_cpu']:.3f} in CPU time, {f['fit_over_bare_wall']:.3f} in wall "
+                f"time ({f['fit_cpu_s']:.3f} / {f['bare_cpu_s']:.3f} CPU s per step)", ""]  # fmt: skip
+    if get.get("padding"):
+        out += ["## padding (Cap + VQA mix)", "", "| sampler | LLM tokens computed per real token |"]
+        out += ["| --- | --- |"]
+        out += [f"| {'grouped by length' if r['grouped'] else 'plain'} | {r['computed_per_real']:.2f} |"
+                for r in get["padding"]]  # fmt: skip
+        out.append("")
     if get.get("prepare"):
         out += ["## prepare", "", "| dataset | workers | scans/s |", "| --- | --- | --- |"]
         out += [f"| {r['dataset']} | {r['workers']} | {r['scans_per_s']:.2f} |" for r in get["prepare"]]

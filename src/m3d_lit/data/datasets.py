@@ -192,6 +192,14 @@ class RecordDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def lengths(self) -> list[int]:
+        """Each sample's text length in characters (question and answer, canonical wording; an answer
+        file's size), what grouping by length sorts by: a proxy for its tokens, read without the volumes."""
+        return [
+            len(r.question[0]) + (r.answer_file.stat().st_size if r.answer_file else len(r.answer[0]))
+            for r in self.records
+        ]
+
     def _volume(self, path: Path) -> torch.Tensor:
         volume = load_prepared_volume(path, widen=False)
         if self.img_size is not None and tuple(volume.shape[1:]) != self.img_size:
