@@ -196,7 +196,7 @@ class DropoutLinear(nn.Linear):
         self.weight, self.bias, self.p = linear.weight, linear.bias, float(p)
 
     def _down(self, x: Tensor) -> Tensor:
-        if not torch.is_autocast_enabled(x.device.type):
+        if not _autocast(x):
             x = x.to(self.weight.dtype)
         return F.linear(F.dropout(x, self.p, self.training), self.weight, self.bias)
 
@@ -205,6 +205,12 @@ class DropoutLinear(nn.Linear):
             # (a compiled layer's partitioner makes this choice itself: it recomputes cheap ops)
             return checkpoint(self._down, x, use_reentrant=False)
         return self._down(x)
+
+
+def _autocast(x: Tensor) -> bool:
+    """Whether autocast is on for `x`'s device (a device without autocast, e.g. meta, has it off)."""
+    kind = x.device.type
+    return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
 
 
 def _fold_dropout_into_lora_a(model: nn.Module) -> None:

@@ -28,7 +28,9 @@ Memory per GPU, by part:
 FLOPs per sample: 2 x parameters x tokens for every matrix a token passes (per component) plus
 4 x tokens^2 x width per attention layer; training = forward x (3 for trainable parts, 2 for the frozen
 LLM, which still passes gradients to its input, 1 for a frozen encoder), and checkpointing recomputes one
-more forward of the checkpointed parts (hardware FLOPs; MFU uses model FLOPs without it).
+more forward of the checkpointed parts (hardware FLOPs; MFU uses model FLOPs without it). The LM head runs
+on the labelled positions only (every text token of the measured batch: an upper bound for real answers),
+and once more in backward, where its chunks are recomputed.
 """
 
 from __future__ import annotations

@@ -137,7 +137,7 @@ class _NormLinear(torch.autograd.Function):
         ctx: Any, x: Tensor, norm: Tensor, norm_bias: Tensor, weight: Tensor, bias: Tensor | None, eps: float
     ) -> Tensor:
         ctx.dtypes = (x.dtype, norm.dtype, None if bias is None else bias.dtype)
-        if torch.is_autocast_enabled(x.device.type):  # autocast runs layer norms in float32
+        if _autocast(x):  # autocast runs layer norms in float32
             x, norm, norm_bias = x.float(), norm.float(), norm_bias.float()
         normed, mean, rstd = torch.native_layer_norm(x, norm.shape, norm, norm_bias, eps)
         ctx.save_for_backward(x, mean, rstd, norm, norm_bias, weight)
@@ -165,6 +165,12 @@ class _NormLinear(torch.autograd.Function):
                 for g, dtype in ((grad_x, x_dtype), (grad_norm, norm_dtype), (grad_norm_bias, norm_dtype))
             ]
         return tuple(grads)
+
+
+def _autocast(x: Tensor) -> bool:
+    """Whether autocast is on for `x`'s device (a device without autocast, e.g. meta, has it off)."""
+    kind = x.device.type
+    return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
 
 
 def norm_linear(norm: nn.LayerNorm, linear: nn.Linear, x: Tensor) -> Tensor:
