@@ -149,7 +149,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=12, help="steps per run; throughput over steps 2..N")
     ap.add_argument("--cap-gib", type=float, default=24.0, help="per-process GPU memory cap")
     ap.add_argument(
-        "--checkpointing", nargs="+", choices=("none", "llm", "vision", "all"), default=["llm", "all"]
+        "--checkpointing",
+        nargs="+",
+        default=["llm", "all"],
+        help="modes to run in turn (none, all, or llm, vision, seg joined by commas); all of them must "
+        "agree on the LLM (llm + all, or none + vision)",
     )
     ap.add_argument(
         "--no-seg", action="store_true", help="answers without [SEG]: the segmentation module idles"

@@ -40,6 +40,9 @@ def commands(quick: bool) -> dict[str, list[str]]:
                               "--repeats", "1"],
             "prepare": [*py, str(PERF / "prepare.py"), "--scans", "2", "--shape", "16", "64", "64",
                         "--size", "16", "64", "64", "--workers", "1"],
+            "fit_overhead": [*py, str(PERF / "train_step.py"), "--fit", "--steps", "2", "--batch", "2",
+                             "--rounds", "1"],
+            "padding": [*py, str(PERF / "padding.py"), "--samples", "192"],
         }  # fmt: skip
     return {
         "plan": [*py, "-m", "m3d_lit.commands.plan", "--json", "--micro-batch", "2"],
@@ -48,6 +51,18 @@ def commands(quick: bool) -> dict[str, list[str]]:
         "loader": [*py, str(PERF / "loader.py"), "--samples", "16", "--otf-samples", "8"],
         "stream_loader": [*py, str(PERF / "stream_loader.py"), "--samples", "48", "--workers", "2"],
         "prepare": [*py, str(PERF / "prepare.py"), "--scans", "4", "--workers", "1", "2"],
+        "fit_overhead": [
+            *py,
+            str(PERF / "train_step.py"),
+            "--fit",
+            "--steps",
+            "8",
+            "--batch",
+            "8",
+            "--rounds",
+            "2",
+        ],
+        "padding": [*py, str(PERF / "padding.py")],
     }
 
 
@@ -70,7 +85,7 @@ def run(name: str, cmd: list[str], timeout: float) -> dict[str, Any]:
     elif name == "plan":
         result = json.loads(done.stdout)
     else:
-        result = json.loads(lines[-1])[name]
+        result = json.loads(lines[-1])[{"fit_overhead": "train_step"}.get(name, name)]
     return {"result": result, "seconds": seconds}
 
 
@@ -110,6 +125,16 @@ def table(results: dict[str, Any]) -> str:
                 "| loader | samples/s | MiB/sample |", "| --- | --- | --- |"]  # fmt: skip
         out += [f"| {n} | {r['samples_per_s'][n]:.2f} | {r['bytes_per_sample'][n] / 2**20:.3f} |"
                 for n in ("stream", "files")]  # fmt: skip
+    if get.get("fit_overhead"):
+        f = get["fit_overhead"]
+        out += ["## m3d-lit fit against the bare step (stage 3, tiny, CPU)", "",
+                f"fit / bare: {f['fit_over_bare_cpu']:.3f} in CPU time, {f['fit_over_bare_wall']:.3f} in wall "
+                f"time ({f['fit_cpu_s']:.3f} / {f['bare_cpu_s']:.3f} CPU s per step)", ""]  # fmt: skip
+    if get.get("padding"):
+        out += ["## padding (Cap + VQA mix)", "", "| sampler | LLM tokens computed per real token |"]
+        out += ["| --- | --- |"]
+        out += [f"| {'grouped by length' if r['grouped'] else 'plain'} | {r['computed_per_real']:.2f} |"
+                for r in get["padding"]]  # fmt: skip
         out.append("")
     if get.get("prepare"):
         out += ["## prepare", "", "| dataset | workers | scans/s |", "| --- | --- | --- |"]

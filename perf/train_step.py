@@ -1,11 +1,16 @@
-"""Training steps per second and peak RSS on CPU, per preset and stage (fp32, AdamW, synthetic batches).
+"""Training steps per second and peak RSS on CPU, per preset and stage (fp32, AdamW, synthetic batches);
+with `--fit`, a step of `m3d-lit fit` against the bare step of the same model on the same batches.
 
 .venv/bin/python perf/train_step.py --presets tiny small --stages 1 2 3 --steps 4 --batch 2
+.venv/bin/python perf/train_step.py --fit --steps 12 --batch 8
 
 Each (preset, stage) runs in its own process so its peak RSS (`ru_maxrss`) is its own. Stage 1 trains
 the CLIP model (ViT + text encoder), stages 2 and 3 the LaMed model with the stage's trainability on
 full-length rows (`max_length` tokens, stage 3 with a `[SEG]` row so the segmentation module runs).
 One warm-up step is not timed. The last stdout line is JSON.
+
+`--fit` (`fit_overhead.py`) times stage 3 of the tiny preset on prepared files both ways, alternating
+runs in one process so that the machine's load falls on both alike.
 """
 
 from __future__ import annotations
@@ -95,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--one", nargs=2, metavar=("PRESET", "STAGE"), help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (see perf/README.md)")
+    ap.add_argument("--fit", action="store_true", help="m3d-lit fit against the bare step (stage 3, tiny)")
+    ap.add_argument("--rounds", type=int, default=2, help="with --fit: alternating runs of each kind")
     return ap
 
 
@@ -105,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--steps {args.steps} and --batch {args.batch} must be >= 1")
     if args.one:
         print(json.dumps(run_one(args.one[0], int(args.one[1]), args.steps, args.batch)))
+        return 0
+    if args.fit:
+        from fit_overhead import compare
+
+        print(json.dumps({"train_step": compare(args.steps, args.batch, args.rounds)}))
         return 0
     rows = []
     for preset in args.presets:

@@ -44,9 +44,14 @@ def test_training_batch_has_contract_shapes_and_labels_only_on_answers(tiny_toke
     b, width = batch["input_ids"].shape
     assert b == 3 and batch["images"].shape == (3, 1, *IMG) and batch["images"].dtype == torch.float32
     assert batch["attention_mask"].shape == batch["labels"].shape == (3, width)
-    assert batch["masks"].shape == (3, 1, *IMG)
-    assert batch["seg_flags"].tolist() == [False, False, True]
-    assert batch["masks"][:2].sum() == 0 and batch["masks"][2].sum() == torch.tensor(IMG).prod()
+    # masks only for the rows that segment, as bool; seg_rows names their rows
+    assert batch["masks"].shape == (1, 1, *IMG) and batch["masks"].dtype == torch.bool
+    assert batch["seg_flags"].tolist() == [False, False, True] and batch["seg_rows"].tolist() == [2]
+    assert batch["masks"][0].all()
+    # the LM head runs where the next token is labelled: flat b * L + t with labels[b, t + 1] trained
+    flat = batch["labels"].flatten()
+    assert (flat[batch["label_positions"] + 1] != -100).all()
+    assert len(batch["label_positions"]) == int((batch["labels"] != -100).sum())
     assert batch["ids"] == ["s0", "s1", "s2"] and batch["kinds"] == ["open", "open", "seg"]
     im_id = tok.convert_tokens_to_ids("<im_patch>")
     for row, it in enumerate(items):
@@ -117,3 +122,31 @@ def test_clip_collator_tokenises_answers_to_the_longest(tiny_tokenizer, items):
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (3, 5)
     short = ClipCollator(tiny_tokenizer, max_length=64)(items[1:2])
     assert short["input_ids"].shape[1] == len(tiny_tokenizer("No.")["input_ids"])
+
+
+def test_masks_travel_only_for_rows_that_still_segment(tiny_tokenizer):
+    rows = [
+        item(0, "Can you segment the liver in this image?", "It is [SEG].", mask=True),
+        item(1, "Is there a fracture?", "No.", mask=True),  # a mask, but no [SEG] to train it
+        item(2, "Can you segment the liver in this image?", "It is [SEG].", mask=True),
+    ]
+    question = len(tiny_tokenizer(rows[2]["question"], add_special_tokens=False)["input_ids"])
+    # room for the prompts and two answer tokens: the [SEG] of rows 0 and 2 (their third) is cut off
+    cut = LMCollator(tiny_tokenizer, N, max_length=1 + N + question + 2, img_size=IMG)(rows)
+    assert cut["seg_flags"].tolist() == [True, False, True] and cut["seg_rows"].tolist() == []
+    assert cut["masks"].shape == (0, 1, *IMG)
+    whole = LMCollator(tiny_tokenizer, N, max_length=64, img_size=IMG)(rows)
+    assert whole["seg_rows"].tolist() == [0, 2] and whole["masks"].shape == (2, 1, *IMG)
+    # generation: the prompts hold no [SEG]; the rows whose answer segments carry their reference mask
+    prompts = LMCollator(tiny_tokenizer, N, max_length=64, img_size=IMG, generation=True)(rows)
+    assert prompts["seg_rows"].tolist() == [0, 2] and len(prompts["label_positions"]) == 0
+
+
+def test_volumes_keep_their_stored_dtype_and_a_mixed_batch_the_wider_one(tiny_tokenizer, items):
+    collate = LMCollator(tiny_tokenizer, N, max_length=64, img_size=IMG)
+    half = [{**it, "image": it["image"].half()} for it in items]
+    assert collate(half)["images"].dtype == torch.float16
+    mixed = collate([half[0], items[1]])
+    assert mixed["images"].dtype == torch.float32 and torch.equal(
+        mixed["images"][0], half[0]["image"].float()
+    )

@@ -37,7 +37,9 @@ def first_batch(dm: BaseDataModule, tokenizer, split: str = "train", stage: str 
     loader = {"train": dm.train_dataloader, "val": dm.val_dataloader, "test": dm.test_dataloader}[split]()
     batch = next(iter(loader))
     b = batch["images"].shape[0]
-    assert batch["images"].shape == (b, *DATA_SHAPE) and batch["masks"].shape == (b, *DATA_SHAPE)
+    segments = len(batch["seg_rows"])  # masks travel only for the rows that segment
+    assert batch["images"].shape == (b, *DATA_SHAPE) and batch["masks"].shape == (segments, *DATA_SHAPE)
+    assert batch["masks"].dtype == torch.bool and set(batch["seg_rows"].tolist()) <= set(range(b))
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     return batch
 
@@ -95,8 +97,8 @@ def test_m3d_seg_positive_and_negative_samples(m3d_seg_data, tiny_tokenizer):
         "Can you segment the kidney in this image?",
     ]
     assert batch["answers"] == ["It is [SEG].", "Sorry, there is no kidney."]
-    assert batch["seg_flags"].tolist() == [True, False]
-    assert batch["masks"][0].sum() > 0 and batch["masks"][1].sum() == 0
+    assert batch["seg_flags"].tolist() == [True, False] and batch["seg_rows"].tolist() == [0]
+    assert batch["masks"][0].sum() > 0 and len(batch["masks"]) == 1
     dm.setup("fit")
     assert dm.val_dataloader() == []  # val_split None: Lightning skips validation
 
@@ -108,6 +110,7 @@ def test_brainct_qa_and_report_modes(brainct_data, tiny_tokenizer):
     assert Counter(batch["datasets"]) == {"cq500": 4, "physionet": 6}
     seg = [i for i, k in enumerate(batch["kinds"]) if k == "seg"]
     assert batch["seg_flags"].nonzero().flatten().tolist() == seg[:1]  # the second seg answer has no [SEG]
+    assert batch["seg_rows"].tolist() == seg[:1]
     assert dm.flip_axes == ()
     reports = first_batch(
         BrainCTQADataModule(roots=roots, mode="report", batch_size=16), tiny_tokenizer, "test", "test"

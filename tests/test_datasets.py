@@ -22,11 +22,14 @@ from m3d_lit.data.datasets import (
 from m3d_lit.errors import InputError
 
 
-def test_load_volume_converts_float16_and_adds_a_missing_channel(tmp_path):
+def test_load_volume_converts_or_keeps_float16_and_adds_a_missing_channel(tmp_path):
     path = write_volume(tmp_path / "a.npy", seed=0, dtype="float16")
     volume = load_volume(path)
     assert volume.dtype == torch.float32 and tuple(volume.shape) == DATA_SHAPE
     np.testing.assert_allclose(volume.numpy(), np.load(path).astype(np.float32))
+    # training Datasets keep the float16 cache float16 (the model widens it on the device)
+    kept = load_volume(path, widen=False)
+    assert kept.dtype == torch.float16 and torch.equal(kept.float(), volume)
     np.save(tmp_path / "b.npy", np.zeros((8, 16, 16), np.float32))
     assert tuple(load_volume(tmp_path / "b.npy").shape) == DATA_SHAPE
     np.save(tmp_path / "c.npy", np.zeros((2, 8, 16, 16), np.float32))
@@ -39,7 +42,8 @@ def test_qa_jsonl_dataset_items_follow_the_contract(brainct_data):
     assert len(ds) == 6
     items = [ds[i] for i in range(len(ds))]
     assert set(items[0]) == {"id", "image", "question", "answer", "kind", "mask", "dataset"}
-    assert items[0]["image"].dtype == torch.float32 and tuple(items[0]["image"].shape) == DATA_SHAPE
+    # the prepared cache is float16 and the item keeps it (the model widens it on the device)
+    assert items[0]["image"].dtype == torch.float16 and tuple(items[0]["image"].shape) == DATA_SHAPE
     seg = [it for it in items if it["kind"] == "seg"]
     assert len(seg) == 2 and all(
         it["mask"] is not None and tuple(it["mask"].shape) == DATA_SHAPE for it in seg
@@ -192,3 +196,13 @@ def test_negative_answers_follow_an_empty_mask(tmp_path):
     )
     assert ds[0]["answer"] == "It is [SEG]." and ds[0]["mask"] is not None
     assert ds[1]["answer"] == "None." and ds[1]["mask"] is None
+
+
+def test_augmenting_a_float16_cache_gives_what_its_float32_values_gave():
+    """A float16 volume is augmented in float32, as before volumes kept their stored dtype."""
+    image, mask = _two_level_volume()
+    augment = VolumeAugment(flip_axes=(0, 1, 2), flip_prob=0.5)
+    for seed in range(6):
+        half, _ = augment(image.half(), mask.clone(), seed)
+        wide, _ = augment(image.half().float(), mask.clone(), seed)
+        assert half.dtype == torch.float32 and torch.equal(half, wide)

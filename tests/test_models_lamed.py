@@ -59,9 +59,15 @@ def stage3(seed: int = 0) -> LamedModel:
 
 def test_forward_shapes_and_losses(model: LamedModel) -> None:
     batch = make_batch(model, PAIRS)
-    out = model(**batch)
+    out = model(**batch, full_logits=True)
     b, length = batch["input_ids"].shape
     assert out["logits"].shape == (b, length, len(model.tokenizer))
+    # without full_logits the head runs on the labelled positions only, to the same loss
+    lean = model(**batch)
+    assert "logits" not in lean and lean["predicted"].shape == lean["targets"].shape == (
+        int((batch["labels"] != -100).sum()),
+    )
+    torch.testing.assert_close(lean["lm_loss"], out["lm_loss"])
     assert out["seg_logits"].shape == (1, 1, *model.img_size)
     assert out["seg_rows"].tolist() == [0]
     for key in ("loss", "lm_loss", "dice", "bce"):
@@ -82,7 +88,9 @@ def test_splice_puts_visual_tokens_at_placeholders_left_and_right(model: LamedMo
         # float64: the two paddings add the same terms in another order, a difference of ~1e-15 on
         # logits of order 10, where a token placed or masked wrongly moves them by O(1)
         wide = copy.deepcopy(model).double()
-        out_r, out_l = (wide(**{**b, "images": b["images"].double()})["logits"] for b in (right, left))
+        out_r, out_l = (
+            wide(**{**b, "images": b["images"].double()}, full_logits=True)["logits"] for b in (right, left)
+        )
     for row in range(2):
         real_r = out_r[row][right["attention_mask"][row].bool()]
         real_l = out_l[row][left["attention_mask"][row].bool()]

@@ -81,7 +81,9 @@ def test_teacher_forced_logits_and_loss_match(models: dict, name: str) -> None:
         labels = ids.clone()
         labels[:, : case["label_mask_len"]] = -100
         with torch.no_grad():
-            out = model(_volume(case["volume"])[None], ids, torch.ones_like(ids), labels=labels)
+            out = model(
+                _volume(case["volume"])[None], ids, torch.ones_like(ids), labels=labels, full_logits=True
+            )
         reference = torch.from_numpy(np.load(KIT / case["teacher_forced_logits"]))
         assert (out["logits"] - reference).abs().max() < 1e-4, f"case {case['case']}"
         assert abs(float(out["lm_loss"]) - case["teacher_forced_loss"]) < 1e-5
@@ -149,7 +151,15 @@ def test_training_forward_losses_match(models: dict) -> None:
     )
     ids, attention = torch.tensor(case["input_ids"]), torch.tensor(case["attention_mask"])
     with torch.no_grad():
-        out = model(images, ids, attention, torch.tensor(case["labels"]), masks, masks.flatten(1).any(1))
+        out = model(
+            images,
+            ids,
+            attention,
+            torch.tensor(case["labels"]),
+            masks,
+            masks.flatten(1).any(1),
+            full_logits=True,
+        )
     assert out["seg_rows"].tolist() == case["seg_ids_used"]
     for ours, theirs in (
         ("lm_loss", "loss_lm"),

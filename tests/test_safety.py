@@ -46,6 +46,8 @@ class _Toy(nn.Module):
             term = self.poison[self.step]
             if term == "grad":
                 self.net[0].weight.register_hook(lambda g: g * float("nan"))
+            elif term == "detached":  # a NaN loss whose gradients stay finite
+                return {"loss": sum(terms.values()) + y.detach().mean() * float("nan"), **terms}
             else:
                 terms[term] = terms[term] * float("nan")
         return {"loss": sum(terms.values()), **terms}
@@ -75,34 +77,60 @@ class _ToyTask(BaseTask):
 
 
 def _fit(
-    folder: Path, callbacks: list, steps: int = 6, task: _ToyTask | None = None, ckpt: str | None = None
+    folder: Path,
+    callbacks: list,
+    steps: int = 6,
+    task: _ToyTask | None = None,
+    ckpt: str | None = None,
+    every: int = 1,
+    log_every: int = 50,
 ):
+    """`steps` steps of `task`, a `last.ckpt` every `every` steps, the guard's checks every `log_every`."""
     torch.manual_seed(0)
     task = task or _ToyTask()
-    checkpoints = ModelCheckpoint(dirpath=folder, every_n_train_steps=1, save_top_k=0, save_last=True)
+    checkpoints = ModelCheckpoint(dirpath=folder, every_n_train_steps=every, save_top_k=0, save_last=True)
     trainer = Trainer(
         accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[*callbacks, checkpoints], plugins=[AtomicCheckpointIO()], default_root_dir=folder,
+        log_every_n_steps=log_every,
     )  # fmt: skip
     trainer.fit(task, ckpt_path=ckpt)
     return task, trainer
+
+
+def _fused() -> _ToyTask:
+    """A task whose AdamW can skip a step on the device (`found_inf`), without a host sync."""
+    task = _ToyTask(optimizer=lambda params: torch.optim.AdamW(params, fused=True))
+    task.configure_model()
+    return task
 
 
 @pytest.mark.parametrize("term", ["lm_loss", "dice", "bce"])
 def test_non_finite_loss_term_stops_with_step_and_term_and_keeps_the_last_good_checkpoint(
     tmp_path: Path, term: str
 ) -> None:
+    # the optimizer applies the bad update; the next checkpoint asks the guard first, which refuses it
     task = _ToyTask()
     task.configure_model()
     task.model.poison = {3: term}
     with pytest.raises(
-        NonFiniteError, match=rf"non-finite loss term {term}=nan.* at step 3 \(epoch 0, batch 3\)"
+        NonFiniteError,
+        match=rf"non-finite loss term {term}=nan.* at step 3 \(epoch 0, batch 3\): found at the check after "
+        r"step 3; the weights since are not saved; last good checkpoint: .*last\.ckpt",
     ):
-        _fit(tmp_path, [NonFiniteGuard()], task=task)
-    last = load_checkpoint(tmp_path / "last.ckpt")
+        _fit(tmp_path / "plain", [NonFiniteGuard()], task=task)
+    last = load_checkpoint(tmp_path / "plain" / "last.ckpt")
     assert last["global_step"] == 3  # written after step 3 (global_step 3), before the bad one
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+    # an optimizer that skips on the device leaves the weights as the last checkpoint holds them
+    fused = _fused()
+    fused.model.poison = {3: term}
+    with pytest.raises(NonFiniteError, match=rf"{term}=nan.* at step 3 .*its update was skipped; 1 skipped"):
+        _fit(tmp_path / "fused", [NonFiniteGuard()], task=fused)
+    last = load_checkpoint(tmp_path / "fused" / "last.ckpt")
+    assert last["global_step"] == 3
     for key, value in last["state_dict"].items():
-        assert torch.isfinite(value).all() and torch.equal(value, task.state_dict()[key])
+        assert torch.isfinite(value).all() and torch.equal(value, fused.state_dict()[key])
 
 
 def test_non_finite_gradient_names_the_parameter(tmp_path: Path) -> None:
@@ -145,6 +173,41 @@ def test_skip_limit_drops_bad_steps_then_stops(tmp_path: Path) -> None:
         _fit(tmp_path / "c", [NonFiniteGuard(skip_limit=2)], task=third)
     with pytest.raises(ValueError, match="skip_limit must be >= 0"):
         NonFiniteGuard(skip_limit=-1)
+
+
+def test_a_fused_optimizer_skips_bad_steps_on_the_device_without_a_per_step_check(tmp_path: Path) -> None:
+    task = _fused()
+    task.model.poison = {1: "dice", 4: "bce"}  # a NaN term makes every gradient NaN
+    guard = NonFiniteGuard(skip_limit=2)
+    with pytest.warns(UserWarning, match=r"dice=nan.* at step 1 .*: 1 step\(s\) skipped on the device"):
+        _fit(tmp_path / "a", [guard], task=task, every=3, log_every=3)
+    assert guard.skipped == 2 and all(torch.isfinite(p).all() for p in task.parameters())
+    # a skipped step changes no optimizer state: 6 steps, 2 skipped, AdamW counted 4
+    optimizer = task.trainer.optimizers[0]
+    assert all(int(optimizer.state[p]["step"]) == 4 for p in task.parameters())
+
+
+def test_a_bad_step_found_only_at_the_check_is_never_saved(tmp_path: Path) -> None:
+    """Checks every 4 steps, checkpoints every 2: the bad update of step 3 is applied, the checkpoint
+    after it (global step 4) is refused, and the last one on disk is that of global step 2."""
+    task = _ToyTask()
+    task.configure_model()
+    task.model.poison = {3: "lm_loss"}
+    with pytest.raises(NonFiniteError, match=r"lm_loss=nan.* at step 3 .*last good checkpoint: .*last\.ckpt"):
+        _fit(tmp_path, [NonFiniteGuard(check_every_n_steps=4)], task=task, steps=8, every=2)
+    assert load_checkpoint(tmp_path / "last.ckpt")["global_step"] == 2
+    assert not all(torch.isfinite(p).all() for p in task.parameters())  # what memory held is not on disk
+    # without checkpoints the check every 2 steps finds it after step 3 and stops there
+    late = _ToyTask()
+    late.configure_model()
+    late.model.poison = {2: "grad"}
+    with pytest.raises(
+        NonFiniteError, match=r"at step 2 \(epoch 0, batch 2\): found at the check after step 3"
+    ):
+        _fit(tmp_path / "late", [NonFiniteGuard(check_every_n_steps=2)], task=late, every=100)
+    assert late.trainer.global_step == 4
+    with pytest.raises(ValueError, match="check_every_n_steps must be >= 1"):
+        NonFiniteGuard(check_every_n_steps=0)
 
 
 class _PlateauTask(_ToyTask):

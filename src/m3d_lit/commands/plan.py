@@ -47,7 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--frozen-dtype", choices=("bf16", "fp32"), default="bf16")
     ap.add_argument("--full-embeddings", action="store_true", help="train whole embedding/output matrices")
-    ap.add_argument("--checkpointing", choices=CHECKPOINTING, default="llm")
+    ap.add_argument(
+        "--checkpointing",
+        default="llm",
+        help=f"{' | '.join(CHECKPOINTING)}, or parts joined by commas (e.g. vision,seg)",
+    )
     ap.add_argument("--lora-dropout", type=float, default=None)
     ap.add_argument("--zero", type=int, choices=(0, 1, 2), default=0, help="optimizer state sharding")
     ap.add_argument("--gpus", type=int, default=8, help="GPUs sharing the optimizer state with --zero")

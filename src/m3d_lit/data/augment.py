@@ -88,6 +88,8 @@ class VolumeAugment:
         if image.ndim != 4 or image.shape[0] != 1:
             raise ValueError(f"expected a 1 x D x H x W volume, got shape {tuple(image.shape)}")
         transform = self.transform if image.shape[2] == image.shape[3] else self.transform_non_square
+        # in float32 whatever the cache holds: the intensity changes make values float16 cannot hold
+        image = image.float()
         data = {"image": image} if mask is None else {"image": image, "mask": mask}
         transform.set_random_state(seed=seed)
         out = transform(data)

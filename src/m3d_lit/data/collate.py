@@ -7,6 +7,7 @@ built from it by ``make_collator(model)``: training (the task hands it to the Da
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +15,15 @@ import torch
 
 from m3d_lit.data.sample import Sample
 
-__all__ = ["IMAGE_TOKEN", "SEG_TOKEN", "build_prompt", "ClipCollator", "LMCollator", "make_collator"]
+__all__ = [
+    "IMAGE_TOKEN",
+    "SEG_TOKEN",
+    "build_prompt",
+    "ClipCollator",
+    "LMCollator",
+    "make_collator",
+    "row_masks",
+]
 
 IMAGE_TOKEN = "<im_patch>"
 SEG_TOKEN = "[SEG]"
@@ -43,7 +52,10 @@ def _stack_images(items: Sequence[Sample], img_size: tuple[int, ...] | None) -> 
             raise ValueError(
                 f"image of sample {item['id']!r} has shape {shape}, {want} needs {expected or first}"
             )
-    return torch.stack([item["image"].float() for item in items])
+    # volumes travel in the dtype they were stored in (a float16 cache stays float16: half the bytes
+    # through worker queues and onto the device); the model widens them on the device
+    dtype = functools.reduce(torch.promote_types, (item["image"].dtype for item in items))
+    return torch.stack([item["image"].to(dtype) for item in items])
 
 
 def _text_lists(items: Sequence[Sample]) -> dict[str, list[str]]:
@@ -90,7 +102,13 @@ class LMCollator:
 
     A row is ``[BOS]`` (when the tokenizer has one) + ``<im_patch>`` x N + question + answer + EOS.
     ``labels`` hold the answer and EOS; everything else is -100. Rows are padded to the longest row of
-    the batch (right for training, left with ``generation=True``).
+    the batch (right for training, left with ``generation=True``). Found here on the host, so that the
+    model never waits for the device to learn a shape: ``label_positions`` (flat ``b * L + t`` of the
+    positions whose next token is labelled, where the LM head runs) and ``seg_rows`` (the rows that
+    segment: a mask and a ``[SEG]`` in the answer that survived truncation; with ``generation=True`` the
+    rows whose answer segments). ``masks`` holds one bool mask per row of ``seg_rows`` and none for the
+    other rows; ``seg_flags`` (B) marks the rows with a mask and a ``[SEG]`` in the answer. Images keep
+    their stored dtype (float16 or float32); the model widens them on the device.
 
     Truncation: ``max_length`` counts the image tokens, which are never cut. A row that is too long loses
     the END of its answer first (the EOS goes with it); only when no answer is left does the question
@@ -157,9 +175,10 @@ class LMCollator:
         prompt = self.prefix + images + question
         return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
 
-    def _masks(self, items: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
-        masks = torch.zeros(len(items), 1, *self.img_size)
-        flags = torch.zeros(len(items), dtype=torch.bool)
+    def _masks(self, items: Sequence[Sample], token_rows: Sequence[list[int]]) -> dict[str, torch.Tensor]:
+        """`seg_flags` (B: a mask and a `[SEG]` in the answer), `seg_rows` (the rows that segment) and
+        `masks` (bool, one per row of `seg_rows`, none for the other rows)."""
+        flags = [False] * len(items)
         for i, item in enumerate(items):
             if item.get("mask") is None:
                 continue
@@ -168,10 +187,18 @@ class LMCollator:
                     f"mask of sample {item['id']!r} has shape {tuple(item['mask'].shape)},"
                     f" img_size needs {(1, *self.img_size)}"
                 )
-            masks[i] = item["mask"]
             # a mask only trains the segmentation head where the answer emits [SEG]
             flags[i] = SEG_TOKEN in item["answer"]
-        return masks, flags
+        rows = [i for i, flag in enumerate(flags) if flag]
+        if rows and not self.generation:  # ... and where that [SEG] survived truncation
+            seg_id = self._token_id(SEG_TOKEN)
+            rows = [i for i in rows if seg_id in token_rows[i]]
+        masks = [items[i]["mask"] > 0.5 for i in rows]
+        return {
+            "masks": torch.stack(masks) if masks else torch.zeros(0, 1, *self.img_size, dtype=torch.bool),
+            "seg_flags": torch.tensor(flags, dtype=torch.bool),
+            "seg_rows": torch.tensor(rows, dtype=torch.long),
+        }
 
     def __call__(self, items: Sequence[Sample]) -> dict[str, Any]:
         if not items:
@@ -186,14 +213,17 @@ class LMCollator:
             input_ids[i, span] = torch.tensor(ids)
             attention[i, span] = 1
             labels[i, span] = torch.tensor(lab)
-        masks, flags = self._masks(items)
+        # where the LM head must run (flat b * L + t whose next token is labelled), found here on the
+        # host so the forward never waits for the device to count them
+        trained = torch.zeros_like(labels, dtype=torch.bool)
+        trained[:, :-1] = labels[:, 1:] != IGNORE_INDEX
         return {
             "images": _stack_images(items, self.img_size),
             "input_ids": input_ids,
             "attention_mask": attention,
             "labels": labels,
-            "masks": masks,
-            "seg_flags": flags,
+            "label_positions": trained.flatten().nonzero().flatten(),
+            **self._masks(items, [ids for ids, _ in rows]),
             **_text_lists(items),
         }
 
@@ -220,3 +250,14 @@ def make_collator(
         tuple(model.img_size),
         generation=generation,
     )
+
+
+def row_masks(batch: dict[str, Any], rows: int | None = None) -> list[torch.Tensor | None]:
+    """The mask of each of the first `rows` batch rows (all by default), None for a row without one: an
+    `LMCollator` batch carries masks only for the rows of `seg_rows`."""
+    count = len(batch["input_ids"]) if rows is None else rows
+    out: list[torch.Tensor | None] = [None] * count
+    for j, row in enumerate(batch.get("seg_rows", torch.zeros(0, dtype=torch.long)).tolist()):
+        if row < count:
+            out[row] = batch["masks"][j]
+    return out

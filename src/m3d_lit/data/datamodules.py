@@ -56,6 +56,9 @@ class BaseDataModule(L.LightningDataModule):
             all-zero volume (its question and answer kept), so the model learns to answer an empty scan
             from the question alone, as the `--blank-images` control then measures. 0 turns it off.
         shuffle: reshuffle the training samples every epoch; false keeps the split files' order.
+        group_by_length: make each training step's batches (on all ranks) of samples of similar text
+            length (`sampling.group_by_length`), so that mixed sources (long captions, short questions)
+            are not padded to each other; the samples of a batch are then no longer a uniform draw.
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class BaseDataModule(L.LightningDataModule):
         flip_axes: tuple[int, ...] = ALL_AXES,
         blank_prob: float = 0.0,
         shuffle: bool = True,
+        group_by_length: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1 or num_workers < 0:
@@ -82,6 +86,7 @@ class BaseDataModule(L.LightningDataModule):
         self.flip_axes = tuple(flip_axes)
         self.blank_prob = blank_prob
         self.shuffle = shuffle
+        self.group_by_length = group_by_length
         self.collate_fn: Collator | None = None
         self.datasets: dict[str, Dataset] = {}
         self.unconfigured: set[str] = set()
@@ -143,9 +148,18 @@ class BaseDataModule(L.LightningDataModule):
             return torch.distributed.get_world_size(), torch.distributed.get_rank()
         return 1, 0
 
+    def grouping(self, dataset: Dataset) -> dict[str, Any]:
+        """The training sampler's length-grouping arguments (none unless `group_by_length`)."""
+        if not self.group_by_length:
+            return {}
+        return {"lengths": dataset.lengths(), "group_size": self.batch_size * self._ranks()[0]}
+
     def train_sampler(self, dataset: Dataset) -> EpochSampler:
         replicas, rank = self._ranks()
-        return EpochSampler(dataset, num_replicas=replicas, rank=rank, shuffle=self.shuffle, seed=self.seed)
+        grouping = self.grouping(dataset)
+        return EpochSampler(
+            dataset, num_replicas=replicas, rank=rank, shuffle=self.shuffle, seed=self.seed, **grouping
+        )
 
     def eval_sampler(self, dataset: Dataset) -> Sampler | None:
         """Under DDP each val/test sample goes to exactly one rank (Lightning's sampler repeats samples to
@@ -424,6 +438,8 @@ class MixDataModule(BaseDataModule):
         num_workers: DataLoader worker processes.
         seed: fixes the draws per epoch.
         pin_memory: pin batches in page-locked memory.
+        group_by_length: each training step's batches made of samples of similar text length
+            (`BaseDataModule`): a caption source mixed with question sources then pads little.
     """
 
     def __init__(
@@ -435,8 +451,17 @@ class MixDataModule(BaseDataModule):
         num_workers: int = 0,
         seed: int = 0,
         pin_memory: bool = False,
+        group_by_length: bool = False,
     ) -> None:
-        super().__init__(batch_size, num_workers, seed, augment=False, pin_memory=pin_memory, flip_axes=())
+        super().__init__(
+            batch_size,
+            num_workers,
+            seed,
+            augment=False,
+            pin_memory=pin_memory,
+            flip_axes=(),
+            group_by_length=group_by_length,
+        )
         if not sources or set(sources) != set(weights):
             raise ValueError(f"weights {sorted(weights)} must name exactly the sources {sorted(sources)}")
         bad = {k: w for k, w in weights.items() if not w > 0}
@@ -461,4 +486,5 @@ class MixDataModule(BaseDataModule):
         replicas, rank = self._ranks()
         weights = [self.weights[name] for name in dataset.names]
         num = self.samples_per_epoch or len(dataset)
-        return MixSampler(dataset, weights, num, num_replicas=replicas, rank=rank, seed=self.seed)
+        grouping = self.grouping(dataset)
+        return MixSampler(dataset, weights, num, num_replicas=replicas, rank=rank, seed=self.seed, **grouping)

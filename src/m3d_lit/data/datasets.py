@@ -71,8 +71,14 @@ class SampleKey(NamedTuple):
     epoch: int
 
 
-def load_prepared_volume(path: Path) -> torch.Tensor:
-    """A prepared ``.npy`` volume (or mask) as float32 1 x D x H x W (memory mapped; float16/uint8 caches converted)."""
+def load_prepared_volume(path: Path, widen: bool = True) -> torch.Tensor:
+    """A prepared ``.npy`` volume (or mask) as a 1 x D x H x W tensor (memory mapped).
+
+    Args:
+        path: the ``.npy`` file.
+        widen: float32 whatever was stored; False keeps a float16 cache float16 (training batches carry
+            it so, and the model widens it on the device). Other dtypes (uint8 masks) become float32.
+    """
     try:
         array = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as err:
@@ -81,7 +87,8 @@ def load_prepared_volume(path: Path) -> torch.Tensor:
         array = array[None]
     if array.ndim != 4 or array.shape[0] != 1:
         raise InputError(path, f"expected a 1 x D x H x W volume, got shape {array.shape}")
-    return torch.from_numpy(np.array(array, dtype=np.float32))
+    keep = not widen and array.dtype in (np.float16, np.float32)
+    return torch.from_numpy(np.array(array, dtype=array.dtype if keep else np.float32))
 
 
 def _unreadable(path: Path) -> str | None:
@@ -189,8 +196,16 @@ class RecordDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def lengths(self) -> list[int]:
+        """Each sample's text length in characters (question and answer, canonical wording; an answer
+        file's size), what grouping by length sorts by: a proxy for its tokens, read without the volumes."""
+        return [
+            len(r.question[0]) + (r.answer_file.stat().st_size if r.answer_file else len(r.answer[0]))
+            for r in self.records
+        ]
+
     def _volume(self, path: Path) -> torch.Tensor:
-        volume = load_prepared_volume(path)
+        volume = load_prepared_volume(path, widen=False)
         if self.img_size is not None and tuple(volume.shape[1:]) != self.img_size:
             raise InputError(
                 path, f"volume shape {tuple(volume.shape)} differs from img_size {self.img_size}"

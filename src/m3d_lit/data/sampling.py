@@ -23,11 +23,54 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from m3d_lit.data.datasets import SampleKey
 from m3d_lit.data.sample import Sample
 
-__all__ = ["EpochSampler", "MixSampler", "MixDataset", "ResumableDataLoader", "seed_worker"]
+__all__ = [
+    "EpochSampler",
+    "MixSampler",
+    "MixDataset",
+    "ResumableDataLoader",
+    "group_by_length",
+    "seed_worker",
+]
+
+
+def group_by_length(
+    indices: Sequence[int], lengths: Sequence[int], group: int, window: int, generator: torch.Generator
+) -> list[int]:
+    """`indices` reordered so that each run of `group` consecutive indices has similar lengths.
+
+    Windows of `window` groups are cut from the (already shuffled) order; inside a window the indices are
+    sorted by length, longest first, and cut into groups; the groups of the whole epoch are then put in a
+    random order, except that the longest group comes first (a batch that does not fit the memory fails
+    at the first step, not hours later). The randomness of which samples meet stays that of the window,
+    as in LLaVA's `group_by_modality_length` and Hugging Face's `LengthGroupedSampler`.
+
+    Args:
+        indices: the epoch's order (a permutation of, or draws from, the dataset's indices).
+        lengths: the length of each dataset index (any unit; only the order matters).
+        group: samples per training step over all ranks (batch size x ranks).
+        window: groups per window: larger windows group more tightly and mix less.
+        generator: draws the order of the groups.
+    """
+    span = group * window
+    groups = []
+    for start in range(0, len(indices), span):
+        part = sorted(indices[start : start + span], key=lambda i: -lengths[i])  # stable: ties stay shuffled
+        groups += [part[i : i + group] for i in range(0, len(part), group)]
+    if len(groups) < 2:
+        return [i for g in groups for i in g]
+    longest = max(range(len(groups)), key=lambda g: (len(groups[g]) == group, lengths[groups[g][0]]))
+    rest = [g for k, g in enumerate(groups) if k != longest]
+    order = torch.randperm(len(rest), generator=generator).tolist()
+    return groups[longest] + [i for k in order for i in rest[k]]
 
 
 class EpochSampler(DistributedSampler):
     """A seeded shuffle (or the plain order) of one dataset, split evenly across ranks.
+
+    With `lengths`, the shuffled order is grouped by length (`group_by_length`): the `group_size` samples
+    of each step across all ranks then have similar lengths, so a batch of short questions is not padded
+    to the length of a long caption, and no rank waits on another's longer rows. Rank r takes every r-th
+    index of the epoch, so one step's batches on all ranks come from one group.
 
     Args:
         dataset: the map-style dataset.
@@ -35,16 +78,33 @@ class EpochSampler(DistributedSampler):
         rank: this rank.
         shuffle: reshuffle each epoch from (seed, epoch).
         seed: shuffling seed, the same on every rank.
+        lengths: one length per dataset index, to group by (None: no grouping).
+        group_size: samples per step over all ranks (batch size x ranks); needed with `lengths`.
+        window: steps per window of `group_by_length`.
     """
 
     def __init__(
-        self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0
+        self,
+        dataset: Dataset,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        lengths: Sequence[int] | None = None,
+        group_size: int = 0,
+        window: int = 50,
     ):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is outside num_replicas {num_replicas}")
+        if lengths is not None and (len(lengths) != len(dataset) or group_size < 1 or window < 1):
+            raise ValueError(
+                f"grouping by length needs one length per sample ({len(lengths)} for {len(dataset)}), "
+                f"group_size >= 1 (got {group_size}) and window >= 1 (got {window})"
+            )
         # drop_last=False: short ranks repeat the first indices so every rank runs the same step count
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.start = 0
+        self.lengths, self.group_size, self.window = lengths, group_size, window
 
     def skip_next(self, count: int) -> None:
         """Start the next iteration after the first ``count`` indices of this rank (a resume)."""
@@ -77,6 +137,9 @@ class EpochSampler(DistributedSampler):
         indices = self.epoch_indices()
         if not indices:
             return iter(())
+        if self.lengths is not None:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + 7_919)
+            indices = group_by_length(indices, self.lengths, self.group_size, self.window, generator)
         indices += (indices * (self.total_size // len(indices) + 1))[: self.total_size - len(indices)]
         mine = indices[self.rank : self.total_size : self.num_replicas][self.start :]
         self.start = 0
@@ -105,6 +168,10 @@ class MixDataset(Dataset):
         source, local = self.locate(index)
         return self.datasets[source][SampleKey(local, epoch)]
 
+    def lengths(self) -> list[int]:
+        """Every source's `lengths()`, source after source."""
+        return [n for dataset in self.datasets for n in dataset.lengths()]
+
 
 class MixSampler(EpochSampler):
     """Draws ``num_samples`` per epoch: a source by weight, then the next item of that source's shuffle.
@@ -116,6 +183,7 @@ class MixSampler(EpochSampler):
         num_replicas: number of ranks.
         rank: this rank.
         seed: the draws depend only on (seed, epoch).
+        **grouping: `lengths`, `group_size`, `window`: grouping by length, as `EpochSampler`.
     """
 
     def __init__(
@@ -126,6 +194,7 @@ class MixSampler(EpochSampler):
         num_replicas: int = 1,
         rank: int = 0,
         seed: int = 0,
+        **grouping: Any,
     ) -> None:
         if len(weights) != len(dataset.datasets) or min(weights, default=0) <= 0:
             raise ValueError(f"need one positive weight per source {dataset.names}, got {list(weights)}")
@@ -134,7 +203,7 @@ class MixSampler(EpochSampler):
         empty = [n for n, d in zip(dataset.names, dataset.datasets) if len(d) == 0]
         if empty:
             raise ValueError(f"mix sources {empty} have no samples in this split")
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, **grouping)
         self.weights = torch.tensor([float(w) for w in weights], dtype=torch.float64)
         self.num_samples_total = num_samples
         self.num_samples = -(-num_samples // num_replicas)

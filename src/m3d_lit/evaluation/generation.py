@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from m3d_lit.data.collate import row_masks
 from m3d_lit.data.geometry import manifest_geometry, write_mask
 from m3d_lit.evaluation.closed import parse_closed
 from m3d_lit.evaluation.metrics import dice_iou
@@ -29,6 +30,7 @@ def _seg_scores(seg_logits: torch.Tensor | None, mask: torch.Tensor | None) -> d
     """Dice/IoU of a segmentation sample whose reference holds a mask; no [SEG] means an empty mask."""
     if mask is None or mask.sum() == 0:
         return {"produced_seg": seg_logits is not None}
+    mask = mask.float()  # batches carry bool masks
     pred = torch.zeros_like(mask) if seg_logits is None else (seg_logits.float().sigmoid() > 0.5).float()
     dice, iou = dice_iou(pred.cpu(), mask.cpu())
     return {"produced_seg": seg_logits is not None, "dice": float(dice), "iou": float(iou)}
@@ -65,6 +67,7 @@ def generate_records(
     """
     pair_ids = yes_no_ids(model.tokenizer)
     for batch in loader:
+        masks = row_masks(batch)
         out = model.generate(
             batch["images"].to(device),
             batch["input_ids"].to(device),
@@ -83,8 +86,7 @@ def generate_records(
             if pair_ids and record["kind"] == "closed" and parse_closed(record["answer"]) is not None:
                 record["p_yes"] = yes_probability(out["first_logits"][i], *pair_ids)
             if record["kind"] == "seg":
-                mask = batch["masks"][i] if bool(batch["seg_flags"][i]) else None
-                record.update(_seg_scores(out["seg_logits"][i], mask))
+                record.update(_seg_scores(out["seg_logits"][i], masks[i]))
             if save_mask is not None and out["seg_logits"][i] is not None:
                 record["mask_file"] = save_mask(record, out["seg_logits"][i])
             yield record

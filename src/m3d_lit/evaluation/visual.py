@@ -27,13 +27,13 @@ def _best_slice(mask: Tensor | None) -> int | None:
 
 def middle_slice_grid(
     images: Tensor,
-    masks: Tensor | None = None,
+    masks: Tensor | Sequence[Tensor | None] | None = None,
     predictions: Sequence[Tensor | None] | None = None,
 ) -> Tensor:
     """One RGB picture (3 x H x (W * B)) of B volumes: grey scan, true mask in green, predicted in red."""
     tiles = []
     for i in range(images.shape[0]):
-        truth = None if masks is None else masks[i].float()
+        truth = None if masks is None or masks[i] is None else masks[i].float()
         pred = None if predictions is None or predictions[i] is None else predictions[i].float()
         depth = _best_slice(truth if truth is not None else pred)
         grey = middle_slice(images[i], depth).clamp(0, 1)

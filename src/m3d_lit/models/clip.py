@@ -101,7 +101,8 @@ class ClipModel(nn.Module):
 
     def encode_image(self, images: Tensor) -> Tensor:
         """L2-normalised image features, B x embed_dim."""
-        _, cls = self.vision(images)
+        # batches carry volumes in their stored dtype (a float16 cache): widened here, on the device
+        _, cls = self.vision(images.to(self.vision.patch_embedding.position_embeddings.dtype))
         return F.normalize(self.image_proj(cls), dim=-1)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

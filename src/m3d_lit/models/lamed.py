@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache
 
 from m3d_lit.errors import InputError
 from m3d_lit.losses import at_least_fp32
 from m3d_lit.losses.segmentation import bce_loss, dice_loss
-from m3d_lit.models import registry
+from m3d_lit.models import blocks, lm_loss, registry
 from m3d_lit.models.config import LoraConfig, ModelConfig
 from m3d_lit.models.llm import NewTokenRows, apply_lora, sample_next, unwrap
 from m3d_lit.models.registry import build_perceiver
@@ -145,33 +144,45 @@ class LamedModel(nn.Module):
         for name, param in self.llm.named_parameters():
             param.requires_grad_(modes["llm"] == "full" or (modes["llm"] == "lora" and "lora_" in name))
 
-    def enable_gradient_checkpointing(self, llm: bool = True, vision: bool = False) -> None:
-        """Non-reentrant activation checkpointing (reentrant breaks DDP with LoRA and frozen inputs)."""
-        if llm:
-            base = unwrap(self.llm)
-            kwargs = {"use_reentrant": False}
-            if hasattr(base, "activation_checkpointing_enable"):
-                base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        self.vision.gradient_checkpointing = vision
+    def enable_gradient_checkpointing(
+        self, llm: bool = True, vision: bool = False, seg: bool = False
+    ) -> None:
+        """Non-reentrant activation checkpointing of the LLM, vision and segmentation encoder blocks."""
+        blocks.set_checkpointing(self, llm, vision, seg)
+
+    def compile_blocks(self, **options: Any) -> None:
+        """`torch.compile` each ViT block, decoder layer and segmentation encoder block (`blocks.py`).
+
+        Args:
+            **options: `torch.compile` arguments, e.g. `backend`, `mode`.
+        """
+        blocks.compile_blocks(self, **options)
 
     # -- building blocks ----------------------------------------------------------------------------
     def embed(self, images: Tensor, input_ids: Tensor) -> Tensor:
         """Token embeddings with the visual tokens written over each row's `<im_patch>` placeholders."""
-        counts = (input_ids == self.im_patch_id).sum(1)
-        bad = (counts != self.num_visual_tokens).nonzero().flatten().tolist()
-        if bad:
-            raise ValueError(
-                f"row {bad[0]} has {int(counts[bad[0]])} {IM_PATCH} placeholders but the perceiver gives "
-                f"{self.num_visual_tokens} visual tokens (rows with a mismatch: {bad})"
-            )
+        self._check_placeholders(input_ids)
         embeds = self.token_embeds(input_ids)
         patches, _ = self.vision(images.to(self._vision_dtype()))
         # an all-zero volume (image dropout, the blank control) takes no part in batch statistics
         visual = self.perceiver(patches, stats_rows=images.flatten(1).any(1)).to(embeds.dtype)
         # masked_scatter fills the True positions in row-major order: row by row, left to right.
         return embeds.masked_scatter((input_ids == self.im_patch_id).unsqueeze(-1), visual)
+
+    def _check_placeholders(self, input_ids: Tensor) -> None:
+        """Every row must hold exactly `num_visual_tokens` placeholders, or the visual tokens would slide
+        into the wrong rows. The check is an asynchronous assert, so a GPU forward does not wait for it:
+        on a CPU a mismatch raises here, naming the rows; on a GPU it stops the run with a device-side
+        assert. (`LMCollator` makes every row's placeholders itself, so its batches always pass.)"""
+        counts = (input_ids == self.im_patch_id).sum(1)
+        try:
+            torch._assert_async((counts == self.num_visual_tokens).all(), "placeholder count mismatch")
+        except RuntimeError:
+            bad = (counts != self.num_visual_tokens).nonzero().flatten().tolist()
+            raise ValueError(
+                f"row {bad[0]} has {int(counts[bad[0]])} {IM_PATCH} placeholders but the perceiver gives "
+                f"{self.num_visual_tokens} visual tokens (rows with a mismatch: {bad})"
+            ) from None
 
     def token_embeds(self, input_ids: Tensor) -> Tensor:
         base = unwrap(self.llm).get_input_embeddings()(input_ids)
@@ -195,6 +206,18 @@ class LamedModel(nn.Module):
         )
         return out.last_hidden_state, getattr(out, self._cache_kw, None)
 
+    def _full_mask(self, attention_mask: Tensor) -> Tensor:
+        """The attention mask a whole-sequence forward gives the decoder.
+
+        For SDPA attention it is the B x 1 x L x L mask itself, which transformers takes as it is. Given
+        the B x L padding mask, transformers first asks the device whether the batch is padded at all
+        (to let SDPA run without a mask), and the host waits for the answer on every forward. The mask
+        built here is the one it builds for a padded batch. Other attention implementations get the
+        B x L mask."""
+        if getattr(unwrap(self.llm).config, "_attn_implementation", None) != "sdpa":
+            return attention_mask
+        return _causal_padding_mask(attention_mask)
+
     def _vision_dtype(self) -> torch.dtype:
         return self.vision.patch_embedding.position_embeddings.dtype
 
@@ -207,21 +230,52 @@ class LamedModel(nn.Module):
         labels: Tensor | None = None,
         masks: Tensor | None = None,
         seg_flags: Tensor | None = None,
+        seg_rows: Tensor | None = None,
+        label_positions: Tensor | None = None,
+        full_logits: bool = False,
     ) -> dict[str, Any]:
-        """Losses and outputs of one batch.
+        """Losses and outputs of one batch. `LMCollator`'s batches carry `seg_rows` and `label_positions`,
+        found on the host, so the forward never waits for the device; without them they are found here.
+
+        Args:
+            images: B x 1 x D x H x W volumes, any float dtype (widened to the encoders' dtype here).
+            input_ids: B x L token ids with `<im_patch>` placeholders.
+            attention_mask: B x L, 1 on real tokens.
+            labels: B x L targets, -100 off the answer (None: no LM loss).
+            masks: with `seg_rows`, the mask of each row of `seg_rows` (S x 1 x D x H x W); without, one
+                per batch row (rows that do not segment are not read).
+            seg_flags: without `seg_rows`, B bools: the rows whose mask trains (with a `[SEG]` in the row).
+            seg_rows: the rows that segment (S, long): a mask and a `[SEG]` token in the row.
+            label_positions: flat indices `b * L + t` whose next token is labelled (`lm_loss.label_positions`).
+            full_logits: also return the full `logits` (B x L x V) and compute `lm_loss` from them (the
+                official computation, for parity checks); otherwise the head runs on labelled rows only.
 
         Returns `loss` (LM + w_dice Dice + w_bce BCE), `lm_loss` (None without labels), `dice`, `bce`,
-        `logits` (B x L x V), `seg_logits` (S x 1 x D x H x W for the S rows in `seg_rows`, or None).
+        `seg_logits` (S x 1 x D x H x W for the rows in `seg_rows`, or None), `seg_rows`, and with labels
+        `predicted`/`targets` (the argmax token at each labelled position and its label, N each);
+        `logits` only with `full_logits`.
         """
-        hidden, _ = self.decode(self.embed(images, input_ids), attention_mask, _positions(attention_mask))
-        logits = self.logits(hidden)
-        lm_loss = None if labels is None else _lm_loss(logits, labels)
-        seg = self._segment_batch(images, input_ids, hidden, masks, seg_flags)
+        mask = self._full_mask(attention_mask)
+        hidden, _ = self.decode(self.embed(images, input_ids), mask, _positions(attention_mask))
+        out: dict[str, Any] = {"lm_loss": None}
+        if full_logits:
+            out["logits"] = self.logits(hidden)
+        if labels is not None:
+            positions = lm_loss.label_positions(labels) if label_positions is None else label_positions
+            if full_logits:
+                out["lm_loss"] = lm_loss.full_lm_loss(out["logits"], labels)
+                out["targets"] = labels.flatten().index_select(0, positions + 1)
+                out["predicted"] = out["logits"].detach().flatten(0, 1).index_select(0, positions).argmax(-1)
+            else:
+                out["lm_loss"], out["predicted"], out["targets"] = lm_loss.chunked_lm_loss(
+                    self.logits, hidden, labels, positions
+                )
+        seg = self._segment_batch(images, input_ids, hidden, masks, seg_flags, seg_rows)
         weights = self.config.loss
         loss = weights.w_dice * seg["dice"] + weights.w_bce * seg["bce"]
-        if lm_loss is not None:
-            loss = loss + lm_loss
-        return {"loss": loss, "lm_loss": lm_loss, "logits": logits, **seg}
+        if out["lm_loss"] is not None:
+            loss = loss + out["lm_loss"]
+        return {"loss": loss, **out, **seg}
 
     def _segment_batch(
         self,
@@ -230,25 +284,30 @@ class LamedModel(nn.Module):
         hidden: Tensor,
         masks: Tensor | None,
         seg_flags: Tensor | None,
+        seg_rows: Tensor | None,
     ) -> dict[str, Any]:
-        is_seg = input_ids == self.seg_id
-        has_seg = is_seg.any(1)
-        if seg_flags is not None:
-            has_seg = has_seg & seg_flags.to(has_seg.device).bool()
-        rows = has_seg.nonzero().flatten() if masks is not None else has_seg.new_zeros(0, dtype=torch.long)
-        if rows.numel() == 0:
+        if masks is None:
+            seg_rows = input_ids.new_zeros(0)
+        elif seg_rows is None:
+            has_seg = (input_ids == self.seg_id).any(1)
+            if seg_flags is not None:
+                has_seg = has_seg & seg_flags.to(has_seg.device).bool()
+            seg_rows = has_seg.nonzero().flatten()
+            masks = masks[seg_rows]
+        if seg_rows.numel() == 0:
             zero = self._zero_seg_term(hidden)
-            return {"dice": zero, "bce": zero, "seg_logits": None, "seg_rows": rows}
-        prompts = self.seg_head(self._seg_hidden(is_seg[rows], hidden[rows]))
+            return {"dice": zero, "bce": zero, "seg_logits": None, "seg_rows": seg_rows}
+        prompts = self.seg_head(self._seg_hidden(input_ids[seg_rows] == self.seg_id, hidden[seg_rows]))
         seg_dtype = self.segmentation.prompt_encoder.no_mask_embed.weight.dtype
-        seg_logits = self.segmentation(images[rows].to(seg_dtype), prompts.to(seg_dtype))
-        target = masks[rows]
+        seg_logits = self.segmentation(images[seg_rows].to(seg_dtype), prompts.to(seg_dtype))
         numerator = self.config.loss.dice_smooth == "both"
+        # one float copy of the (bool) masks, which both terms then share
+        target = masks.to(torch.promote_types(seg_logits.dtype, torch.float32))
         return {
             "dice": dice_loss(seg_logits, target, smooth_numerator=numerator).mean(),
             "bce": bce_loss(seg_logits, target).mean(),
             "seg_logits": seg_logits,
-            "seg_rows": rows,
+            "seg_rows": seg_rows,
         }
 
     def _seg_hidden(self, is_seg: Tensor, hidden: Tensor) -> Tensor:
@@ -359,6 +418,13 @@ class LamedModel(nn.Module):
         return out
 
 
+def _causal_padding_mask(attention_mask: Tensor) -> Tensor:
+    """B x 1 x L x L bool, True where query i may attend key j: j <= i and key j is a real token."""
+    length = attention_mask.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
+    return causal[None, None] & attention_mask.bool()[:, None, None, :]
+
+
 def _positions(attention_mask: Tensor) -> Tensor:
     """Position ids counting only real tokens, so left padding does not shift the positions."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -366,15 +432,6 @@ def _positions(attention_mask: Tensor) -> Tensor:
 
 def _new_cache() -> Any:
     return DynamicCache()
-
-
-def _lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Next-token cross-entropy on the positions whose label is not -100 (the answer tokens)."""
-    shifted = labels[:, 1:]
-    if not bool((shifted != -100).any()):
-        return logits.sum() * 0.0
-    flat = at_least_fp32(logits[:, :-1].reshape(-1, logits.shape[-1]))
-    return F.cross_entropy(flat, shifted.reshape(-1), ignore_index=-100)
 
 
 def cast_for_training(model: nn.Module, frozen_dtype: torch.dtype = torch.bfloat16) -> nn.Module:

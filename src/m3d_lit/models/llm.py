@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -32,6 +33,7 @@ FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "phi3": (Phi3Config, Phi3F
 
 __all__ = [
     "FAMILIES",
+    "DropoutLinear",
     "NewTokenRows",
     "apply_lora",
     "assign_tensor",
@@ -247,9 +249,13 @@ class NewTokenRows(nn.Module):
         return torch.where((slot >= 0).unsqueeze(-1), rows, base)
 
     def logits(self, hidden: Tensor, base: Tensor) -> Tensor:
-        """Replace the logit columns of the new tokens in `base` (... x V) by `hidden @ output_rows.T`."""
+        """Write `hidden @ output_rows.T` over the logit columns of the new tokens in `base` (... x V).
+
+        In place, so no second ... x V tensor is made: `base` is the LM head's fresh output, and a linear
+        layer's backward reads its input and weight, never its output.
+        """
         new = hidden @ self.output_rows.to(hidden.dtype).t()
-        return base.index_copy(-1, self.token_ids, new.to(base.dtype))
+        return base.index_copy_(-1, self.token_ids, new.to(base.dtype))
 
     @torch.no_grad()
     def write_back(self, embedding: Tensor, head: Tensor | None) -> None:
@@ -286,7 +292,57 @@ def apply_lora(llm: PreTrainedModel, lora: LoraConfig) -> nn.Module:
     with warnings.catch_warnings():
         # peft still calls transformers' deprecated `is_gradient_checkpointing`; not ours to fix.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(llm, config)
+        model = get_peft_model(llm, config)
+    _fold_dropout_into_lora_a(model)
+    return model
+
+
+class DropoutLinear(nn.Linear):
+    """LoRA's down projection A with the adapter's input dropout folded in: `A(dropout(x))`.
+
+    peft computes `B(A(dropout(x)))` after casting `x` to the adapters' dtype. Under bf16 autocast that
+    cast is a float32 copy of every adapted input, and backward keeps, per adapted layer, the dropout's
+    mask and its output (A's input) cast back to bf16. Here the input keeps its dtype (autocast casts the
+    matmul as it casts the frozen layer's), and in training `A(dropout(x))` runs under non-reentrant
+    activation checkpointing: backward keeps only `x`, which the query, key and value adapters (and gate
+    and up) share, and redraws the same mask from the saved random state. Without autocast `x` is cast to
+    the weight's dtype, as peft does. The parameter is still `lora_A.<adapter>.weight`.
+    """
+
+    def __init__(self, linear: nn.Linear, p: float) -> None:
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        self.weight, self.bias, self.p = linear.weight, linear.bias, float(p)
+
+    def _down(self, x: Tensor) -> Tensor:
+        if not _autocast(x):
+            x = x.to(self.weight.dtype)
+        return F.linear(F.dropout(x, self.p, self.training), self.weight, self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and self.p > 0 and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # (a compiled layer's partitioner makes this choice itself: it recomputes cheap ops)
+            return checkpoint(self._down, x, use_reentrant=False)
+        return self._down(x)
+
+
+def _autocast(x: Tensor) -> bool:
+    """Whether autocast is on for `x`'s device (a device without autocast, e.g. meta, has it off)."""
+    kind = x.device.type
+    return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+
+
+def _fold_dropout_into_lora_a(model: nn.Module) -> None:
+    """Every peft LoRA linear layer: dropout folded into A (`DropoutLinear`), peft's input cast off."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    for layer in model.modules():
+        if not isinstance(layer, LoraLinear):
+            continue
+        layer.cast_input_dtype_enabled = False
+        for name, dropout in list(layer.lora_dropout.items()):
+            p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+            layer.lora_A[name] = DropoutLinear(layer.lora_A[name], p)
+            layer.lora_dropout[name] = nn.Identity()
 
 
 def sample_next(logits: Tensor, do_sample: bool, temperature: float, top_p: float) -> Tensor:

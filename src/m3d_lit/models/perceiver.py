@@ -54,8 +54,8 @@ class TokenBatchNorm(nn.Module):
             x = tokens.to(self.running_mean.dtype)
             mean, var = self.running_mean, self.running_var
             if self.training:
-                rows = x if stats_rows is None else x[stats_rows.to(x.device)]
-                mean, var = self._batch_statistics(rows.reshape(-1, x.shape[-1]))
+                rows = x.new_ones(x.shape[0]) if stats_rows is None else stats_rows.to(x.device, x.dtype)
+                mean, var = self._batch_statistics(x, rows)
             normed = (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
         return normed.to(tokens.dtype)
 
@@ -63,31 +63,39 @@ class TokenBatchNorm(nn.Module):
         dist = torch.distributed
         return self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
-    def _batch_statistics(self, sample: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean and biased variance of `sample` (N x C) on this rank, or over all ranks when synchronised;
-        the running statistics when fewer than 2 tokens make them (left as they are)."""
-        total, count = sample.sum(0), torch.tensor(float(sample.shape[0]), device=sample.device)
+    def _batch_statistics(self, x: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and biased variance over the tokens of the rows weighted 1 in `rows` (x: B x ... x C), on
+        this rank or over all ranks when synchronised; the running statistics when fewer than 2 tokens
+        make them (then left as they are). Rows are weighted rather than selected, and the "fewer than 2"
+        case is a `torch.where`, so nothing waits for the device to learn how many rows there are."""
+        weight = rows.reshape(-1, *([1] * (x.dim() - 1)))
+        channels = x.shape[-1]
+        total = (x * weight).reshape(-1, channels).sum(0)
+        count = rows.sum() * (x[0].numel() // channels)
         if self._synchronised():
             from torch.distributed.nn.functional import all_reduce
 
             total = all_reduce(total)
             torch.distributed.all_reduce(count)
-        n = float(count)  # the same on every rank, so all of them take the same branch below
-        if n < 2:
-            return self.running_mean, self.running_var
-        mean = total / n
+        enough = count >= 2  # the same on every rank when synchronised
+        mean = total / count.clamp(min=1)
         # two passes, as torch's batch norm: E[x^2] - E[x]^2 loses the small variances of look-alike scans
-        squares = ((sample - mean) ** 2).sum(0)
+        squares = ((x - mean) ** 2 * weight).reshape(-1, channels).sum(0)
         if self._synchronised():
             from torch.distributed.nn.functional import all_reduce
 
             squares = all_reduce(squares)
-        var = squares / n
+        var = squares / count.clamp(min=1)
         with torch.no_grad():
-            self.running_mean.lerp_(mean.detach(), self.momentum)
-            self.running_var.lerp_(var.detach() * n / (n - 1), self.momentum)
-            self.num_batches_tracked += 1
-        return mean, var
+            unbiased = var * count / (count - 1).clamp(min=1)
+            self.running_mean.copy_(
+                torch.where(enough, self.running_mean.lerp(mean, self.momentum), self.running_mean)
+            )
+            self.running_var.copy_(
+                torch.where(enough, self.running_var.lerp(unbiased, self.momentum), self.running_var)
+            )
+            self.num_batches_tracked.add_(enough.long())
+        return torch.where(enough, mean, self.running_mean), torch.where(enough, var, self.running_var)
 
 
 def set_batchnorm_sync(model: nn.Module, sync: bool) -> int:

@@ -14,17 +14,23 @@ Memory per GPU, by part:
   * LLM: the full sequence, one decoder layer, every width (hidden, intermediate, heads, vocab, LoRA r)
     divided by `--width-divisor` k with the head size kept. Every saved tensor is (tokens x one of those
     widths), so bytes scale by k; layer bytes are multiplied by the layer count.
-  * checkpointing (non-reentrant; LLM layers and/or ViT blocks, the segmentation encoder has none)
-    keeps only each checkpointed block's input (measured in a forward
-    pre-hook) and recomputes one block at a time during backward: that block's full bytes are added once
-    as `transient`, with the logits buffers (bf16 logits, their copy with the new rows, the fp32 copy for
-    the loss: 8 bytes x tokens x vocab per sample).
+  * what the model recomputes by itself is measured as it runs (a non-reentrant checkpoint's inputs are
+    saved tensors too): LoRA's down projection with its dropout (`llm.DropoutLinear`) keeps only its
+    input, the ViT blocks redo their GELU and normalised copies in backward, and the LM loss keeps only
+    the labelled positions' hidden rows while their logits are recomputed one chunk at a time.
+  * checkpointing (non-reentrant; LLM layers, ViT blocks and/or segmentation encoder blocks) keeps only
+    each checkpointed block's input (measured in a forward pre-hook) and recomputes one block at a time
+    during backward: the largest such block's full bytes are added once per sample as `transient`, with
+    one loss chunk's logits (16 bytes x rows x vocab: bf16 logits, their fp32 copy, log-softmax and
+    gradient), which does not grow with the micro-batch.
   * autocast's bf16 copies of the trainable matrices (2 bytes per trainable parameter of 2+ dims).
 - reserve: CUDA context and allocator slack, a fixed `--reserve` GiB.
 FLOPs per sample: 2 x parameters x tokens for every matrix a token passes (per component) plus
 4 x tokens^2 x width per attention layer; training = forward x (3 for trainable parts, 2 for the frozen
 LLM, which still passes gradients to its input, 1 for a frozen encoder), and checkpointing recomputes one
-more forward of the checkpointed parts (hardware FLOPs; MFU uses model FLOPs without it).
+more forward of the checkpointed parts (hardware FLOPs; MFU uses model FLOPs without it). The LM head runs
+on the labelled positions only (every text token of the measured batch: an upper bound for real answers),
+and once more in backward, where its chunks are recomputed.
 """
 
 from __future__ import annotations
@@ -39,9 +45,11 @@ import torch
 from torch import Tensor, nn
 
 from m3d_lit.errors import InputError
+from m3d_lit.models.blocks import CHECKPOINT_PARTS, checkpoint_parts
 from m3d_lit.models.build import build_lamed
 from m3d_lit.models.lamed import cast_for_training
 from m3d_lit.models.llm import unwrap
+from m3d_lit.models.lm_loss import CHUNK_ROWS, label_positions
 from m3d_lit.models.presets import STAGE_TRAINABLE, deep_merge, resolve
 from m3d_lit.models.saved_bytes import saved_bytes
 from m3d_lit.models.tokenizer import build_llm_tokenizer
@@ -58,7 +66,7 @@ __all__ = [
 
 GIB = 1024**3
 _MEASURE_IMG = (32, 64, 64)
-CHECKPOINTING = ("none", "llm", "vision", "all")
+CHECKPOINTING = ("none", *CHECKPOINT_PARTS, "all")  # and parts joined by commas, e.g. `vision,seg`
 _MODEL_FIELDS = ("preset", "stage", "overrides", "trainable", "lora_dropout")
 _CACHE: dict[tuple[str, str], Any] = {}
 
@@ -74,7 +82,8 @@ class PlanSettings:
         micro_batch: samples per GPU per step.
         frozen_dtype: `bf16` (frozen weights held in bf16 only) or `fp32`.
         full_embeddings: train the whole embedding and output matrices instead of the new rows only.
-        checkpointing: non-reentrant activation checkpointing: none | llm | vision | all.
+        checkpointing: non-reentrant activation checkpointing: none, all, or parts joined by commas
+            (llm, vision, seg), as the tasks' `gradient_checkpointing`.
         lora_dropout: LoRA dropout (None: the preset's); dropout > 0 saves a mask per adapted layer.
         zero: 0 (DDP), 1 (AdamW moments sharded) or 2 (moments and gradients sharded).
         gpus: GPUs sharing the optimizer state when zero > 0.
@@ -119,10 +128,12 @@ class PlanSettings:
             raise InputError("--lora-dropout", f"{self.lora_dropout} must be in [0, 1)")
         if self.width_divisor is not None and self.width_divisor < 1:
             raise InputError("--width-divisor", f"{self.width_divisor} must be >= 1")
-        if self.frozen_dtype not in ("bf16", "fp32") or self.checkpointing not in CHECKPOINTING:
-            raise InputError(
-                "--frozen-dtype/--checkpointing", f"{self.frozen_dtype!r} / {self.checkpointing!r}"
-            )
+        if self.frozen_dtype not in ("bf16", "fp32"):
+            raise InputError("--frozen-dtype", f"{self.frozen_dtype!r} is not bf16 or fp32")
+        try:
+            checkpoint_parts(self.checkpointing)
+        except ValueError as err:
+            raise InputError("--checkpointing", str(err)) from None
         if self.zero not in (0, 1, 2):
             raise InputError("--zero", f"{self.zero} must be 0, 1 or 2")
         if self.seg_share is not None and not 0.0 <= self.seg_share <= 1.0:
@@ -231,13 +242,17 @@ def synthetic_batch(
     input_ids = torch.cat([torch.full((batch, n), model.im_patch_id), text, tail], dim=1)
     labels = input_ids.clone()
     labels[:, :n] = -100
+    masks = torch.rand(batch, 1, *model.img_size, generator=gen) > 0.9
     return {
         "images": torch.rand(batch, 1, *model.img_size, generator=gen),
         "input_ids": input_ids,
         "attention_mask": torch.ones_like(input_ids),
         "labels": labels,
-        "masks": (torch.rand(batch, 1, *model.img_size, generator=gen) > 0.9).float(),
+        "label_positions": label_positions(labels),
+        # as `LMCollator` ships them: masks only for the rows that segment
+        "masks": masks if seg else masks[:0],
         "seg_flags": torch.full((batch,), seg),
+        "seg_rows": torch.arange(batch if seg else 0),
     }
 
 
@@ -266,8 +281,10 @@ def _measure_activations(settings: PlanSettings) -> dict[str, float]:
     out = {name: saved.get(name, 0) * factor for name, factor in scale.items()}
     out["llm_layer_full"] = saved.get("llm_layer", 0) * k
     out["vision_block_full"] = saved.get("vision_block", 0) * voxels
+    out["seg_block_full"] = saved.get("seg_block", 0) * voxels
     out["llm_layer_input"] = scopes.block_inputs.get("llm_layer", 0) * k
     out["vision_block_input"] = scopes.block_inputs.get("vision_block", 0) * voxels
+    out["seg_block_input"] = scopes.block_inputs.get("seg_block", 0) * voxels
     out["width_divisor"] = k
     return out
 
@@ -293,7 +310,8 @@ def flops_per_sample(
     seq, hidden = config["max_length"], llm["hidden_size"]
     total = {name: c["frozen"] + c["trainable"] for name, c in counts.items()}
     embed = _vocab(config) * hidden
-    head = 2.0 * embed * seq
+    # the head runs on the labelled positions only: every text token of the measured batch, an upper bound
+    head = 2.0 * embed * (seq - _visual_tokens(config) - 1)
     forward = {
         "vision": 2.0 * total["vision"] * (patches + 1)
         + _attention_flops(patches + 1, vis["hidden_size"], vis["num_layers"]),
@@ -312,16 +330,31 @@ def flops_per_sample(
     factor = {name: 3.0 if trains[name] else 1.0 for name in trains}
     factor["llm"] = 3.0 if counts["llm"]["trainable"] > counts["llm"]["frozen"] else 2.0
     model_flops = sum(forward[n] * factor[n] for n in forward)
-    recompute = 0.0
-    if settings.checkpointing in ("llm", "all"):
+    parts = checkpoint_parts(settings.checkpointing)
+    recompute = head  # the loss chunks' logits are recomputed in backward
+    if "llm" in parts:
         recompute += forward["llm"] - head
-    if settings.checkpointing in ("vision", "all"):
+    if "vision" in parts:
         recompute += forward["vision"]
+    if "seg" in parts:
+        block = 4 * seg["hidden_size"] ** 2 + 2 * seg["hidden_size"] * seg["mlp_dim"]
+        encoder = 2.0 * block * seg["num_layers"] * patches
+        recompute += share * (encoder + _attention_flops(patches, seg["hidden_size"], seg["num_layers"]))
     return {
         "forward": forward,
         "train_model_flops": model_flops,
         "train_hardware_flops": model_flops + recompute,
     }
+
+
+def _visual_tokens(config: dict[str, Any]) -> int:
+    """Visual tokens the perceiver gives: the patch grid, or the patch sequence, pooled by its `pool`."""
+    grid = [i // p for i, p in zip(config["img_size"], config["patch_size"])]
+    pool = config["perceiver"].get("pool", 2)
+    if config["perceiver"].get("name", "spatial_pool") == "sequence_pool":
+        return math.prod(grid) // int(pool)
+    pool = [pool] * 3 if isinstance(pool, int) else list(pool)
+    return math.prod(g // q for g, q in zip(grid, pool))
 
 
 def _seg_share(settings: PlanSettings) -> float:
@@ -342,27 +375,32 @@ def _state_bytes(trainable: int, settings: PlanSettings) -> dict[str, float]:
 
 def _activation_bytes(act: dict[str, float], settings: PlanSettings, copies: float) -> dict[str, float]:
     """Per-GPU activation bytes at the micro-batch, with checkpointing applied."""
-    ckpt_llm = settings.checkpointing in ("llm", "all")
-    ckpt_vis = settings.checkpointing in ("vision", "all")
-    layers = act["llm_layer"] / max(act["llm_layer_full"], 1)  # the LLM layer count
-    blocks = act["vision_block"] / max(act["vision_block_full"], 1)
+    parts = checkpoint_parts(settings.checkpointing)
     share = _seg_share(settings)
+
+    def blocks(name: str, part: str) -> float:
+        """A checkpointed encoder keeps each block's input, else everything its blocks save."""
+        count = act[f"{name}_block"] / max(act[f"{name}_block_full"], 1)
+        return act[f"{name}_block_input"] * count if part in parts else act[f"{name}_block"]
+
+    layers = act["llm_layer"] / max(act["llm_layer_full"], 1)  # the LLM layer count
     per_sample = {
-        "vision": (act["vision_block_input"] * blocks if ckpt_vis else act["vision_block"])
-        + act["vision_other"],
+        "vision": blocks("vision", "vision") + act["vision_other"],
         "perceiver": act["perceiver"],
-        "llm": (act["llm_layer_input"] * layers if ckpt_llm else act["llm_layer"]) + act["llm_other"],
-        # the model has no checkpointing option for the segmentation encoder
-        "segmentation": share * (act["seg_block"] + act["seg_other"]),
+        "llm": (act["llm_layer_input"] * layers if "llm" in parts else act["llm_layer"]) + act["llm_other"],
+        "segmentation": share * (blocks("seg", "seg") + act["seg_other"]),
     }
     b = settings.micro_batch
     out = {f"{name}_activations": value * b for name, value in per_sample.items()}
     recomputed = max(
-        act["llm_layer_full"] if ckpt_llm else 0.0,
-        act["vision_block_full"] if ckpt_vis else 0.0,
+        [0.0]
+        + [act["llm_layer_full"]] * ("llm" in parts)
+        + [act["vision_block_full"]] * ("vision" in parts)
+        + [share * act["seg_block_full"]] * ("seg" in parts)
     )
     config = resolve(settings.preset, settings.overrides)
-    out["transient"] = b * (recomputed + 8.0 * config["max_length"] * _vocab(config))
+    rows = min(CHUNK_ROWS, b * max(config["max_length"] - 1, 1))
+    out["transient"] = b * recomputed + 16.0 * rows * _vocab(config)
     out["autocast_weight_copies"] = copies
     return out
 
@@ -380,8 +418,9 @@ def plan(settings: PlanSettings) -> dict[str, Any]:
     variable = _activation_bytes(act, settings, 2.0 * matrices)
     parts = {**fixed, **variable}
     total = sum(parts.values())
-    one = _activation_bytes(act, replace(settings, micro_batch=1), 0.0)
-    per_sample = sum(one.values())
+    # what one more sample adds (the loss chunk's logits, for one, do not grow with the micro-batch)
+    one, two = (sum(_activation_bytes(act, replace(settings, micro_batch=b), 0.0).values()) for b in (1, 2))
+    per_sample = two - one
     room = settings.gpu_mem * GIB - (total - per_sample * settings.micro_batch)
     flops = flops_per_sample(settings, counts)
     return {

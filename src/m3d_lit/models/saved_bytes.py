@@ -6,6 +6,7 @@ scales each part's bytes to the preset's size.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -34,7 +35,7 @@ class Scopes:
         self._watch(layers[0], "llm_layer", inputs=True)
         self._watch(unwrap(model.llm).get_decoder(), "llm_other")  # LamedModel calls the decoder directly
         self._watch(model.seg_head, "llm_other")
-        self._watch(model.segmentation.image_encoder.blocks[0], "seg_block")
+        self._watch(model.segmentation.image_encoder.blocks[0], "seg_block", inputs=True)
         self._watch(model.segmentation, "seg_other")
 
     def _watch(self, module: nn.Module, name: str, inputs: bool = False) -> None:
@@ -74,12 +75,13 @@ def is_weight_copy(t: Tensor) -> bool:
 
 @contextmanager
 def saved_bytes(model: nn.Module, img_size: tuple[int, ...]) -> Iterator[tuple[dict[str, int], Scopes]]:
-    """Bytes of the distinct storages autograd saves, by scope; parameters and their casts excluded."""
+    """Bytes of the distinct storages autograd saves, by scope; parameters and their casts excluded.
+
+    A non-reentrant checkpoint's inputs count too: torch keeps them as saved tensors of a no-op node."""
     owned = {p.untyped_storage().data_ptr() for p in model.parameters()}
     owned |= {b.untyped_storage().data_ptr() for b in model.buffers()}
     seen: set[int] = set()
     totals: dict[str, int] = {}
-    scopes = Scopes(model)
 
     def pack(t: Tensor) -> Tensor:
         ptr = t.untyped_storage().data_ptr()
@@ -87,10 +89,13 @@ def saved_bytes(model: nn.Module, img_size: tuple[int, ...]) -> Iterator[tuple[d
             return t
         seen.add(ptr)
         scope = scopes.stack[-1]
-        if scope == "root":  # the losses: mask terms have the volume's shape, the LM loss does not
-            scope = "seg_other" if tuple(t.shape[-3:]) == tuple(img_size) else "llm_other"
+        if scope == "root":  # the losses: mask terms have the volume's voxels, the LM loss does not
+            scope = "seg_other" if t.numel() % voxels == 0 else "llm_other"
         totals[scope] = totals.get(scope, 0) + t.untyped_storage().nbytes()
         return t
+
+    voxels = math.prod(img_size)
+    scopes = Scopes(model)
 
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

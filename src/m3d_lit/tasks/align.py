@@ -6,12 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from m3d_lit.data.collate import make_collator
+from m3d_lit.data.collate import make_collator, row_masks
 from m3d_lit.errors import InputError
 from m3d_lit.evaluation.visual import middle_slice_grid
+from m3d_lit.models.blocks import checkpoint_parts
 from m3d_lit.models.build import build_lamed
 from m3d_lit.models.official.clip import load_m3d_clip
 from m3d_lit.models.overrides import apply_overrides
@@ -36,6 +38,8 @@ class AlignTask(BaseTask):
         log_examples: how many validation samples get their generated answer and middle slice logged to
             TensorBoard once per validation epoch.
         max_new_tokens: generation limit for those examples.
+        compile_blocks: `torch.compile` the ViT blocks, the LLM's decoder layers and the segmentation
+            encoder's blocks for training (`fit` only; the first steps are slow while they compile).
         **kwargs: see `BaseTask`.
     """
 
@@ -50,6 +54,7 @@ class AlignTask(BaseTask):
         random_llm: bool = False,
         log_examples: int = 4,
         max_new_tokens: int = 48,
+        compile_blocks: bool = False,
         **kwargs: Any,
     ) -> None:
         official = kwargs.get("init_from") and official_kind(kwargs["init_from"]) == "lamed"
@@ -60,6 +65,7 @@ class AlignTask(BaseTask):
                 "(null would build a random 6.7B-parameter LLM; --model.random_llm true does so on purpose)",
             )
         super().__init__(**kwargs)
+        self._compiled = False
         if clip_path is not None:
             self._check_clip_path(clip_path)
 
@@ -96,9 +102,11 @@ class AlignTask(BaseTask):
         )
         model.config = apply_overrides(model.config, self.run_settings())
         model.set_trainable(self.trainable_config())
-        mode = self.hparams.gradient_checkpointing
-        if mode != "none":
-            model.enable_gradient_checkpointing(llm=mode in ("llm", "all"), vision=mode in ("vision", "all"))
+        parts = checkpoint_parts(self.hparams.gradient_checkpointing)
+        if parts:
+            model.enable_gradient_checkpointing(
+                llm="llm" in parts, vision="vision" in parts, seg="seg" in parts
+            )
         return model
 
     def _official_init(self) -> None:
@@ -125,6 +133,14 @@ class AlignTask(BaseTask):
         if fresh_fit and self.hparams.clip_path:
             self.load_clip_vision(self.hparams.clip_path)
 
+    def configure_model(self) -> None:
+        super().configure_model()
+        fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        if fitting and self.hparams.compile_blocks and not self._compiled:
+            # last: on the weights as they train (cast, sharded), once per model
+            self.model.compile_blocks()
+            self._compiled = True
+
     def configure_metrics(self) -> nn.ModuleDict:
         return nn.ModuleDict({"token_acc": TokenAccuracy()})
 
@@ -139,6 +155,8 @@ class AlignTask(BaseTask):
             labels=batch["labels"],
             masks=batch.get("masks"),
             seg_flags=batch.get("seg_flags"),
+            seg_rows=batch.get("seg_rows"),
+            label_positions=batch.get("label_positions"),
         )
 
     def compute_loss(self, out: dict[str, Tensor], batch: dict[str, Any], split: str) -> Tensor:
@@ -163,13 +181,10 @@ class AlignTask(BaseTask):
             out = self.global_terms(out, batch)
         loss = self.compute_loss(out, batch, split)
         size = len(batch["input_ids"])
-        # training terms are shares of the global batch under data parallelism: their mean over the
-        # ranks is the global batch's loss
-        sync = split != "train" or self.trainer.world_size > 1
-        self.log(f"{split}/loss", loss, batch_size=size, prog_bar=True, sync_dist=sync)
-        self.log(f"{split}/lm_loss", out["lm_loss"], batch_size=size, sync_dist=sync)
+        self.log_loss(split, loss, size)
+        self.log_term(split, "lm_loss", out["lm_loss"], size)
         if split != "train":
-            self.eval_metrics[split]["token_acc"].update(out["logits"].detach(), batch["labels"])
+            self.eval_metrics[split]["token_acc"].update(out["predicted"], out["targets"])
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -210,7 +225,6 @@ class AlignTask(BaseTask):
             f"| {q} | {a} | {g} |" for q, a, g in zip(batch["questions"], batch["answers"], out["texts"])
         ]
         writer.add_text("val/examples", "\n".join(rows), self.global_step)
-        masks = batch.get("masks")
         pred = [None if s is None else s.sigmoid() for s in out["seg_logits"]]
-        grid = middle_slice_grid(batch["images"][:n], None if masks is None else masks[:n], pred)
+        grid = middle_slice_grid(batch["images"][:n], row_masks(batch, n), pred)
         writer.add_image("val/middle_slices", grid, self.global_step)

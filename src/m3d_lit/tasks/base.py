@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from m3d_lit.errors import InputError
+from m3d_lit.models.blocks import checkpoint_parts
 from m3d_lit.models.lamed import cast_for_training
 from m3d_lit.models.perceiver import set_batchnorm_sync
 from m3d_lit.models.presets import STAGE_TRAINABLE
@@ -137,8 +138,9 @@ class BaseTask(LightningModule):
         warmup_ratio: share of the total steps spent in linear warm-up.
         min_lr_ratio: final learning rate of the cosine decay, as a share of the peak.
         lr_scale: per-component multiplier of the learning rate, e.g. `{perceiver: 10.0}`.
-        gradient_checkpointing: non-reentrant activation checkpointing (`none`, `llm`, `vision`, `all`);
-            a stage without an LLM ignores `llm`.
+        gradient_checkpointing: non-reentrant activation checkpointing: `none`, `all`, or parts joined
+            by commas: `llm` (decoder layers), `vision` (ViT blocks), `seg` (segmentation encoder blocks),
+            e.g. `vision,seg`; a stage ignores the parts it does not have.
     """
 
     stage: int = 0
@@ -163,10 +165,10 @@ class BaseTask(LightningModule):
             raise InputError("warmup_ratio", f"{warmup_ratio} must be in [0, 1)")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise InputError("min_lr_ratio", f"{min_lr_ratio} must be in [0, 1]")
-        if gradient_checkpointing not in ("none", "llm", "vision", "all"):
-            raise InputError(
-                "gradient_checkpointing", f"{gradient_checkpointing!r} is not none | llm | vision | all"
-            )
+        try:
+            checkpoint_parts(gradient_checkpointing)
+        except ValueError as err:
+            raise InputError("gradient_checkpointing", str(err)) from None
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
         self.model: nn.Module | None = None  # built by `configure_model`
@@ -350,7 +352,8 @@ class BaseTask(LightningModule):
         if world <= 1:
             return None
         counts = counts.detach().to(torch.float64)
-        total = self.trainer.strategy.reduce(counts.clone(), reduce_op="sum")
+        total = counts.clone()
+        torch.distributed.all_reduce(total)  # no barrier: the host does not wait for the device here
         return torch.where(total > 0, counts * world / total.clamp(min=1.0), torch.zeros_like(counts))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -383,11 +386,43 @@ class BaseTask(LightningModule):
                     # already equal on every rank: "max" keeps it exact where a mean would round
                     self.log(f"{split}/{key}", value, sync_dist=True, reduce_fx="max")
 
+    def is_log_step(self) -> bool:
+        """Whether Lightning writes this training step's logged values (the check its own
+        `LearningRateMonitor` makes): it reads them on the host, a wait for the device, only then."""
+        trainer = self._trainer
+        return trainer is not None and bool(trainer._logger_connector.should_update_logs)
+
+    def log_loss(self, split: str, loss: Tensor, batch_size: int) -> None:
+        """`<split>/loss`, shown in the progress bar.
+
+        Lightning turns every progress-bar value into a Python number after each batch, which makes the
+        host wait for the device. In training the loss is therefore handed over only at the steps that are
+        logged, already on the host; the logs hold the same values as before (Lightning writes a step's
+        values only at those steps), and the bar shows the loss of the last logged step.
+        """
+        self.log_term(split, "loss", loss, batch_size, prog_bar=True)
+
+    def log_term(self, split: str, name: str, value: Tensor, batch_size: int, prog_bar: bool = False) -> None:
+        """Log `<split>/<name>`: evaluation terms averaged over the ranks; a training term at the logged
+        steps only, as a host value, and under data parallelism the mean of the ranks' shares, which is the
+        global batch's (`global_shares`) or, for a loss every rank computes whole (stage 1), the loss."""
+        if split != "train":
+            self.log(f"{split}/{name}", value, batch_size=batch_size, prog_bar=prog_bar, sync_dist=True)
+        elif self.is_log_step():
+            value = value.detach()
+            if self.trainer.world_size > 1:
+                value = self.trainer.strategy.reduce(value.clone(), reduce_op="mean")
+            self.log(f"train/{name}", value.cpu(), batch_size=batch_size, prog_bar=prog_bar)
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad.detach() for p in self.model.parameters() if p.grad is not None]
+        # Only at logged steps, and as one device tensor (Lightning's `grad_norm` copies each norm to
+        # the host): nothing here makes the other steps wait for the device.
+        if not self.is_log_step():
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads:
-            # torch's norm of sharded (DTensor) gradients is itself sharded until made whole
             total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+            # the norm of sharded (DTensor) gradients is itself sharded until made whole
             total = total.full_tensor() if hasattr(total, "full_tensor") else total
             self.log("train/grad_norm", total, on_step=True, on_epoch=False)
 

@@ -7,6 +7,7 @@ They are listed in the stage recipes (`stages/*.yaml`): `AtomicCheckpointIO` und
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -95,27 +96,50 @@ class NonFiniteError(TrainingError):
 
 
 class NonFiniteGuard(Callback):
-    """Stop (or skip the step) when a loss term or a gradient is NaN or inf.
+    """Stop (or skip steps) when a loss term or a gradient is NaN or inf, without making steps wait.
 
-    The check runs after backward and before the optimizer step, so the weights are still those of
-    the last good step: stopping keeps every checkpoint written so far valid, and this callback never
-    writes one. A skipped step changes no weight and no optimizer state (the gradients are dropped);
-    the step counter and the learning-rate schedule move on.
+    Each step only compares on the device: whether the recorded loss terms and every gradient's norm are
+    finite (a gradient whose norm overflows counts as non-finite), kept with the first bad step's values.
+    The host reads that record (one wait for the device, one collective under DDP) at a check: every
+    `check_every_n_steps` steps (default: the trainer's log interval, where Lightning waits for the
+    device anyway), at the end of training, and before any checkpoint is written (a checkpoint asks for
+    this callback's state first). A check that finds a bad step refuses to write, so no checkpoint ever
+    holds a state after one. What a bad step does until its check:
+
+    - With an optimizer that can skip a step on the device (torch's Adam, AdamW, SGD, Adagrad with
+      `fused: true`), a step whose gradients are not finite changes no weight and no optimizer state
+      (the learning-rate schedule moves on). The check counts such steps as skipped and stops the run
+      once more than `skip_limit` were skipped in the whole run.
+    - Otherwise, with `skip_limit` 0, the bad update is applied and the run stops at the next check: the
+      weights in memory from the bad step on are never saved, and the error names the last checkpoint.
+    - Otherwise, with `skip_limit` > 0, every step is checked on the host as it happens (one wait per
+      step), so that a bad step can be dropped before the optimizer applies it.
 
     Args:
         skip_limit: how many bad steps to skip in the whole run before stopping (0: stop at the first).
+        check_every_n_steps: steps between checks (None: the trainer's `log_every_n_steps`).
     """
 
-    def __init__(self, skip_limit: int = 0) -> None:
+    def __init__(self, skip_limit: int = 0, check_every_n_steps: int | None = None) -> None:
         if skip_limit < 0:
             raise ValueError(f"skip_limit must be >= 0, got {skip_limit}")
+        if check_every_n_steps is not None and check_every_n_steps < 1:
+            raise ValueError(f"check_every_n_steps must be >= 1, got {check_every_n_steps}")
         self.skip_limit = skip_limit
+        self.check_every_n_steps = check_every_n_steps
         self.skipped = 0
-        self._terms: dict[str, float] = {}
-        self._loss_bad = False
+        self._terms: dict[str, torch.Tensor] = {}
         self._hook: Any = None
+        self._params: list[tuple[str, torch.nn.Parameter]] = []
+        self._pending: dict[str, Any] | None = None  # the device-side record since the last check
+        self._where: dict[int, str] = {}  # step -> "epoch E, batch B", for the steps since the last check
+        self._checked_at = -1
 
     def state_dict(self) -> dict[str, Any]:
+        # the first thing a checkpoint asks for: nothing is written past an unchecked bad step
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None:
+            self._check(trainer)
         return {"skipped": self.skipped}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -125,11 +149,16 @@ class NonFiniteGuard(Callback):
         model = getattr(pl_module, "model", None)
         if stage == "fit" and isinstance(model, torch.nn.Module) and self._hook is None:
             self._hook = model.register_forward_hook(self._record_terms)
+        self._trainer = trainer
+        self._params = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        for optimizer in getattr(trainer, "optimizers", []):
+            if hasattr(optimizer, "found_inf"):
+                del optimizer.found_inf
 
     def _record_terms(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         # Only the scalar terms, detached: holding the outputs would keep the whole graph alive.
@@ -144,9 +173,7 @@ class NonFiniteGuard(Callback):
         self._terms = {}
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
-        if not bool(torch.isfinite(loss.detach()).all()):
-            self._loss_bad = True
-            self._terms.setdefault("loss", loss.detach())
+        self._terms["loss"] = loss.detach()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self.teardown(trainer, pl_module, "fit")
@@ -154,18 +181,96 @@ class NonFiniteGuard(Callback):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        flags = [torch.isfinite(v).all() for v in self._terms.values()] + [
-            torch.isfinite(g).all() for g in grads
-        ]
-        # one device sync per step, not one per tensor
-        bad = self._loss_bad or (bool(torch.stack(flags).all().logical_not()) if flags else False)
-        if trainer.world_size > 1:
-            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
-        self._loss_bad = False
-        if not bad:
+        device = pl_module.device
+        zero = torch.zeros((), device=device)
+        grads = [zero if p.grad is None else p.grad for _, p in self._params]
+        grads_ok = torch.stack(torch._foreach_norm(grads)).isfinite() if grads else ~zero.bool().reshape(1)
+        terms = {k: v.double().reshape(()) for k, v in self._terms.items()}
+        terms_ok = torch.stack([v.isfinite() for v in terms.values()]).all() if terms else ~zero.bool()
+        grads_bad = ~grads_ok.all()  # the same on every rank: DDP has averaged the gradients
+        bad = grads_bad | ~terms_ok
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            optimizer.found_inf = grads_bad.float()  # the fused step skips itself on the device
+        elif self.skip_limit > 0:
+            self._check_now(trainer, optimizer, bad, {"terms": terms, "grads_ok": grads_ok})
             return
-        problem = self._problem(pl_module)
+        self._remember(trainer, bad, grads_bad, grads_ok, terms)
+
+    def _remember(
+        self, trainer: Trainer, bad: torch.Tensor, skipped: torch.Tensor, grads_ok: torch.Tensor, terms: dict
+    ) -> None:
+        step = trainer.global_step
+        self._where[step] = f"epoch {trainer.current_epoch}, batch {trainer.fit_loop.epoch_loop.batch_idx}"
+        old = self._pending
+        if old is None:
+            self._pending = {
+                "first": torch.where(bad, step, -1),
+                "skipped": skipped.long(),
+                "grads_ok": grads_ok,
+                "terms": terms,
+            }
+            return
+        first = bad & (old["first"] < 0)
+        old["first"] = torch.where(first, step, old["first"])
+        old["skipped"] = old["skipped"] + skipped.long()
+        old["grads_ok"] = torch.where(first, grads_ok, old["grads_ok"])
+        old["terms"] = {k: torch.where(first, v, old["terms"].get(k, v)) for k, v in terms.items()}
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        every = self.check_every_n_steps or max(1, trainer.log_every_n_steps)
+        if trainer.global_step % every == 0 and trainer.global_step != self._checked_at:
+            self._check(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._check(trainer)
+
+    def _check(self, trainer: Trainer) -> None:
+        """Read the record since the last check (agreed over all ranks) and stop or count skips."""
+        self._checked_at = trainer.global_step
+        pending, where, self._pending, self._where = self._pending, self._where, None, {}
+        if pending is None and trainer.world_size == 1:
+            return
+        if pending is None:  # this rank saw no step since the last check; the others may have
+            pending = {"first": torch.tensor(-1), "skipped": torch.tensor(0), "grads_ok": None, "terms": {}}
+        big = 2**62  # "no bad step": the most negative value, so that max() picks a real one
+        first = pending["first"].to(trainer.strategy.root_device)
+        summary = torch.stack([torch.where(first < 0, -big, -first), pending["skipped"].to(first.device)])
+        if trainer.world_size > 1:
+            summary = trainer.strategy.reduce(summary, reduce_op="max")
+        minus_first, skipped = summary.tolist()
+        if minus_first == -big:
+            return
+        self.skipped += int(skipped)
+        step = -int(minus_first)
+        problem = self._problem(pending)
+        at = f"step {step} ({where.get(step, 'on another rank')})"
+        device_skips = any(getattr(o, "_step_supports_amp_scaling", False) for o in trainer.optimizers)
+        if device_skips and self.skipped <= self.skip_limit:
+            rank_zero_warn(
+                f"{problem} at {at}: {int(skipped)} step(s) skipped on the device since the last check "
+                f"({self.skipped} of {self.skip_limit} allowed)"
+            )
+            return
+        if device_skips:
+            outcome = f"its update was skipped; {self.skipped} skipped in all (skip_limit {self.skip_limit})"
+        else:
+            outcome = (
+                f"found at the check after step {trainer.global_step - 1}; the weights since are not saved"
+            )
+        raise NonFiniteError(f"{problem} at {at}: {outcome}; last good checkpoint: {_last_written(trainer)}")
+
+    def _check_now(
+        self, trainer: Trainer, optimizer: torch.optim.Optimizer, bad: torch.Tensor, record: dict[str, Any]
+    ) -> None:
+        """One step checked on the host as it happens (`skip_limit` > 0 without a fused optimizer)."""
+        flag = bool(bad)
+        if trainer.world_size > 1:
+            flag = trainer.strategy.reduce_boolean_decision(flag, all=False)
+        if not flag:
+            return
+        problem = self._problem(record) if bool(bad) else "non-finite loss or gradient on another rank"
         where = (
             f"step {trainer.global_step} (epoch {trainer.current_epoch}, "
             f"batch {trainer.fit_loop.epoch_loop.batch_idx})"
@@ -177,25 +282,29 @@ class NonFiniteGuard(Callback):
                 f"{problem} at {where}: step skipped ({self.skipped} of {self.skip_limit} allowed)"
             )
             return
-        written = [getattr(cb, "last_model_path", "") for cb in trainer.checkpoint_callbacks]
-        checkpoint = max(
-            written, key=lambda p: os.path.getmtime(p) if p and os.path.exists(p) else -1.0, default=""
-        )
-        checkpoint = checkpoint or "none written yet"
-        limit = f" after {self.skipped} skipped (skip_limit {self.skip_limit})" if self.skip_limit else ""
         raise NonFiniteError(
-            f"{problem} at {where}{limit}; weights not updated, last good checkpoint: {checkpoint}"
+            f"{problem} at {where} after {self.skipped} skipped (skip_limit {self.skip_limit}); weights not "
+            f"updated, last good checkpoint: {_last_written(trainer)}"
         )
 
-    def _problem(self, pl_module: LightningModule) -> str:
-        bad_terms = [k for k, v in self._terms.items() if not bool(torch.isfinite(v).all())]
+    def _problem(self, pending: dict[str, Any]) -> str:
+        terms = {k: float(v) for k, v in pending["terms"].items()}
+        bad_terms = [k for k, v in terms.items() if not math.isfinite(v)]
         if bad_terms:
-            return "non-finite loss term " + ", ".join(f"{k}={float(self._terms[k]):g}" for k in bad_terms)
-        for name, param in pl_module.named_parameters():
-            if param.grad is not None and not bool(torch.isfinite(param.grad).all()):
-                shown = ", ".join(f"{k}={float(v):.4g}" for k, v in self._terms.items()) or "none recorded"
-                return f"non-finite gradient of {name} (loss terms finite: {shown})"
+            return "non-finite loss term " + ", ".join(f"{k}={terms[k]:g}" for k in bad_terms)
+        if pending["grads_ok"] is not None:
+            for (name, _), ok in zip(self._params, pending["grads_ok"].tolist()):
+                if not ok:
+                    shown = ", ".join(f"{k}={v:.4g}" for k, v in terms.items()) or "none recorded"
+                    return f"non-finite gradient of {name} (loss terms finite: {shown})"
         return "non-finite loss or gradient on another rank"
+
+
+def _last_written(trainer: Trainer) -> str:
+    """The newest checkpoint file a checkpoint callback has written, or a note that there is none."""
+    written = [getattr(cb, "last_model_path", "") for cb in trainer.checkpoint_callbacks]
+    newest = max(written, key=lambda p: os.path.getmtime(p) if p and os.path.exists(p) else -1.0, default="")
+    return newest or "none written yet"
 
 
 class PreemptionCheckpoint(Callback):
@@ -207,14 +316,25 @@ class PreemptionCheckpoint(Callback):
     `SLURMEnvironment(auto_requeue=True)` the job is requeued after SIGUSR1 (`#SBATCH --signal=SIGUSR1@90`).
     The process then exits with code 128 + the signal number.
 
+    Under DDP the ranks agree on whether any of them got a signal (a collective, which waits for the
+    device) every `check_every_n_steps` steps, so the save comes at most that many batches after the
+    signal; SLURM's `--signal=SIGUSR1@90` leaves 90 s for it. One process checks its flag every batch.
+
     Args:
         signals: names of the signals to handle.
+        check_every_n_steps: under DDP, steps between the ranks' agreements (None: the trainer's
+            `log_every_n_steps`, where Lightning waits for the device anyway).
     """
 
-    def __init__(self, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")) -> None:
+    def __init__(
+        self, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1"), check_every_n_steps: int | None = None
+    ) -> None:
         unknown = [s for s in signals if not isinstance(getattr(signal, s, None), signal.Signals)]
         if unknown:
             raise ValueError(f"unknown signal names {unknown}")
+        if check_every_n_steps is not None and check_every_n_steps < 1:
+            raise ValueError(f"check_every_n_steps must be >= 1, got {check_every_n_steps}")
+        self.check_every_n_steps = check_every_n_steps
         self.signals = tuple(signals)
         self.received: int | None = None
         self.saved_path: str | None = None
@@ -256,6 +376,9 @@ class PreemptionCheckpoint(Callback):
     ) -> None:
         received = self.received is not None
         if trainer.world_size > 1:
+            every = self.check_every_n_steps or max(1, trainer.log_every_n_steps)
+            if trainer.global_step % every:
+                return
             # every rank must take part in the save, whichever ones the signal reached
             received = trainer.strategy.reduce_boolean_decision(received, all=False)
         if not received:

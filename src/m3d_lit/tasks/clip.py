@@ -71,7 +71,7 @@ class ClipTask(BaseTask):
             image, text = self._gather(image), self._gather(text)
         loss = clip_loss(image, text, scale)
         size = len(batch["input_ids"])
-        self.log(f"{split}/loss", loss, batch_size=size, prog_bar=True, sync_dist=split != "train")
+        self.log_loss(split, loss, size)
         if split == "train":
             self.log("train/logit_scale", scale, batch_size=size)
         else:

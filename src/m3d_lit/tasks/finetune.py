@@ -74,30 +74,24 @@ class FinetuneTask(AlignTask):
     def item_counts(self, out: dict[str, Tensor], batch: dict[str, Any]) -> Tensor:
         """Answer tokens for the LM loss; the rows that made a mask for Dice and BCE."""
         tokens = super().item_counts(out, batch)
-        rows = tokens.new_full((1,), out["seg_rows"].numel())
+        rows = tokens.new_full((1,), len(out["seg_rows"]))
         return torch.cat([tokens, rows, rows])
 
     def compute_loss(self, out: dict[str, Tensor], batch: dict[str, Any], split: str) -> Tensor:
         weights = self.model.config.loss
         loss = out["lm_loss"] + weights.w_dice * out["dice"] + weights.w_bce * out["bce"]
-        if split == "train" and self.trainer.world_size > 1:
-            # every rank logs its share (0 without mask rows), so the synchronised mean is the global
-            # batch's; a log some ranks skip would leave the others waiting in the all-reduce
-            self.log("train/loss_dice", out["dice"], batch_size=len(batch["input_ids"]), sync_dist=True)
-            self.log("train/loss_bce", out["bce"], batch_size=len(batch["input_ids"]), sync_dist=True)
-            return loss
-        flags = batch.get("seg_flags")
-        if flags is None or not bool(flags.any()):
-            return loss
-        size = int(flags.sum())
-        if split == "train":
-            self.log("train/loss_dice", out["dice"], batch_size=size)
-            self.log("train/loss_bce", out["bce"], batch_size=size)
+        # the rows that segment: a shape known on the host, so nothing here waits for the device
+        size = len(out["seg_rows"])
+        if split == "train" and (size or self.trainer.world_size > 1):
+            # under data parallelism every rank logs its share (0 without mask rows): the terms' global
+            # mean comes from all of them, and a collective some ranks skip would stall the others
+            self.log_term(split, "loss_dice", out["dice"], max(size, 1))
+            self.log_term(split, "loss_bce", out["bce"], max(size, 1))
+        if split == "train" or size == 0:
             return loss
         metrics = self.eval_metrics[split]
         metrics["loss_dice"].update(out["dice"].detach(), weight=size)
         metrics["loss_bce"].update(out["bce"].detach(), weight=size)
-        if out.get("seg_logits") is not None:
-            # seg_logits row j belongs to batch row seg_rows[j] (rows whose [SEG] survived truncation)
-            metrics["dice"].update(out["seg_logits"].detach(), batch["masks"][out["seg_rows"]])
+        # seg_logits row j belongs to batch row seg_rows[j], and so does the batch's mask j
+        metrics["dice"].update(out["seg_logits"].detach(), batch["masks"])
         return loss

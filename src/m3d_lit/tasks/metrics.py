@@ -21,27 +21,29 @@ __all__ = ["MeanDice", "RetrievalRecall", "TokenAccuracy"]
 
 
 class TokenAccuracy(Metric):
-    """Share of answer tokens (labels != -100) predicted exactly, with the causal shift, over every token seen.
+    """Share of answer tokens predicted exactly (the argmax token equals the label), over every token seen.
 
-    `compute` gives NaN before any answer token was seen.
+    The model runs its LM head only where a label is trained and returns the argmax token there with its
+    label (`LamedModel.forward`'s `predicted` and `targets`), so this counts exactly what the full logits
+    would give at the labelled positions. `compute` gives NaN before any answer token was seen.
     """
 
     full_state_update = False
     higher_is_better = True
 
-    def __init__(self, ignore_index: int = -100, **kwargs) -> None:
+    def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.ignore_index = ignore_index
         self.add_state("correct", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, logits: Tensor, labels: Tensor) -> None:
-        """logits B x L x V, labels B x L (position t predicts token t + 1)."""
-        predicted = logits[:, :-1].argmax(-1)
-        target = labels[:, 1:]
-        valid = target != self.ignore_index
-        self.correct += (predicted[valid] == target[valid]).sum()
-        self.total += valid.sum()
+    def update(self, predicted: Tensor, targets: Tensor) -> None:
+        """predicted and targets: N token ids each (the labelled positions of a batch)."""
+        if predicted.shape != targets.shape or predicted.dim() != 1:
+            raise ValueError(
+                f"predicted {tuple(predicted.shape)} and targets {tuple(targets.shape)} must be N, N"
+            )
+        self.correct += (predicted == targets).sum()
+        self.total += targets.numel()
 
     def compute(self) -> Tensor:
         return self.correct.double() / self.total if self.total > 0 else torch.tensor(float("nan"))
