@@ -16,7 +16,7 @@ from m3d_lit.app.engine import Engine, is_closed_question
 from m3d_lit.app.scans import Scan, load_upload
 from m3d_lit.app.view import plane, views_html
 from m3d_lit.errors import InputError
-from m3d_lit.evaluation.generation import yes_probability
+from m3d_lit.inference.predictor import yes_probability
 
 SIZE = (32, 64, 64)
 

@@ -211,7 +211,7 @@ def qa_line_not_json(tmp: Path):
     return (
         lambda: read_qa_jsonl(path),
         path,
-        r"line 2 is not JSON: Expecting property name enclosed in double quotes",
+        r"line 2 is not JSON: Expecting property name enclosed in double quotes \(column 2\)",
     )
 
 
@@ -236,11 +236,12 @@ def checkpoint_of_another_preset(tmp: Path):
 
 
 def checkpoint_of_another_configuration(tmp: Path):
-    from m3d_lit.tasks.loading import load_task
+    from m3d_lit.inference.loading import load_model as load_task
 
     path = _stage2_checkpoint(tmp, SMALL)
     checkpoint = torch.load(path, weights_only=True)
-    # as if resumed with other overrides than the ones it was made with
+    # an older checkpoint (no bundle: rebuilt from its hyperparameters) whose overrides were edited since
+    del checkpoint["m3d_lit"]["bundle"]
     checkpoint["hyper_parameters"]["overrides"] = {"llm": {"num_hidden_layers": 1}}
     torch.save(checkpoint, path)
     problem = r"was made with another configuration of preset 'tiny' \(overrides differ\)"
@@ -248,7 +249,7 @@ def checkpoint_of_another_configuration(tmp: Path):
 
 
 def corrupt_checkpoint(tmp: Path):
-    from m3d_lit.tasks.loading import load_task
+    from m3d_lit.inference.loading import load_model as load_task
 
     path = _stage2_checkpoint(tmp, SMALL)
     path.write_bytes(path.read_bytes()[:5000])
@@ -257,7 +258,7 @@ def corrupt_checkpoint(tmp: Path):
 
 
 def zero2_checkpoint_folder(tmp: Path):
-    from m3d_lit.tasks.loading import load_task
+    from m3d_lit.inference.loading import load_model as load_task
 
     # the layout DeepSpeed writes for `last.ckpt` under the zero2 preset (the files are never opened)
     folder = tmp / "checkpoints" / "last.ckpt"
@@ -275,12 +276,13 @@ def zero2_checkpoint_folder(tmp: Path):
 
 
 def folder_given_as_checkpoint(tmp: Path):
-    from m3d_lit.tasks.loading import load_task
+    from m3d_lit.inference.loading import load_model as load_task
 
     (tmp / "runs").mkdir()
     problem = (
-        r"is a folder, not a checkpoint file \(nor a DeepSpeed checkpoint folder with a `latest` tag, "
-        r"nor an M3D-LaMed directory with a config.json\)"
+        r"is a folder, not a checkpoint file \(nor a run or stage folder with checkpoints/, a DeepSpeed "
+        r"checkpoint folder with a `latest` tag, an m3d-lit export folder with m3d_lit.json, or an "
+        r"M3D-LaMed or M3D-CLIP directory with a config.json\)"
     )
     return lambda: load_task(tmp / "runs"), tmp / "runs", problem
 

@@ -57,10 +57,10 @@ def _check_p_yes(checkpoint: Path, data: Path, record: dict) -> None:
 
     from m3d_lit.data.collate import LMCollator
     from m3d_lit.data.datasets import QAJsonlDataset
-    from m3d_lit.evaluation.generation import yes_no_ids
-    from m3d_lit.tasks.loading import load_task
+    from m3d_lit.inference.predictor import yes_no_ids
+    from m3d_lit.inference.loading import load_model
 
-    model = load_task(checkpoint)[0].model
+    model = load_model(checkpoint).model  # LoRA unmerged: an independent path to the same numbers
     dataset = QAJsonlDataset(data, img_size=tuple(model.img_size))
     item = next(dataset[i] for i in range(len(dataset)) if dataset[i]["id"] == record["id"])
     batch = LMCollator(

@@ -34,13 +34,10 @@ TINY = {
 
 
 def save_checkpoint(task: AlignTask, path: Path) -> Path:
-    """The keys `load_task` reads from a Lightning checkpoint."""
-    name = f"{type(task).__module__}.{type(task).__qualname__}"
-    state = {
-        "state_dict": task.state_dict(),
-        "hyper_parameters": dict(task.hparams),
-        "m3d_lit": {"task": name, "preprocessing": {"size": [8, 16, 16], "window": [40, 80]}},
-    }
+    """What Lightning saves of a task trained on one source prepared at 8 x 16 x 16 with the brain window."""
+    task._data_record = ({"cq500": {"size": [8, 16, 16], "window": "brain"}}, "0123456789abcdef")
+    state = {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}
+    task.on_save_checkpoint(state)
     torch.save(state, path)
     return path
 
@@ -147,14 +144,16 @@ def test_merged_llm_equals_lamed_with_lora(trained: tuple[FinetuneTask, Path], t
 
 
 def test_adapter_and_components_reload(trained: tuple[FinetuneTask, Path], tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
     from peft import PeftModel
 
-    from m3d_lit.tasks.loading import load_task
+    from m3d_lit.inference.loading import load_model
 
     task, checkpoint = trained
     out = export(checkpoint, tmp_path / "export")
     assert not (out / "llm").exists()
-    fresh, _ = load_task(checkpoint)
+    fresh = SimpleNamespace(model=load_model(checkpoint).model)
     fresh.model.llm = PeftModel.from_pretrained(fresh.model.llm.unload(), out / "adapter").eval()
     ids = sample_ids(task.model)
     with torch.no_grad():
@@ -178,9 +177,10 @@ def test_adapter_and_components_reload(trained: tuple[FinetuneTask, Path], tmp_p
     rows = load_file(out / "new_tokens.safetensors")
     assert torch.equal(rows["output_rows"], model.new_tokens.output_rows)
     manifest = json.loads((out / "m3d_lit.json").read_text())
-    assert manifest["config"]["img_size"] == [8, 16, 16] and manifest["merged"] is False
-    assert manifest["lora"] == {"r": 16, "alpha": 32, "dropout": 0.1}
-    assert manifest["preprocessing"] == {"size": [8, 16, 16], "window": [40, 80]}
+    bundle = manifest["bundle"]  # the checkpoint's record, so the export loads with it (test_inference_loading)
+    assert bundle["config"]["img_size"] == [8, 16, 16] and manifest["merged"] is False
+    assert bundle["lora"] == {"r": 16, "alpha": 32, "dropout": 0.1}
+    assert bundle["preprocessing"] == {"cq500": {"size": [8, 16, 16], "window": "brain"}}
 
 
 def test_existing_folder_needs_overwrite(trained: tuple[FinetuneTask, Path], tmp_path: Path) -> None:
@@ -216,10 +216,8 @@ def test_refuses_a_checkpoint_without_lora(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_export_of_a_trained_checkpoint(stage3_checkpoint: Path, tmp_path: Path) -> None:
     """The same through `m3d-lit export` on a checkpoint that Lightning wrote after real training steps."""
-    from m3d_lit.tasks.loading import load_task
+    from m3d_lit.inference.loading import load_model
 
     assert main(["--checkpoint", str(stage3_checkpoint), "--out", str(tmp_path / "export"), "--merge"]) == 0
-    task, _ = load_task(stage3_checkpoint)
-    assert_export_is_the_merge(
-        task.model, tmp_path / "export" / "llm", tmp_path / "reference", stage3_checkpoint
-    )
+    model = load_model(stage3_checkpoint).model
+    assert_export_is_the_merge(model, tmp_path / "export" / "llm", tmp_path / "reference", stage3_checkpoint)

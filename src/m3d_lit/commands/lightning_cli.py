@@ -19,18 +19,27 @@ from typing import Any
 
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from m3d_lit.commands import LIGHTNING_COMMANDS
 from m3d_lit.data.datamodules import BaseDataModule
 from m3d_lit.errors import InputError
+from m3d_lit.inference.checkpoints import (
+    CHECKPOINTS,
+    latest_run,
+    resolve_checkpoint,
+    run_of,
+    zero_checkpoint_problem,
+)
+from m3d_lit.models.official.lamed import is_official_lamed
 from m3d_lit.models.presets import resolve
 from m3d_lit.recipes import common_trainer
-from m3d_lit.tasks.base import BaseTask, zero_checkpoint_problem
-from m3d_lit.tasks.official import official_kind
+from m3d_lit.tasks.base import BaseTask
+from m3d_lit.tasks.callbacks import PredictionWriter
 
-__all__ = ["M3dLightningCLI", "check_paths", "fold_optimizer_options", "one_line"]
+__all__ = ["M3dLightningCLI", "check_paths", "fold_optimizer_options", "one_line", "place_run"]
 
 SCHEDULE_OPTIONS = (
     "the task schedules the learning rate itself (linear warm-up, then cosine decay, per step, with "
@@ -108,19 +117,60 @@ def check_paths(config: Namespace) -> None:
             ckpt, "--ckpt_path: checkpoint not found (or use --ckpt_path last to resume the newest)"
         )
     init_from = init_args.get("init_from")
-    if init_from and official_kind(init_from):  # an M3D-LaMed directory: the task reads and checks it
-        init_from = None
-    if init_from and not ckpt and zero_checkpoint_problem(init_from):
-        raise InputError(init_from, f"--model.init_from: {zero_checkpoint_problem(init_from)}")
-    if init_from and not ckpt and not Path(init_from).is_file():
-        raise InputError(
-            init_from,
-            "--model.init_from: checkpoint not found (run the previous stage, or pass null to start fresh)",
-        )
+    if init_from and not ckpt and not is_official_lamed(init_from):  # an M3D-LaMed directory: the task reads it
+        try:
+            resolved = resolve_checkpoint(init_from).path
+            problem = zero_checkpoint_problem(resolved) if resolved.is_dir() else None
+        except InputError as err:
+            problem = err.problem
+        if problem:
+            raise InputError(
+                init_from, f"--model.init_from: {problem} (run the previous stage, or pass null to start fresh)"
+            )
     for key in ("llm_path", "text_path"):
         folder = init_args.get(key)
         if folder and not Path(folder).is_dir():
             raise InputError(folder, f"--model.{key}: directory not found")
+
+
+def _logger_args(config: Namespace) -> Namespace | None:
+    """The init_args of the run's logger when it names a run folder (`save_dir`/`name`/`version`)."""
+    logger = (config.get("trainer") or Namespace()).get("logger")
+    logger = logger[0] if isinstance(logger, list) and logger else logger
+    args = logger.get("init_args") if isinstance(logger, Namespace) else None
+    return args if isinstance(args, Namespace) and args.get("save_dir") and args.get("name") else None
+
+
+def place_run(config: Namespace) -> None:
+    """Which run folder (`runs/<stage>/<run>/`) a command writes: a resumed run continues in its own, a new
+    run never writes into one that holds checkpoints.
+
+    `--ckpt_path last` is the latest checkpoint of the stage's latest run (where no run of the stage holds
+    one, Lightning's own rule stands: the newest `last.ckpt` of the checkpoint callbacks' folders), a run
+    folder its latest checkpoint; a checkpoint inside a run of this stage continues that run (the
+    logger's `version`).
+    """
+    logger, ckpt = _logger_args(config), config.get("ckpt_path")
+    stage = Path(logger.save_dir) / str(logger.name) if logger is not None else None
+    run = latest_run(stage) if ckpt == "last" and stage is not None else None
+    if run is not None:
+        ckpt = config.ckpt_path = str(resolve_checkpoint(run).path)
+    elif ckpt and str(ckpt) not in _CKPT_NAMES and Path(ckpt).is_dir():
+        ckpt = config.ckpt_path = str(resolve_checkpoint(ckpt).path)
+    run = run_of(ckpt) if ckpt and str(ckpt) not in _CKPT_NAMES else None
+    if logger is None:
+        return
+    if run is not None and stage is not None and run.parent.resolve() == stage.resolve():
+        logger.version = run.name
+        rank_zero_info(f"resuming run {run} from {ckpt}")
+    elif not ckpt and logger.get("version") is not None:
+        folder = stage / str(logger.version) / CHECKPOINTS
+        if folder.is_dir() and any(folder.rglob("*.ckpt")):
+            raise InputError(
+                folder,
+                "holds the checkpoints of an earlier run: a new run never writes over another's; choose another "
+                f"--trainer.logger.init_args.version, or resume that run with --ckpt_path {folder.parent}",
+            )
 
 
 def _check_preset(config: Namespace) -> None:
@@ -146,16 +196,20 @@ class M3dLightningCLI(LightningCLI):
         fold_optimizer_options(config)
         _check_preset(config)
         check_paths(config)
+        place_run(config)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         # Read what the run reads first: the trainer creates its log folder and writes its config there.
         stage = self.subcommand
-        if stage in ("fit", "validate", "test") and self.datamodule is not None:
+        if stage in ("fit", "validate", "test", "predict") and self.datamodule is not None:
             self.datamodule.setup(stage)
         init_from = self.model.hparams.get("init_from") if self.model is not None else None
         if stage == "fit" and init_from and not self._subcommand_config().get("ckpt_path"):
             self.model.load_init_weights(init_from)
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if stage == "predict" and not any(isinstance(c, BasePredictionWriter) for c in trainer.callbacks):
+            trainer.callbacks.append(PredictionWriter())
+        return trainer
 
     def _subcommand_config(self) -> Namespace:
         subcommand = self.config.get("subcommand")

@@ -21,6 +21,8 @@ from lightning.pytorch.utilities import grad_norm, rank_zero_info
 from torch import Tensor, nn
 
 from m3d_lit.errors import InputError
+from m3d_lit.inference.bundle import Bundle, describe_model
+from m3d_lit.inference.checkpoints import read_checkpoint, resolve_checkpoint
 from m3d_lit.models.perceiver import set_batchnorm_sync
 from m3d_lit.models.presets import STAGE_TRAINABLE
 from m3d_lit.tasks.checkpoints import (
@@ -34,51 +36,9 @@ from m3d_lit.tasks.checkpoints import (
 )
 from m3d_lit.tasks.hparams import write_hparams
 
-__all__ = ["EVAL_SPLITS", "BaseTask", "load_checkpoint", "warmup_cosine", "zero_checkpoint_problem"]
+__all__ = ["EVAL_SPLITS", "BaseTask", "warmup_cosine"]
 
 EVAL_SPLITS = ("val", "test")
-
-
-def zero_checkpoint_problem(path: str | Path) -> str | None:
-    """For a DeepSpeed ZeRO checkpoint folder (the `zero2` preset's `last.ckpt`): how to make it one file.
-
-    The conversion reads DeepSpeed's pickles (`weights_only=False`), so it is left to a command the user
-    runs on their own files rather than done silently on load.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        return None
-    tag = (path / "latest").read_text().strip() if (path / "latest").is_file() else None
-    if tag is None or not any((path / tag).glob("*model_states.pt")):
-        return (
-            "is a folder, not a checkpoint file (nor a DeepSpeed checkpoint folder with a `latest` tag, "
-            "nor an M3D-LaMed directory with a config.json)"
-        )
-    out = path.with_name(f"{path.stem}.fp32.ckpt")
-    command = (
-        'python -c "from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict '
-        f"as convert; convert('{path}', '{out}')\""
-    )
-    return (
-        f"is a DeepSpeed ZeRO checkpoint folder (tag {tag!r}), not one file: convert it with `{command}` "
-        f"(needs `pip install deepspeed`), then pass {out}"
-    )
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a Lightning checkpoint safely (`weights_only=True`), with a clear error for a bad file."""
-    path = Path(path)
-    problem = zero_checkpoint_problem(path)
-    if problem:
-        raise InputError(path, problem)
-    if not path.is_file():
-        raise InputError(path, "checkpoint not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for truncated or foreign files
-        cause = f"{type(err).__name__}: {err}"
-        problem = f"not a readable checkpoint: truncated, damaged or not from torch.save ({cause})"
-        raise InputError(path, problem) from err
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -96,7 +56,9 @@ class BaseTask(LightningModule):
         preset: model size preset (`tiny`, `small`, `paper`).
         overrides: values deep-merged into the preset (e.g. `{llm: {num_hidden_layers: 2}}`).
         trainable: per component `frozen | full | lora`; missing keys take the stage's defaults.
-        init_from: checkpoint of the previous stage whose weights start this one (only on a fresh run).
+        init_from: the previous stage's checkpoint whose weights start this one (only on a fresh run): a
+            `.ckpt` file, a run folder (`runs/stage2/version_0`: its newest checkpoint) or a stage folder
+            (`runs/stage2`: its latest run); the log says which checkpoint it took.
         init_prefixes: state-dict prefixes taken from `init_from`; every matching key must be present (unset:
             the stage's defaults, plus every other weight of the checkpoint that fits this model).
         optimizer: optimizer factory (LightningCLI injects it from YAML: class_path + init_args).
@@ -139,6 +101,7 @@ class BaseTask(LightningModule):
         self._init_loaded = False
         self.param_groups()  # an lr_scale naming no trainable part is refused now, not at the first step
 
+        self._data_record: tuple[dict[str, Any], str | None] = ({}, None)
         self.eval_metrics = nn.ModuleDict({split: self.configure_metrics() for split in EVAL_SPLITS})
         self._init_reliability()
 
@@ -174,7 +137,10 @@ class BaseTask(LightningModule):
                     f"{type(datamodule).__name__} has no set_collator(collate): derive the DataModule from "
                     "m3d_lit.data.datamodules.BaseDataModule, which batches with the task's collator"
                 )
-            datamodule.set_collator(self.configure_collate())
+            # predicting hands the samples themselves to `predict_step`: the Predictor batches them
+            datamodule.set_collator(list if stage == "predict" else self.configure_collate())
+            # read once per run (the data do not change under it), recorded in every checkpoint's bundle
+            self._data_record = (dict(datamodule.preprocessing or {}), datamodule.fingerprint())
         # `sync_batchnorm=True` converts torch's batch norms; the perceiver's synchronises itself
         sync = getattr(self.trainer.strategy, "_layer_sync", None) is not None
         if set_batchnorm_sync(self, sync) and sync:
@@ -200,7 +166,11 @@ class BaseTask(LightningModule):
         checkpoint and what starts as built here (`init_summary` keeps the counts).
         """
         prefixes = tuple(self.hparams.init_prefixes or self.default_init_prefixes)
-        checkpoint = load_checkpoint(path)
+        resolved = resolve_checkpoint(path)
+        if resolved.how:
+            rank_zero_info(f"init_from {resolved.how}")
+        path = resolved.path
+        checkpoint = read_checkpoint(path)
         source = checkpoint.get("state_dict")
         if not isinstance(source, dict):
             raise InputError(path, "has no state_dict: not a Lightning checkpoint of m3d-lit")
@@ -239,6 +209,12 @@ class BaseTask(LightningModule):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         return self.model_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Any:
+        raise InputError(
+            "predict",
+            f"{type(self).__name__} (stage {self.stage}) answers no questions: predict with stage 2 or 3",
+        )
 
     def on_validation_epoch_end(self) -> None:
         self.log_epoch_metrics("val")
@@ -298,12 +274,25 @@ class BaseTask(LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def bundle(self) -> Bundle:
+        """The record a checkpoint carries so that inference rebuilds the model without this task."""
+        preprocessing, data = self._data_record
+        return describe_model(
+            self.model,
+            preprocessing=preprocessing,
+            data=data,
+            task=f"{type(self).__module__}.{type(self).__qualname__}",
+            llm_path=self.hparams.get("llm_path"),
+            llm_weights=(self.base_fingerprint.get("llm") or {}).get("weights"),
+            text_path=self.hparams.get("text_path"),
+            text_max_length=self.hparams.get("text_max_length"),
+        )
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record what `m3d-lit eval` and `ask` need to rebuild the task and read a scan like training did."""
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        """Record the model's bundle (what `eval`, `ask` and the other commands rebuild it from)."""
         checkpoint["m3d_lit"] = {
             "task": f"{type(self).__module__}.{type(self).__qualname__}",
-            "preprocessing": getattr(datamodule, "preprocessing", None),
+            "bundle": self.bundle().to_dict(),
         }
         self._save_reliability(checkpoint)
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from m3d_lit.errors import InputError
-from m3d_lit.models.llm import unwrap
+from m3d_lit.inference.bundle import llm_weights_hash
 from m3d_lit.models.presets import fingerprint_config
 
 __all__ = [
@@ -32,24 +32,10 @@ __all__ = [
     "set_rng_states",
     "summarise_init",
 ]
-SAMPLES_PER_TENSOR = 64
 
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
-
-
-def _llm_weights_hash(llm: torch.nn.Module) -> str:
-    """A hash of names, shapes and evenly spaced values of the LLM's own (non-LoRA) weights."""
-    digest = hashlib.sha256()
-    named = {n.replace(".base_layer", ""): p for n, p in unwrap(llm).named_parameters() if "lora_" not in n}
-    for name in sorted(named):
-        flat = named[name].detach().reshape(-1)
-        digest.update(f"{name}:{tuple(named[name].shape)}".encode())
-        if flat.numel() and not flat.is_meta:
-            index = torch.linspace(0, flat.numel() - 1, min(SAMPLES_PER_TENSOR, flat.numel())).long()
-            digest.update(flat[index.to(flat.device)].float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def base_fingerprint(task: Any) -> dict[str, Any]:
@@ -59,7 +45,7 @@ def base_fingerprint(task: Any) -> dict[str, Any]:
     llm_record = None
     if isinstance(llm, torch.nn.Module):
         path = task.hparams.get("llm_path")
-        llm_record = {"path": None if path is None else str(path), "weights": _llm_weights_hash(llm)}
+        llm_record = {"path": None if path is None else str(path), "weights": llm_weights_hash(llm)}
     return {
         "preset": task.hparams.preset,
         "config": _sha(json.dumps(config, sort_keys=True, default=str).encode()),
