@@ -121,14 +121,16 @@ def test_stream_grows_to_the_command_line_answer(
     engine: Engine, stage3_checkpoint: Path, prepared: list[Path]
 ):
     from m3d_lit.commands.ask import ask
+    from m3d_lit.inference.predictor import Predictor
 
+    predictor = Predictor.load(stage3_checkpoint, max_new_tokens=8)
     volume = sorted((prepared[1] / "images").glob("*.npy"))[0]
     for question in ("Is there a fracture?", "Segment the hemorrhage."):
-        text, logits, prepared = ask(stage3_checkpoint, volume, question, max_new_tokens=8)
-        image = prepared.image
-        parts = list(engine.stream(image, question))
-        assert parts[-1].done and parts[-1].text == text
-        assert (parts[-1].seg_logits is None) == (logits is None)
+        answer = ask(predictor, volume, question)
+        parts = list(engine.stream(answer.prepared.image, question))
+        assert parts[-1].done and parts[-1].text == answer.prediction.text
+        assert parts[-1].p_yes == answer.prediction.p_yes  # the same Predictor answers both
+        assert (parts[-1].seg_logits is None) == (answer.prediction.seg_logits is None)
         assert all(not p.done for p in parts[:-1]) and len(parts) >= 2
         assert all((p.p_yes is not None) == is_closed_question(question) for p in parts)
 

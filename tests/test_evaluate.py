@@ -57,8 +57,8 @@ def _check_p_yes(checkpoint: Path, data: Path, record: dict) -> None:
 
     from m3d_lit.data.collate import LMCollator
     from m3d_lit.data.datasets import QAJsonlDataset
-    from m3d_lit.inference.predictor import yes_no_ids
     from m3d_lit.inference.loading import load_model
+    from m3d_lit.inference.predictor import yes_no_ids
 
     model = load_model(checkpoint).model  # LoRA unmerged: an independent path to the same numbers
     dataset = QAJsonlDataset(data, img_size=tuple(model.img_size))

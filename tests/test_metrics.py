@@ -22,9 +22,9 @@ from rouge_score.rouge_scorer import RougeScorer
 from m3d_lit.evaluation import corpus_protocol
 from m3d_lit.evaluation.closed import closed_metrics, parse_closed
 from m3d_lit.evaluation.corpus_protocol import tokenize
+from m3d_lit.evaluation.grouped_scores import compute_metrics
 from m3d_lit.evaluation.segmentation import dice_iou
 from m3d_lit.evaluation.wordnet import nltk_data_dirs, require_wordnet
-from m3d_lit.evaluation.grouped_scores import compute_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 # (prediction, reference): exact match, empty prediction, punctuation, casing, paraphrase, synonyms,

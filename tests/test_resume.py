@@ -22,8 +22,8 @@ from m3d_lit.cli import main
 from m3d_lit.data.sampling import EpochSampler, ResumableDataLoader
 from m3d_lit.errors import InputError
 from m3d_lit.inference.checkpoints import read_checkpoint as load_checkpoint
-from m3d_lit.tasks.checkpoints import rng_states, set_rng_states
 from m3d_lit.inference.loading import load_model
+from m3d_lit.tasks.checkpoints import rng_states, set_rng_states
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"vision": {"num_layers": 1}, "llm": {"num_hidden_layers": 1}}

@@ -8,9 +8,9 @@ import pytest
 
 from m3d_lit.commands.score import main
 from m3d_lit.errors import InputError
+from m3d_lit.evaluation.grouped_scores import compute_metrics
 from m3d_lit.evaluation.predictions import read_predictions
 from m3d_lit.evaluation.tables import format_table
-from m3d_lit.evaluation.grouped_scores import compute_metrics
 
 RECORDS = [
     {"prediction": "Yes.", "answer": "Yes", "kind": "closed", "question": "Is there a bleed?", "dataset": "cq500"},

@@ -45,6 +45,7 @@ from m3d_lit.data.provenance import prepared_settings
 from m3d_lit.errors import InputError
 from m3d_lit.evaluation.grouped_scores import compute_metrics
 from m3d_lit.evaluation.markdown_report import write_report
+from m3d_lit.inference.checkpoints import resolve_checkpoint
 from m3d_lit.inference.predictor import Predictor
 from m3d_lit.inference.records import MaskSaver, annotate, prediction_records
 
@@ -119,6 +120,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     options = protocol_options(parser, args)
     _check_options(args)
+    resolve_checkpoint(args.checkpoint)  # a missing checkpoint is named before anything else
     data = qa_file(args.data)
     check_out_folder(args.out, args.overwrite, RESULT_FILES)
     predictor = Predictor.load(args.checkpoint, args.device, args.dtype, args.max_new_tokens)

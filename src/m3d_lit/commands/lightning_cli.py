@@ -118,15 +118,18 @@ def check_paths(config: Namespace) -> None:
         )
     init_from = init_args.get("init_from")
     if init_from and not ckpt and not is_official_lamed(init_from):  # an M3D-LaMed directory: the task reads it
+        if not Path(init_from).exists():
+            raise InputError(
+                init_from,
+                "--model.init_from: checkpoint not found (run the previous stage, or pass null to start fresh)",
+            )
         try:
             resolved = resolve_checkpoint(init_from).path
             problem = zero_checkpoint_problem(resolved) if resolved.is_dir() else None
-        except InputError as err:
+        except InputError as err:  # a folder holding no checkpoint
             problem = err.problem
         if problem:
-            raise InputError(
-                init_from, f"--model.init_from: {problem} (run the previous stage, or pass null to start fresh)"
-            )
+            raise InputError(init_from, f"--model.init_from: {problem}")
     for key in ("llm_path", "text_path"):
         folder = init_args.get(key)
         if folder and not Path(folder).is_dir():

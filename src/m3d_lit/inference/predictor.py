@@ -203,8 +203,11 @@ class Predictor:
         volumes = torch.stack(distinct).to(self.device, dtype)
         reuse = self._last is not None and self._last[0].shape == distinct[0].shape
         reuse = reuse and torch.equal(self._last[0], distinct[0])  # type: ignore[index]
-        fresh = self.model.encode_images(volumes[1:] if reuse else volumes)
-        tokens = torch.cat([self._last[1], fresh]) if reuse else fresh  # type: ignore[index]
+        todo = volumes[1:] if reuse else volumes
+        tokens = self.model.encode_images(todo) if len(todo) else None
+        if reuse:
+            kept = self._last[1]  # type: ignore[index]
+            tokens = kept if tokens is None else torch.cat([kept, tokens])
         self._last = (distinct[-1], tokens[-1:])
         index = torch.tensor(groups, device=self.device)
         return volumes.index_select(0, index), tokens.index_select(0, index)

@@ -19,6 +19,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import grad_norm, rank_zero_info
 from torch import Tensor, nn
+from torchmetrics import MetricCollection
 
 from m3d_lit.errors import InputError
 from m3d_lit.inference.bundle import Bundle, describe_model
@@ -102,7 +103,14 @@ class BaseTask(LightningModule):
         self.param_groups()  # an lr_scale naming no trainable part is refused now, not at the first step
 
         self._data_record: tuple[dict[str, Any], str | None] = ({}, None)
-        self.eval_metrics = nn.ModuleDict({split: self.configure_metrics() for split in EVAL_SPLITS})
+        # one MetricCollection per split: `val/token_acc`, `test/dice`, ...; members are reached by their
+        # own names (`self.eval_metrics["val"]["dice"]`)
+        self.eval_metrics = nn.ModuleDict(
+            {
+                split: MetricCollection(dict(self.configure_metrics()), prefix=f"{split}/", compute_groups=False)
+                for split in EVAL_SPLITS
+            }
+        )
         self._init_reliability()
 
     # -- what each stage provides -------------------------------------------------------------------
@@ -121,8 +129,9 @@ class BaseTask(LightningModule):
         raise NotImplementedError
 
     def configure_metrics(self) -> nn.ModuleDict:
-        """torchmetrics of one evaluation split (`val`, `test`): `model_step` updates them, the epoch's end
-        logs them (`log_epoch_metrics`). A metric's `compute` gives a value or a dict of named values."""
+        """torchmetrics of one evaluation split (`val`, `test`), by name; each split gets its own copy in a
+        `MetricCollection` (`self.eval_metrics[split]`): `model_step` updates them, the epoch's end logs them
+        (`log_epoch_metrics`). A metric's `compute` gives a value or a dict of named values."""
         return nn.ModuleDict()
 
     # -- shared machinery ---------------------------------------------------------------------------
@@ -223,19 +232,19 @@ class BaseTask(LightningModule):
         self.log_epoch_metrics("test")
 
     def log_epoch_metrics(self, split: str) -> None:
-        """Log each metric of `split` over the whole epoch and reset it.
+        """Log the split's metric collection over the whole epoch and reset it.
 
-        Every rank calls `compute`, which synchronises the metric's state across ranks, so every rank holds
+        Every rank calls `compute`, which synchronises each metric's state across ranks, so every rank holds
         the same epoch value. A value that is not finite (nothing seen, e.g. no `[SEG]` row) is not logged.
         """
-        for name, metric in self.eval_metrics[split].items():
-            result = metric.compute()
-            metric.reset()
-            for key, value in (result if isinstance(result, dict) else {name: result}).items():
-                value = torch.as_tensor(value, dtype=torch.float64, device=self.device)
-                if bool(torch.isfinite(value)):
-                    # already equal on every rank: "max" keeps it exact where a mean would round
-                    self.log(f"{split}/{key}", value, sync_dist=True, reduce_fx="max")
+        collection = self.eval_metrics[split]
+        results = collection.compute()
+        collection.reset()
+        for key, value in results.items():
+            value = torch.as_tensor(value, dtype=torch.float64, device=self.device)
+            if bool(torch.isfinite(value)):
+                # already equal on every rank: "max" keeps it exact where a mean would round
+                self.log(key, value, sync_dist=True, reduce_fx="max")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         norms = grad_norm(self.model, norm_type=2)
@@ -274,8 +283,11 @@ class BaseTask(LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def bundle(self) -> Bundle:
-        """The record a checkpoint carries so that inference rebuilds the model without this task."""
+    def bundle(self) -> Bundle | None:
+        """The record a checkpoint carries so that inference rebuilds the model without this task (None for
+        a model that is neither a `LamedModel` nor a `ClipModel`, as a test's toy)."""
+        if not hasattr(self.model, "tokenizer") and not hasattr(self.model, "text_tokenizer"):
+            return None
         preprocessing, data = self._data_record
         return describe_model(
             self.model,
@@ -290,9 +302,10 @@ class BaseTask(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the model's bundle (what `eval`, `ask` and the other commands rebuild it from)."""
+        bundle = self.bundle()
         checkpoint["m3d_lit"] = {
             "task": f"{type(self).__module__}.{type(self).__qualname__}",
-            "bundle": self.bundle().to_dict(),
+            "bundle": None if bundle is None else bundle.to_dict(),
         }
         self._save_reliability(checkpoint)
 
