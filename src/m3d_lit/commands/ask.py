@@ -71,9 +71,9 @@ def main(argv: list[str]) -> int:
     if args.mask_out is not None:
         check_mask_path(args.mask_out)
     predictor = Predictor.load(args.checkpoint, args.device, args.dtype, args.max_new_tokens)
-    for note in predictor.loaded.notes:
-        print(f"m3d-lit ask: {note}", file=sys.stderr)
     answer = ask(predictor, args.volume, args.question, args.source)
+    for note in predictor.loaded.notes:  # after the scan was read: a refusal stays one line
+        print(f"m3d-lit ask: {note}", file=sys.stderr)
     read_from = answer.prepared.read_from
     if read_from is not None and read_from.is_dir():
         files = sum(1 for p in read_from.iterdir() if p.is_file())

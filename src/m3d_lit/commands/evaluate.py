@@ -51,7 +51,9 @@ from m3d_lit.inference.records import MaskSaver, annotate, prediction_records
 
 __all__ = ["RESULT_FILES", "main", "qa_file", "tensorboard_scalars"]
 
-RESULT_FILES = ("predictions.jsonl", "metrics.json", "report.md", "masks", "tensorboard")
+# what an eval writes into --out (report.md's figures included): a folder holding any of them is a result
+RESULT_FILES = ("predictions.jsonl", "metrics.json", "report.md", "masks", "tensorboard", "examples",
+                "closed_roc.png", "closed_balanced_accuracy.png")  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -124,11 +126,11 @@ def main(argv: list[str]) -> int:
     data = qa_file(args.data)
     check_out_folder(args.out, args.overwrite, RESULT_FILES)
     predictor = Predictor.load(args.checkpoint, args.device, args.dtype, args.max_new_tokens)
-    for note in predictor.loaded.notes:
-        print(f"m3d-lit eval: {note}", file=sys.stderr)
     settings = prepared_settings(data.parent)
     if settings is not None:
         predictor.bundle.check_prepared(settings, data)
+    for note in predictor.loaded.notes:  # after the checks: a refusal stays one line
+        print(f"m3d-lit eval: {note}", file=sys.stderr)
     dataset = QAJsonlDataset(
         data, img_size=predictor.img_size, blank_images=args.blank_images, swapped_images=args.swap_images
     )
