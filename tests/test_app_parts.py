@@ -226,3 +226,26 @@ def test_two_sessions_asking_at_once_are_both_answered_in_turn(
         page.close()
     assert most[0] == 1
     assert all(r[4].startswith("Answered") for r in results) and results[0][:2] == results[1][:2]
+
+
+def test_app_takes_a_folder_as_eval_and_ask_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run, stage, export or M3D-LaMed folder is a checkpoint for the app too (it was refused as a
+    file that does not exist); a missing path is still one line."""
+    import signal
+
+    from m3d_lit.cli import main
+    from m3d_lit.commands import app
+
+    served: list[Path] = []
+    monkeypatch.setattr(app, "serve", lambda args, workdir: served.append(args.checkpoint))
+    for key in ("GRADIO_ANALYTICS_ENABLED", "HF_HUB_DISABLE_TELEMETRY", "GRADIO_TEMP_DIR"):
+        monkeypatch.setenv(key, "restored after the test")
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        folder = tmp_path / "runs" / "stage3"
+        folder.mkdir(parents=True)
+        assert main(["app", "--checkpoint", str(folder)]) == 0 and served == [folder]
+        assert main(["app", "--checkpoint", str(tmp_path / "missing")]) == 2
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
