@@ -148,14 +148,20 @@ class Predictor:
     def load(
         cls,
         checkpoint: str | Path,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
         dtype: str = "auto",
         max_new_tokens: int = 64,
     ) -> Predictor:
         """Load any checkpoint kind (`load_model`), merge LoRA into the LLM, and place it.
 
-        The merge runs in the weights' saved dtype (float32), before any cast to `dtype`.
+        Args:
+            checkpoint: a checkpoint file, a run or stage folder, an export folder or an official directory.
+            device: where it runs (None: CUDA when there is one, else the CPU).
+            dtype: `auto` (bfloat16 on CUDA, float32 on CPU), `float32`, `bfloat16` or `float64`; the
+                merge runs in the weights' saved dtype (float32), before the cast.
+            max_new_tokens: longest answer.
         """
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         loaded = load_model(checkpoint, kind="lamed")
         llm = loaded.model.llm
         if hasattr(llm, "merge_and_unload"):
