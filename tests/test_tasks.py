@@ -66,6 +66,9 @@ def test_resume_continues_step_count_in_its_own_run(
     fit("stage1_clip.yaml", prepared, "report", "--trainer.max_steps", "4", "--ckpt_path", "last")
     assert load_checkpoint(run / "checkpoints/last.ckpt")["global_step"] == 4  # the same run, continued
     assert sorted(p.name for p in (tmp_path / "runs/stage1").iterdir()) == ["version_0"]
+    # its config.yaml is still the one it started with; the resumption's is beside it
+    assert "ckpt_path: null" in (run / "config.yaml").read_text()
+    assert "ckpt_path: runs/stage1/version_0/checkpoints" in (run / "config.resumed.yaml").read_text()
 
 
 @pytest.mark.slow

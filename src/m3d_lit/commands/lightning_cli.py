@@ -48,6 +48,7 @@ SCHEDULE_OPTIONS = (
 )
 _NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value type:")
 _PARTS = {"BaseTask": "--model", "BaseDataModule": "--data"}
+RESUMED_CONFIG = "config.resumed.yaml"
 # values of --ckpt_path that Lightning resolves itself rather than as a file
 _CKPT_NAMES = {"last", "best", "hpc", "registry"}
 
@@ -117,7 +118,9 @@ def check_paths(config: Namespace) -> None:
             ckpt, "--ckpt_path: checkpoint not found (or use --ckpt_path last to resume the newest)"
         )
     init_from = init_args.get("init_from")
-    if init_from and not ckpt and not is_official_lamed(init_from):  # an M3D-LaMed directory: the task reads it
+    if (
+        init_from and not ckpt and not is_official_lamed(init_from)
+    ):  # an M3D-LaMed directory: the task reads it
         if not Path(init_from).exists():
             raise InputError(
                 init_from,
@@ -144,14 +147,14 @@ def _logger_args(config: Namespace) -> Namespace | None:
     return args if isinstance(args, Namespace) and args.get("save_dir") and args.get("name") else None
 
 
-def place_run(config: Namespace) -> None:
-    """Which run folder (`runs/<stage>/<run>/`) a command writes: a resumed run continues in its own, a new
-    run never writes into one that holds checkpoints.
+def place_run(config: Namespace, subcommand: str = "fit") -> bool:
+    """Which run folder (`runs/<stage>/<run>/`) a command writes: a resumed `fit` continues in its own run,
+    a new run never writes into one that holds checkpoints. Returns whether a run is continued.
 
     `--ckpt_path last` is the latest checkpoint of the stage's latest run (where no run of the stage holds
     one, Lightning's own rule stands: the newest `last.ckpt` of the checkpoint callbacks' folders), a run
-    folder its latest checkpoint; a checkpoint inside a run of this stage continues that run (the
-    logger's `version`).
+    folder its latest checkpoint; with `fit`, a checkpoint inside a run of this stage continues that run
+    (the logger's `version`). `validate`, `test` and `predict` write a folder of their own.
     """
     logger, ckpt = _logger_args(config), config.get("ckpt_path")
     stage = Path(logger.save_dir) / str(logger.name) if logger is not None else None
@@ -162,11 +165,17 @@ def place_run(config: Namespace) -> None:
         ckpt = config.ckpt_path = str(resolve_checkpoint(ckpt).path)
     run = run_of(ckpt) if ckpt and str(ckpt) not in _CKPT_NAMES else None
     if logger is None:
-        return
-    if run is not None and stage is not None and run.parent.resolve() == stage.resolve():
+        return False
+    if (
+        subcommand == "fit"
+        and run is not None
+        and stage is not None
+        and run.parent.resolve() == stage.resolve()
+    ):
         logger.version = run.name
         rank_zero_info(f"resuming run {run} from {ckpt}")
-    elif not ckpt and logger.get("version") is not None:
+        return True
+    if not ckpt and logger.get("version") is not None:
         folder = stage / str(logger.version) / CHECKPOINTS
         if folder.is_dir() and any(folder.rglob("*.ckpt")):
             raise InputError(
@@ -174,6 +183,7 @@ def place_run(config: Namespace) -> None:
                 "holds the checkpoints of an earlier run: a new run never writes over another's; choose another "
                 f"--trainer.logger.init_args.version, or resume that run with --ckpt_path {folder.parent}",
             )
+    return False
 
 
 def _check_preset(config: Namespace) -> None:
@@ -199,7 +209,9 @@ class M3dLightningCLI(LightningCLI):
         fold_optimizer_options(config)
         _check_preset(config)
         check_paths(config)
-        place_run(config)
+        if place_run(config, str(self.config.get("subcommand"))):
+            # the run's config.yaml stays the one it started with; the resumption's is saved beside it
+            self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": RESUMED_CONFIG}
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         # Read what the run reads first: the trainer creates its log folder and writes its config there.
