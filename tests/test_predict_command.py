@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import pytest
 
 from m3d_lit.cli import main
@@ -28,7 +29,9 @@ def _requests(tmp_path: Path, synthetic_raw: Path, prepared: list[Path]) -> Path
         "scans/absent.nii,Is there a fracture?",
         "scans/head.nii,",
         "scans/head.nii,Segment the hemorrhage.",
+        "scans/small.npy,Is there a fracture?",
     ]
+    np.save(tmp_path / "scans" / "small.npy", np.zeros((1, 8, 16, 16), np.float32))
     path = tmp_path / "requests.csv"
     path.write_text("\n".join(rows) + "\n")
     return path
@@ -50,6 +53,10 @@ def test_predict_answers_a_request_file_names_bad_rows_and_resumes(
     err = capsys.readouterr().err
     assert "requests.csv: line 5 scan scans/absent.nii does not exist" in err
     assert "requests.csv: line 6 has an empty question" in err
+    assert (
+        "requests.csv: line 8 scan scans/small.npy is an .npy of size [8, 16, 16]; the model takes [32, 64, 64]"
+        in err
+    )
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(line["line"] for line in lines) == [2, 3, 4, 7]
     by_line = {line["line"]: line for line in lines}

@@ -73,6 +73,12 @@ def _requests(predictor: Predictor, rows: list[RequestRow], source: str | None,
         except InputError as err:
             bad.extend((row.line, f"scan {row.scan}: {err.problem}") for row in questions)
             continue
+        size = tuple(int(n) for n in prepared.orig_shape)
+        if path.name.lower().endswith(".npy") and size != predictor.img_size:
+            # an .npy holds a prepared volume, not a scan: resizing it would answer about other pixels
+            problem = f"is an .npy of size {list(size)}; the model takes {list(predictor.img_size)}"
+            bad.extend((row.line, f"scan {row.scan} {problem}") for row in questions)
+            continue
         for row in questions:
             yield predictor.request(prepared, row.question, id=str(row.line), extra={"row": row})
 
