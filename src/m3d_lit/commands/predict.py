@@ -98,7 +98,13 @@ def _line(prediction: Prediction, masks: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    parser = CommandParser(prog="m3d-lit predict", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(
+        prog="m3d-lit predict",
+        description=__doc__.split("\n\n")[0],
+        epilog="With a recipe (-c/--config) this is LightningCLI's predict over a DataModule's test split, "
+        "through the tasks' predict_step: m3d-lit predict -c stage3 --ckpt_path CKPT [--data ...] "
+        "(its options: m3d-lit predict -c stage3 --help).",
+    )
     parser.add_argument("--checkpoint", required=True, type=Path,
                         help="stage-2/3 checkpoint, run or stage folder, export folder or M3D-LaMed directory")  # fmt: skip
     parser.add_argument(
