@@ -130,7 +130,10 @@ class Bundle:
                                     "update m3d-lit to read it")  # fmt: skip
         known = {f for f in cls.__dataclass_fields__ if f != "notes"}
         unknown = sorted(set(data) - known)
-        if unknown or not {"kind", "config", "tokenizer"} <= set(data):
+        if unknown:
+            raise InputError(where, f"has a model record with keys this m3d-lit does not know ({unknown}): "
+                                    f"written by m3d-lit {data.get('version')}? update m3d-lit to read it")  # fmt: skip
+        if not {"kind", "config", "tokenizer"} <= set(data):
             raise InputError(where, f"has a damaged model record (keys {sorted(data)})")
         data["tokenizer"] = TokenizerRecord(**data["tokenizer"])
         data["preprocessing"] = {
