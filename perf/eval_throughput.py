@@ -37,7 +37,9 @@ def main_generate(model: Any, images: torch.Tensor, input_ids: torch.Tensor, att
     batch, pad = input_ids.shape[0], model.tokenizer.pad_token_id
     stops = torch.tensor(model.stop_ids)
     positions = _positions(attention_mask)
-    hidden, cache = model.decode(model.embed(images, input_ids), attention_mask, positions, cache=_new_cache())
+    hidden, cache = model.decode(
+        model.embed(images, input_ids), attention_mask, positions, cache=_new_cache()
+    )
     hidden, done, steps = hidden[:, -1], torch.zeros(batch, dtype=torch.bool), []
     for _ in range(max_new_tokens):
         next_ids = at_least_fp32(model.logits(hidden)).argmax(-1)
@@ -104,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             differ = sum(a != b for a, b in zip(answers, reference))
             rows.append({"path": name, "batch": batch, "seconds": round(seconds, 2),
                          "questions_per_s": round(n / seconds, 2), "answers_differing": differ})  # fmt: skip
-            print(f"{name:<7} batch {batch:>3}: {n / seconds:7.2f} questions/s ({seconds / n:.4f} s/question), "
+            rate = f"{n / seconds:7.2f} questions/s ({seconds / n:.4f} s/question)"
+            print(f"{name:<7} batch {batch:>3}: {rate}, "
                   f"{differ} of {n} answers differ from `before` at batch 1", flush=True)  # fmt: skip
     base = rows[0]["questions_per_s"]
     for row in rows:

@@ -110,7 +110,10 @@ def test_mix_whose_sources_disagree_in_size_is_refused_at_fit(
     monkeypatch.chdir(tmp_path)
     assert _fit_mix(tmp_path, _mix(tmp_path, m3d_vqa_data, m3d_seg_data, [8, 32, 32])) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after Lightning's INFO lines
-    assert err.startswith("m3d-lit fit: error: ") and "source 'physionet' was prepared at size [8, 32, 32]" in err
+    assert (
+        err.startswith("m3d-lit fit: error: ")
+        and "source 'physionet' was prepared at size [8, 32, 32]" in err
+    )
     assert not list(tmp_path.rglob("*.ckpt"))
 
 

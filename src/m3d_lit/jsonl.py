@@ -1,4 +1,4 @@
-"""Reading JSON Lines files: the one reader of every `.jsonl` m3d-lit reads (QA splits, predictions, requests).
+"""Reading JSON Lines files: the one reader of every `.jsonl` m3d-lit reads (QA, predictions, requests).
 
 Writing goes through `m3d_lit.atomic.write_jsonl` (a whole file at once, atomically).
 """

@@ -33,8 +33,12 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m3d-lit app", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="stage-2/3 checkpoint, run or stage folder, export folder or M3D-LaMed directory")  # fmt: skip
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="stage-2/3 checkpoint, run or stage folder, export folder or M3D-LaMed directory",
+    )
     parser.add_argument("--data", nargs="*", type=Path, default=[],
                         help="`m3d-lit prepare` folders whose qa_test.jsonl scans the page offers")  # fmt: skip
     parser.add_argument("--port", type=int, default=7860)

@@ -54,8 +54,12 @@ def ask(predictor: Predictor, volume: Path, question: str, source: str | None = 
 
 def main(argv: list[str]) -> int:
     parser = CommandParser(prog="m3d-lit ask", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="stage-2/3 checkpoint, run or stage folder, export folder or M3D-LaMed directory")  # fmt: skip
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="stage-2/3 checkpoint, run or stage folder, export folder or M3D-LaMed directory",
+    )
     parser.add_argument("--volume", required=True, type=Path, help="DICOM folder, .nii/.nii.gz or .npy")
     parser.add_argument("--question", required=True)
     parser.add_argument("--mask-out", type=Path, help="where to write the mask when the answer holds [SEG]")

@@ -159,7 +159,7 @@ class Runner:
         return self._predictor
 
     def _clip_model(self) -> tuple[torch.nn.Module, Any]:
-        """`--clip-checkpoint` (a stage-1 checkpoint or an M3D-CLIP directory) and its collator, loaded once."""
+        """`--clip-checkpoint` (stage-1 checkpoint or M3D-CLIP directory) and its collator, loaded once."""
         if self._clip is None:
             loaded = load_model(self.args.clip_checkpoint, kind="clip", device=self.device)
             model = loaded.model.to(inference_dtype(self.device, self.args.dtype))

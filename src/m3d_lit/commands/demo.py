@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\nseconds per step: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     print(f"reports:      {out / 'eval'}/<dataset>/<{'|'.join(VARIANTS)}>/report.md")
     runs = [latest_run(out / "runs" / stage) for stage in ("stage1", "stage2", "stage3")]
-    print("runs:         " + ", ".join(str(run) for run in runs if run is not None) + " (checkpoints/ in each)")
+    listed = ", ".join(str(run) for run in runs if run is not None)
+    print(f"runs:         {listed} (checkpoints/ in each)")
     print(f"TensorBoard:  tensorboard --logdir {out / 'runs'}")
     print(f"summary:      {out / 'summary.json'}")
     return 0

@@ -58,10 +58,18 @@ RESULT_FILES = ("predictions.jsonl", "metrics.json", "report.md", "masks", "tens
 
 def _parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="m3d-lit eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="stage-2/3 checkpoint, run or stage folder, export folder or M3D-LaMed directory")  # fmt: skip
-    parser.add_argument("--data", required=True, type=Path,
-                        help="a qa_<split>.jsonl of m3d-lit prepare, or its folder (qa_test.jsonl)")  # fmt: skip
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="stage-2/3 checkpoint, run or stage folder, export folder or M3D-LaMed directory",
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="a qa_<split>.jsonl of m3d-lit prepare, or its folder (qa_test.jsonl)",
+    )
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier result in --out")
     parser.add_argument(

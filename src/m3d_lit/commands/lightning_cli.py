@@ -124,7 +124,8 @@ def check_paths(config: Namespace) -> None:
         if not Path(init_from).exists():
             raise InputError(
                 init_from,
-                "--model.init_from: checkpoint not found (run the previous stage, or pass null to start fresh)",
+                "--model.init_from: checkpoint not found (run the previous stage, or pass null to start "
+                "fresh)",
             )
         try:
             resolved = resolve_checkpoint(init_from).path
@@ -180,8 +181,8 @@ def place_run(config: Namespace, subcommand: str = "fit") -> bool:
         if folder.is_dir() and any(folder.rglob("*.ckpt")):
             raise InputError(
                 folder,
-                "holds the checkpoints of an earlier run: a new run never writes over another's; choose another "
-                f"--trainer.logger.init_args.version, or resume that run with --ckpt_path {folder.parent}",
+                "holds the checkpoints of an earlier run: a new run never writes over another's; choose "
+                f"another --trainer.logger.init_args.version, or resume that run with --ckpt_path {folder.parent}",
             )
     return False
 

@@ -105,8 +105,12 @@ def main(argv: list[str]) -> int:
         "through the tasks' predict_step: m3d-lit predict -c stage3 --ckpt_path CKPT [--data ...] "
         "(its options: m3d-lit predict -c stage3 --help).",
     )
-    parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="stage-2/3 checkpoint, run or stage folder, export folder or M3D-LaMed directory")  # fmt: skip
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="stage-2/3 checkpoint, run or stage folder, export folder or M3D-LaMed directory",
+    )
     parser.add_argument(
         "--input", required=True, type=Path, help="requests: a .csv (scan,question) or .jsonl"
     )

@@ -29,7 +29,7 @@ _BLOCK = 1 << 20
 
 
 def prepared_settings(root: str | Path) -> dict[str, Any] | None:
-    """The `prepare.json` of a `m3d-lit prepare` folder (dataset, size, window, dtype), or None without one."""
+    """The `prepare.json` of an `m3d-lit prepare` folder (dataset, size, window, dtype), or None."""
     path = Path(root) / PREPARE_SETTINGS
     if not path.is_file():
         return None

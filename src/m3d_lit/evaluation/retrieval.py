@@ -1,4 +1,4 @@
-"""Image-text retrieval scores (M3D-Bench task 1): recall@1/5/10 both ways per pool size, and each pair's rank."""
+"""Image-text retrieval scores (M3D-Bench task 1): recall@1/5/10 both ways per pool size, each pair's rank."""
 
 from __future__ import annotations
 

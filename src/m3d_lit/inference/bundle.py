@@ -59,7 +59,8 @@ class SourcePreprocessing:
     def from_dict(cls, data: Mapping[str, Any] | None) -> SourcePreprocessing:
         data = data or {}
         size = data.get("size")
-        return cls(None if size is None else tuple(int(s) for s in size), data.get("window"))  # type: ignore[arg-type]
+        size = None if size is None else tuple(int(s) for s in size)
+        return cls(size, data.get("window"))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -126,13 +127,19 @@ class Bundle:
         """Read `to_dict()`'s form; a record of a newer format or with unknown keys is refused."""
         data = dict(data)
         if data.pop("format", None) != BUNDLE_FORMAT:
-            raise InputError(where, f"holds a model record of another format (m3d-lit {data.get('version')}): "
-                                    "update m3d-lit to read it")  # fmt: skip
+            raise InputError(
+                where,
+                f"holds a model record of another format (m3d-lit {data.get('version')}): update m3d-lit "
+                "to read it",
+            )
         known = {f for f in cls.__dataclass_fields__ if f != "notes"}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise InputError(where, f"has a model record with keys this m3d-lit does not know ({unknown}): "
-                                    f"written by m3d-lit {data.get('version')}? update m3d-lit to read it")  # fmt: skip
+            raise InputError(
+                where,
+                f"has a model record with keys this m3d-lit does not know ({unknown}): written by m3d-lit "
+                f"{data.get('version')}? update m3d-lit to read it",
+            )
         if not {"kind", "config", "tokenizer"} <= set(data):
             raise InputError(where, f"has a damaged model record (keys {sorted(data)})")
         data["tokenizer"] = TokenizerRecord(**data["tokenizer"])
@@ -193,8 +200,8 @@ class Bundle:
             raise InputError(
                 where,
                 f"was prepared with window {window!r}; this model reads {which} with window "
-                f"{' or '.join(repr(w) for w in sorted(allowed))}: prepare it again with `m3d-lit prepare ... "
-                f"--window {sorted(allowed)[0]}`",
+                f"{' or '.join(repr(w) for w in sorted(allowed))}: prepare it again with "
+                f"`m3d-lit prepare ... --window {sorted(allowed)[0]}`",
             )
 
 

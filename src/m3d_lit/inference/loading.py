@@ -67,8 +67,9 @@ class ModelSource:
 
     def describe(self) -> dict[str, Any]:
         """The provenance `metrics.json` and `report.md` record (the sha256 reads the whole file)."""
-        return {"path": str(self.path), "kind": self.kind, "sha256": file_sha256(self.path),
-                "run": None if self.run is None else str(self.run), "global_step": self.global_step}  # fmt: skip
+        run = None if self.run is None else str(self.run)
+        return {"path": str(self.path), "kind": self.kind, "sha256": file_sha256(self.path), "run": run,
+                "global_step": self.global_step}  # fmt: skip
 
 
 @dataclass
@@ -130,7 +131,7 @@ def _load_official(path: Path, kind: str | None) -> tuple[nn.Module, Bundle]:
     model_type = read_config(path).get("model_type")  # raises for a config.json that is not a JSON object
     if is_m3d_clip(path):
         if kind == "lamed":
-            raise InputError(path, "is an M3D-CLIP directory: it cannot answer questions; give an M3D-LaMed one")
+            raise InputError(path, "is an M3D-CLIP directory: it cannot answer questions (give M3D-LaMed's)")
         model = load_m3d_clip(path)
         return model, _official_bundle(model, "clip", path, model.max_length)
     if kind == "clip":

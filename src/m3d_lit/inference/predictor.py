@@ -56,7 +56,7 @@ def inference_dtype(device: str | torch.device, name: str = "auto") -> torch.dty
 
 
 def is_closed_question(question: str) -> bool:
-    """A yes/no question by its first word (`Is there ...?`, `Does ...?`), as the datasets' closed ones are."""
+    """A yes/no question by its first word (`Is there ...?`, `Does ...?`), like the datasets' closed ones."""
     return bool(_CLOSED_START.match(question))
 
 
@@ -139,7 +139,8 @@ class Predictor:
             dtype = inference_dtype(self.device, dtype)
         model.to(self.device) if dtype is None else model.to(self.device, dtype)
         self.model, self.bundle, self.max_new_tokens = model, bundle, max_new_tokens
-        self.img_size: tuple[int, int, int] = tuple(int(s) for s in model.img_size)  # type: ignore[assignment]
+        size = tuple(int(s) for s in model.img_size)
+        self.img_size: tuple[int, int, int] = size  # type: ignore[assignment]
         self.collate = make_collator(model, generation=True)
         self.yes_no = yes_no_ids(model.tokenizer)
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (volume, its visual tokens)

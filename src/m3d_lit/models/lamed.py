@@ -158,7 +158,7 @@ class LamedModel(nn.Module):
 
     # -- building blocks ----------------------------------------------------------------------------
     def encode_images(self, images: Tensor) -> Tensor:
-        """The visual tokens (B x N x H) of volumes (B x 1 x D x H x W): the vision encoder, then the perceiver."""
+        """The visual tokens (B x N x H) of volumes (B x 1 x D x H x W): vision encoder, then perceiver."""
         patches, _ = self.vision(images.to(self._vision_dtype()))
         # an all-zero volume (image dropout, the blank control) takes no part in batch statistics
         return self.perceiver(patches, stats_rows=images.flatten(1).any(1))

@@ -107,7 +107,9 @@ class BaseTask(LightningModule):
         # own names (`self.eval_metrics["val"]["dice"]`)
         self.eval_metrics = nn.ModuleDict(
             {
-                split: MetricCollection(dict(self.configure_metrics()), prefix=f"{split}/", compute_groups=False)
+                split: MetricCollection(
+                    dict(self.configure_metrics()), prefix=f"{split}/", compute_groups=False
+                )
                 for split in EVAL_SPLITS
             }
         )

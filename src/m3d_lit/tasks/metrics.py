@@ -49,8 +49,9 @@ class TokenAccuracy(Metric):
 
 
 class MeanDice(Metric):
-    """Mean over samples of each sample's Dice, mask = sigmoid(logits) > 0.5 (`losses.segmentation.hard_dice_iou`,
-    as evaluation scores it: both masks empty count 1). `compute` gives NaN before any sample was seen."""
+    """Mean over samples of each sample's Dice, mask = sigmoid(logits) > 0.5 (`hard_dice_iou` of
+    `losses.segmentation`, as evaluation scores it: both masks empty count 1). `compute` gives NaN before
+    any sample was seen."""
 
     full_state_update = False
     higher_is_better = True
