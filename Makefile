@@ -11,13 +11,14 @@ STAMP := $(VENV)/.setup-done
 DATA ?=
 TRAINER ?= stages/trainer/cpu.yaml
 ARGS ?=
-CKPT ?= checkpoints/stage3/last.ckpt
-EVAL_DATA ?= data/cq500/qa_test.jsonl
-EVAL_OUT ?= runs/eval
-CLIP_CKPT ?= checkpoints/stage1/last.ckpt
+CKPT ?= runs/stage3
+EVAL_DATA ?= data/cq500
+EVAL_OUT ?= eval/cq500
+CLIP_CKPT ?= runs/stage1
 BENCH_DATA ?= data/M3D-Data data/cq500 data/physionet
-EXPORT_OUT ?= runs/export
-APP_CKPT ?= runs/demo/checkpoints/stage3/last.ckpt
+BENCH_OUT ?= eval/bench
+EXPORT_OUT ?= export/stage3
+APP_CKPT ?= runs/demo/runs/stage3
 APP_DATA ?= runs/demo/data/cq500 runs/demo/data/physionet
 M3D := $(BIN)/m3d-lit
 fit = $(M3D) fit -c stages/$(1).yaml -c $(TRAINER) $(if $(DATA),--data $(DATA)) $(ARGS)
@@ -51,20 +52,20 @@ lint: setup  ## ruff, and the import layers of pyproject.toml's [tool.importlint
 demo: setup  ## the whole pipeline on synthetic brain CT, on a CPU (about 9 minutes on 2 cores)
 	$(BIN)/python -m m3d_lit.commands.demo $(ARGS)
 
-stage1: setup  ## stage 1, contrastive ViT pretraining (DATA=, TRAINER=, ARGS= to override)
+stage1: setup  ## stage 1, contrastive ViT pretraining, a new run in runs/stage1/ (DATA=, TRAINER=, ARGS=)
 	$(call fit,stage1_clip)
 
-stage2: setup  ## stage 2, perceiver alignment, from checkpoints/stage1/last.ckpt
+stage2: setup  ## stage 2, perceiver alignment, from stage 1's latest run; a new run in runs/stage2/
 	$(call fit,stage2_align)
 
-stage3: setup  ## stage 3, LoRA + segmentation fine-tune, from checkpoints/stage2/last.ckpt
+stage3: setup  ## stage 3, LoRA + segmentation fine-tune, from stage 2's latest run; a new run in runs/stage3/
 	$(call fit,stage3_finetune)
 
-eval: setup  ## generate + score + report: CKPT=, EVAL_DATA=, EVAL_OUT=
+eval: setup  ## generate + score + report: CKPT= (a stage or run folder, or a .ckpt), EVAL_DATA=, EVAL_OUT=
 	$(M3D) eval --checkpoint $(CKPT) --data $(EVAL_DATA) --out $(EVAL_OUT) $(ARGS)
 
-m3d-bench: setup  ## the eight M3D-Bench tasks: CKPT=, CLIP_CKPT=, BENCH_DATA=, EVAL_OUT=
-	$(M3D) bench --checkpoint $(CKPT) --clip-checkpoint $(CLIP_CKPT) --data $(BENCH_DATA) --tasks all --out $(EVAL_OUT)/bench $(ARGS)
+m3d-bench: setup  ## the eight M3D-Bench tasks: CKPT=, CLIP_CKPT=, BENCH_DATA=, BENCH_OUT=
+	$(M3D) bench --checkpoint $(CKPT) --clip-checkpoint $(CLIP_CKPT) --data $(BENCH_DATA) --tasks all --out $(BENCH_OUT) $(ARGS)
 
 export: setup  ## stage-3 checkpoint -> LoRA adapter, weights and a merged HF model: CKPT=, EXPORT_OUT=
 	$(M3D) export --checkpoint $(CKPT) --out $(EXPORT_OUT) --merge $(ARGS)
@@ -75,5 +76,5 @@ perf: setup  ## CPU timings -> perf/results.json (not part of make test; M3D-Ben
 app: setup  ## the local web app on http://127.0.0.1:7860 (after make demo; APP_CKPT=, APP_DATA=, ARGS="--port N")
 	$(M3D) app --checkpoint $(APP_CKPT) --data $(APP_DATA) $(ARGS)
 
-tensorboard: setup  ## serve the TensorBoard logs under runs/
+tensorboard: setup  ## serve the TensorBoard logs of every run under runs/
 	$(BIN)/tensorboard --logdir runs --bind_all

@@ -260,9 +260,9 @@ def stage3_checkpoint(prepared: list[Path], tmp_path_factory: pytest.TempPathFac
         "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
     cwd = os.getcwd()
-    os.chdir(folder)  # the recipe writes checkpoints/stage3/ under the working folder
+    os.chdir(folder)  # the recipe writes its run folder runs/stage3/version_0/ under the working folder
     try:
         assert main(argv) == 0
     finally:
         os.chdir(cwd)
-    return folder / "checkpoints" / "stage3" / "last.ckpt"
+    return folder / "runs" / "stage3" / "version_0" / "checkpoints" / "last.ckpt"

@@ -78,10 +78,10 @@ def seg_checkpoint(stage3_checkpoint: Path, tmp_path_factory: pytest.TempPathFac
     import torch
 
     from m3d_lit.data.collate import LMCollator
-    from m3d_lit.tasks.loading import load_task
+    from m3d_lit.inference.loading import load_model
     from m3d_lit.tokens import SEG
 
-    model = load_task(stage3_checkpoint)[0].model
+    model = load_model(stage3_checkpoint).model
     collate = LMCollator(model.tokenizer, model.num_visual_tokens, model.max_length, model.img_size, True)
     item = {"id": "x", "image": torch.zeros(1, *model.img_size), "question": SEG_QUESTION, "answer": "",
             "kind": "seg", "mask": None, "dataset": "x"}  # fmt: skip
@@ -207,12 +207,12 @@ def _expected(checkpoint: Path, volume: Path, question: str) -> tuple[str, objec
 
     from m3d_lit.commands.ask import ask
     from m3d_lit.data.collate import LMCollator
-    from m3d_lit.evaluation.generation import yes_no_ids
-    from m3d_lit.tasks.loading import load_task
+    from m3d_lit.inference.loading import load_model
+    from m3d_lit.inference.predictor import Predictor, yes_no_ids
 
-    text, logits, prepared = ask(checkpoint, volume, question, max_new_tokens=8)
-    image = prepared.image
-    model = load_task(checkpoint)[0].model
+    answer = ask(Predictor.load(checkpoint, max_new_tokens=8), volume, question)
+    text, logits, image = answer.prediction.text, answer.prediction.seg_logits, answer.prepared.image
+    model = load_model(checkpoint).model  # LoRA unmerged: an independent path to the same numbers
     collate = LMCollator(model.tokenizer, model.num_visual_tokens, model.max_length, model.img_size, True)
     item = {"id": "x", "image": torch.from_numpy(image), "question": question, "answer": "", "kind": "closed",
             "mask": None, "dataset": "x"}  # fmt: skip

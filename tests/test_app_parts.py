@@ -16,7 +16,7 @@ from m3d_lit.app.engine import Engine, is_closed_question
 from m3d_lit.app.scans import Scan, load_upload
 from m3d_lit.app.view import plane, views_html
 from m3d_lit.errors import InputError
-from m3d_lit.evaluation.generation import yes_probability
+from m3d_lit.inference.predictor import yes_probability
 
 SIZE = (32, 64, 64)
 
@@ -121,14 +121,16 @@ def test_stream_grows_to_the_command_line_answer(
     engine: Engine, stage3_checkpoint: Path, prepared: list[Path]
 ):
     from m3d_lit.commands.ask import ask
+    from m3d_lit.inference.predictor import Predictor
 
+    predictor = Predictor.load(stage3_checkpoint, max_new_tokens=8)
     volume = sorted((prepared[1] / "images").glob("*.npy"))[0]
     for question in ("Is there a fracture?", "Segment the hemorrhage."):
-        text, logits, prepared = ask(stage3_checkpoint, volume, question, max_new_tokens=8)
-        image = prepared.image
-        parts = list(engine.stream(image, question))
-        assert parts[-1].done and parts[-1].text == text
-        assert (parts[-1].seg_logits is None) == (logits is None)
+        answer = ask(predictor, volume, question)
+        parts = list(engine.stream(answer.prepared.image, question))
+        assert parts[-1].done and parts[-1].text == answer.prediction.text
+        assert parts[-1].p_yes == answer.prediction.p_yes  # the same Predictor answers both
+        assert (parts[-1].seg_logits is None) == (answer.prediction.seg_logits is None)
         assert all(not p.done for p in parts[:-1]) and len(parts) >= 2
         assert all((p.p_yes is not None) == is_closed_question(question) for p in parts)
 
@@ -224,3 +226,26 @@ def test_two_sessions_asking_at_once_are_both_answered_in_turn(
         page.close()
     assert most[0] == 1
     assert all(r[4].startswith("Answered") for r in results) and results[0][:2] == results[1][:2]
+
+
+def test_app_takes_a_folder_as_eval_and_ask_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run, stage, export or M3D-LaMed folder is a checkpoint for the app too (it was refused as a
+    file that does not exist); a missing path is still one line."""
+    import signal
+
+    from m3d_lit.cli import main
+    from m3d_lit.commands import app
+
+    served: list[Path] = []
+    monkeypatch.setattr(app, "serve", lambda args, workdir: served.append(args.checkpoint))
+    for key in ("GRADIO_ANALYTICS_ENABLED", "HF_HUB_DISABLE_TELEMETRY", "GRADIO_TEMP_DIR"):
+        monkeypatch.setenv(key, "restored after the test")
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        folder = tmp_path / "runs" / "stage3"
+        folder.mkdir(parents=True)
+        assert main(["app", "--checkpoint", str(folder)]) == 0 and served == [folder]
+        assert main(["app", "--checkpoint", str(tmp_path / "missing")]) == 2
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)

@@ -211,7 +211,7 @@ def qa_line_not_json(tmp: Path):
     return (
         lambda: read_qa_jsonl(path),
         path,
-        r"line 2 is not JSON: Expecting property name enclosed in double quotes",
+        r"line 2 is not JSON: Expecting property name enclosed in double quotes \(column 2\)",
     )
 
 
@@ -238,11 +238,12 @@ def checkpoint_of_another_preset(tmp: Path):
 
 
 def checkpoint_of_another_configuration(tmp: Path):
-    from m3d_lit.tasks.loading import load_task
+    from m3d_lit.inference.loading import load_model as load_task
 
     path = _stage2_checkpoint(tmp, SMALL)
     checkpoint = torch.load(path, weights_only=True)
-    # as if resumed with other overrides than the ones it was made with
+    # an older checkpoint (no bundle: rebuilt from its hyperparameters) whose overrides were edited since
+    del checkpoint["m3d_lit"]["bundle"]
     checkpoint["hyper_parameters"]["overrides"] = {"llm": {"num_hidden_layers": 1}}
     torch.save(checkpoint, path)
     problem = r"was made with another configuration of preset 'tiny' \(overrides differ\)"
@@ -250,7 +251,7 @@ def checkpoint_of_another_configuration(tmp: Path):
 
 
 def corrupt_checkpoint(tmp: Path):
-    from m3d_lit.tasks.loading import load_task
+    from m3d_lit.inference.loading import load_model as load_task
 
     path = _stage2_checkpoint(tmp, SMALL)
     path.write_bytes(path.read_bytes()[:5000])
@@ -259,7 +260,7 @@ def corrupt_checkpoint(tmp: Path):
 
 
 def zero2_checkpoint_folder(tmp: Path):
-    from m3d_lit.tasks.loading import load_task
+    from m3d_lit.inference.loading import load_model as load_task
 
     # the layout DeepSpeed writes for `last.ckpt` under the zero2 preset (the files are never opened)
     folder = tmp / "checkpoints" / "last.ckpt"
@@ -277,12 +278,14 @@ def zero2_checkpoint_folder(tmp: Path):
 
 
 def folder_given_as_checkpoint(tmp: Path):
-    from m3d_lit.tasks.loading import load_task
+    from m3d_lit.inference.loading import load_model as load_task
 
     (tmp / "runs").mkdir()
     problem = (
-        r"is a folder, not a checkpoint file \(nor a sharded checkpoint folder with \.metadata and meta\.pt, nor a DeepSpeed checkpoint folder with a `latest` tag, "
-        r"nor an M3D-LaMed directory with a config.json\)"
+        r"is a folder, not a checkpoint file \(nor a run or stage folder with checkpoints/, a sharded "
+        r"checkpoint folder with \.metadata and meta\.pt, a DeepSpeed checkpoint folder with a `latest` tag, "
+        r"an m3d-lit export folder with m3d_lit\.json, or an M3D-LaMed or M3D-CLIP directory with a "
+        r"config\.json\)"
     )
     return lambda: load_task(tmp / "runs"), tmp / "runs", problem
 

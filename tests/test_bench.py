@@ -14,7 +14,7 @@ from conftest import built
 from m3d_lit.boxes import format_box
 from m3d_lit.commands import bench, synth
 from m3d_lit.errors import InputError
-from m3d_lit.evaluation import bench_scores
+from m3d_lit.evaluation import choice, referring, retrieval, segmentation
 
 SHAPE = (16, 32, 32)
 # The tiny preset at 16x32x32 with one layer per stack: 4 visual tokens, fast on a CPU.
@@ -30,13 +30,13 @@ OVERRIDES = {
 # -- scores ------------------------------------------------------------------------------------------
 def test_parse_choice() -> None:
     question = "Which organ? Choices: A. Brain B. Liver C. Lung D. Kidney"
-    assert bench_scores.parse_choice("B. Liver", question) == "B"
-    assert bench_scores.parse_choice(" (C) lung", question) == "C"
-    assert bench_scores.parse_choice("It is the kidney.", question) == "D"
-    assert bench_scores.parse_choice("Brain or liver", question) is None  # two choices named
-    assert bench_scores.parse_choice("A lesion", question) is None  # the article, not a letter
-    assert bench_scores.parse_choice("Apple", question) is None
-    assert bench_scores.parse_choice("", question) is None
+    assert choice.parse_choice("B. Liver", question) == "B"
+    assert choice.parse_choice(" (C) lung", question) == "C"
+    assert choice.parse_choice("It is the kidney.", question) == "D"
+    assert choice.parse_choice("Brain or liver", question) is None  # two choices named
+    assert choice.parse_choice("A lesion", question) is None  # the article, not a letter
+    assert choice.parse_choice("Apple", question) is None
+    assert choice.parse_choice("", question) is None
 
 
 def test_choice_metrics_by_type() -> None:
@@ -47,7 +47,7 @@ def test_choice_metrics_by_type() -> None:
         {"id": "t/4", "question": q, "answer": "C. Sagittal", "prediction": "C"},
         {"id": "t/5", "question": q, "answer": "D. Oblique", "prediction": "no idea"},
     ]
-    out = bench_scores.choice_metrics(records, {"t/2": "1", "t/3": "1", "t/4": "4", "t/5": "5"})
+    out = choice.choice_metrics(records, {"t/2": "1", "t/3": "1", "t/4": "4", "t/5": "5"})
     assert out["n"] == 4 and out["accuracy"] == 0.5 and out["unparsed"] == 1
     assert out["by_type"] == {
         "abnormality": {"n": 1, "accuracy": 1.0},
@@ -64,7 +64,7 @@ def test_rec_reg_and_seg_scores() -> None:
         {"answer": f"It is at {ref}.", "prediction": f"Here {half}"},
         {"answer": f"It is at {ref}.", "prediction": "no box"},
     ]
-    metrics, ious = bench_scores.rec_scores(records)
+    metrics, ious = referring.rec_scores(records)
     assert ious == [1.0, 0.5, None]
     assert metrics["rec_iou"] == pytest.approx(0.5) and metrics["rec_acc@0.5"] == pytest.approx(2 / 3)
     assert metrics["rec_no_box"] == 1
@@ -73,7 +73,7 @@ def test_rec_reg_and_seg_scores() -> None:
         {"answer": "It is the skull.", "prediction": "It is the brain."},
         {"answer": "Something else.", "prediction": "skull"},
     ]
-    assert bench_scores.reg_name_metrics(reg) == {"reg_n_named": 2, "reg_name_acc": 0.5}
+    assert referring.reg_name_metrics(reg) == {"reg_n_named": 2, "reg_name_acc": 0.5}
     seg = [
         {"id": "0/test/0/skull", "dice": 1.0, "iou": 1.0, "produced_seg": True},
         {"id": "0/test/1/skull", "dice": 0.5, "iou": 0.25, "produced_seg": True},
@@ -81,7 +81,7 @@ def test_rec_reg_and_seg_scores() -> None:
         {"id": "0/test/0/hemorrhage", "produced_seg": True},
         {"id": "0/test/1/hemorrhage", "produced_seg": False},
     ]
-    out = bench_scores.seg_metrics(seg, group=lambda r: r["id"].split("/", 3)[3])
+    out = segmentation.seg_metrics(seg, group=lambda r: r["id"].split("/", 3)[3])
     assert out["n"] == 5 and out["n_positive"] == 3 and out["dice"] == pytest.approx(0.5)
     assert out["dice_by_class"] == {"skull": 0.75, "ventricles": 0.0}
     assert out["dice_class_mean"] == pytest.approx(0.375) and out["negative_seg_rate"] == 0.5
@@ -92,7 +92,7 @@ def test_retrieval_metrics_and_capped_pools() -> None:
     # Text 0 and 1 swapped: pairs 0 and 1 rank their match second, 2 and 3 first.
     text = eye[[1, 0, 2, 3]] * 0.9 + eye * 0.1
     text = text / text.norm(dim=1, keepdim=True)
-    metrics, i2t, t2i = bench_scores.retrieval_metrics(eye, text, pools=(2, 100))
+    metrics, i2t, t2i = retrieval.retrieval_metrics(eye, text, pools=(2, 100))
     assert i2t.tolist() == [1, 1, 0, 0] and t2i.tolist() == [1, 1, 0, 0]
     assert metrics["pool_100"]["size"] == 4 and metrics["pool_100"]["capped"]
     assert metrics["pool_100"]["i2t_R@1"] == 0.5 and metrics["pool_100"]["t2i_R@5"] == 1.0
@@ -254,4 +254,4 @@ def test_wrong_checkpoint_fails_that_task_and_exits_2(setup: dict[str, Path], tm
     argv = ["--checkpoint", str(setup["stage1"]), "--tasks", "refseg", "--data", str(setup["brainct"])]
     assert bench.main([*argv, "--out", str(tmp_path)]) == 2
     entry = json.loads((tmp_path / "metrics.json").read_text())["tasks"]["refseg"]
-    assert entry["status"] == "failed" and "needs a stage-2 or stage-3 checkpoint" in entry["reason"]
+    assert entry["status"] == "failed" and "give a stage-2 or stage-3 checkpoint" in entry["reason"]

@@ -12,7 +12,7 @@ import torch
 from m3d_lit.commands.score import main as score_main
 from m3d_lit.errors import InputError
 from m3d_lit.evaluation.bertscore import bertscore_f1
-from m3d_lit.evaluation.scoring import compute_metrics
+from m3d_lit.evaluation.grouped_scores import compute_metrics
 
 PAIRS = [
     ("There is a subdural hemorrhage on the left side.", "Subdural hemorrhage on the left side."),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from m3d_lit.cli import main
-from m3d_lit.tasks.base import load_checkpoint
+from m3d_lit.inference.checkpoints import read_checkpoint as load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CLIP_SMALL = {"vision": {"num_layers": 1}, "text": {"num_hidden_layers": 1}}
@@ -36,7 +36,7 @@ def test_optimizer_option_keeps_the_task_groups_and_schedule(
         "--model.lr_scale", '{"vision": 2.0}', "--model.min_lr_ratio", "0.25",
     ]  # fmt: skip
     assert _fit_stage1(prepared, *extra) == 0
-    checkpoint = load_checkpoint(tmp_path / "checkpoints/stage1/last.ckpt")
+    checkpoint = load_checkpoint(tmp_path / "runs/stage1/version_0/checkpoints/last.ckpt")
     assert checkpoint["global_step"] == 3
     groups = {g["name"]: g for g in checkpoint["optimizer_states"][0]["param_groups"]}
     assert "vision" in groups and len(groups) > 1  # the task's per-component groups, not one group of all

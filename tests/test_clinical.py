@@ -17,11 +17,12 @@ from m3d_lit.data import phrasing
 from m3d_lit.errors import InputError
 from m3d_lit.evaluation.bootstrap import auroc_rows, interval, patient_of, patient_weights, weighted_auroc
 from m3d_lit.evaluation.closed import closed_scores, rate_intervals, rates
-from m3d_lit.evaluation.metrics import tokenize
+from m3d_lit.evaluation.corpus_protocol import bleu_counts as _bleu_counts
+from m3d_lit.evaluation.corpus_protocol import corpus_bleu_from_counts, tokenize
+from m3d_lit.evaluation.findings_report import roc_points
+from m3d_lit.evaluation.grouped_scores import compute_metrics
 from m3d_lit.evaluation.open_findings import OpenFindings, open_scores, parse_open
-from m3d_lit.evaluation.report_clinical import roc_points
-from m3d_lit.evaluation.score import format_open
-from m3d_lit.evaluation.scoring import _bleu_counts, compute_metrics, corpus_bleu_from_counts
+from m3d_lit.evaluation.tables import format_open
 
 
 def _mann_whitney(scores, labels, weights):

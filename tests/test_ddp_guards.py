@@ -16,7 +16,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from test_safety import _ToyTask
 
-from m3d_lit.tasks.base import load_checkpoint
+from m3d_lit.inference.checkpoints import read_checkpoint as load_checkpoint
 from m3d_lit.tasks.callbacks import AtomicCheckpointIO, NonFiniteGuard, PreemptionCheckpoint
 
 

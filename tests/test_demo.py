@@ -22,8 +22,11 @@ def test_quick_demo_runs_every_step(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert summary["cq500"]["scans"]["protocol"] == "m3d" and "rouge1" in summary["cq500"]["scans"]
     assert "pooled" in summary["cq500"]["scans"]["closed"]
     assert {"synth", "stage 1", "stage 2", "stage 3", "total"} <= set(summary["seconds"])
-    assert (tmp_path / "checkpoints" / "stage3" / "last.ckpt").is_file()
-    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    for stage in ("stage1", "stage2", "stage3"):  # one run folder per stage: checkpoints beside the logs
+        run = tmp_path / "runs" / stage / "version_0"
+        assert (run / "checkpoints" / "last.ckpt").is_file() and list(run.glob("events.out.tfevents.*"))
+    model = json.loads((tmp_path / "eval" / "cq500" / "scans" / "metrics.json").read_text())["setup"]["model"]
+    assert model["run"] == str(tmp_path / "runs" / "stage3" / "version_0") and len(model["sha256"]) == 64
     out = capsys.readouterr().out
     assert "physionet" in out and "blank" in out and "scans against the controls" in out
     assert "cq500 pooled closed AUROC: scans " in out and "ROUGE-1" in out

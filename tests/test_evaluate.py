@@ -57,10 +57,10 @@ def _check_p_yes(checkpoint: Path, data: Path, record: dict) -> None:
 
     from m3d_lit.data.collate import LMCollator
     from m3d_lit.data.datasets import QAJsonlDataset
-    from m3d_lit.evaluation.generation import yes_no_ids
-    from m3d_lit.tasks.loading import load_task
+    from m3d_lit.inference.loading import load_model
+    from m3d_lit.inference.predictor import yes_no_ids
 
-    model = load_task(checkpoint)[0].model
+    model = load_model(checkpoint).model  # LoRA unmerged: an independent path to the same numbers
     dataset = QAJsonlDataset(data, img_size=tuple(model.img_size))
     item = next(dataset[i] for i in range(len(dataset)) if dataset[i]["id"] == record["id"])
     batch = LMCollator(
@@ -112,13 +112,53 @@ def test_ask_answers_raw_scans(
     stage3_checkpoint: Path, synthetic_raw: Path, dataset: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     if dataset == "physionet":
-        volume = sorted((synthetic_raw / "physionet" / "ct_scans").glob("*.nii"))[0]
-    else:
-        volume = sorted(p.parent for p in (synthetic_raw / "cq500").rglob("CT000000.dcm"))[0]
-    argv = ["ask", "--checkpoint", str(stage3_checkpoint), "--volume", str(volume),
-            "--question", "Segment the hemorrhage.", "--max-new-tokens", "8", "--mask-out", str(tmp_path / "m.nii.gz")]  # fmt: skip
+        volume, question = (
+            sorted((synthetic_raw / "physionet" / "ct_scans").glob("*.nii"))[0],
+            "Segment the hemorrhage.",
+        )
+    else:  # a CQ500 scan folder holds several series: the one read is named
+        volume, question = next((synthetic_raw / "cq500").glob("CQ500-CT-*")), "Is there a fracture?"
+    argv = ["ask", "--checkpoint", str(stage3_checkpoint), "--volume", str(volume), "--question", question,
+            "--max-new-tokens", "8", "--mask-out", str(tmp_path / "m.nii.gz"), "--dtype", "float64"]  # fmt: skip
     assert main(argv) == 0
-    assert capsys.readouterr().out.strip()
+    captured = capsys.readouterr()
+    out = captured.out.strip().splitlines()
+    assert out[0].strip()
+    if dataset == "cq500":
+        assert "m3d-lit ask: read DICOM series " in captured.err and " files)" in captured.err
+        assert out[1].startswith("P(Yes) = ") and 0.0 <= float(out[1].removeprefix("P(Yes) = ")) <= 1.0
+    else:
+        assert not any(line.startswith("P(Yes)") for line in out)  # not a yes/no question
+
+
+@pytest.mark.slow
+def test_eval_records_the_model_and_replaces_an_earlier_result_whole(
+    stage3_checkpoint: Path, prepared: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import hashlib
+
+    import m3d_lit
+
+    out = tmp_path / "eval"
+    # the stage folder (its latest run) and the prepared folder (its qa_test.jsonl)
+    argv = ["eval", "--checkpoint", str(stage3_checkpoint.parents[2]), "--data", str(prepared[0]),
+            "--out", str(out), "--limit", "2", "--max-new-tokens", "2", "--bootstrap", "0"]  # fmt: skip
+    assert main(argv) == 0
+    setup = json.loads((out / "metrics.json").read_text())["setup"]
+    model = setup["model"]
+    assert model["sha256"] == hashlib.sha256(stage3_checkpoint.read_bytes()).hexdigest()
+    assert model["path"] == str(stage3_checkpoint) and model["run"] == str(stage3_checkpoint.parents[1])
+    assert model["global_step"] == 2 and setup["data"] == str(prepared[0] / "qa_test.jsonl")
+    assert model["trained_with"]["version"] == model["run_with"]["version"] == m3d_lit.__version__
+    assert model["date"].endswith("+00:00") and model["sha256"] in (out / "report.md").read_text()
+    assert main(argv) == 2
+    assert "holds an earlier result" in capsys.readouterr().err
+    (out / "masks").mkdir()
+    (out / "masks" / "stale.nii.gz").write_text("from an earlier run")
+    assert main([*argv, "--overwrite"]) == 0
+    written = {p.name for p in out.iterdir()}
+    assert {"metrics.json", "predictions.jsonl", "report.md"} <= written and "masks" not in written
+    assert not list(tmp_path.glob(".eval.*"))  # no temporary folder left beside it
 
 
 def test_ask_bad_input_is_one_line(

@@ -35,13 +35,10 @@ TINY = {
 
 
 def save_checkpoint(task: AlignTask, path: Path) -> Path:
-    """The keys `load_task` reads from a Lightning checkpoint."""
-    name = f"{type(task).__module__}.{type(task).__qualname__}"
-    state = {
-        "state_dict": task.state_dict(),
-        "hyper_parameters": dict(task.hparams),
-        "m3d_lit": {"task": name, "preprocessing": {"size": [8, 16, 16], "window": [40, 80]}},
-    }
+    """What Lightning saves of a task trained on one source prepared at 8 x 16 x 16 with the brain window."""
+    task._data_record = ({"cq500": {"size": [8, 16, 16], "window": "brain"}}, "0123456789abcdef")
+    state = {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}
+    task.on_save_checkpoint(state)
     torch.save(state, path)
     return path
 
@@ -148,14 +145,16 @@ def test_merged_llm_equals_lamed_with_lora(trained: tuple[FinetuneTask, Path], t
 
 
 def test_adapter_and_components_reload(trained: tuple[FinetuneTask, Path], tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
     from peft import PeftModel
 
-    from m3d_lit.tasks.loading import load_task
+    from m3d_lit.inference.loading import load_model
 
     task, checkpoint = trained
     out = export(checkpoint, tmp_path / "export")
     assert not (out / "llm").exists()
-    fresh, _ = load_task(checkpoint)
+    fresh = SimpleNamespace(model=load_model(checkpoint).model)
     fresh.model.llm = PeftModel.from_pretrained(fresh.model.llm.unload(), out / "adapter").eval()
     ids = sample_ids(task.model)
     with torch.no_grad():
@@ -179,9 +178,12 @@ def test_adapter_and_components_reload(trained: tuple[FinetuneTask, Path], tmp_p
     rows = load_file(out / "new_tokens.safetensors")
     assert torch.equal(rows["output_rows"], model.new_tokens.output_rows)
     manifest = json.loads((out / "m3d_lit.json").read_text())
-    assert manifest["config"]["img_size"] == [8, 16, 16] and manifest["merged"] is False
-    assert manifest["lora"] == {"r": 16, "alpha": 32, "dropout": 0.1}
-    assert manifest["preprocessing"] == {"size": [8, 16, 16], "window": [40, 80]}
+    bundle = manifest[
+        "bundle"
+    ]  # the checkpoint's record, so the export loads with it (test_inference_loading)
+    assert bundle["config"]["img_size"] == [8, 16, 16] and manifest["merged"] is False
+    assert bundle["lora"] == {"r": 16, "alpha": 32, "dropout": 0.1}
+    assert bundle["preprocessing"] == {"cq500": {"size": [8, 16, 16], "window": "brain"}}
 
 
 def test_existing_folder_needs_overwrite(trained: tuple[FinetuneTask, Path], tmp_path: Path) -> None:
@@ -217,10 +219,68 @@ def test_refuses_a_checkpoint_without_lora(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_export_of_a_trained_checkpoint(stage3_checkpoint: Path, tmp_path: Path) -> None:
     """The same through `m3d-lit export` on a checkpoint that Lightning wrote after real training steps."""
-    from m3d_lit.tasks.loading import load_task
+    from m3d_lit.inference.loading import load_model
 
     assert main(["--checkpoint", str(stage3_checkpoint), "--out", str(tmp_path / "export"), "--merge"]) == 0
-    task, _ = load_task(stage3_checkpoint)
-    assert_export_is_the_merge(
-        task.model, tmp_path / "export" / "llm", tmp_path / "reference", stage3_checkpoint
+    model = load_model(stage3_checkpoint).model
+    assert_export_is_the_merge(model, tmp_path / "export" / "llm", tmp_path / "reference", stage3_checkpoint)
+
+
+def test_a_merged_export_loads_through_the_same_door(
+    trained: tuple[FinetuneTask, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`ask --checkpoint EXPORT_DIR`: the export's bundle rebuilds the model, and it answers as the
+    checkpoint does (both merge LoRA in fp32 the same way, so the weights are the same bits)."""
+    import numpy as np
+
+    from m3d_lit.cli import main as cli
+    from m3d_lit.inference.predictor import Predictor
+
+    _, checkpoint = trained
+    merged = export(checkpoint, tmp_path / "merged", merge=True)
+    from_export, from_checkpoint = Predictor.load(merged), Predictor.load(checkpoint)
+    assert from_export.loaded.source.kind == "export"
+    assert from_export.bundle.preprocessing == from_checkpoint.bundle.preprocessing
+    ids = sample_ids(from_checkpoint.model)
+    with torch.no_grad():
+        assert torch.equal(lamed_logits(from_export.model, ids), lamed_logits(from_checkpoint.model, ids))
+    np.save(tmp_path / "scan.npy", np.random.default_rng(0).random((1, 8, 16, 16)).astype(np.float32))
+    answers = []
+    for source in (merged, checkpoint):
+        argv = ["ask", "--checkpoint", str(source), "--volume", str(tmp_path / "scan.npy"),
+                "--question", "Is there a fracture?", "--max-new-tokens", "4"]  # fmt: skip
+        assert cli(argv) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1] and "P(Yes) = " in answers[0]
+
+
+def test_an_adapter_export_loads_with_its_base_llm_and_is_refused_without(
+    trained: tuple[FinetuneTask, Path], tmp_path: Path
+) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from m3d_lit.inference.loading import load_model
+    from m3d_lit.models.tokenizer import build_llm_tokenizer
+
+    # the tiny model's LLM is random: an adapter alone does not hold it
+    _, checkpoint = trained
+    with pytest.raises(InputError, match="adapter of a randomly initialised LLM.*--merge"):
+        load_model(export(checkpoint, tmp_path / "random"))
+    # a base LLM in a directory (as LLaMA-2 is), LoRA trained over it
+    tokenizer, llm = build_llm_tokenizer(None), tmp_path / "llm"
+    torch.manual_seed(3)
+    LlamaForCausalLM(LlamaConfig(**{**TINY["llm"], "vocab_size": len(tokenizer)})).save_pretrained(llm)
+    tokenizer.save_pretrained(llm)
+    task = FinetuneTask(
+        preset="tiny", overrides={k: v for k, v in TINY.items() if k != "llm"}, llm_path=str(llm)
     )
+    with torch.no_grad():
+        for name, param in task.model.llm.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.1)
+    adapter = export(save_checkpoint(task, tmp_path / "stage3.ckpt"), tmp_path / "adapter")
+    assert not (adapter / "llm").exists()
+    loaded, direct = load_model(adapter), load_model(tmp_path / "stage3.ckpt")
+    assert loaded.bundle.llm_path == str(llm.resolve())
+    ours, theirs = loaded.model.state_dict(), direct.model.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -270,7 +270,7 @@ def test_folder_source_trains_stage3_and_evaluates(folder_data: Path, tmp_path: 
         "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
     assert main(argv) == 0
-    checkpoint = tmp_path / "checkpoints" / "stage3" / "last.ckpt"
+    checkpoint = tmp_path / "runs" / "stage3"  # the stage's latest run: the one just trained
     argv = ["eval", "--checkpoint", str(checkpoint), "--data", str(folder_data / "qa_test.jsonl"),
             "--out", str(tmp_path / "eval"), "--max-new-tokens", "4", "--bootstrap", "10", "--device", "cpu"]  # fmt: skip
     assert main(argv) == 0

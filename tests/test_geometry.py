@@ -197,13 +197,20 @@ def test_dicom_mask_lands_in_patient_coordinates(tmp_path: Path) -> None:
 
 def test_ask_mask_out_writes_the_scan_geometry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`ask --mask-out` turns the answer's mask logits into a mask over the input file."""
+    from types import SimpleNamespace
+
     from m3d_lit.cli import main
     from m3d_lit.commands import ask
+    from m3d_lit.inference.predictor import Prediction, Predictor
 
     image, mask_path, truth = write_case(tmp_path, "permuted_flipped")
     prepared = load_and_preprocess(image, size=SIZE, mask_path=mask_path)
     logits = torch.from_numpy(prepared.mask.astype(np.float32) * 20 - 10)  # the true mask, as logits
-    monkeypatch.setattr(ask, "ask", lambda *args: ask.Answer("It is [SEG].", logits, prepared))
+    request = SimpleNamespace(geometry=prepared.geometry)
+    answer = ask.Answer(Prediction(request, "It is [SEG].", [], None, logits), prepared)
+    loaded = SimpleNamespace(notes=[])
+    monkeypatch.setattr(Predictor, "load", lambda *args: SimpleNamespace(loaded=loaded))
+    monkeypatch.setattr(ask, "ask", lambda *args: answer)
     argv = ["ask", "--checkpoint", str(tmp_path / "any.ckpt"), "--volume", str(image), "--question", "Where?"]
     assert main([*argv, "--mask-out", str(tmp_path / "m.nii.gz")]) == 0
     written = nib.load(tmp_path / "m.nii.gz")
@@ -248,7 +255,7 @@ def test_prepared_manifest_gives_eval_masks_over_the_raw_files(tmp_path: Path) -
     """`prepare` records each scan's geometry; `eval --save-masks` (its `MaskSaver`) writes a mask given
     on the prepared grid over the raw NIfTI: here the prepared true mask comes back onto the raw one."""
     from m3d_lit.data.prepare import prepare_volumes
-    from m3d_lit.evaluation.generation import MaskSaver
+    from m3d_lit.inference.records import MaskSaver
 
     raw = tmp_path / "raw"
     argv = ["--out", str(raw), "--physionet", "3", "--balanced", "--shape", "16", "64", "64"]

@@ -63,10 +63,10 @@ def test_an_upward_import_breaks_the_layers(tmp_path):
     )
     shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
     phrasing = tmp_path / "src" / "m3d_lit" / "data" / "phrasing.py"
-    phrasing.write_text(phrasing.read_text() + "\nfrom m3d_lit.tasks import loading  # noqa: E402\n")
+    phrasing.write_text(phrasing.read_text() + "\nfrom m3d_lit.inference import loading  # noqa: E402\n")
     result = _lint(tmp_path, tmp_path / "src")
     assert result.returncode != 0
-    assert "BROKEN" in result.stdout and "m3d_lit.data.phrasing -> m3d_lit.tasks.loading" in result.stdout
+    assert "BROKEN" in result.stdout and "m3d_lit.data.phrasing -> m3d_lit.inference.loading" in result.stdout
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:

@@ -19,16 +19,12 @@ from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu, sentence_b
 from nltk.translate.meteor_score import meteor_score
 from rouge_score.rouge_scorer import RougeScorer
 
-from m3d_lit.evaluation import metrics
-from m3d_lit.evaluation.metrics import (
-    closed_metrics,
-    dice_iou,
-    nltk_data_dirs,
-    parse_closed,
-    require_wordnet,
-    tokenize,
-)
-from m3d_lit.evaluation.scoring import compute_metrics
+from m3d_lit.evaluation import corpus_protocol
+from m3d_lit.evaluation.closed import closed_metrics, parse_closed
+from m3d_lit.evaluation.corpus_protocol import tokenize
+from m3d_lit.evaluation.grouped_scores import compute_metrics
+from m3d_lit.evaluation.segmentation import dice_iou
+from m3d_lit.evaluation.wordnet import nltk_data_dirs, require_wordnet
 
 REPO = Path(__file__).resolve().parents[1]
 # (prediction, reference): exact match, empty prediction, punctuation, casing, paraphrase, synonyms,
@@ -214,7 +210,8 @@ def test_compute_metrics_checks_records():
         compute_metrics([{"prediction": None, "answer": "x"}])
     with pytest.raises(ValueError, match="only one of 'dice' and 'iou'"):
         compute_metrics([{"prediction": "x", "answer": "x", "dice": 1.0}])
-    with pytest.raises(ValueError, match="non-finite 'iou'"):
+    # the same schema check as `score` reading a predictions file (evaluation/predictions.py)
+    with pytest.raises(ValueError, match="record 0 'iou' must be a finite number, got nan"):
         compute_metrics([{"prediction": "x", "answer": "x", "dice": 1.0, "iou": float("nan")}])
 
 
@@ -226,8 +223,8 @@ def test_default_nltk_data_is_the_venv(monkeypatch):
 
 def test_missing_wordnet_says_how_to_fix_it(tmp_path):
     code = (
-        "from m3d_lit.evaluation.metrics import WordNetMissingError\n"
-        "from m3d_lit.evaluation.scoring import compute_metrics\n"
+        "from m3d_lit.evaluation.wordnet import WordNetMissingError\n"
+        "from m3d_lit.evaluation.grouped_scores import compute_metrics\n"
         "try:\n    compute_metrics([{'prediction': 'a', 'answer': 'a'}])\n"
         "except WordNetMissingError as err:\n    print(err)\nelse:\n    print('NO ERROR')\n"
     )
@@ -267,6 +264,6 @@ def test_metric_caches_do_not_change_meteor():
     # The memoised stemmer and WordNet wrapper give the same value as fresh ones, on repeated calls.
     ref, hyp = tokenize("a large bleed in the brain"), tokenize("a big haemorrhage in the brain")
     fresh = meteor_score([ref], hyp, stemmer=PorterStemmer(), wordnet=require_wordnet())
-    cached = metrics.sample_scores(["a big haemorrhage in the brain"] * 2, ["a large bleed in the brain"] * 2)
+    cached = corpus_protocol.sample_scores(["a big haemorrhage in the brain"] * 2, ["a large bleed in the brain"] * 2)
     assert cached["meteor"] == pytest.approx([fresh, fresh], abs=1e-12)
     assert math.isfinite(fresh) and fresh > 0.5

@@ -217,21 +217,30 @@ def test_generate_stops_each_row_at_eos_and_segments_on_seg(monkeypatch) -> None
         0: [model.seg_id, tok.eos_token_id],
         1: tok("Yes Yes Yes Yes Yes", add_special_tokens=False)["input_ids"],
     }
-    calls = {"n": 0}
+    calls = {"n": 0, "rows": []}
+    alive = [0, 1]  # the batch rows still decoding, in order
 
     def scripted_logits(hidden: torch.Tensor) -> torch.Tensor:
         step = calls["n"]
         calls["n"] += 1
+        calls["rows"].append(hidden.shape[0])
+        assert hidden.shape[0] == len(alive)  # a row that has finished has left the batch
         logits = torch.zeros(hidden.shape[0], len(tok))
-        for row in range(hidden.shape[0]):
-            tokens = script[row]
-            logits[row, tokens[step] if step < len(tokens) else tok.eos_token_id] = 1.0
+        for i, row in enumerate(list(alive)):
+            token = script[row][step] if step < len(script[row]) else tok.eos_token_id
+            logits[i, token] = 1.0
+            if token == tok.eos_token_id:
+                alive.remove(row)
         return logits
 
+    steps: list[torch.Tensor] = []
     monkeypatch.setattr(model, "logits", scripted_logits)
-    out = model.generate(batch["images"], batch["input_ids"], batch["attention_mask"], max_new_tokens=20)
+    out = model.generate(batch["images"], batch["input_ids"], batch["attention_mask"], max_new_tokens=20,
+                         on_step=lambda logits, ids: steps.append(ids.clone()))  # fmt: skip
     assert out["texts"] == ["[SEG]", "Yes Yes Yes Yes Yes"]
     assert calls["n"] == 6  # stopped when the last row reached eos, not after 20 steps
+    assert calls["rows"] == [2, 2, 1, 1, 1, 1]  # row 0 stopped at step 2 and cost nothing after it
+    assert [int(ids[0]) for ids in steps] == [model.seg_id, tok.eos_token_id] + [tok.pad_token_id] * 4
     assert out["seg_logits"][0].shape == (1, *model.img_size) and out["seg_logits"][1] is None
 
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 from test_resume import EVERY, SMALL, _losses, _overlay
 
-from m3d_lit.tasks.base import load_checkpoint
+from m3d_lit.inference.checkpoints import read_checkpoint as load_checkpoint
 
 GLOBAL_BATCH, STEPS = 4, 4
 # float64 (unit roundoff 1.1e-16): losses near 1-10 summed in another order differ by ~1e-15 per step, and
@@ -148,8 +148,8 @@ FSDP_CPU = [
 def test_fsdp_on_two_ranks_trains_as_one_process_and_its_folder_is_read_back(
     prepared: list[Path], tmp_path: Path
 ) -> None:
+    from m3d_lit.inference.loading import load_model
     from m3d_lit.tasks import FinetuneTask
-    from m3d_lit.tasks.loading import load_task
 
     reference = _reference(tmp_path, prepared, "32-true", *FP32_SGD)
     killed = _overlay(tmp_path, "fsdp", 0, kill_at=EVERY + 1, steps=STEPS)
@@ -166,12 +166,12 @@ def test_fsdp_on_two_ranks_trains_as_one_process_and_its_folder_is_read_back(
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     _assert_same_run(tmp_path, "fsdp", reference, TOLERANCE_FP32)
 
-    # eval, ask and export load a checkpoint through load_task; the next stage through init_from
-    task, record = load_task(folder)
-    single, _ = load_task(tmp_path / "single" / "last.ckpt")
-    assert record["global_step"] == STEPS and type(task) is FinetuneTask
-    for key, value in single.state_dict().items():
-        assert torch.allclose(task.state_dict()[key], value, rtol=TOLERANCE_FP32, atol=TOLERANCE_FP32), key
+    # eval, ask, bench and export load a checkpoint through load_model; the next stage through init_from
+    loaded, single = load_model(folder, kind="lamed"), load_model(tmp_path / "single" / "last.ckpt")
+    assert loaded.source.global_step == STEPS
+    ours, theirs = loaded.model.state_dict(), single.model.state_dict()
+    for key, value in theirs.items():
+        assert torch.allclose(ours[key], value, rtol=TOLERANCE_FP32, atol=TOLERANCE_FP32), key
     torch.manual_seed(0)  # the tiny LLM is random: the same draws as the run's (init_from checks its weights)
     lora = {"r": 8, "alpha": 16, "dropout": 0.0}
     following = FinetuneTask(preset="tiny", overrides=SMALL, lora=lora, init_from=str(folder))

@@ -135,7 +135,7 @@ def _bad_dirs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     (noweights / "model.safetensors").unlink()
     (tmp_path / "empty").mkdir()
     return {
-        "empty": (tmp_path / "empty", "has no config.json"),
+        "empty": (tmp_path / "empty", "M3D-CLIP directory with a config.json"),
         "lamed": (KIT / "lamed_llama", "not M3D-CLIP"),
         "layers": (layers, "vision_encoder.blocks.2.attn.qkv.weight"),
         "wide": (wide, "vision_encoder.patch_embedding.patch_embeddings.1.weight"),
@@ -190,11 +190,11 @@ def test_bench_retrieval_takes_an_m3d_clip_directory(m3d_data: Path, tmp_path: P
     ranks = [json.loads(line)["i2t_rank"] for line in lines]
     # the same pairs through `embed`: the bench ranks each image's report as these logits do
     from m3d_lit.commands.embed import embed
-    from m3d_lit.tasks.loading import load_clip
+    from m3d_lit.inference.loading import load_model
 
     pairs = json.loads((m3d_data / "M3D_Cap_npy" / "M3D_Cap.json").read_text())["test"]
     texts = [(m3d_data / p["text"]).read_text().strip() for p in pairs]
-    logits = np.array(embed(load_clip(KIT / "clip"), [m3d_data / p["image"] for p in pairs], texts)["logits"])
+    logits = np.array(embed(load_model(KIT / "clip"), [m3d_data / p["image"] for p in pairs], texts)["logits"])
     expected = [int((row > row[i]).sum()) for i, row in enumerate(logits)]
     assert ranks == expected
 

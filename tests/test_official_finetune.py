@@ -54,16 +54,16 @@ def fit_argv(root: Path, source: Path, *extra: str) -> list[str]:
 
 
 def test_finetune_two_steps_from_the_official_directory(tmp_path: Path, monkeypatch) -> None:
+    from m3d_lit.inference.loading import load_model
     from m3d_lit.models.official.files import load_weights
-    from m3d_lit.tasks.loading import load_task
 
     source = KIT / "lamed_llama_seg"
     root = write_prepared(tmp_path / "data", [32, 64, 64])
     monkeypatch.chdir(tmp_path)
     assert main(fit_argv(root, source)) == 0
-    task, _ = load_task(tmp_path / "checkpoints" / "stage3" / "last.ckpt")
-    model = task.model
-    assert task.hparams.llm_path == str(source)
+    loaded = load_model(tmp_path / "runs" / "stage3")
+    model = loaded.model
+    assert loaded.bundle.llm_path == str(source)
     lora = model.llm.peft_config["default"]
     assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (16, 32, 0.1)
     official = load_weights(source)
@@ -82,10 +82,7 @@ def test_finetune_two_steps_from_the_official_directory(tmp_path: Path, monkeypa
     case = json.loads((KIT / "cases.json").read_text())["lamed_llama_seg"]["train_forward"]
     ids, attention = torch.tensor(case["input_ids"]), torch.tensor(case["attention_mask"])
     images = torch.stack([torch.from_numpy(np.load(KIT / v)) for v in case["volumes"]])
-    assert (
-        main(["export", "--checkpoint", "checkpoints/stage3/last.ckpt", "--out", "m3d", "--format", "m3d"])
-        == 0
-    )
+    assert main(["export", "--checkpoint", "runs/stage3", "--out", "m3d", "--format", "m3d"]) == 0
     exported = build_official_lamed(tmp_path / "m3d").eval()
     with torch.no_grad():
         ours, theirs = (m(images, ids, attention, full_logits=True)["logits"] for m in (model, exported))
@@ -101,7 +98,7 @@ def test_data_prepared_at_another_size_is_refused_with_the_size_to_use(
     assert main(fit_argv(root, KIT / "lamed_llama")) == 2
     err = capsys.readouterr().err
     assert "was prepared at size [32, 128, 128]" in err and "--size 32 64 64" in err
-    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").rglob("*.ckpt"))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.ckpt"))
 
 
 def test_llm_path_beside_an_official_init_from_is_refused(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -145,7 +142,7 @@ def test_segvol_weights_in_m3d_layout_compute_segvol_masks_only_with_the_full_de
 
 
 def test_stage3_starts_its_segmentation_module_from_segvol_path(tmp_path: Path, monkeypatch) -> None:
-    from m3d_lit.tasks.base import load_checkpoint
+    from m3d_lit.inference.checkpoints import read_checkpoint as load_checkpoint
 
     sizes = write_m3d_segvol(tmp_path / "segvol.pth")
     root = write_prepared(tmp_path / "data", [32, 64, 64])
@@ -154,7 +151,9 @@ def test_stage3_starts_its_segmentation_module_from_segvol_path(tmp_path: Path, 
     argv = fit_argv(root, "null", "--model.preset", "tiny", "--model.segvol_path", str(tmp_path / "segvol.pth"),
                     "--model.overrides", json.dumps(overrides), "--trainer.max_steps", "1")  # fmt: skip
     assert main(argv) == 0
-    state = load_checkpoint(tmp_path / "checkpoints" / "stage3" / "last.ckpt")["state_dict"]
+    state = load_checkpoint(tmp_path / "runs" / "stage3" / "version_0" / "checkpoints" / "last.ckpt")[
+        "state_dict"
+    ]
     source = torch.load(tmp_path / "segvol.pth", weights_only=True)
     for key in (
         "mask_decoder.iou_token.weight",

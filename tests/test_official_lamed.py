@@ -91,7 +91,8 @@ def test_teacher_forced_logits_and_loss_match(models: dict, name: str) -> None:
 
 @pytest.mark.parametrize("name", LM_MODELS)
 def test_greedy_generation_equals_official_one_by_one_and_in_a_batch(models: dict, name: str) -> None:
-    from m3d_lit.evaluation.generation import generate_records
+    from m3d_lit.inference.predictor import Predictor
+    from m3d_lit.inference.records import prediction_records
 
     model, cases = models[name], CASES[name]["cases"]
     for case in cases:
@@ -99,9 +100,9 @@ def test_greedy_generation_equals_official_one_by_one_and_in_a_batch(models: dic
         out = model.generate(batch["images"], batch["input_ids"], batch["attention_mask"], max_new_tokens=12)
         assert out["ids"][0] == case["generated_ids"]
         assert out["texts"][0] == case["generated_text"]
-    # eval's path: left-padded batches of prompts of different lengths
-    loader = torch.utils.data.DataLoader(_items(cases), batch_size=len(cases), collate_fn=_collate(model))
-    records = list(generate_records(model, loader, 12, torch.device("cpu")))
+    # eval's path: left-padded batches of prompts of different lengths, through the Predictor
+    predictor = Predictor(model, max_new_tokens=12)
+    records = list(prediction_records(predictor, _items(cases), batch_size=len(cases)))
     assert [r["prediction"] for r in records] == [c["generated_text"].strip() for c in cases]
 
 
@@ -226,7 +227,7 @@ def _ask_fails(directory: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -
 def test_directory_without_config_says_what_is_missing(tmp_path: Path, capsys) -> None:
     folder = tmp_path / "empty"
     folder.mkdir()
-    assert "nor an M3D-LaMed directory with a config.json" in _ask_fails(folder, tmp_path, capsys)
+    assert "or an M3D-LaMed or M3D-CLIP directory with a config.json" in _ask_fails(folder, tmp_path, capsys)
 
 
 def test_unknown_layout_and_unsupported_family_are_refused(tmp_path: Path, capsys) -> None:
@@ -346,19 +347,20 @@ def test_official_models_read_hu_scans_with_m3ds_plain_min_max(tmp_path: Path) -
     from m3d_lit.app.engine import Engine
     from m3d_lit.commands.ask import ask
     from m3d_lit.data.preprocess import load_and_preprocess
-    from m3d_lit.tasks.loading import load_clip
+    from m3d_lit.inference.loading import load_model
+    from m3d_lit.inference.predictor import Predictor
 
     hu = np.full((48, 80, 80), -1000.0, np.float32)
     hu[8:40, 10:70, 10:70] = np.linspace(-200.0, 1500.0, 32 * 60 * 60, dtype=np.float32).reshape(32, 60, 60)
     scan = tmp_path / "head.nii.gz"
     nib.save(nib.Nifti1Image(hu, np.eye(4)), str(scan))
-    answer = ask(KIT / "lamed_llama", scan, "What is shown?", max_new_tokens=2)
+    answer = ask(Predictor.load(KIT / "lamed_llama", max_new_tokens=2), scan, "What is shown?")
     size = tuple(answer.prepared.image.shape[1:])
     plain = load_and_preprocess(scan, size=size, window="none").image
     assert not np.array_equal(plain, load_and_preprocess(scan, size=size, window="brain").image)
     np.testing.assert_array_equal(answer.prepared.image, plain)
     assert Engine(KIT / "lamed_llama", max_new_tokens=2).window == "none"
-    assert load_clip(KIT / "clip").window == "none"
+    assert load_model(KIT / "clip").bundle.scan_window() == "none"
 
 
 def test_eval_refuses_data_prepared_with_another_window_than_the_model_reads(

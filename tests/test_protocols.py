@@ -17,9 +17,9 @@ from sacrebleu.metrics import BLEU
 from m3d_lit.commands.score import main as score_main
 from m3d_lit.data import phrasing
 from m3d_lit.errors import InputError
+from m3d_lit.evaluation.grouped_scores import compute_metrics
 from m3d_lit.evaluation.m3d_protocol import bleu, bleu_tokens, m3d_sample_scores, word_tokens
-from m3d_lit.evaluation.metrics import require_wordnet
-from m3d_lit.evaluation.scoring import compute_metrics
+from m3d_lit.evaluation.wordnet import require_wordnet
 
 # (prediction, reference): exact, empty prediction, one word, case, punctuation, longer and shorter than
 # the reference, numbers, a paraphrase, two sentences.

@@ -75,7 +75,7 @@ def test_stage_recipe_with_the_common_trainer_block_composes_the_old_config(
         main(["fit", "-c", f"stage{stage}", "-c", "cpu", "--print_config"])
     assert done.value.code in (0, None)
     trainer = yaml.safe_load(capsys.readouterr().out)["trainer"]
-    name = STAGES[stage]
+    name = f"stage{stage}"  # the run folders: runs/stage<N>/<run>/
     assert (trainer["max_epochs"], trainer["log_every_n_steps"]) == (3, 10)
     assert (trainer["accelerator"], trainer["precision"], trainer["num_sanity_val_steps"]) == (
         "cpu",
@@ -91,5 +91,6 @@ def test_stage_recipe_with_the_common_trainer_block_composes_the_old_config(
         "StageCheckpoint", "LearningRateMonitor", "StageCheckpoint", "NonFiniteGuard", "PreemptionCheckpoint",
         "ThroughputLogger",
     ]  # fmt: skip
-    assert callbacks[0]["init_args"]["dirpath"] == f"checkpoints/stage{stage}"
-    assert callbacks[2]["init_args"]["dirpath"] == f"checkpoints/stage{stage}/steps"
+    # no dirpath: each run's checkpoints go to its own folder, runs/stage<N>/<run>/checkpoints[/steps]
+    assert callbacks[0]["init_args"]["dirpath"] is None and callbacks[0]["init_args"]["subdir"] is None
+    assert callbacks[2]["init_args"]["dirpath"] is None and callbacks[2]["init_args"]["subdir"] == "steps"

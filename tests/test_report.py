@@ -8,8 +8,8 @@ import torch
 from matplotlib.image import imread
 
 from m3d_lit.data import phrasing
-from m3d_lit.evaluation.report import PAPER_TABLE1, write_report
-from m3d_lit.evaluation.scoring import compute_metrics
+from m3d_lit.evaluation.grouped_scores import compute_metrics
+from m3d_lit.evaluation.markdown_report import PAPER_TABLE1, write_report
 
 RECORDS = [
     {"id": "CQ500-CT-1/q0", "prediction": "Yes.", "answer": "Yes", "kind": "closed", "question": "Is there a bleed?", "dataset": "cq500"},

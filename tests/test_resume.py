@@ -22,9 +22,9 @@ from torch.utils.data import Dataset
 from m3d_lit.cli import main
 from m3d_lit.data.sampling import EpochSampler, ResumableDataLoader
 from m3d_lit.errors import InputError
-from m3d_lit.tasks.base import load_checkpoint
+from m3d_lit.inference.checkpoints import read_checkpoint as load_checkpoint
+from m3d_lit.inference.loading import load_model
 from m3d_lit.tasks.checkpoints import rng_states, set_rng_states
-from m3d_lit.tasks.loading import load_task
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"vision": {"num_layers": 1}, "llm": {"num_hidden_layers": 1}}
@@ -130,17 +130,17 @@ def test_stage3_checkpoint_leaves_out_the_frozen_llm_and_loads_strictly(tmp_path
     )
     full = sum(v.numel() for v in task.state_dict().values())
     kept = sum(v.numel() for v in saved["state_dict"].values())
-    loaded, _ = load_task(tmp_path / "stage3.ckpt")
-    for key, value in task.state_dict().items():
+    loaded = load_model(tmp_path / "stage3.ckpt").model  # rebuilt from the bundle, the LLM from llm_path
+    for key, value in task.model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     assert kept < full
 
-    other = _local_llm(tmp_path / "other_llm", seed=2)
+    other = _local_llm(tmp_path / "other_llm", seed=2)  # as if the LLM directory had been replaced
     checkpoint = load_checkpoint(tmp_path / "stage3.ckpt")
-    checkpoint["hyper_parameters"]["llm_path"] = str(other)
+    checkpoint["m3d_lit"]["bundle"]["llm_path"] = str(other)
     torch.save(checkpoint, tmp_path / "moved.ckpt")
-    with pytest.raises(InputError, match=r"moved\.ckpt: does not fit this model: its base LLM \(llm_path"):
-        load_task(tmp_path / "moved.ckpt")
+    with pytest.raises(InputError, match=r"moved\.ckpt: its base LLM \(.*other_llm\) now holds other weights"):
+        load_model(tmp_path / "moved.ckpt")
 
 
 def _overlay(folder: Path, run: str, version: int, kill_at: int | None = None, steps: int = STEPS) -> Path:

@@ -16,7 +16,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from m3d_lit.data.sampling import EpochSampler, ResumableDataLoader
-from m3d_lit.tasks.base import BaseTask, load_checkpoint
+from m3d_lit.inference.checkpoints import read_checkpoint as load_checkpoint
+from m3d_lit.tasks.base import BaseTask
 from m3d_lit.tasks.callbacks import (
     AtomicCheckpointIO,
     NonFiniteError,
@@ -345,7 +346,7 @@ def test_loading_is_weights_only_and_remote_code_is_never_trusted() -> None:
 def test_output_paths_stay_inside_the_output_folder(tmp_path: Path) -> None:
     from m3d_lit.data.prepare import safe_id
     from m3d_lit.errors import InputError
-    from m3d_lit.evaluation.report import write_report
+    from m3d_lit.evaluation.markdown_report import write_report
 
     for sid in ("../x", "a/b", "..", "a\\b", ".hidden", "x..y"):
         with pytest.raises(InputError, match="is not allowed"):
@@ -353,7 +354,7 @@ def test_output_paths_stay_inside_the_output_folder(tmp_path: Path) -> None:
     out = tmp_path / "deep" / "out"
     record = {"id": "../../escape", "dataset": "cq500", "kind": "open", "question": "q?",
               "answer": "yes", "prediction": "yes"}  # fmt: skip
-    from m3d_lit.evaluation.scoring import compute_metrics
+    from m3d_lit.evaluation.grouped_scores import compute_metrics
 
     write_report(out, compute_metrics([record]), [record], title="t", images=lambda r: torch.rand(1, 4, 8, 8))
     outside = [p for p in tmp_path.rglob("*") if out not in p.parents and p != out and p.is_file()]

@@ -8,8 +8,9 @@ import pytest
 
 from m3d_lit.commands.score import main
 from m3d_lit.errors import InputError
-from m3d_lit.evaluation.score import format_table, read_predictions
-from m3d_lit.evaluation.scoring import compute_metrics
+from m3d_lit.evaluation.grouped_scores import compute_metrics
+from m3d_lit.evaluation.predictions import read_predictions
+from m3d_lit.evaluation.tables import format_table
 
 RECORDS = [
     {"prediction": "Yes.", "answer": "Yes", "kind": "closed", "question": "Is there a bleed?", "dataset": "cq500"},
@@ -56,8 +57,8 @@ def test_score_without_out_only_prints(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("lines", "problem"),
     [
-        (['{"prediction": "a", "answer": "a"}', '{"prediction": "a", "answer": '], "line 2: not valid JSON"),
-        (['["a", "b"]'], "line 1: expected a JSON object, got list"),
+        (['{"prediction": "a", "answer": "a"}', '{"prediction": "a", "answer": '], "line 2 is not JSON"),
+        (['["a", "b"]'], "line 1 is not a JSON object but a list"),
         (['{"answer": "a"}'], "line 1: needs a string 'prediction'"),
         (['{"prediction": "a", "answer": 3}'], "line 1: needs a string 'answer'"),
         (["", '{"prediction": "a", "answer": "a", "dice": 0.5}'], "line 2: has only one of 'dice' and 'iou'"),

@@ -15,9 +15,9 @@ import torch
 from conftest import LAMED, built
 
 from m3d_lit.errors import InputError
+from m3d_lit.inference.checkpoints import read_checkpoint as load_checkpoint
+from m3d_lit.inference.loading import load_model
 from m3d_lit.tasks import FinetuneTask
-from m3d_lit.tasks.base import load_checkpoint
-from m3d_lit.tasks.loading import load_task
 from m3d_lit.tasks.strategies import ZeroStrategy, save_folder_atomically, write_consolidated
 
 
@@ -82,10 +82,11 @@ def test_the_zero_folder_is_read_by_eval_and_the_next_stage_through_its_plain_fi
     folder = tmp_path / "last.ckpt"
     save_folder_atomically(_OneProcess(), folder, write)
     assert "optimizer_states" not in load_checkpoint(folder)
-    loaded, record = load_task(folder)  # eval, ask, bench and export load through this
-    assert record["global_step"] == 7
-    for key, value in task.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key], value), key
+    loaded = load_model(folder, kind="lamed")  # eval, ask, bench and export load through this
+    assert loaded.source.global_step == 7
+    weights = loaded.model.state_dict()
+    for key, value in task.model.state_dict().items():
+        assert torch.equal(weights[key], value), key
     torch.manual_seed(0)
     following = built(FinetuneTask(preset="tiny", overrides=LAMED, init_from=str(folder)))
     following.load_init_weights(folder)

@@ -11,7 +11,7 @@ import torch
 from conftest import built
 
 from m3d_lit.cli import main
-from m3d_lit.tasks.base import load_checkpoint
+from m3d_lit.inference.checkpoints import read_checkpoint as load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = str(REPO / "stages" / "trainer" / "cpu.yaml")
@@ -41,7 +41,8 @@ def test_stage_chain_moves_weights(
     fit("stage2_align.yaml", prepared, "report")
     fit("stage3_finetune.yaml", prepared, "qa")
     one, two, three = (
-        load_checkpoint(tmp_path / f"checkpoints/stage{i}/last.ckpt")["state_dict"] for i in (1, 2, 3)
+        load_checkpoint(tmp_path / f"runs/stage{i}/version_0/checkpoints/last.ckpt")["state_dict"]
+        for i in (1, 2, 3)
     )
     vision = [k for k in one if k.startswith("model.vision.")]
     assert vision
@@ -51,18 +52,57 @@ def test_stage_chain_moves_weights(
     perceiver = [k for k in two if k.startswith("model.perceiver.")]
     assert perceiver and any(not torch.equal(two[k], three[k]) for k in perceiver)
     assert any(k.startswith("model.segmentation.") for k in three)
-    assert (tmp_path / "tensorboard").exists() or (tmp_path / "runs").exists()
+    for i in (1, 2, 3):  # each run's logs beside its checkpoints
+        assert list((tmp_path / f"runs/stage{i}/version_0").glob("events.out.tfevents.*"))
 
 
 @pytest.mark.slow
-def test_resume_continues_step_count(
+def test_resume_continues_step_count_in_its_own_run(
     prepared: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs/stage1/version_0"
     fit("stage1_clip.yaml", prepared, "report")
-    assert load_checkpoint(tmp_path / "checkpoints/stage1/last.ckpt")["global_step"] == 2
+    assert load_checkpoint(run / "checkpoints/last.ckpt")["global_step"] == 2
     fit("stage1_clip.yaml", prepared, "report", "--trainer.max_steps", "4", "--ckpt_path", "last")
-    assert load_checkpoint(tmp_path / "checkpoints/stage1/last.ckpt")["global_step"] == 4
+    assert load_checkpoint(run / "checkpoints/last.ckpt")["global_step"] == 4  # the same run, continued
+    assert sorted(p.name for p in (tmp_path / "runs/stage1").iterdir()) == ["version_0"]
+    # its config.yaml is still the one it started with; the resumption's is beside it
+    assert "ckpt_path: null" in (run / "config.yaml").read_text()
+    assert "ckpt_path: runs/stage1/version_0/checkpoints" in (run / "config.resumed.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_two_fits_leave_two_runs_and_the_next_stage_takes_the_latest(
+    prepared: list[Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    fit("stage1_clip.yaml", prepared, "report")
+    fit("stage1_clip.yaml", prepared, "report", "--seed_everything", "7")
+    runs = tmp_path / "runs/stage1"
+    first, second = (load_checkpoint(runs / f"version_{i}/checkpoints/last.ckpt") for i in (0, 1))
+    assert not torch.equal(
+        first["state_dict"]["model.vision.norm.weight"], second["state_dict"]["model.vision.norm.weight"]
+    )
+    for i in (0, 1):  # each run keeps its config and logs beside its checkpoints
+        assert (runs / f"version_{i}/config.yaml").is_file() and list(
+            (runs / f"version_{i}").glob("events.*")
+        )
+    with caplog.at_level("INFO"):
+        fit("stage2_align.yaml", prepared, "report")  # init_from: runs/stage1, its latest run
+    took = (
+        "init_from latest run of runs/stage1 is version_1: took runs/stage1/version_1/checkpoints/last.ckpt"
+    )
+    assert took in [r.getMessage() for r in caplog.records]
+    # a named run that already holds checkpoints is refused, before anything is written
+    argv = ["--trainer.logger.init_args.version", "version_0"]
+    with pytest.raises(AssertionError):
+        fit("stage1_clip.yaml", prepared, "report", *argv)
+    assert "holds the checkpoints of an earlier run" in capsys.readouterr().err
 
 
 def test_init_from_refuses_checkpoint_without_the_weights(tmp_path: Path) -> None:

@@ -59,7 +59,7 @@ def test_stage3_logs_scalars_hparams_images_and_text(
     # physionet first: the first validation batch then holds a segmentation sample whose answer is [SEG]
     roots = [brainct_data["physionet"], brainct_data["cq500"]]
     fit("stage3_finetune.yaml", roots, "qa", LAMED, "--model.max_new_tokens", "4")
-    tags, acc = read_run(tmp_path / "runs" / "stage3_finetune")
+    tags, acc = read_run(tmp_path / "runs" / "stage3")
     scalars = set(tags["scalars"])
     wanted = {"train/loss", "train/lm_loss", "train/grad_norm", "val/loss", "val/lm_loss", "val/token_acc"}
     assert wanted | {"val/dice", "val/loss_dice", "val/loss_bce"} <= scalars, scalars
@@ -85,7 +85,7 @@ def test_stage1_logs_recall_at_k(
     monkeypatch.chdir(tmp_path)
     roots = [brainct_data["cq500"], brainct_data["physionet"]]
     fit("stage1_clip.yaml", roots, "report", CLIP, "--model.text_max_length", "32")
-    tags, acc = read_run(tmp_path / "runs" / "stage1_clip")
+    tags, acc = read_run(tmp_path / "runs" / "stage1")
     recall = {f"val/{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
     assert recall | {"train/loss", "train/logit_scale", "train/grad_norm", "val/loss"} <= set(tags["scalars"])
     # 4 validation pairs: every true match is within the top 5

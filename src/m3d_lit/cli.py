@@ -3,8 +3,12 @@
 `m3d-lit fit|validate|test -c stages/<stage>.yaml [--data datamodules/<source>.yaml] [--key value ...]`
 runs a training recipe; the recipes ship in the package, so `-c stage3` and `--data cq500_qa` name them
 (`m3d-lit recipes` lists them), and every run starts from the shared `stages/trainer/common.yaml`.
-`m3d-lit synth|prepare|describe|plan|score|eval|ask|embed|app|recipes ...` dispatch to the `main(argv)` of
-their module, imported only when used so `--help` stays fast.
+`m3d-lit synth|prepare|describe|plan|score|eval|ask|predict|embed|app|recipes ...` dispatch to the
+`main(argv)` of their module, imported only when used so `--help` stays fast.
+
+`predict` is both: `m3d-lit predict --checkpoint CKPT --input requests.csv --out predictions.jsonl` is the
+request-file tool (`commands/predict.py`), and with a recipe (`-c`/`--config`) it is LightningCLI's
+`predict` over a DataModule, through the same `predict_step`. The rule: a recipe makes it LightningCLI's.
 """
 
 from __future__ import annotations
@@ -40,6 +44,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "eval": ("m3d_lit.commands.evaluate", "generate answers for a QA split and write a report"),
     "ask": ("m3d_lit.commands.ask", "ask one question about one scan"),
+    "predict": (
+        "m3d_lit.commands.predict",
+        "answer a file of requests (scan,question) -> predictions.jsonl (with -c: LightningCLI's predict)",
+    ),
     "embed": (
         "m3d_lit.commands.embed",
         "image and text embeddings + logits (stage-1 checkpoint or M3D-CLIP)",
@@ -68,6 +76,13 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _lightning(argv: list[str]) -> bool:
+    """Whether `m3d-lit <argv>` runs LightningCLI: fit/validate/test always, predict with a recipe."""
+    if argv[0] != "predict":
+        return argv[0] in LIGHTNING_COMMANDS
+    return any(arg in ("-c", "--config") or arg.startswith(("-c=", "--config=")) for arg in argv[1:])
+
+
 def _input_cause(err: BaseException | None) -> InputError | None:
     while err is not None and not isinstance(err, InputError):
         err = err.__cause__
@@ -85,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = argv[0]
     try:
-        if command in LIGHTNING_COMMANDS:
+        if _lightning(argv):
             from m3d_lit.commands.lightning_cli import (  # not for --help: they load torch
                 optimizer_flags_to_model,
                 run_lightning,

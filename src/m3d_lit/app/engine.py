@@ -1,15 +1,13 @@
 """The model side of `m3d-lit app`: one checkpoint, one generation at a time, answers streamed token by token.
 
-Checkpoint loading, preprocessing settings, prompting and generation are the project's own (`load_task`,
-`make_collator`, `LamedModel.generate`); this module only adds the pieces a browser needs: the partial answer
-after each token, the probability of "Yes" for a closed question, and a lock so that several sessions
-queue for the model instead of running on it at once.
+Loading, preprocessing settings, prompting, generation and P(Yes) are the `Predictor`'s
+(`m3d_lit.inference`); this module only adds the pieces a browser needs: the partial answer after each
+token, and a lock so that several sessions queue for the model instead of running on it at once.
 """
 
 from __future__ import annotations
 
 import queue
-import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,20 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from m3d_lit.data.collate import make_collator
 from m3d_lit.data.geometry import ScanGeometry
 from m3d_lit.data.geometry import write_mask as geometry_write_mask
 from m3d_lit.errors import InputError
-from m3d_lit.evaluation.generation import yes_no_ids, yes_probability
-from m3d_lit.tasks.loading import load_task
-from m3d_lit.tasks.official import scan_window
+from m3d_lit.inference.predictor import Predictor, Request, is_closed_question, yes_probability
 
 __all__ = ["Answer", "Engine", "is_closed_question", "write_mask"]
-
-# the first word of a question that a plain "Yes" or "No" answers
-_CLOSED_START = re.compile(
-    r"^\s*(is|are|was|were|does|do|did|has|have|had|can|could|will|would|should|may|might)\b", re.IGNORECASE
-)
 
 
 @dataclass(frozen=True)
@@ -44,11 +34,6 @@ class Answer:
     done: bool = False
 
 
-def is_closed_question(question: str) -> bool:
-    """A yes/no question by its first word (`Is there ...?`, `Does ...?`), as the datasets' closed ones are."""
-    return bool(_CLOSED_START.match(question))
-
-
 def write_mask(path: Path, seg_logits: torch.Tensor, geometry: ScanGeometry | None) -> None:
     """The predicted mask as `m3d-lit ask --mask-out` writes it: over the uploaded scan's own geometry,
     or on the model grid when there is none (`.npy` and prepared scans)."""
@@ -56,43 +41,40 @@ def write_mask(path: Path, seg_logits: torch.Tensor, geometry: ScanGeometry | No
 
 
 class Engine:
-    """A stage-2/3 checkpoint ready to answer, shared by every session of the app.
+    """A stage-2/3 model ready to answer, shared by every session of the app.
 
     Args:
-        checkpoint: an m3d-lit checkpoint (`load_task`).
-        device: `cpu` or `cuda` (bf16 there, as `m3d-lit eval`).
+        checkpoint: any checkpoint `Predictor.load` reads (file, run or stage folder, export folder,
+            M3D-LaMed directory).
+        device: `cpu` or `cuda`.
         max_new_tokens: longest answer.
+        dtype: `auto` (bfloat16 on CUDA, float32 on CPU), `float32`, `bfloat16` or `float64`.
+        source: the training source uploads are read like (a model whose sources' windows differ).
     """
 
-    def __init__(self, checkpoint: Path, device: str = "cpu", max_new_tokens: int = 64) -> None:
-        task, meta = load_task(checkpoint, device=device)
-        model = task.model
-        if not hasattr(model, "generate"):
-            raise InputError(checkpoint, "is a stage-1 (contrastive) checkpoint: it cannot answer questions")
-        if torch.device(device).type == "cuda":
-            model.to(torch.bfloat16)
-        self.model, self.device, self.max_new_tokens = model, device, max_new_tokens
-        self.size: tuple[int, int, int] = tuple(int(s) for s in model.img_size)  # type: ignore[assignment]
-        self.window: str = scan_window(meta)
-        self.collate = make_collator(model, generation=True)
-        self.yes_no = yes_no_ids(model.tokenizer)
+    def __init__(
+        self,
+        checkpoint: Path,
+        device: str = "cpu",
+        max_new_tokens: int = 64,
+        dtype: str = "auto",
+        source: str | None = None,
+    ) -> None:
+        self.predictor = Predictor.load(checkpoint, device, dtype, max_new_tokens)
+        self.model = self.predictor.model
+        self.size: tuple[int, int, int] = self.predictor.img_size
+        self.window: str = self.predictor.window(source)
         self._lock = threading.Lock()
 
     def _generate(self, image: np.ndarray, question: str, steps: queue.Queue) -> None:
         """Runs in a worker thread: one generation under the lock, each step and the result into `steps`."""
-        item = {"id": "app", "image": torch.from_numpy(np.asarray(image, dtype=np.float32)),
-                "question": question, "answer": "", "kind": "open", "mask": None, "dataset": "app"}  # fmt: skip
+        request = Request(question, torch.from_numpy(np.asarray(image, dtype=np.float32)), id="app")
         try:
-            batch = self.collate([item])
-            with self._lock, torch.no_grad():
-                out = self.model.generate(
-                    batch["images"].to(self.device),
-                    batch["input_ids"].to(self.device),
-                    batch["attention_mask"].to(self.device),
-                    max_new_tokens=self.max_new_tokens,
-                    on_step=lambda logits, ids: steps.put(("step", logits[0].cpu(), int(ids[0]))),
+            with self._lock:
+                (prediction,) = self.predictor.answer(
+                    [request], on_step=lambda logits, ids: steps.put(("step", logits[0].cpu(), int(ids[0])))
                 )
-            steps.put(("done", out["texts"][0].strip(), out["seg_logits"][0]))
+            steps.put(("done", prediction, None))
         except Exception as err:  # handed to the consumer, which re-raises it in the caller's thread
             steps.put(("error", err, None))
 
@@ -110,16 +92,16 @@ class Engine:
         steps: queue.Queue = queue.Queue()
         threading.Thread(target=self._generate, args=(image, question, steps), daemon=True).start()
         ids: list[int] = []
-        p_yes = None
+        p_yes, yes_no = None, self.predictor.yes_no
         while True:
             kind, value, extra = steps.get()
             if kind == "error":
                 raise value
             if kind == "done":
-                yield Answer(value, p_yes, extra, done=True)
+                yield Answer(value.text, value.p_yes, value.seg_logits, done=True)
                 return
-            if not ids and self.yes_no is not None and is_closed_question(question):
-                p_yes = yes_probability(value, *self.yes_no)
+            if not ids and yes_no is not None and is_closed_question(question):
+                p_yes = yes_probability(value, *yes_no)  # shown while the rest of the answer streams
             ids.append(extra)
             yield Answer(self.model._detokenize(ids), p_yes)
 

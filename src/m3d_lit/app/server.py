@@ -23,7 +23,7 @@ def serve(args: argparse.Namespace, workdir: Path) -> None:
     from m3d_lit.app.ui import build_app
 
     start = time.perf_counter()
-    engine = Engine(args.checkpoint, device=args.device, max_new_tokens=args.max_new_tokens)
+    engine = Engine(args.checkpoint, args.device, args.max_new_tokens, args.dtype, args.source)
     page = build_app(engine, list(args.data), workdir)
     page.queue(default_concurrency_limit=1)
     page.launch(

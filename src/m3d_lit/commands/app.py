@@ -1,7 +1,11 @@
 """`m3d-lit app`: a local web page to look at a scan, ask about it and see the mask.
 
-    m3d-lit app --checkpoint checkpoints/stage3/last.ckpt [--data PREPARED_DIR ...] [--port 7860]
-                [--host 127.0.0.1] [--max-new-tokens 64] [--device cpu|cuda]
+    m3d-lit app --checkpoint runs/stage3 [--data PREPARED_DIR ...] [--port 7860] [--host 127.0.0.1]
+                [--max-new-tokens 64] [--device cpu|cuda] [--dtype auto|float32|bfloat16|float64]
+                [--source NAME]
+
+`--checkpoint` is anything `eval` and `ask` take: a checkpoint file, a run or stage folder, an
+`m3d-lit export` folder or an M3D-LaMed directory.
 
 Serves on 127.0.0.1 only unless `--host` widens it. Nothing leaves the machine: Gradio's analytics and
 version check are off and the page's assets come from the installed package. Uploads and mask files
@@ -18,9 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 from m3d_lit.app.server import serve
+from m3d_lit.commands.arguments import inference_options
 from m3d_lit.errors import InputError
 
 __all__ = ["main"]
@@ -30,15 +33,22 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m3d-lit app", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, type=Path, help="stage-2 or stage-3 checkpoint")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="stage-2/3 checkpoint, run or stage folder, export folder or M3D-LaMed directory",
+    )
     parser.add_argument("--data", nargs="*", type=Path, default=[],
                         help="`m3d-lit prepare` folders whose qa_test.jsonl scans the page offers")  # fmt: skip
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default: this machine only)"
     )
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--source", help="the training source uploads are read like (when its windows differ)"
+    )
+    inference_options(parser)
     return parser
 
 
@@ -48,7 +58,7 @@ def _stop(signum, frame) -> None:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    if not args.checkpoint.is_file():
+    if not args.checkpoint.exists():
         raise InputError(
             args.checkpoint, "does not exist (`make demo` writes the demo's; or pass --checkpoint)"
         )

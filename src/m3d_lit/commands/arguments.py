@@ -12,11 +12,12 @@ import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, NoReturn
 
 from m3d_lit.errors import InputError
 
-__all__ = ["CommandParser", "json_object", "model_options"]
+__all__ = ["CommandParser", "check_out_folder", "inference_options", "json_object", "model_options"]
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -55,3 +56,42 @@ def model_options(option: str) -> Iterator[None]:
         raise
     except ValueError as err:
         raise InputError(option, f"the model cannot be built with these values: {err}") from None
+
+
+def inference_options(parser: argparse.ArgumentParser) -> None:
+    """`--device`, `--dtype` and `--max-new-tokens`, the same for every command that answers questions."""
+    import torch  # only where a model runs: `m3d-lit --help` stays fast
+
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the model runs (default: cuda when there is one, else cpu)")  # fmt: skip
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float64"),
+        default="auto",
+        help="weights and activations: auto = bfloat16 on CUDA, float32 on CPU; float64 makes greedy "
+        "decoding independent of how a machine orders its sums (exact comparisons)",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (64)")
+
+
+def check_out_folder(out: Path, overwrite: bool, results: tuple[str, ...]) -> None:
+    """Refuse an output folder that holds an earlier result (any of `results`) unless `overwrite`, and
+    any folder that holds other files: `--overwrite` replaces a result folder whole, never a stranger's."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise InputError(out, "is a file; --out names a folder")
+    found = sorted(p.name for p in out.iterdir())
+    if not found:
+        return
+    if not any(name in results for name in found):
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise InputError(
+            out, f"holds other files ({shown}), not an earlier result: choose an empty or new --out"
+        )
+    if not overwrite:
+        raise InputError(
+            out,
+            f"holds an earlier result ({', '.join(n for n in found if n in results)}): pass --overwrite to "
+            "replace it whole, or choose another --out",
+        )

@@ -1,7 +1,7 @@
 """`m3d-lit bench`: the eight M3D-Bench tasks over the test splits of the data found, in one command.
 
-    m3d-lit bench --checkpoint checkpoints/stage3/last.ckpt [--clip-checkpoint checkpoints/stage1/last.ckpt]
-                  [--tasks all|retrieval,report,...|1,2,...] --out runs/bench
+    m3d-lit bench --checkpoint runs/stage3 [--clip-checkpoint runs/stage1]
+                  [--tasks all|retrieval,report,...|1,2,...] --out eval/bench [--overwrite]
                   [--data data/M3D-Data data/cq500 data/physionet] [--judge /models/judge] [--limit N]
                   [--protocol m3d|corpus] [--bootstrap 1000] [--seed 0] [--bertscore-model DIR]
 
@@ -20,7 +20,7 @@
 
 Each task writes OUT/<task>/predictions.jsonl and metrics.json; OUT/metrics.json and OUT/report.md sum
 them up. A task with no data is listed as absent; a bad input file ends the run (exit 2) after the report
-of what ran.
+of what ran. An OUT holding an earlier result is refused; `--overwrite` replaces it whole.
 """
 
 from __future__ import annotations
@@ -33,13 +33,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from m3d_lit.atomic import atomic_path, write_json, write_jsonl
-from m3d_lit.commands.arguments import CommandParser
+from m3d_lit.atomic import atomic_folder, atomic_path, write_json, write_jsonl
+from m3d_lit.commands.arguments import CommandParser, check_out_folder, inference_options
 from m3d_lit.commands.score import add_protocol_options, protocol_options
 from m3d_lit.data.collate import make_collator
 from m3d_lit.data.datasets import RecordDataset, check_paths
 from m3d_lit.errors import InputError
-from m3d_lit.evaluation import bench_scores as scores
 from m3d_lit.evaluation.bench import (
     ABSENT,
     HEADLINE,
@@ -50,10 +49,15 @@ from m3d_lit.evaluation.bench import (
     question_types,
     report_lines,
 )
-from m3d_lit.evaluation.generation import generate_records
+from m3d_lit.evaluation.choice import choice_metrics
+from m3d_lit.evaluation.grouped_scores import compute_metrics
 from m3d_lit.evaluation.judge import judge
-from m3d_lit.evaluation.scoring import compute_metrics
-from m3d_lit.tasks.loading import load_clip, load_task
+from m3d_lit.evaluation.referring import rec_scores, reg_name_metrics
+from m3d_lit.evaluation.retrieval import retrieval_metrics
+from m3d_lit.evaluation.segmentation import seg_metrics
+from m3d_lit.inference.loading import load_model
+from m3d_lit.inference.predictor import Predictor, inference_dtype
+from m3d_lit.inference.records import prediction_records
 
 __all__ = ["DEFAULT_DATA", "Runner", "main", "parse_tasks"]
 
@@ -67,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--clip-checkpoint", type=Path, help="stage-1 (CLIP) checkpoint for retrieval")
     ap.add_argument("--tasks", default="all", help=f"all, or names/numbers: {','.join(TASKS)}")
     ap.add_argument("--out", type=Path, required=True, help="output folder")
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier result in --out")
     ap.add_argument(
         "--data", type=Path, nargs="+", help=f"data folders (default: those of {DEFAULT_DATA} that exist)"
     )
@@ -74,9 +79,8 @@ def _parser() -> argparse.ArgumentParser:
         "--judge", type=Path, help="local Hugging Face causal LM that scores reports and open answers"
     )
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--limit", type=int, help="only the first N samples of each task")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    inference_options(ap)
     add_protocol_options(ap)
     return ap
 
@@ -114,15 +118,17 @@ def main(argv: list[str]) -> int:
     tasks = parse_tasks(args.tasks)
     explicit = args.data is not None
     data = find_data(list(args.data) if explicit else [Path(p) for p in DEFAULT_DATA], explicit)
-    runner = Runner(args, Sources(data))
+    check_out_folder(args.out, args.overwrite, ("metrics.json", "report.md", *TASKS))
     failure = None
-    for task in tasks:
-        try:
-            runner.run(task)
-        except InputError as err:
-            runner.fail(task, str(err))
-            failure = failure or err
-    runner.write_summary(tasks)
+    with atomic_folder(args.out) as out:
+        runner = Runner(args, Sources(data), out)
+        for task in tasks:
+            try:
+                runner.run(task)
+            except InputError as err:
+                runner.fail(task, str(err))
+                failure = failure or err
+        runner.write_summary(tasks)
     print(f"m3d-lit bench: wrote {args.out / 'report.md'} and {args.out / 'metrics.json'}")
     if failure is not None:
         print(f"m3d-lit bench: error: {failure}", file=sys.stderr)
@@ -138,34 +144,28 @@ class Runner:
         sources: the test records of the data found.
     """
 
-    def __init__(self, args: argparse.Namespace, sources: Sources) -> None:
-        self.args, self.sources = args, sources
+    def __init__(self, args: argparse.Namespace, sources: Sources, out: Path) -> None:
+        self.args, self.sources, self.out = args, sources, out
         self.device = torch.device(args.device)
         self.results: dict[str, dict[str, Any]] = {}
-        self._models: dict[str, tuple[torch.nn.Module, Any]] = {}
+        self._predictor: Predictor | None = None
+        self._clip: tuple[torch.nn.Module, Any] | None = None
 
-    def _model(self, which: str) -> tuple[torch.nn.Module, Any]:
-        """The stage-3 LaMed (`lamed`) or stage-1 CLIP (`clip`) model and its collator, loaded once."""
-        if which not in self._models:
-            model, collate = self._clip() if which == "clip" else self._lamed()
-            if self.device.type == "cuda":
-                model.to(torch.bfloat16)
-            self._models[which] = (model, collate)
-        return self._models[which]
+    def _lamed(self) -> Predictor:
+        """The stage-2/3 model (tasks 2-8), loaded once."""
+        if self._predictor is None:
+            args = self.args
+            self._predictor = Predictor.load(args.checkpoint, args.device, args.dtype, args.max_new_tokens)
+        return self._predictor
 
-    def _lamed(self) -> tuple[torch.nn.Module, Any]:
-        task, _ = load_task(self.args.checkpoint, device=str(self.device))
-        if not hasattr(task.model, "generate"):
-            raise InputError(
-                self.args.checkpoint,
-                f"holds a {type(task).__name__}, but this needs a stage-2 or stage-3 checkpoint",
-            )
-        return task.model, task.configure_collate()
-
-    def _clip(self) -> tuple[torch.nn.Module, Any]:
-        """`--clip-checkpoint`: a stage-1 checkpoint or an M3D-CLIP directory."""
-        loaded = load_clip(self.args.clip_checkpoint, str(self.device))
-        return loaded.model, make_collator(loaded.model, max_length=loaded.max_length)
+    def _clip_model(self) -> tuple[torch.nn.Module, Any]:
+        """`--clip-checkpoint` (stage-1 checkpoint or M3D-CLIP directory) and its collator, loaded once."""
+        if self._clip is None:
+            loaded = load_model(self.args.clip_checkpoint, kind="clip", device=self.device)
+            model = loaded.model.to(inference_dtype(self.device, self.args.dtype))
+            max_length = loaded.bundle.text_max_length or model.max_length
+            self._clip = (model, make_collator(model, max_length=max_length))
+        return self._clip
 
     def fail(self, task: str, message: str) -> None:
         self.results[task] = {"status": "failed", "reason": message}
@@ -191,7 +191,7 @@ class Runner:
         self._write(task, predictions, metrics)
 
     def _write(self, task: str, predictions: list[dict], metrics: dict[str, Any]) -> None:
-        folder = self.args.out / task
+        folder = self.out / task
         folder.mkdir(parents=True, exist_ok=True)
         write_jsonl(folder / "predictions.jsonl", predictions)
         write_json(folder / "metrics.json", metrics)
@@ -213,7 +213,7 @@ class Runner:
 
     @torch.no_grad()
     def _retrieval(self, records: list) -> tuple[list[dict], dict[str, Any]]:
-        model, collate = self._model("clip")
+        model, collate = self._clip_model()
         dtype = next(model.parameters()).dtype
         images, texts, rows = [], [], []
         # Pairs past the largest pool are never compared, so they are not embedded either.
@@ -229,18 +229,16 @@ class Runner:
                 {"id": i, "dataset": d, "text": a}
                 for i, d, a in zip(batch["ids"], batch["datasets"], batch["answers"])
             ]
-        metrics, i2t, t2i = scores.retrieval_metrics(torch.cat(images), torch.cat(texts), POOL_SIZES)
+        metrics, i2t, t2i = retrieval_metrics(torch.cat(images), torch.cat(texts), POOL_SIZES)
         metrics["order"] = "the first pairs of the test split(s), M3D-Cap first; ties count as hits"
         for row, a, b in zip(rows, i2t.tolist(), t2i.tolist()):
             row.update({"i2t_rank": a, "t2i_rank": b})
         return rows, metrics
 
     def _scored(self, task: str, records: list) -> tuple[list[dict], dict[str, Any]]:
-        model, _ = self._model("lamed")
-        size = tuple(model.img_size)
-        collate = make_collator(model, generation=True)
-        loader = self._loader(records, collate, size)
-        predictions = list(generate_records(model, loader, self.args.max_new_tokens, self.device))
+        predictor = self._lamed()
+        dataset = RecordDataset(records, img_size=predictor.img_size)
+        predictions = list(prediction_records(predictor, dataset, self.args.batch_size))
         metrics = self._score(task, records, predictions)
         if task in JUDGED and self.args.judge is not None:
             self._judge(predictions, metrics)
@@ -253,20 +251,20 @@ class Runner:
                 types.update(question_types(source))
             for prediction in predictions:
                 prediction["question_type"] = types.get(prediction["id"], "?")
-            return scores.choice_metrics(predictions, types)
+            return choice_metrics(predictions, types)
         if task == "rec":
-            metrics, ious = scores.rec_scores(predictions)
+            metrics, ious = rec_scores(predictions)
             for prediction, iou in zip(predictions, ious):
                 prediction["box_iou"] = iou
             return metrics
         if task == "seg":
-            return scores.seg_metrics(predictions, group=lambda r: r["id"].split("/", 3)[3])
+            return seg_metrics(predictions, group=lambda r: r["id"].split("/", 3)[3])
         if task == "refseg":
-            return scores.seg_metrics(predictions)
+            return seg_metrics(predictions)
         # each task is one kind of record: its text metrics cover all of them
         metrics = compute_metrics(predictions, self.args.protocol, separate=(), **self.args.scoring)
         if task == "reg":
-            metrics.update(scores.reg_name_metrics(predictions))
+            metrics.update(reg_name_metrics(predictions))
         return metrics
 
     def _judge(self, predictions: list[dict], metrics: dict[str, Any]) -> None:
@@ -289,7 +287,6 @@ class Runner:
             "protocol": self.args.protocol,
         }
         summary = {"setup": setup, "tasks": {t: {"title": TASKS[t], **self.results[t]} for t in tasks}}
-        self.args.out.mkdir(parents=True, exist_ok=True)
-        write_json(self.args.out / "metrics.json", summary)
-        with atomic_path(self.args.out / "report.md") as tmp:
+        write_json(self.out / "metrics.json", summary)
+        with atomic_path(self.out / "report.md") as tmp:
             tmp.write_text("\n".join(report_lines(summary)) + "\n", encoding="utf-8")

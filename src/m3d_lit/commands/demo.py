@@ -5,7 +5,8 @@
 1. `m3d-lit synth` writes CQ500-format DICOM and PhysioNet-format NIfTI with balanced findings;
 2. `m3d-lit prepare` turns both into the volume cache, QA files and patient-level splits;
 3. stages 1, 2 and 3 run through the real recipes in `stages/` with the CPU trainer preset and the `tiny`
-   model preset given as command-line overrides, each starting from the previous stage's checkpoint;
+   model preset given as command-line overrides, each in its own run folder `OUT/runs/<stage>/version_N/`
+   and starting from the previous stage's latest run;
    the tiny LLM is random, so stage 3 trains all of it instead of LoRA adapters, with the stage-1
    encoder frozen (the `--model.trainable` override below says why);
 4. `m3d-lit eval` scores both test splits with the scans, with blank scans and with swapped scans (each
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from m3d_lit.inference.checkpoints import latest_run
 from m3d_lit.recipes import recipes_root
 
 __all__ = ["DemoPlan", "main"]
@@ -84,7 +86,6 @@ def _stage(recipe: str, steps: int, batch: int, data: list[Path], mode: str, ext
         "--data.batch_size", str(batch),
         "--trainer.max_steps", str(steps),
         "--trainer.max_epochs", "-1",
-        "--trainer.logger.init_args.save_dir", "tensorboard",
         *extra,
     ]  # fmt: skip
 
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                             "--data.blank_prob", "0.05"]), out, seconds)  # fmt: skip
 
     summary: dict[str, Any] = {}
-    checkpoint = out / "checkpoints" / "stage3" / "last.ckpt"
+    checkpoint = out / "runs" / "stage3"  # its latest run: the one just trained
     for name in ("cq500", "physionet"):
         summary[name] = {}
         for variant, flag in VARIANTS.items():
@@ -213,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             limit = [] if plan.eval_limit is None else ["--limit", str(plan.eval_limit)]
             _run(f"eval {name} {variant}", [*m3d, "eval", "--checkpoint", str(checkpoint), "--data",
                                             str(data / name / "qa_test.jsonl"), "--out", str(folder),
-                                            "--protocol", PROTOCOL, *flag, *limit], out, seconds)  # fmt: skip
+                                            "--overwrite", "--protocol", PROTOCOL, *flag, *limit],
+                 out, seconds)  # fmt: skip
             summary[name][variant] = json.loads((folder / "metrics.json").read_text())
     seconds["total"] = round(time.perf_counter() - total, 1)
     summary["seconds"] = seconds
@@ -223,8 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + _margins(summary))
     print("\nseconds per step: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     print(f"reports:      {out / 'eval'}/<dataset>/<{'|'.join(VARIANTS)}>/report.md")
-    print(f"checkpoints:  {out / 'checkpoints'}")
-    print(f"TensorBoard:  {out / 'tensorboard'}  (make tensorboard, or tensorboard --logdir {out})")
+    runs = [latest_run(out / "runs" / stage) for stage in ("stage1", "stage2", "stage3")]
+    listed = ", ".join(str(run) for run in runs if run is not None)
+    print(f"runs:         {listed} (checkpoints/ in each)")
+    print(f"TensorBoard:  tensorboard --logdir {out / 'runs'}")
     print(f"summary:      {out / 'summary.json'}")
     return 0
 

@@ -24,7 +24,8 @@ import torch
 from m3d_lit.atomic import write_text
 from m3d_lit.data.preprocess import load_and_preprocess
 from m3d_lit.errors import InputError
-from m3d_lit.tasks.loading import LoadedClip, load_clip
+from m3d_lit.inference.loading import Loaded, load_model
+from m3d_lit.inference.predictor import inference_dtype
 
 __all__ = ["embed", "main"]
 
@@ -52,10 +53,11 @@ def _texts(model: Any, texts: list[str], max_length: int) -> torch.Tensor:
     return out.float().cpu()
 
 
-def embed(clip: LoadedClip, volumes: list[Path], texts: list[str]) -> dict[str, list]:
+def embed(clip: Loaded, volumes: list[Path], texts: list[str]) -> dict[str, list]:
     """`{"image", "text", "logits"}` as nested lists (rows: volumes, columns of `logits`: texts)."""
-    model = clip.model
-    image, text = _images(model, volumes, clip.window), _texts(model, texts, clip.max_length)
+    model, bundle = clip.model, clip.bundle
+    max_length = bundle.text_max_length or model.max_length
+    image, text = _images(model, volumes, bundle.scan_window()), _texts(model, texts, max_length)
     logits = []
     if len(image) and len(text):
         logits = (model.scale().detach().float().cpu() * image @ text.T).tolist()
@@ -85,9 +87,8 @@ def main(argv: list[str]) -> int:
     empty = [i for i, t in enumerate(args.text) if not t.strip()]
     if empty:
         raise InputError("--text", f"text {empty[0] + 1} is empty")
-    clip = load_clip(args.checkpoint, args.device)
-    if torch.device(args.device).type == "cuda":
-        clip.model.to(torch.bfloat16)
+    clip = load_model(args.checkpoint, kind="clip", device=args.device)
+    clip.model.to(inference_dtype(args.device))
     result = embed(clip, args.volume, args.text)
     _write(args.out, result)
     print(f"m3d-lit embed: {len(result['image'])} images, {len(result['text'])} texts -> {args.out}")

@@ -1,13 +1,21 @@
 """`m3d-lit eval`: batched generation over a QA split, then metrics and a report.
 
-    m3d-lit eval --checkpoint checkpoints/stage3/last.ckpt --data data/cq500/qa_test.jsonl --out runs/eval
+    m3d-lit eval --checkpoint runs/stage3 --data data/cq500 --out eval/cq500 [--overwrite]
                  [--batch-size 8] [--blank-images | --swap-images] [--save-masks] [--max-new-tokens 64]
                  [--device cpu|cuda] [--dtype auto|float32|bfloat16|float64]
                  [--protocol m3d|corpus] [--bootstrap 1000] [--seed 0] [--bertscore-model DIR]
 
+`--checkpoint` is a checkpoint file, a run folder (`runs/stage3/version_0`: its newest checkpoint), a
+stage folder (`runs/stage3`: its latest run), an `m3d-lit export` folder or an M3D-LaMed directory.
+`--data` is a `qa_<split>.jsonl` written by `m3d-lit prepare`, or its folder (then `qa_test.jsonl`);
+data prepared with another size or CT window than the model's training data are refused.
+
 Writes OUT/predictions.jsonl (one object per sample; closed Yes/No answers carry `p_yes`, the softmax of
-the first answer token's `Yes` and `No` logits), OUT/metrics.json and OUT/report.md, and the headline
-scores to TensorBoard under OUT/tensorboard at the checkpoint's global step. `--save-masks` writes each
+the first answer token's `Yes` and `No` logits), OUT/metrics.json and OUT/report.md (both name the model:
+its file, sha256, run, step, the m3d-lit versions and commits that trained and evaluated it, the date),
+and the headline scores to TensorBoard under OUT/tensorboard at the checkpoint's global step. An OUT
+holding an earlier result is refused; `--overwrite` replaces it whole (the new result is written beside
+it and takes its place only when complete). `--save-masks` writes each
 predicted mask to OUT/masks/<id>.nii.gz in the source scan's geometry (shape and affine of the NIfTI or
 DICOM series that `prepare` read, as its manifest records), so it lies over the original file in a viewer;
 its path goes in the prediction's `mask_file`. Volumes without a recorded geometry (M3D-Data `.npy`) keep
@@ -21,41 +29,52 @@ chance there, while a zero volume may throw it off entirely).
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from m3d_lit.atomic import write_json, write_jsonl
-from m3d_lit.commands.arguments import CommandParser
+from m3d_lit.atomic import atomic_folder, write_json, write_jsonl
+from m3d_lit.commands.arguments import CommandParser, check_out_folder, inference_options
 from m3d_lit.commands.score import add_protocol_options, protocol_options
-from m3d_lit.data.collate import make_collator
 from m3d_lit.data.datasets import QAJsonlDataset
+from m3d_lit.data.provenance import prepared_settings
 from m3d_lit.errors import InputError
-from m3d_lit.evaluation.generation import MaskSaver, annotate, generate_records
-from m3d_lit.evaluation.report import write_report
-from m3d_lit.evaluation.scoring import compute_metrics
-from m3d_lit.tasks.loading import load_task
-from m3d_lit.tasks.official import known_window
+from m3d_lit.evaluation.grouped_scores import compute_metrics
+from m3d_lit.evaluation.markdown_report import write_report
+from m3d_lit.inference.checkpoints import resolve_checkpoint
+from m3d_lit.inference.predictor import Predictor
+from m3d_lit.inference.records import MaskSaver, annotate, prediction_records
 
-__all__ = ["main", "tensorboard_scalars"]
+__all__ = ["RESULT_FILES", "main", "qa_file", "tensorboard_scalars"]
 
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+# what an eval writes into --out (report.md's figures included): a folder holding any of them is a result
+RESULT_FILES = ("predictions.jsonl", "metrics.json", "report.md", "masks", "tensorboard", "examples",
+                "closed_roc.png", "closed_balanced_accuracy.png")  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="m3d-lit eval", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--checkpoint", required=True, type=Path, help="stage-2/3 checkpoint or an M3D-LaMed directory"
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="stage-2/3 checkpoint, run or stage folder, export folder or M3D-LaMed directory",
     )
-    parser.add_argument("--data", required=True, type=Path, help="a qa_*.jsonl written by m3d-lit prepare")
+    parser.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="a qa_<split>.jsonl of m3d-lit prepare, or its folder (qa_test.jsonl)",
+    )
     parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--batch-size", type=int, default=8, help="generation batch (1 = one by one)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier result in --out")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="questions answered together (1 = one by one)"
+    )
     control = parser.add_mutually_exclusive_group()
     control.add_argument("--blank-images", action="store_true", help="replace every volume with zeros")
     control.add_argument(
@@ -65,41 +84,28 @@ def _parser() -> argparse.ArgumentParser:
         "--save-masks", action="store_true", help="write predicted masks to OUT/masks/ in the scans' geometry"
     )
     parser.add_argument("--limit", type=int, default=None, help="only the first N samples")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    inference_options(parser)
     parser.add_argument(
-        "--dtype",
-        choices=sorted(DTYPES),
-        default="auto",
-        help="weights and activations: auto = bfloat16 on CUDA, float32 on CPU; float64 makes greedy "
-        "decoding independent of how a machine orders its sums (exact comparisons, e.g. batch sizes)",
+        "--workers", type=int, default=0, help="data loader processes that read volumes ahead"
     )
-    parser.add_argument("--workers", type=int, default=0, help="data loader workers")
     add_protocol_options(parser)
     return parser
 
 
-def _check_window(data: Path, record: dict[str, Any]) -> None:
-    """Refuse a QA file whose scans `prepare` windowed otherwise than the model's training data were."""
-    settings = data.parent / "prepare.json"
-    want = known_window(record)
-    if want is None or not settings.is_file():
-        return
-    try:
-        window = json.loads(settings.read_text(encoding="utf-8")).get("window")
-    except (OSError, ValueError, AttributeError):
-        return
-    if window is not None and window != want:
-        raise InputError(
-            data,
-            f"was prepared with window {window!r}; this model reads scans with window {want!r}: "
-            f"prepare it again with `m3d-lit prepare ... --window {want}`",
-        )
+def qa_file(data: Path) -> Path:
+    """The QA file `--data` names: a file as it is, a prepared folder's `qa_test.jsonl`."""
+    if data.is_file():
+        return data
+    if not data.is_dir():
+        raise InputError(data, "does not exist (a qa_<split>.jsonl of m3d-lit prepare, or its folder)")
+    if (data / "qa_test.jsonl").is_file():
+        return data / "qa_test.jsonl"
+    splits = sorted(p.name for p in data.glob("qa_*.jsonl"))
+    hint = f"; pass one of its files: {', '.join(splits)}" if splits else ": is it an m3d-lit prepare folder?"
+    raise InputError(data, f"holds no qa_test.jsonl{hint}")
 
 
-def main(argv: list[str]) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    options = protocol_options(parser, args)
+def _check_options(args: argparse.Namespace) -> str | None:
     for option, value in (
         ("--batch-size", args.batch_size),
         ("--max-new-tokens", args.max_new_tokens),
@@ -116,56 +122,64 @@ def main(argv: list[str]) -> int:
             "--save-masks",
             f"a {control} run's masks are not predictions for the question's scan: save masks without the control",
         )
-    device = torch.device(args.device)
-    task, saved = load_task(args.checkpoint, device=str(device))
-    _check_window(args.data, saved)
-    model = task.model
-    model.to(DTYPES[args.dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32))
-    img_size = tuple(model.img_size)
+    return control
+
+
+def main(argv: list[str]) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    options = protocol_options(parser, args)
+    _check_options(args)
+    resolve_checkpoint(args.checkpoint)  # a missing checkpoint is named before anything else
+    data = qa_file(args.data)
+    check_out_folder(args.out, args.overwrite, RESULT_FILES)
+    predictor = Predictor.load(args.checkpoint, args.device, args.dtype, args.max_new_tokens)
+    settings = prepared_settings(data.parent)
+    if settings is not None:
+        predictor.bundle.check_prepared(settings, data)
+    for note in predictor.loaded.notes:  # after the checks: a refusal stays one line
+        print(f"m3d-lit eval: {note}", file=sys.stderr)
     dataset = QAJsonlDataset(
-        args.data, img_size=img_size, blank_images=args.blank_images, swapped_images=args.swap_images
+        data, img_size=predictor.img_size, blank_images=args.blank_images, swapped_images=args.swap_images
     )
-    save_mask = None
-    if args.save_masks:
-        save_mask = MaskSaver(args.out / "masks", {r.id: r.image for r in dataset.records})
+    images = {r.id: r.image for r in dataset.records}
     if args.limit is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(args.limit, len(dataset))))
-    collate = make_collator(model, generation=True)
-    loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate, num_workers=args.workers)
-    records = []
     label = "blank scans" if args.blank_images else "swapped scans" if args.swap_images else "scans"
-    with tqdm(total=len(dataset), desc=f"eval {args.data.name} ({label})", unit="sample") as bar:
-        for record in generate_records(model, loader, args.max_new_tokens, device, save_mask):
-            records.append(record)
-            bar.update(1)
-    annotate(records, args.data)
-    metrics = compute_metrics(records, args.protocol, **options)
-    metrics["setup"] = {
+    with atomic_folder(args.out) as out:
+        save_mask = MaskSaver(out / "masks", images) if args.save_masks else None
+        records = []
+        with tqdm(total=len(dataset), desc=f"eval {data.name} ({label})", unit="sample") as bar:
+            for record in prediction_records(predictor, dataset, args.batch_size, args.workers, save_mask):
+                records.append(record)
+                bar.update(1)
+        annotate(records, data)
+        metrics = compute_metrics(records, args.protocol, **options)
+        metrics["setup"] = _setup(args, data, predictor)
+        write_jsonl(out / "predictions.jsonl", records)
+        write_json(out / "metrics.json", metrics)
+        position = {record["id"]: i for i, record in enumerate(records)}
+        write_report(out, metrics, records, title=f"{data} ({label})",
+                     images=lambda record: dataset[position[record["id"]]]["image"])  # fmt: skip
+        _to_tensorboard(out / "tensorboard", metrics, predictor.loaded.source.global_step or 0)
+    print(f"wrote {args.out / 'predictions.jsonl'}, metrics.json and report.md")
+    return 0
+
+
+def _setup(args: argparse.Namespace, data: Path, predictor: Predictor) -> dict[str, Any]:
+    return {
         "checkpoint": str(args.checkpoint),
-        "data": str(args.data),
+        "model": predictor.loaded.provenance(),
+        "data": str(data),
         "blank_images": args.blank_images,
         "swapped_images": args.swap_images,
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "dtype": str(predictor.dtype).removeprefix("torch."),
         "save_masks": args.save_masks,
-        "global_step": saved.get("global_step"),
+        "global_step": predictor.loaded.source.global_step,
         "p_yes": "softmax of the first answer token's Yes and No logits",
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(args.out / "predictions.jsonl", records)
-    write_json(args.out / "metrics.json", metrics)
-    position = {record["id"]: i for i, record in enumerate(records)}
-    write_report(
-        args.out,
-        metrics,
-        records,
-        title=f"{args.data} ({label})",
-        images=lambda record: dataset[position[record["id"]]]["image"],
-    )
-    _to_tensorboard(args.out / "tensorboard", metrics, saved.get("global_step") or 0)
-    print(f"wrote {args.out / 'predictions.jsonl'}, metrics.json and report.md")
-    return 0
 
 
 def tensorboard_scalars(metrics: dict[str, Any]) -> dict[str, float]:

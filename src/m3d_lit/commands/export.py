@@ -6,7 +6,8 @@ DIR/new_tokens.safetensors   the trained rows of the added tokens: `token_ids`, 
 DIR/vision.safetensors       3D ViT (`ViT3D` names)
 DIR/perceiver.safetensors    the perceiver
 DIR/segmentation.safetensors the segmentation module (`segmentation.*`) and the [SEG] MLP (`seg_head.*`)
-DIR/m3d_lit.json             the resolved preset config, token ids, preprocessing, LoRA settings
+DIR/m3d_lit.json             the model's bundle (config, tokenizer, preprocessing per source, LoRA, version),
+                             token ids, and whether DIR/llm/ holds the merged LLM
 DIR/llm/                     with --merge: LoRA merged into the base weights and the new rows written into
                              the embedding and output matrices; a plain Hugging Face model + tokenizer
 ```
@@ -18,6 +19,9 @@ rows written in (`models/official/write.py`).
 The adapter alone does not carry the added tokens' embeddings (a base LLM lacks those rows): use it with
 `new_tokens.safetensors` and the tokenizer beside it, or export with `--merge`. Everything is written
 into `DIR.tmp` and renamed to `DIR` at the end, so a failed export leaves no half-written `DIR`.
+An export folder loads back wherever a checkpoint is taken (`ask --checkpoint DIR`, `eval`, the app):
+`m3d_lit.inference` builds the model from its bundle (an export without `--merge` needs the base LLM
+directory its bundle names, `llm_path`).
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ from safetensors.torch import save_file
 
 from m3d_lit.commands.arguments import CommandParser
 from m3d_lit.errors import InputError
+from m3d_lit.inference.bundle import Bundle
+from m3d_lit.inference.loading import load_model
 from m3d_lit.models.official.write import write_m3d
-from m3d_lit.tasks.loading import load_task
 from m3d_lit.tokens import LAMED_TOKENS
 
 __all__ = ["export", "main"]
@@ -42,19 +47,12 @@ __all__ = ["export", "main"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _load_lamed(checkpoint: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    """(LamedModel with LoRA, the checkpoint's m3d_lit record, the task's hyperparameters)."""
-    task, record = load_task(checkpoint)
-    model = task.model
-    if not hasattr(model, "new_tokens"):
-        raise InputError(
-            checkpoint, f"holds a {type(task).__name__} model without an LLM: export needs stage 3"
-        )
-    if not hasattr(model.llm, "peft_config"):
-        raise InputError(
-            checkpoint, f"holds a {type(task).__name__} model without LoRA adapters: export needs stage 3"
-        )
-    return model, record, dict(task.hparams)
+def _load_lamed(checkpoint: Path) -> tuple[Any, Bundle]:
+    """(LamedModel with LoRA, its bundle)."""
+    loaded = load_model(checkpoint, kind="lamed")
+    if not hasattr(loaded.model.llm, "peft_config"):
+        raise InputError(checkpoint, "holds a model without LoRA adapters: export needs stage 3")
+    return loaded.model, loaded.bundle
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -98,18 +96,13 @@ def _write_merged(model: Any, folder: Path, dtype: torch.dtype, checkpoint: Path
     tokenizer.save_pretrained(str(folder))
 
 
-def _manifest(model: Any, record: dict[str, Any], hparams: dict[str, Any], checkpoint: Path) -> dict:
-    lora = next(iter(model.llm.peft_config.values()))
+def _manifest(model: Any, bundle: Bundle, checkpoint: Path) -> dict:
     return {
-        "format": "m3d-lit export 1",
+        "format": "m3d-lit export 2",
         "checkpoint": str(checkpoint.resolve()),
-        "task": record.get("task"),
-        "preprocessing": record.get("preprocessing"),
-        "config": model.config.to_dict(),
-        "llm_path": hparams.get("llm_path"),
+        "bundle": bundle.to_dict(),
         "num_visual_tokens": model.num_visual_tokens,
         "tokens": {t: model.tokenizer.convert_tokens_to_ids(t) for t in LAMED_TOKENS},
-        "lora": {"r": lora.r, "alpha": lora.lora_alpha, "dropout": lora.lora_dropout},
     }
 
 
@@ -136,7 +129,7 @@ def export(
     """Write a stage-3 checkpoint's adapter and components (and the merged LLM with `merge`) to `out`.
 
     Args:
-        checkpoint: a stage-3 (`FinetuneTask`) Lightning checkpoint.
+        checkpoint: a stage-3 (`FinetuneTask`) Lightning checkpoint, or its run or stage folder.
         out: the export folder; refused if it exists unless `overwrite`.
         merge: also write the merged Hugging Face model under `out/llm/`.
         overwrite: replace an existing `out`.
@@ -157,7 +150,7 @@ def export(
         )
     if format == "m3d":
         return _export_m3d(checkpoint, out, dtype)
-    model, record, hparams = _load_lamed(checkpoint)
+    model, bundle = _load_lamed(checkpoint)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # left by an export that was killed
     tmp.mkdir(parents=True)
@@ -165,7 +158,7 @@ def export(
         model.llm.save_pretrained(str(tmp / "adapter"), save_embedding_layers=False)
         model.tokenizer.save_pretrained(str(tmp / "adapter"))
         _write_components(model, tmp)
-        manifest = _manifest(model, record, hparams, checkpoint)
+        manifest = _manifest(model, bundle, checkpoint)
         if merge:
             _write_merged(model, tmp / "llm", DTYPES[dtype], checkpoint)
         manifest["merged"] = merge
@@ -179,16 +172,16 @@ def export(
 
 
 def _export_m3d(checkpoint: Path, out: Path, dtype: str | None) -> Path:
-    task, _ = load_task(checkpoint)
-    source = task.hparams.get("llm_path")
-    if not hasattr(task.model, "new_tokens") or not source:
+    loaded = load_model(checkpoint, kind="lamed")
+    source = loaded.bundle.llm_path
+    if not source:
         raise InputError(
             checkpoint, "was not built from an official M3D-LaMed directory: --format m3d needs one"
         )
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # left by an export that was killed
     try:
-        write_m3d(task.model, Path(source), tmp, dtype)
+        write_m3d(loaded.model, Path(source), tmp, dtype)
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -204,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "and segmentation weights, and with --merge a Hugging Face model with LoRA merged in.",
     )
     parser.add_argument(
-        "--checkpoint", required=True, help="stage-3 checkpoint, e.g. checkpoints/stage3/last.ckpt"
+        "--checkpoint", required=True, help="stage-3 checkpoint, or its run or stage folder (runs/stage3)"
     )
     parser.add_argument("--out", required=True, help="export folder (written as OUT.tmp, then renamed)")
     parser.add_argument("--merge", action="store_true", help="also write OUT/llm/: LoRA merged, new rows in")

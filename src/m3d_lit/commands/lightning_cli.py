@@ -25,16 +25,25 @@ import torch
 from jsonargparse import Namespace
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from m3d_lit.commands import LIGHTNING_COMMANDS
 from m3d_lit.data.datamodules import BaseDataModule
 from m3d_lit.errors import InputError
+from m3d_lit.inference.checkpoints import (
+    CHECKPOINTS,
+    latest_run,
+    resolve_checkpoint,
+    run_of,
+    zero_checkpoint_problem,
+)
+from m3d_lit.models.official.lamed import is_official_lamed
 from m3d_lit.models.presets import resolve
 from m3d_lit.recipes import common_trainer
-from m3d_lit.tasks.base import BaseTask, zero_checkpoint_problem
-from m3d_lit.tasks.official import official_kind
+from m3d_lit.tasks.base import BaseTask, check_data_size
+from m3d_lit.tasks.callbacks import PredictionWriter
 
 __all__ = [
     "M3dLightningCLI",
@@ -45,6 +54,7 @@ __all__ = [
     "hardware_problem",
     "one_line",
     "optimizer_flags_to_model",
+    "place_run",
 ]
 
 SCHEDULE_OPTIONS = (
@@ -54,6 +64,7 @@ SCHEDULE_OPTIONS = (
 )
 _NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value type:")
 _PARTS = {"BaseTask": "--model", "BaseDataModule": "--data"}
+RESUMED_CONFIG = "config.resumed.yaml"
 # values of --ckpt_path that Lightning resolves itself rather than as a file
 _CKPT_NAMES = {"last", "best", "hpc", "registry"}
 
@@ -123,16 +134,22 @@ def check_paths(config: Namespace) -> None:
             ckpt, "--ckpt_path: checkpoint not found (or use --ckpt_path last to resume the newest)"
         )
     init_from = init_args.get("init_from")
-    if init_from and official_kind(init_from):  # an M3D-LaMed directory: the task reads and checks it
-        init_from = None
-    if init_from and not ckpt and zero_checkpoint_problem(init_from):
-        raise InputError(init_from, f"--model.init_from: {zero_checkpoint_problem(init_from)}")
-    # a folder passed the check above only if it is a sharded or ZeRO checkpoint m3d-lit reads
-    if init_from and not ckpt and not Path(init_from).exists():
-        raise InputError(
-            init_from,
-            "--model.init_from: checkpoint not found (run the previous stage, or pass null to start fresh)",
-        )
+    if (
+        init_from and not ckpt and not is_official_lamed(init_from)
+    ):  # an M3D-LaMed directory: the task reads it
+        if not Path(init_from).exists():
+            raise InputError(
+                init_from,
+                "--model.init_from: checkpoint not found (run the previous stage, or pass null to start "
+                "fresh)",
+            )
+        try:
+            resolved = resolve_checkpoint(init_from).path
+            problem = zero_checkpoint_problem(resolved) if resolved.is_dir() else None
+        except InputError as err:  # a folder holding no checkpoint
+            problem = err.problem
+        if problem:
+            raise InputError(init_from, f"--model.init_from: {problem}")
     for key in ("llm_path", "text_path"):
         folder = init_args.get(key)
         if folder and not Path(folder).is_dir():
@@ -247,18 +264,67 @@ def optimizer_flags_to_model(argv: list[str]) -> list[str]:
     return out
 
 
-def check_resume(trainer: Any, ckpt_path: str | None) -> None:
-    """`--ckpt_path last` with no last.ckpt in the run's checkpoint folders is a mistake: Lightning would
-    start a new run in silence (it lets `last` stand for "nothing yet" on a first start)."""
+def check_resume(trainer: Any, ckpt_path: str | None, stage: Path | None = None) -> None:
+    """`--ckpt_path last` that found nothing to resume is a mistake: Lightning would start a new run in
+    silence (it lets `last` stand for "nothing yet" on a first start). `place_run` has already replaced
+    `last` by the latest checkpoint of the stage's runs where there is one."""
     if ckpt_path != "last":
         return
     folders = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
-    if folders and not any(path.exists() for folder in folders for path in folder.glob("last*.ckpt")):
-        shown = ", ".join(sorted({str(folder) for folder in folders}))
-        raise InputError(
-            "--ckpt_path",
-            f"last: there is no last.ckpt to resume in {shown}: leave --ckpt_path out to start a new run",
-        )
+    if any(path.exists() for folder in folders for path in folder.glob("last*.ckpt")):
+        return
+    where = ", ".join(sorted({str(folder) for folder in folders})) or str(stage or "any run of this stage")
+    raise InputError(
+        "--ckpt_path",
+        f"last: there is no checkpoint to resume in {where}: leave --ckpt_path out to start a new run",
+    )
+
+
+def _logger_args(config: Namespace) -> Namespace | None:
+    """The init_args of the run's logger when it names a run folder (`save_dir`/`name`/`version`)."""
+    logger = (config.get("trainer") or Namespace()).get("logger")
+    logger = logger[0] if isinstance(logger, list) and logger else logger
+    args = logger.get("init_args") if isinstance(logger, Namespace) else None
+    return args if isinstance(args, Namespace) and args.get("save_dir") and args.get("name") else None
+
+
+def place_run(config: Namespace, subcommand: str = "fit") -> bool:
+    """Which run folder (`runs/<stage>/<run>/`) a command writes: a resumed `fit` continues in its own run,
+    a new run never writes into one that holds checkpoints. Returns whether a run is continued.
+
+    `--ckpt_path last` is the latest checkpoint of the stage's latest run (where no run of the stage holds
+    one, Lightning's own rule stands: the newest `last.ckpt` of the checkpoint callbacks' folders), a run
+    folder its latest checkpoint; with `fit`, a checkpoint inside a run of this stage continues that run
+    (the logger's `version`). `validate`, `test` and `predict` write a folder of their own.
+    """
+    logger, ckpt = _logger_args(config), config.get("ckpt_path")
+    stage = Path(logger.save_dir) / str(logger.name) if logger is not None else None
+    run = latest_run(stage) if ckpt == "last" and stage is not None else None
+    if run is not None:
+        ckpt = config.ckpt_path = str(resolve_checkpoint(run).path)
+    elif ckpt and str(ckpt) not in _CKPT_NAMES and Path(ckpt).is_dir():
+        ckpt = config.ckpt_path = str(resolve_checkpoint(ckpt).path)
+    run = run_of(ckpt) if ckpt and str(ckpt) not in _CKPT_NAMES else None
+    if logger is None:
+        return False
+    if (
+        subcommand == "fit"
+        and run is not None
+        and stage is not None
+        and run.parent.resolve() == stage.resolve()
+    ):
+        logger.version = run.name
+        rank_zero_info(f"resuming run {run} from {ckpt}")
+        return True
+    if not ckpt and logger.get("version") is not None:
+        folder = stage / str(logger.version) / CHECKPOINTS
+        if folder.is_dir() and any(folder.rglob("*.ckpt")):
+            raise InputError(
+                folder,
+                "holds the checkpoints of an earlier run: a new run never writes over another's; choose "
+                f"another --trainer.logger.init_args.version, or resume that run with --ckpt_path {folder.parent}",
+            )
+    return False
 
 
 def _check_preset(config: Namespace) -> None:
@@ -287,16 +353,20 @@ class M3dLightningCLI(LightningCLI):
         fold_optimizer_options(config)
         _check_preset(config)
         check_paths(config)
+        if place_run(config, str(self.config.get("subcommand"))):
+            # the run's config.yaml stays the one it started with; the resumption's is saved beside it
+            self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": RESUMED_CONFIG}
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         # Everything the run needs is checked before it starts: then the trainer creates its log folder
         # and writes its config there. The model (on the meta device), the hardware and the launcher
         # first, the data (which may be slow to list) last.
         stage = self.subcommand
+        skeleton = None
         if isinstance(self.model, BaseTask):  # the model itself is built by the trainer, on each rank
             fresh_fit = stage == "fit" and not self._subcommand_config().get("ckpt_path")
             try:
-                self.model.preflight(self.datamodule, fresh_fit)
+                skeleton = self.model.preflight(fresh_fit)
             except InputError as err:  # a setting of the task is named as the option that sets it
                 if err.path in self.model.hparams:
                     raise InputError(f"--model.{err.path}", err.problem) from None
@@ -306,9 +376,15 @@ class M3dLightningCLI(LightningCLI):
         except MisconfigurationException as err:
             raise hardware_problem(self._subcommand_config(), err) from None
         check_launch(trainer)
-        check_resume(trainer, self._subcommand_config().get("ckpt_path"))
-        if stage in ("fit", "validate", "test") and self.datamodule is not None:
+        logger = _logger_args(self._subcommand_config())
+        stage_folder = Path(logger.save_dir) / str(logger.name) if logger is not None else None
+        check_resume(trainer, self._subcommand_config().get("ckpt_path"), stage_folder)
+        if stage in ("fit", "validate", "test", "predict") and self.datamodule is not None:
             self.datamodule.setup(stage)
+            if skeleton is not None:
+                check_data_size(skeleton, self.datamodule)
+        if stage == "predict" and not any(isinstance(c, BasePredictionWriter) for c in trainer.callbacks):
+            trainer.callbacks.append(PredictionWriter())
         return trainer
 
     def _subcommand_config(self) -> Namespace:

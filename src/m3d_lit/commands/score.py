@@ -14,8 +14,9 @@ from typing import Any
 from m3d_lit.atomic import write_json
 from m3d_lit.commands.arguments import CommandParser
 from m3d_lit.evaluation.bootstrap import RESAMPLES, SEED
-from m3d_lit.evaluation.score import format_closed, format_open, format_table, read_predictions
-from m3d_lit.evaluation.scoring import PROTOCOLS, compute_metrics
+from m3d_lit.evaluation.grouped_scores import PROTOCOLS, compute_metrics
+from m3d_lit.evaluation.predictions import read_predictions
+from m3d_lit.evaluation.tables import format_closed, format_open, format_table
 
 __all__ = ["add_protocol_options", "main", "protocol_options"]
 

@@ -7,7 +7,6 @@ val, ``validate`` val, ``test`` and ``predict`` test. Every file a split names i
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from m3d_lit.data.augment import ALL_AXES, BRAIN_CT_FLIP_AXES, VolumeAugment
 from m3d_lit.data.datasets import Record, RecordDataset, check_paths, read_qa_jsonl
+from m3d_lit.data.provenance import files_fingerprint, merge_sources, prepared_settings, volume_size
 from m3d_lit.data.records import (
     positioning_records,
     read_m3d_cap,
@@ -92,6 +92,27 @@ class BaseDataModule(L.LightningDataModule):
         self.unconfigured: set[str] = set()
         self._train_loader: DataLoader | None = None
         self._loader_state: dict[str, Any] | None = None
+        self.data_files: set[Path] = set()
+
+    # The window a source's volumes were made with, where the module knows it without a settings file
+    # (M3D-Data ships its volumes min-maxed: `none`); None: unknown.
+    volume_window: str | None = None
+
+    @property
+    def preprocessing(self) -> dict[str, dict[str, Any]]:
+        """Per training source (a record's `dataset`), how its scans became volumes:
+        `{"size": [D, H, W] or None, "window": name or None}` (`data/provenance.py`). Checkpoints record
+        it, so inference reads new scans as these were read. Here: each source's first volume's size."""
+        found: dict[str, dict[str, Any]] = {}
+        for dataset in self.datasets.values():
+            for record in getattr(dataset, "records", ()):
+                if record.dataset not in found:
+                    found[record.dataset] = {"size": volume_size(record.image), "window": self.volume_window}
+        return found
+
+    def fingerprint(self) -> str | None:
+        """A hash of the split files read so far and of the settings beside them (`data/provenance.py`)."""
+        return files_fingerprint(self.data_files)
 
     def set_collator(self, collate: Collator) -> None:
         """Take the collator the task builds from its model (`make_collator`); the task calls this in its
@@ -107,6 +128,7 @@ class BaseDataModule(L.LightningDataModule):
         if records is None:
             return None
         check_paths(records)
+        self.data_files.update(record.source for record in records)
         train = split == "train"
         augment = VolumeAugment(flip_axes=self.flip_axes) if train and self.augment else None
         return RecordDataset(
@@ -243,6 +265,8 @@ class M3DCapDataModule(BaseDataModule):
         **kwargs: ``BaseDataModule`` arguments.
     """
 
+    volume_window = "none"  # M3D-Data volumes come min-maxed over their range by M3D
+
     def __init__(
         self,
         root: str,
@@ -255,11 +279,6 @@ class M3DCapDataModule(BaseDataModule):
         super().__init__(**kwargs)
         self.root, self.json_path = Path(root), Path(json_path)
         self.split_keys = {"train": train_split, "val": val_split, "test": test_split}
-
-    def set_collator(self, collate: Collator) -> None:
-        """Take the collator the task builds from its model (`make_collator`); the task calls this in its
-        `setup()`, before any dataloader is requested."""
-        self.collate_fn = collate
 
     def read_split(self, split: str) -> list[Record] | None:
         key = self.split_keys[split]
@@ -280,6 +299,8 @@ class M3DVQADataModule(BaseDataModule):
         **kwargs: ``BaseDataModule`` arguments.
     """
 
+    volume_window = "none"  # M3D-Data volumes come min-maxed over their range by M3D
+
     def __init__(
         self,
         root: str,
@@ -294,11 +315,6 @@ class M3DVQADataModule(BaseDataModule):
             raise ValueError(f"mode must be 'open' or 'closed', got {mode!r}")
         self.root, self.mode = Path(root), mode
         self.csvs = {"train": train_csv, "val": val_csv, "test": test_csv}
-
-    def set_collator(self, collate: Collator) -> None:
-        """Take the collator the task builds from its model (`make_collator`); the task calls this in its
-        `setup()`, before any dataloader is requested."""
-        self.collate_fn = collate
 
     def read_split(self, split: str) -> list[Record] | None:
         path = self.csvs[split]
@@ -318,6 +334,8 @@ class M3DSegDataModule(BaseDataModule):
         **kwargs: ``BaseDataModule`` arguments.
     """
 
+    volume_window = "none"  # M3D-Data volumes come min-maxed over their range by M3D
+
     def __init__(
         self,
         root: str,
@@ -334,11 +352,6 @@ class M3DSegDataModule(BaseDataModule):
         self.root, self.dataset_names = Path(root), list(datasets)
         self.split_keys = {"train": train_split, "val": val_split, "test": test_split}
         self.positioning = positioning
-
-    def set_collator(self, collate: Collator) -> None:
-        """Take the collator the task builds from its model (`make_collator`); the task calls this in its
-        `setup()`, before any dataloader is requested."""
-        self.collate_fn = collate
 
     def read_split(self, split: str) -> list[Record] | None:
         key = self.split_keys[split]
@@ -386,22 +399,17 @@ class BrainCTQADataModule(BaseDataModule):
         self.roots, self.mode, self.positioning = [Path(r) for r in roots], mode, positioning
 
     @property
-    def preprocessing(self) -> dict[str, Any] | None:
-        """The `prepare` settings of the roots (size, window), saved in checkpoints so `ask` reads alike."""
-        settings = []
-        for root in self.roots:
-            path = root / "prepare.json"
-            if path.is_file():
-                data = json.loads(path.read_text(encoding="utf-8"))
-                settings.append({"size": data.get("size"), "window": data.get("window")})
-        if any(s != settings[0] for s in settings[1:]):
-            raise InputError(self.roots[0], f"prepare settings differ between roots: {settings}")
-        return settings[0] if settings else None
-
-    def set_collator(self, collate: Collator) -> None:
-        """Take the collator the task builds from its model (`make_collator`); the task calls this in its
-        `setup()`, before any dataloader is requested."""
-        self.collate_fn = collate
+    def preprocessing(self) -> dict[str, dict[str, Any]]:
+        """Per source (the `dataset` each root's `prepare.json` names) its size and window; a root without
+        `prepare.json` gives its records' source with its first volume's size and an unknown window."""
+        known = [
+            {str(settings.get("dataset") or root.name): settings}
+            for root in self.roots
+            if (settings := prepared_settings(root)) is not None
+        ]
+        named = {name for part in known for name in part}
+        guessed = {k: v for k, v in super().preprocessing.items() if k not in named}
+        return merge_sources([guessed, *known], self.roots[0])
 
     def read_split(self, split: str) -> list[Record] | None:
         if self.mode == "report":
@@ -470,6 +478,17 @@ class MixDataModule(BaseDataModule):
         if samples_per_epoch is not None and samples_per_epoch < 1:
             raise ValueError(f"samples_per_epoch must be >= 1, got {samples_per_epoch}")
         self.sources, self.weights, self.samples_per_epoch = dict(sources), dict(weights), samples_per_epoch
+
+    @property
+    def preprocessing(self) -> dict[str, dict[str, Any]]:
+        """Every source module's, merged; a source named twice with other settings is refused."""
+        return merge_sources((source.preprocessing for source in self.sources.values()), "data.sources")
+
+    def fingerprint(self) -> str | None:
+        files = set(self.data_files)
+        for source in self.sources.values():
+            files |= source.data_files
+        return files_fingerprint(files)
 
     def build_dataset(self, split: str) -> Dataset | None:
         stage = {"train": "fit", "val": "fit", "test": "test"}[split]

@@ -7,12 +7,11 @@ mapped ``.npy``), picks the wording, augments at train time and returns the cont
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -21,6 +20,7 @@ from torch.utils.data import Dataset
 from m3d_lit.data.augment import VolumeAugment, sample_seed
 from m3d_lit.data.sample import Sample
 from m3d_lit.errors import InputError
+from m3d_lit.jsonl import read_jsonl
 
 __all__ = [
     "Record",
@@ -31,7 +31,6 @@ __all__ = [
     "QAJsonlDataset",
     "load_prepared_volume",
     "check_paths",
-    "read_jsonl",
     "read_qa_jsonl",
     "swap_images",
 ]
@@ -117,24 +116,6 @@ def check_paths(records: Iterable[Record]) -> None:
     raise InputError(
         bad[0][0], f"{len(bad)} files named here are missing or unreadable{also}, first: {shown}"
     )
-
-
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; a line that is not a JSON object is an InputError."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise InputError(path, f"cannot read: {err}") from err
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(path, f"line {number} is not JSON: {err.msg}") from err
-        if not isinstance(obj, dict):
-            raise InputError(path, f"line {number} is not a JSON object")
-        yield number, obj
 
 
 def read_qa_jsonl(path: Path) -> list[Record]:

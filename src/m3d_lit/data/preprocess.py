@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from m3d_lit.data.geometry import ScanGeometry
-from m3d_lit.data.io import check_finite, load_scan, read_nifti_scan, read_npy
+from m3d_lit.data.io import check_finite, find_series, load_scan, read_nifti_scan, read_npy
 from m3d_lit.errors import InputError
 
 __all__ = [
@@ -57,6 +57,8 @@ class Prepared(NamedTuple):
         spacing: (slice, row, column) spacing in mm as read; (1, 1, 1) for npy input.
         geometry: what takes a mask on the image's grid back to the source scan's shape and affine;
             None for npy input, which has no world coordinates (its masks stay on the model grid).
+        read_from: the file or DICOM series folder the volume was read from (a folder of several series
+            gives the series `io.pick_series` chose).
     """
 
     image: np.ndarray
@@ -64,6 +66,7 @@ class Prepared(NamedTuple):
     orig_shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
     geometry: ScanGeometry | None = None
+    read_from: Path | None = None
 
 
 def check_size(size: Sequence[int], patch: Sequence[int] = DEFAULT_PATCH) -> tuple[int, int, int]:
@@ -187,11 +190,12 @@ def load_and_preprocess(
         if mask_path is not None:
             raise ValueError("mask_path is supported for NIfTI images only")
         volume = read_npy(path)
-        return Prepared(resize(volume, size)[None], None, volume.shape, (1.0, 1.0, 1.0))
+        return Prepared(resize(volume, size)[None], None, volume.shape, (1.0, 1.0, 1.0), None, path)
+    read_from = find_series(path) if path.is_dir() else path
     if mask_path is not None:
         scan, mask = read_nifti_scan(path, mask_path)
     else:
-        scan, mask = load_scan(path), None
+        scan, mask = load_scan(read_from), None
     image, out_mask, box = preprocess_with_box(scan.hu, mask, size, window, path)
     geometry = ScanGeometry.build(scan.stored_shape, scan.affine, box, size)
-    return Prepared(image, out_mask, scan.hu.shape, scan.spacing, geometry)
+    return Prepared(image, out_mask, scan.hu.shape, scan.spacing, geometry, read_from)

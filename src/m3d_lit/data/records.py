@@ -14,9 +14,10 @@ from typing import Any, Literal
 import numpy as np
 
 from m3d_lit.boxes import format_box, mask_to_box
-from m3d_lit.data.datasets import Record, read_jsonl
+from m3d_lit.data.datasets import Record
 from m3d_lit.data.positioning import REC_ANSWERS, REC_QUESTIONS, REG_ANSWERS, REG_QUESTIONS
 from m3d_lit.errors import InputError
+from m3d_lit.jsonl import read_jsonl
 
 __all__ = [
     "CAPTION_PROMPTS",

@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from m3d_lit.evaluation.metrics import meteor_tools
+from m3d_lit.evaluation.wordnet import meteor_tools
 
 __all__ = ["M3D_KEYS", "bleu", "bleu_tokens", "m3d_sample_scores", "word_tokens"]
 

@@ -159,13 +159,21 @@ class LamedModel(nn.Module):
         blocks.compile_blocks(self, **options)
 
     # -- building blocks ----------------------------------------------------------------------------
-    def embed(self, images: Tensor, input_ids: Tensor) -> Tensor:
-        """Token embeddings with the visual tokens written over each row's `<im_patch>` placeholders."""
-        self._check_placeholders(input_ids)
-        embeds = self.token_embeds(input_ids)
+    def encode_images(self, images: Tensor) -> Tensor:
+        """The visual tokens (B x N x H) of volumes (B x 1 x D x H x W): vision encoder, then perceiver."""
         patches, _ = self.vision(images.to(self._vision_dtype()))
         # an all-zero volume (image dropout, the blank control) takes no part in batch statistics
-        visual = self.perceiver(patches, stats_rows=images.flatten(1).any(1)).to(embeds.dtype)
+        return self.perceiver(patches, stats_rows=images.flatten(1).any(1))
+
+    def embed(self, images: Tensor, input_ids: Tensor, visual: Tensor | None = None) -> Tensor:
+        """Token embeddings with the visual tokens written over each row's `<im_patch>` placeholders.
+
+        `visual` (B x N x H), when given, are the rows' visual tokens computed beforehand (`encode_images`,
+        e.g. once per scan for several questions); `images` are then not read.
+        """
+        self._check_placeholders(input_ids)
+        embeds = self.token_embeds(input_ids)
+        visual = (self.encode_images(images) if visual is None else visual).to(embeds.dtype)
         # masked_scatter fills the True positions in row-major order: row by row, left to right.
         return embeds.masked_scatter((input_ids == self.im_patch_id).unsqueeze(-1), visual)
 
@@ -340,11 +348,17 @@ class LamedModel(nn.Module):
         temperature: float = 1.0,
         top_p: float = 1.0,
         on_step: Callable[[Tensor, Tensor], None] | None = None,
+        visual: Tensor | None = None,
     ) -> dict[str, list]:
         """Batched answers to left-padded prompts, with a KV cache; a row stops at any of `stop_ids`.
 
-        `on_step`, if given, sees each step's logits (B x V, at least float32) and chosen ids (B; pad once
-        a row is done) as they are made: what streaming an answer or reading its first token's scores needs.
+        A row that has stopped leaves the batch (its cache rows are dropped), so it costs nothing while
+        the others go on. `visual` (B x N x H), when given, are the rows' visual tokens computed
+        beforehand (`encode_images`); `images` are then read only for rows that produce `[SEG]`.
+
+        `on_step`, if given, sees each step's logits (B x V, at least float32; zeros for rows that have
+        stopped) and chosen ids (B; pad once a row is done) as they are made: what streaming an answer or
+        reading its first token's scores needs.
 
         Returns `texts` (answers without special tokens except `[SEG]`/box tokens), `ids` (the new
         token ids of each row up to and including its stop token), `seg_logits` (1 x D x H x W mask
@@ -361,31 +375,36 @@ class LamedModel(nn.Module):
         stops = torch.tensor(self.stop_ids, device=input_ids.device)
         positions = _positions(attention_mask)
         hidden, cache = self.decode(
-            self.embed(images, input_ids), attention_mask, positions, cache=_new_cache()
+            self.embed(images, input_ids, visual), attention_mask, positions, cache=_new_cache()
         )
         hidden = hidden[:, -1]
-        done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        active = torch.arange(batch, device=input_ids.device)  # the batch rows still decoding
         seg_hidden: dict[int, list[Tensor]] = {}
         steps: list[Tensor] = []
         first_logits = None
         for _ in range(max_new_tokens):
             logits = at_least_fp32(self.logits(hidden))
-            first_logits = logits if first_logits is None else first_logits
-            next_ids = sample_next(logits, do_sample, temperature, top_p)
-            next_ids = torch.where(done, torch.full_like(next_ids, pad), next_ids)
+            chosen = sample_next(logits, do_sample, temperature, top_p)
+            next_ids = torch.full((batch,), pad, dtype=chosen.dtype, device=chosen.device)
+            next_ids[active] = chosen
+            if first_logits is None:
+                first_logits = logits
             if on_step is not None:
-                on_step(logits, next_ids)
-            for row in ((next_ids == self.seg_id) & ~done).nonzero().flatten().tolist():
-                seg_hidden.setdefault(row, []).append(hidden[row])
+                on_step(logits.new_zeros(batch, logits.shape[-1]).index_copy(0, active, logits), next_ids)
+            for i in (chosen == self.seg_id).nonzero().flatten().tolist():
+                seg_hidden.setdefault(int(active[i]), []).append(hidden[i])
             steps.append(next_ids)
-            done = done | torch.isin(next_ids, stops)
-            if bool(done.all()):
+            going = ~torch.isin(chosen, stops)
+            if not bool(going.any()):
                 break
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+            if not bool(going.all()):
+                keep = going.nonzero().flatten()
+                cache.batch_select_indices(keep)
+                active, chosen = active[keep], chosen[keep]
+                attention_mask, positions = attention_mask[keep], positions[keep]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(active), 1)], dim=1)
             positions = positions[:, -1:] + 1
-            hidden, cache = self.decode(
-                self.token_embeds(next_ids[:, None]), attention_mask, positions, cache
-            )
+            hidden, cache = self.decode(self.token_embeds(chosen[:, None]), attention_mask, positions, cache)
             hidden = hidden[:, -1]
         ids = [self._until_stop(row) for row in torch.stack(steps, dim=1).tolist()]
         texts = [self._detokenize(row) for row in ids]

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
@@ -13,13 +14,16 @@ from torch import Tensor, nn
 from m3d_lit.data.collate import make_collator, row_masks
 from m3d_lit.errors import InputError
 from m3d_lit.evaluation.visual import middle_slice_grid
+from m3d_lit.inference.predictor import Predictor, Request
+from m3d_lit.inference.records import prediction_record, sample_requests
 from m3d_lit.models.blocks import checkpoint_parts
 from m3d_lit.models.build import build_lamed
 from m3d_lit.models.official.clip import load_m3d_clip
+from m3d_lit.models.official.lamed import is_official_lamed
 from m3d_lit.models.overrides import apply_overrides
 from m3d_lit.tasks.base import BaseTask
 from m3d_lit.tasks.metrics import TokenAccuracy
-from m3d_lit.tasks.official import official_kind
+from m3d_lit.tasks.strategies import whole_weights
 
 __all__ = ["AlignTask"]
 
@@ -57,7 +61,7 @@ class AlignTask(BaseTask):
         compile_blocks: bool = False,
         **kwargs: Any,
     ) -> None:
-        official = kwargs.get("init_from") and official_kind(kwargs["init_from"]) == "lamed"
+        official = kwargs.get("init_from") and is_official_lamed(kwargs["init_from"])
         if kwargs.get("preset", "tiny") == "paper" and llm_path is None and not random_llm and not official:
             raise InputError(
                 "llm_path",
@@ -113,7 +117,7 @@ class AlignTask(BaseTask):
         """`init_from` an official M3D-LaMed directory builds the model from it: it becomes `llm_path`, so
         the model (every weight of the directory) and later checkpoints are rebuilt from it."""
         source = self.hparams.init_from
-        if not source or official_kind(source) != "lamed":
+        if not source or not is_official_lamed(source):
             return
         if self.hparams.llm_path and Path(self.hparams.llm_path) != Path(source):
             raise InputError(
@@ -189,42 +193,45 @@ class AlignTask(BaseTask):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = super().validation_step(batch, batch_idx)
-        if batch_idx == 0 and self.hparams.log_examples > 0 and self.global_rank == 0:
+        # sharded weights are whole only inside a forward that every rank runs: no rank-0 generation then
+        sharded = isinstance(self.trainer.strategy, ModelParallelStrategy)
+        if batch_idx == 0 and self.hparams.log_examples > 0 and self.global_rank == 0 and not sharded:
             self.log_examples(batch)
         return loss
 
+    def predictor(self) -> Predictor:
+        """The model as it is now, answering through the one inference path (nothing merged or cast)."""
+        return Predictor(self.model, self.bundle(), max_new_tokens=self.hparams.max_new_tokens)
+
+    def on_predict_start(self) -> None:
+        self._predictor = self.predictor()
+
+    def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
+        """The prediction records (as `m3d-lit eval` writes them) of a batch of samples: `m3d-lit predict
+        -c stage3 --ckpt_path ...` (LightningCLI) over the DataModule's test split."""
+        requests = list(sample_requests(batch))
+        with whole_weights(self.model):
+            return [prediction_record(p) for p in self._predictor.answer(requests)]
+
     @torch.no_grad()
     def log_examples(self, batch: dict[str, Any]) -> None:
-        """Generate answers for the first samples of a batch; log them as a text table and images."""
+        """Answer the first questions of a batch; log them as a text table and the middle slices."""
         writer = self.tensorboard()
         if writer is None:
             return
         n = min(self.hparams.log_examples, len(batch["questions"]))
-        collate = make_collator(self.model, generation=True)
-        items = [
-            {
-                "id": batch["ids"][i],
-                "image": batch["images"][i].float().cpu(),
-                "question": batch["questions"][i],
-                "answer": batch["answers"][i],
-                "kind": batch["kinds"][i],
-                "mask": None,
-                "dataset": batch["datasets"][i],
-            }
+        requests = [
+            Request(
+                batch["questions"][i], batch["images"][i].float().cpu(), str(batch["ids"][i]), closed=False
+            )
             for i in range(n)
         ]
-        prompt = collate(items)
-        out = self.model.generate(
-            batch["images"][:n],
-            prompt["input_ids"].to(self.device),
-            prompt["attention_mask"].to(self.device),
-            max_new_tokens=self.hparams.max_new_tokens,
-        )
+        answers = self.predictor().answer(requests)
         rows = ["| question | reference | generated |", "| --- | --- | --- |"]
         rows += [
-            f"| {q} | {a} | {g} |" for q, a, g in zip(batch["questions"], batch["answers"], out["texts"])
+            f"| {q} | {a} | {p.text} |" for q, a, p in zip(batch["questions"], batch["answers"], answers)
         ]
         writer.add_text("val/examples", "\n".join(rows), self.global_step)
-        pred = [None if s is None else s.sigmoid() for s in out["seg_logits"]]
+        pred = [None if p.seg_logits is None else p.seg_logits.sigmoid() for p in answers]
         grid = middle_slice_grid(batch["images"][:n], row_masks(batch, n), pred)
         writer.add_image("val/middle_slices", grid, self.global_step)

@@ -24,8 +24,11 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from torchmetrics import MetricCollection
 
 from m3d_lit.errors import InputError
+from m3d_lit.inference.bundle import Bundle, describe_model
+from m3d_lit.inference.checkpoints import read_checkpoint, resolve_checkpoint
 from m3d_lit.models.blocks import checkpoint_parts
 from m3d_lit.models.lamed import cast_for_training
 from m3d_lit.models.perceiver import set_batchnorm_sync
@@ -40,80 +43,28 @@ from m3d_lit.tasks.checkpoints import (
     summarise_init,
 )
 from m3d_lit.tasks.hparams import write_hparams
-from m3d_lit.tasks.strategies import CONSOLIDATED, is_sharded_checkpoint, read_sharded_checkpoint, shard_model
+from m3d_lit.tasks.strategies import shard_model
 
-__all__ = [
-    "EVAL_SPLITS",
-    "BaseTask",
-    "check_data_size",
-    "load_checkpoint",
-    "warmup_cosine",
-    "zero_checkpoint_problem",
-]
+__all__ = ["EVAL_SPLITS", "BaseTask", "check_data_size", "warmup_cosine"]
 
 EVAL_SPLITS = ("val", "test")
 
 
-def zero_checkpoint_problem(path: str | Path) -> str | None:
-    """For a DeepSpeed ZeRO checkpoint folder (the `zero2` preset's `last.ckpt`): how to make it one file.
-
-    The conversion reads DeepSpeed's pickles (`weights_only=False`), so it is left to a command the user
-    runs on their own files rather than done silently on load.
-    """
-    path = Path(path)
-    if not path.is_dir() or is_sharded_checkpoint(path) or (path / CONSOLIDATED).is_file():
-        return None
-    tag = (path / "latest").read_text().strip() if (path / "latest").is_file() else None
-    if tag is None or not any((path / tag).glob("*model_states.pt")):
-        return (
-            "is a folder, not a checkpoint file (nor a sharded checkpoint folder with .metadata and meta.pt, "
-            "nor a DeepSpeed checkpoint folder with a `latest` tag, nor an M3D-LaMed directory with a config.json)"
-        )
-    out = path.with_name(f"{path.stem}.fp32.ckpt")
-    command = (
-        'python -c "from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict '
-        f"as convert; convert('{path}', '{out}')\""
-    )
-    return (
-        f"is a DeepSpeed ZeRO checkpoint folder (tag {tag!r}), not one file: convert it with `{command}` "
-        f"(needs `pip install deepspeed`), then pass {out}"
-    )
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a Lightning checkpoint safely (`weights_only=True`), with a clear error for a bad file; a
-    sharded folder of the `fsdp` preset is read whole, as the same dict."""
-    path = Path(path)
-    if is_sharded_checkpoint(path):
-        return read_sharded_checkpoint(path)
-    if path.is_dir() and (path / CONSOLIDATED).is_file():  # a ZeRO folder of the zero2 preset
-        path = path / CONSOLIDATED
-    problem = zero_checkpoint_problem(path)
-    if problem:
-        raise InputError(path, problem)
-    if not path.is_file():
-        raise InputError(path, "checkpoint not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for truncated or foreign files
-        cause = f"{type(err).__name__}: {err}"
-        problem = f"not a readable checkpoint: truncated, damaged or not from torch.save ({cause})"
-        raise InputError(path, problem) from err
-
-
 def check_data_size(model: nn.Module, datamodule: Any) -> None:
-    """Refuse data prepared at another volume size than the model's (read from the DataModule's
-    `preprocessing` record, when it has one)."""
-    settings = getattr(datamodule, "preprocessing", None) if datamodule is not None else None
-    size = (settings or {}).get("size")
+    """Refuse data prepared at another volume size than the model's: every source of the DataModule's
+    `preprocessing` record (per source, as checkpoints keep it) must be at the model's size."""
+    sources = getattr(datamodule, "preprocessing", None) if datamodule is not None else None
     want = tuple(int(s) for s in getattr(model, "img_size", ()))
-    if size is not None and want and tuple(int(s) for s in size) != want:
-        root = (getattr(datamodule, "roots", None) or ["the data"])[0]
-        raise InputError(
-            root,
-            f"was prepared at size {list(size)}, but the model takes {list(want)}: prepare it again "
-            f"with `m3d-lit prepare ... --size {' '.join(map(str, want))}`",
-        )
+    for name, settings in (sources or {}).items():
+        size = (settings or {}).get("size")
+        if size is not None and want and tuple(int(s) for s in size) != want:
+            root = (getattr(datamodule, "roots", None) or [f"source {name}"])[0]
+            raise InputError(
+                root,
+                f"source {name!r} was prepared at size {list(size)}, but the model takes {list(want)} "
+                f"(every source of a run must be): prepare it again with `m3d-lit prepare ... --size "
+                f"{' '.join(map(str, want))}`",
+            )
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -131,7 +82,9 @@ class BaseTask(LightningModule):
         preset: model size preset (`tiny`, `small`, `paper`).
         overrides: values deep-merged into the preset (e.g. `{llm: {num_hidden_layers: 2}}`).
         trainable: per component `frozen | full | lora`; missing keys take the stage's defaults.
-        init_from: checkpoint of the previous stage whose weights start this one (only on a fresh run).
+        init_from: the previous stage's checkpoint whose weights start this one (only on a fresh run): a
+            `.ckpt` file, a run folder (`runs/stage2/version_0`: its newest checkpoint) or a stage folder
+            (`runs/stage2`: its latest run); the log says which checkpoint it took.
         init_prefixes: state-dict prefixes taken from `init_from`; every matching key must be present (unset:
             the stage's defaults, plus every other weight of the checkpoint that fits this model).
         optimizer: optimizer factory (LightningCLI injects it from YAML: class_path + init_args).
@@ -175,7 +128,17 @@ class BaseTask(LightningModule):
         self._init_loaded = False
         self.base_fingerprint: dict[str, Any] | None = None
         self._pending_rng: list[dict[str, Any]] | None = None
-        self.eval_metrics = nn.ModuleDict({split: self.configure_metrics() for split in EVAL_SPLITS})
+        self._data_record: tuple[dict[str, Any], str | None] = ({}, None)
+        # one MetricCollection per split: `val/token_acc`, `test/dice`, ...; members are reached by their
+        # own names (`self.eval_metrics["val"]["dice"]`)
+        self.eval_metrics = nn.ModuleDict(
+            {
+                split: MetricCollection(
+                    dict(self.configure_metrics()), prefix=f"{split}/", compute_groups=False
+                )
+                for split in EVAL_SPLITS
+            }
+        )
 
     # -- what each stage provides -------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -199,8 +162,9 @@ class BaseTask(LightningModule):
         raise NotImplementedError
 
     def configure_metrics(self) -> nn.ModuleDict:
-        """torchmetrics of one evaluation split (`val`, `test`): `model_step` updates them, the epoch's end
-        logs them (`log_epoch_metrics`). A metric's `compute` gives a value or a dict of named values."""
+        """torchmetrics of one evaluation split (`val`, `test`), by name; each split gets its own copy in a
+        `MetricCollection` (`self.eval_metrics[split]`): `model_step` updates them, the epoch's end logs them
+        (`log_epoch_metrics`). A metric's `compute` gives a value or a dict of named values."""
         return nn.ModuleDict()
 
     # -- shared machinery ---------------------------------------------------------------------------
@@ -259,7 +223,11 @@ class BaseTask(LightningModule):
                     f"{type(datamodule).__name__} has no set_collator(collate): derive the DataModule from "
                     "m3d_lit.data.datamodules.BaseDataModule, which batches with the task's collator"
                 )
-            datamodule.set_collator(self.configure_collate())
+            # predicting hands the samples themselves to `predict_step`: the Predictor batches them
+            predicting = trainer.state.fn == TrainerFn.PREDICTING
+            datamodule.set_collator(list if predicting else self.configure_collate())
+            # read once per run (the data do not change under it), recorded in every checkpoint's bundle
+            self._data_record = (dict(datamodule.preprocessing or {}), datamodule.fingerprint())
         # `sync_batchnorm=True` converts torch's batch norms; the perceiver's synchronises itself
         sync = getattr(trainer.strategy, "_layer_sync", None) is not None
         if set_batchnorm_sync(self, sync) and sync:
@@ -272,19 +240,20 @@ class BaseTask(LightningModule):
         if isinstance(trainer.strategy, ModelParallelStrategy):
             shard_model(self.model, trainer.strategy.device_mesh, torch.bfloat16 if bf16 else None)
 
-    def preflight(self, datamodule: Any = None, fresh_fit: bool = True) -> None:
+    def preflight(self, fresh_fit: bool = True) -> nn.Module:
         """Check what a run would fail on before it writes anything, without memory: the model is built
         on the meta device (no weights read) and checked, with `init_from`'s tensor names and shapes
-        against it on a fresh fit."""
+        against it on a fresh fit. Returns that skeleton (the data's size is checked against it once the
+        DataModule is set up: `check_data_size`)."""
         with torch.device("meta"):
             skeleton = self.build_model()
         self._check_model(skeleton)
-        check_data_size(skeleton, datamodule)
         init_from = self.hparams.init_from
         # an M3D-LaMed directory given as init_from is what the model is built from (`AlignTask`)
         if fresh_fit and init_from and Path(init_from) != Path(self.hparams.get("llm_path") or ""):
             own = {f"model.{key}": value for key, value in skeleton.state_dict().items()}
             self.init_weights_plan(init_from, own)
+        return skeleton
 
     def on_fit_start(self) -> None:
         # The recipes turn off Lightning's placeholder `hp_metric`; pair the hparams with real tags instead.
@@ -313,7 +282,11 @@ class BaseTask(LightningModule):
         """(the checkpoint, the keys of `own` to take from it): the required prefixes must all be there
         with this model's shapes; with `init_prefixes` unset every other key that fits is taken too."""
         prefixes = tuple(self.hparams.init_prefixes or self.default_init_prefixes)
-        checkpoint = load_checkpoint(path)
+        resolved = resolve_checkpoint(path)
+        if resolved.how:
+            rank_zero_info(f"init_from {resolved.how}")
+        path = resolved.path
+        checkpoint = read_checkpoint(path)
         source = checkpoint.get("state_dict")
         if not isinstance(source, dict):
             raise InputError(path, "has no state_dict: not a Lightning checkpoint of m3d-lit")
@@ -365,6 +338,12 @@ class BaseTask(LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         return self.model_step(batch, "test")
 
+    def predict_step(self, batch: Any, batch_idx: int) -> Any:
+        raise InputError(
+            "predict",
+            f"{type(self).__name__} (stage {self.stage}) answers no questions: predict with stage 2 or 3",
+        )
+
     def on_validation_epoch_end(self) -> None:
         self.log_epoch_metrics("val")
 
@@ -372,19 +351,19 @@ class BaseTask(LightningModule):
         self.log_epoch_metrics("test")
 
     def log_epoch_metrics(self, split: str) -> None:
-        """Log each metric of `split` over the whole epoch and reset it.
+        """Log the split's metric collection over the whole epoch and reset it.
 
-        Every rank calls `compute`, which synchronises the metric's state across ranks, so every rank holds
+        Every rank calls `compute`, which synchronises each metric's state across ranks, so every rank holds
         the same epoch value. A value that is not finite (nothing seen, e.g. no `[SEG]` row) is not logged.
         """
-        for name, metric in self.eval_metrics[split].items():
-            result = metric.compute()
-            metric.reset()
-            for key, value in (result if isinstance(result, dict) else {name: result}).items():
-                value = torch.as_tensor(value, dtype=torch.float64, device=self.device)
-                if bool(torch.isfinite(value)):
-                    # already equal on every rank: "max" keeps it exact where a mean would round
-                    self.log(f"{split}/{key}", value, sync_dist=True, reduce_fx="max")
+        collection = self.eval_metrics[split]
+        results = collection.compute()
+        collection.reset()
+        for key, value in results.items():
+            value = torch.as_tensor(value, dtype=torch.float64, device=self.device)
+            if bool(torch.isfinite(value)):
+                # already equal on every rank: "max" keeps it exact where a mean would round
+                self.log(key, value, sync_dist=True, reduce_fx="max")
 
     def is_log_step(self) -> bool:
         """Whether Lightning writes this training step's logged values (the check its own
@@ -459,12 +438,29 @@ class BaseTask(LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def bundle(self) -> Bundle | None:
+        """The record a checkpoint carries so that inference rebuilds the model without this task (None for
+        a model that is neither a `LamedModel` nor a `ClipModel`, as a test's toy)."""
+        if not hasattr(self.model, "tokenizer") and not hasattr(self.model, "text_tokenizer"):
+            return None
+        preprocessing, data = self._data_record
+        return describe_model(
+            self.model,
+            preprocessing=preprocessing,
+            data=data,
+            task=f"{type(self).__module__}.{type(self).__qualname__}",
+            llm_path=self.hparams.get("llm_path"),
+            llm_weights=(self.base_fingerprint.get("llm") or {}).get("weights_bf16"),
+            text_path=self.hparams.get("text_path"),
+            text_max_length=self.hparams.get("text_max_length"),
+        )
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record what `m3d-lit eval` and `ask` need to rebuild the task and read a scan like training did."""
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        """Record the model's bundle (what `eval`, `ask` and the other commands rebuild it from)."""
+        bundle = self.bundle()
         checkpoint["m3d_lit"] = {
             "task": f"{type(self).__module__}.{type(self).__qualname__}",
-            "preprocessing": getattr(datamodule, "preprocessing", None),
+            "bundle": None if bundle is None else bundle.to_dict(),
         }
         self._save_reliability(checkpoint)
 

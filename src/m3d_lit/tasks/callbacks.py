@@ -1,5 +1,6 @@
 """Reliability pieces of a training run: atomic checkpoint files, a `last.ckpt` that holds the newest state,
-a guard against non-finite steps, and a checkpoint saved when the job is told to stop (SIGTERM, SIGUSR1).
+a guard against non-finite steps, and a checkpoint saved when the job is told to stop (SIGTERM, SIGUSR1);
+and `PredictionWriter`, the predictions of LightningCLI's `predict` as one JSONL file.
 
 They are listed in the stage recipes (`stages/*.yaml`): `AtomicCheckpointIO` under `trainer.plugins`,
 `StageCheckpoint`, `NonFiniteGuard` and `PreemptionCheckpoint` under `trainer.callbacks`.
@@ -17,18 +18,20 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from m3d_lit.atomic import torch_save as atomic_torch_save
+from m3d_lit.atomic import write_jsonl
 from m3d_lit.errors import TrainingError
 
 __all__ = [
     "AtomicCheckpointIO",
     "NonFiniteError",
     "NonFiniteGuard",
+    "PredictionWriter",
     "PreemptionCheckpoint",
     "StageCheckpoint",
     "atomic_torch_save",
@@ -55,7 +58,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class StageCheckpoint(ModelCheckpoint):
-    """`ModelCheckpoint` whose `last.ckpt` is the newest state at each epoch's end and at the end of training.
+    """`ModelCheckpoint` whose `last.ckpt` is the newest state at each epoch's end and at the end of training,
+    written into the run's own folder.
 
     Lightning's `save_last=True` writes `last.ckpt` only together with a top-k checkpoint of the same step.
     With `monitor: val/loss` it then stays at the best epoch when the loss stops improving, and a run that
@@ -63,13 +67,26 @@ class StageCheckpoint(ModelCheckpoint):
     next stage's `init_from` and `--ckpt_path last` would read stale weights. Here `last.ckpt` is also
     written when no top-k checkpoint was; the top-k files keep Lightning's rules.
 
-    A new run in a folder that holds an earlier run's checkpoints overwrites `last.ckpt` (and a top-k file
-    of the same name) instead of writing `last-v1.ckpt` beside it, which Lightning's version counter does:
-    the next stage and `make eval` read `last.ckpt`, and would read the earlier run's weights.
+    Without `dirpath` the files go to the run's folder, `<save_dir>/<name>/<version>/checkpoints/` of the
+    logger (`runs/stage3/version_0/checkpoints/`), and `subdir` below it (`steps/`): each run keeps its
+    checkpoints beside its logs, and a new run never writes over another's. Within one folder a file of
+    the same name is replaced (no `last-v1.ckpt`: `last.ckpt` is what the next stage reads).
+
+    Args:
+        subdir: a folder under the run's `checkpoints/` (with `dirpath` unset), e.g. `steps`.
+        *args, **kwargs: `ModelCheckpoint`'s.
     """
 
-    def __init__(self, *args: Any, enable_version_counter: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, subdir: str | None = None, enable_version_counter: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(*args, enable_version_counter=enable_version_counter, **kwargs)
+        self.subdir = None if self.dirpath is not None else subdir
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.subdir and Path(str(self.dirpath)).name != self.subdir:
+            self.dirpath = str(Path(str(self.dirpath)) / self.subdir)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
@@ -414,3 +431,37 @@ class PreemptionCheckpoint(Callback):
         if trainer.is_global_zero and job:
             result = subprocess.call(["scontrol", "requeue", job])
             rank_zero_info(f"scontrol requeue {job}: exit code {result}")
+
+
+class PredictionWriter(BasePredictionWriter):
+    """The records `predict_step` returns, written to one JSON Lines file when predicting ends.
+
+    `m3d-lit predict -c ...` (LightningCLI) adds it when no prediction writer is configured. Under DDP
+    each rank writes its own share to `predictions.rank<N>.jsonl`.
+
+    Args:
+        path: the file (default: `predictions.jsonl` in the trainer's log folder).
+    """
+
+    def __init__(self, path: str | None = None) -> None:
+        super().__init__(write_interval="epoch")
+        self.path = path
+
+    def write_on_epoch_end(
+        self, trainer: Trainer, pl_module: LightningModule, predictions: Any, batch_indices: Any
+    ) -> None:
+        rows = list(_records(predictions))
+        path = Path(self.path or Path(trainer.log_dir or trainer.default_root_dir) / "predictions.jsonl")
+        if trainer.world_size > 1:
+            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
+        write_jsonl(path, rows)
+        print(f"m3d-lit predict: wrote {len(rows)} predictions to {path}", flush=True)
+
+
+def _records(node: Any) -> Any:
+    """The records of `predict_step`'s outputs, however Lightning nests them (per dataloader, per batch)."""
+    if isinstance(node, dict):
+        yield node
+    else:
+        for item in node or ():
+            yield from _records(item)

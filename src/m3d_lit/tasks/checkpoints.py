@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from m3d_lit.errors import InputError
-from m3d_lit.models.llm import unwrap
+from m3d_lit.inference.bundle import llm_weights_hash
 from m3d_lit.models.presets import fingerprint_config
 
 __all__ = [
@@ -32,28 +32,10 @@ __all__ = [
     "set_rng_states",
     "summarise_init",
 ]
-SAMPLES_PER_TENSOR = 64
 
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
-
-
-def _llm_weights_hash(llm: torch.nn.Module, dtype: torch.dtype | None = None) -> str:
-    """A hash of names, shapes and evenly spaced values of the LLM's own (non-LoRA) weights, the values
-    first rounded to `dtype` when given (None: as they are held)."""
-    digest = hashlib.sha256()
-    named = {n.replace(".base_layer", ""): p for n, p in unwrap(llm).named_parameters() if "lora_" not in n}
-    for name in sorted(named):
-        flat = named[name].detach().reshape(-1)
-        digest.update(f"{name}:{tuple(named[name].shape)}".encode())
-        if flat.numel() and not flat.is_meta:
-            count = min(SAMPLES_PER_TENSOR, flat.numel())
-            index = torch.linspace(0, flat.numel() - 1, count, dtype=torch.float32, device="cpu").long()
-            values = flat[index.to(flat.device)]
-            values = values if dtype is None else values.to(dtype)
-            digest.update(values.float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def base_fingerprint(task: Any) -> dict[str, Any]:
@@ -67,8 +49,8 @@ def base_fingerprint(task: Any) -> dict[str, Any]:
         # `weights` is what checkpoints of earlier versions hold
         llm_record = {
             "path": None if path is None else str(path),
-            "weights": _llm_weights_hash(llm),
-            "weights_bf16": _llm_weights_hash(llm, torch.bfloat16),
+            "weights": llm_weights_hash(llm, round_to=None),
+            "weights_bf16": llm_weights_hash(llm),
         }
     return {
         "preset": task.hparams.preset,

@@ -16,6 +16,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from m3d_lit.losses.contrastive import recall_at_k
+from m3d_lit.losses.segmentation import hard_dice_iou
 
 __all__ = ["MeanDice", "RetrievalRecall", "TokenAccuracy"]
 
@@ -50,8 +51,9 @@ class TokenAccuracy(Metric):
 
 
 class MeanDice(Metric):
-    """Mean over samples of each sample's Dice, mask = sigmoid(logits) > 0.5 (as `evaluation.metrics.dice_iou`:
-    both masks empty counts 1). `compute` gives NaN before any sample was seen."""
+    """Mean over samples of each sample's Dice, mask = sigmoid(logits) > 0.5 (`hard_dice_iou` of
+    `losses.segmentation`, as evaluation scores it: both masks empty count 1). `compute` gives NaN before
+    any sample was seen."""
 
     full_state_update = False
     higher_is_better = True
@@ -63,10 +65,7 @@ class MeanDice(Metric):
 
     def update(self, logits: Tensor, masks: Tensor) -> None:
         """logits and masks N x ... (one sample per row); foreground: logits > 0, masks > 0.5."""
-        pred, truth = (logits > 0).flatten(1), (masks > 0.5).flatten(1)
-        inter = (pred & truth).sum(1).double()
-        total = (pred.sum(1) + truth.sum(1)).double()
-        dice = torch.where(total > 0, 2.0 * inter / total.clamp_min(1.0), torch.ones_like(total))
+        dice, _ = hard_dice_iou(logits > 0, masks > 0.5)
         self.dice_sum += dice.sum()
         self.samples += dice.numel()
 

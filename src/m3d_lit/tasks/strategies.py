@@ -7,15 +7,17 @@
   and ViT block, the rest as one root unit), hybrid across machines: each machine holds one sharded copy,
   the machines replicate it. Its checkpoints are folders (one shard file per rank, written under a
   temporary name and renamed when complete) that leave out the frozen LLM like every m3d-lit checkpoint;
-  `read_sharded_checkpoint` reads one back in a single process (eval, ask, export, the next stage).
+  `inference.checkpoints.read_checkpoint` reads one back in a single process (eval, ask, export, the
+  next stage).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
-import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +28,17 @@ from torch import nn
 
 from m3d_lit.atomic import torch_save as atomic_torch_save
 from m3d_lit.errors import InputError
+from m3d_lit.inference.checkpoints import CONSOLIDATED, is_sharded_checkpoint
 from m3d_lit.models.llm import unwrap
 
 __all__ = [
-    "CONSOLIDATED",
     "PCIeDDPStrategy",
     "ShardedStrategy",
     "ZeroStrategy",
-    "is_sharded_checkpoint",
-    "read_sharded_checkpoint",
     "rebuild_train_loader_after_restore",
     "save_folder_atomically",
     "shard_model",
+    "whole_weights",
     "write_consolidated",
 ]
 
@@ -115,6 +116,22 @@ def shard_model(model: nn.Module, mesh: Any, param_dtype: torch.dtype | None = N
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+@contextlib.contextmanager
+def whole_weights(model: nn.Module) -> Iterator[None]:
+    """Inside, an FSDP2-sharded model's root weights are whole (gathered from every rank), as generation
+    needs outside the root's forward; every rank must enter. A model that is not sharded: as it is."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 class ShardedStrategy(ModelParallelStrategy):
@@ -266,9 +283,6 @@ def save_folder_atomically(strategy: Any, filepath: Any, write: Any) -> None:
     strategy.barrier("m3d_checkpoint_renamed")
 
 
-CONSOLIDATED = "m3d_lit.ckpt"
-
-
 def write_consolidated(checkpoint: dict[str, Any], folder: Path) -> Path:
     """`folder/m3d_lit.ckpt`: the checkpoint without its optimizer state, a plain Lightning file."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -278,38 +292,9 @@ def write_consolidated(checkpoint: dict[str, Any], folder: Path) -> Path:
     return path
 
 
-def is_sharded_checkpoint(path: str | Path) -> bool:
-    """A folder written by `ShardedStrategy` (torch distributed-checkpoint shards + Lightning's meta.pt)."""
-    path = Path(path)
-    return path.is_dir() and (path / ".metadata").is_file() and (path / _METADATA_FILENAME).is_file()
-
-
 def _saved_keys(path: Path, group: str) -> set[str]:
     from torch.distributed.checkpoint import FileSystemReader
 
     prefix = f"{group}."
     keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     return {key[len(prefix) :] for key in keys if key.startswith(prefix)}
-
-
-def read_sharded_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A `ShardedStrategy` folder as the dict a Lightning checkpoint file holds (whole tensors on the CPU,
-    without the optimizer state), read in one process without a process group."""
-    from torch.distributed.checkpoint import FileSystemReader, load
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    path = Path(path)
-    try:
-        metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-        template = {
-            key.removeprefix("state_dict."): torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
-            for key, entry in metadata.items()
-            if key.startswith("state_dict.") and isinstance(entry, TensorStorageMetadata)
-        }
-        with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": as meant here
-            warnings.simplefilter("ignore", UserWarning)
-            load({"state_dict": template}, checkpoint_id=path, no_dist=True)
-        record = torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for incomplete or foreign folders
-        raise InputError(path, f"not a readable sharded checkpoint ({type(err).__name__}: {err})") from err
-    return {**record, "state_dict": template}

@@ -20,8 +20,8 @@ import numpy as np
 from m3d_lit.atomic import atomic_path
 from m3d_lit.data.sources import SOURCES, display_name
 from m3d_lit.evaluation.closed import POOLED
-from m3d_lit.evaluation.metrics import require_wordnet
-from m3d_lit.evaluation.report_clinical import closed_section, open_section
+from m3d_lit.evaluation.findings_report import closed_section, open_section
+from m3d_lit.evaluation.wordnet import require_wordnet
 
 __all__ = [
     "PAPER_SEG_DICE",
@@ -328,6 +328,22 @@ def _examples(
     return lines
 
 
+def _model_lines(model: dict[str, Any] | None) -> list[str]:
+    """Which model the report is about: file, sha256, run, training step, m3d-lit versions, date."""
+    if not model:
+        return []
+    trained, run_with = model.get("trained_with") or {}, model.get("run_with") or {}
+    return [
+        f"Model: `{model['path']}` (sha256 `{model['sha256']}`"
+        + (f", run `{model['run']}`" if model.get("run") else "")
+        + (f", step {model['global_step']}" if model.get("global_step") is not None else "")
+        + f"); trained with m3d-lit {trained.get('version')} (commit {trained.get('commit') or 'unknown'}), "
+        f"evaluated with m3d-lit {run_with.get('version')} (commit {run_with.get('commit') or 'unknown'}) "
+        f"on {model.get('date')}.",
+        "",
+    ]
+
+
 def write_report(
     out_dir: Path,
     metrics: dict[str, Any],
@@ -353,6 +369,7 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     protocol = metrics.get("protocol", "m3d")
     lines = [f"# {title}", "", f"{metrics['n']} samples; text metrics under the `{protocol}` protocol.", ""]
+    lines += _model_lines((metrics.get("setup") or {}).get("model"))
     labelled = [(display_name(name), name, g) for name, g in _groups(metrics)]
     sections = (_table1(metrics), _closed(metrics, records, out_dir), open_section(labelled))
     for section in (*sections, _segmentation(metrics)):

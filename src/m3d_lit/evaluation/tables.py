@@ -1,20 +1,11 @@
-"""Reading and printing scores: a predictions file checked line by line, metrics as text tables, JSON out.
-
-`m3d-lit score` (`m3d_lit.commands.score`) reads a predictions file with `read_predictions`, scores it
-with `scoring.compute_metrics` and prints the tables below; `eval` and `bench` write with `atomic.write_json`.
-"""
+"""Metrics as plain-text tables (`m3d-lit score`, `m3d-lit eval`): every metric per group, the closed
+findings, the open question read as findings."""
 
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
 from typing import Any
 
-from m3d_lit.errors import InputError
-from m3d_lit.evaluation.scoring import check_p_yes
-
-__all__ = ["format_closed", "format_open", "format_table", "read_predictions"]
+__all__ = ["format_closed", "format_open", "format_table"]
 
 ROWS = (
     ["n", "n_text"]
@@ -24,50 +15,9 @@ ROWS = (
     + ["n_closed", "closed_positives", "closed_unparsed", "accuracy", "sensitivity", "specificity"]
     + ["balanced_accuracy", "f1", "majority_accuracy", "majority_balanced_accuracy", "n_seg", "dice", "iou"]
 )
+
 TEXT_ROWS = {f"bleu{n}" for n in range(1, 5)} | {f"bleu{n}_sent" for n in range(1, 5)}
 TEXT_ROWS |= {"rouge1", "rouge2", "rougeL", "meteor", "bertscore_f1"}
-
-
-def read_predictions(path: Path) -> list[dict[str, Any]]:
-    """The records of a predictions .jsonl; a bad line raises `InputError` naming file and line."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(path, "no such file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(path, f"cannot read it as UTF-8 text ({err})") from None
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(path, f"line {number}: not valid JSON ({err.msg}, column {err.colno})") from None
-        problem = _problem(record)
-        if problem:
-            raise InputError(path, f"line {number}: {problem}")
-        records.append(record)
-    if not records:
-        raise InputError(path, "holds no predictions (every line is empty)")
-    return records
-
-
-def _problem(record: Any) -> str | None:
-    if not isinstance(record, dict):
-        return f"expected a JSON object, got {type(record).__name__}"
-    for key in ("prediction", "answer"):
-        if not isinstance(record.get(key), str):
-            return f"needs a string {key!r}, got {record.get(key)!r}"
-    if (record.get("dice") is None) != (record.get("iou") is None):
-        return "has only one of 'dice' and 'iou'"
-    for key in ("dice", "iou"):
-        value = record.get(key)
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-        ):
-            return f"{key!r} must be a finite number, got {value!r}"
-    return check_p_yes(record.get("p_yes"))
 
 
 def _cell(group: dict[str, Any], row: str) -> str:

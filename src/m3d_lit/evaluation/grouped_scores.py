@@ -11,7 +11,6 @@ the report's main tables show.
 from __future__ import annotations
 
 import math
-import sys
 from collections import defaultdict
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -29,11 +28,17 @@ from m3d_lit.evaluation.bootstrap import (
     weighted_means,
 )
 from m3d_lit.evaluation.closed import closed_metrics, closed_scores, parse_closed
+from m3d_lit.evaluation.corpus_protocol import (
+    bleu_counts,
+    corpus_bleu,
+    corpus_bleu_from_counts,
+    sample_scores,
+)
 from m3d_lit.evaluation.m3d_protocol import m3d_sample_scores
-from m3d_lit.evaluation.metrics import corpus_bleu, sample_scores, tokenize
 from m3d_lit.evaluation.open_findings import open_scores
+from m3d_lit.evaluation.predictions import check_records
 
-__all__ = ["PROTOCOLS", "SEPARATE_KINDS", "check_p_yes", "compute_metrics", "corpus_bleu_from_counts"]
+__all__ = ["PROTOCOLS", "SEPARATE_KINDS", "compute_metrics"]
 
 PROTOCOLS = ("m3d", "corpus")
 SEPARATE_KINDS = ("seg", "rec", "reg")
@@ -47,62 +52,6 @@ class _Scored:
     bleu_counts: np.ndarray | None  # corpus protocol: per-sample n-gram counts and lengths
     resamples: int
     seed: int
-
-
-def check_p_yes(value: Any) -> str | None:
-    """What is wrong with a `p_yes` value (None when it is a number in [0, 1] or absent)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        return f"'p_yes' must be a number in [0, 1], got {value!r}"
-    return None
-
-
-def _check(records: list[dict]) -> None:
-    if not records:
-        raise ValueError("compute_metrics needs at least one record, got none")
-    for i, record in enumerate(records):
-        for key in ("prediction", "answer"):
-            if not isinstance(record.get(key), str):
-                raise ValueError(f"record {i} needs a string {key!r}, got {record.get(key)!r}")
-        if (record.get("dice") is None) != (record.get("iou") is None):
-            raise ValueError(f"record {i} has only one of 'dice' and 'iou'")
-        for key in ("dice", "iou"):
-            if record.get(key) is not None and not math.isfinite(float(record[key])):
-                raise ValueError(f"record {i} has a non-finite {key!r}: {record[key]!r}")
-        problem = check_p_yes(record.get("p_yes"))
-        if problem:
-            raise ValueError(f"record {i}: {problem}")
-
-
-def _bleu_counts(predictions: list[str], answers: list[str]) -> np.ndarray:
-    """Per sample what nltk's `corpus_bleu` adds up: matches and n-grams of orders 1-4, both lengths."""
-    from nltk.translate.bleu_score import modified_precision
-
-    rows = []
-    for pred, ans in zip(predictions, answers):
-        hyp, ref = tokenize(pred), tokenize(ans)
-        fractions = [modified_precision([ref], hyp, n) for n in range(1, 5)]
-        rows.append(
-            [f.numerator for f in fractions] + [f.denominator for f in fractions] + [len(hyp), len(ref)]
-        )
-    return np.array(rows, dtype=np.float64)
-
-
-def corpus_bleu_from_counts(summed: np.ndarray) -> np.ndarray:
-    """BLEU-1..4 as nltk's `corpus_bleu` (no smoothing) computes them from summed counts.
-
-    Args:
-        summed: (..., 10) matches of orders 1-4, n-grams of orders 1-4, hypothesis and reference length.
-    """
-    num, den, hyp, ref = summed[..., :4], summed[..., 4:8], summed[..., 8], summed[..., 9]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        # nltk's method0: an order without matches counts as the smallest float, i.e. BLEU ~ 0
-        logs = np.log(np.where(num > 0, num / np.maximum(den, 1), sys.float_info.min))
-        penalty = np.where(hyp > ref, 1.0, np.where(hyp == 0, 0.0, np.exp(1.0 - ref / np.maximum(hyp, 1))))
-    orders = np.arange(1, 5)
-    values = penalty[..., None] * np.exp(np.cumsum(logs, axis=-1) / orders)
-    return np.where(num[..., :1] > 0, values, 0.0)
 
 
 def _text(ctx: _Scored, index: list[int], weights: np.ndarray | None) -> dict[str, Any]:
@@ -222,7 +171,7 @@ def compute_metrics(
         raise ValueError("BERTScore belongs to the m3d protocol; use protocol 'm3d' with a BERTScore model")
     if resamples < 0:
         raise ValueError(f"resamples must be >= 0, got {resamples}")
-    _check(records)
+    check_records(records)
     predictions, answers = [r["prediction"] for r in records], [r["answer"] for r in records]
     if protocol == "m3d":
         raw = m3d_sample_scores(predictions, answers)
@@ -230,7 +179,7 @@ def compute_metrics(
             raw["bertscore_f1"] = bertscore_f1(predictions, answers, bertscore_model, bertscore_layer)
     else:
         raw = sample_scores(predictions, answers)
-    counts = _bleu_counts(predictions, answers) if protocol == "corpus" and resamples else None
+    counts = bleu_counts(predictions, answers) if protocol == "corpus" and resamples else None
     scores = {key: np.asarray(values, dtype=np.float64) for key, values in raw.items()}
     ctx = _Scored(records, protocol, scores, counts, resamples, seed)
     result = {"protocol": protocol, **_summarise(ctx, list(range(len(records))), separate, ci=True)}
