@@ -54,10 +54,13 @@ def test_the_task_option_compiles_the_blocks_for_fit_only() -> None:
     from m3d_lit.tasks import FinetuneTask
 
     task = FinetuneTask(preset="tiny", overrides=LAMED, compile_blocks=True, log_examples=0)
-    task.trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    task.trainer = trainer
+    trainer.state.fn = "validate"
+    task.configure_model()  # as Lightning's validate calls it
     blocks = [task.model.vision.blocks[0], task.model.segmentation.image_encoder.blocks[0]]
     blocks.append(task.model.llm.get_base_model().model.layers[0])
-    task.setup("validate")
     assert all(block._compiled_call_impl is None for block in blocks)
-    task.setup("fit")
+    trainer.state.fn = "fit"
+    task.configure_model()  # as Lightning's fit calls it: now the blocks are compiled
     assert all(block._compiled_call_impl is not None for block in blocks)

@@ -274,6 +274,7 @@ def test_an_adapter_export_loads_with_its_base_llm_and_is_refused_without(
     task = FinetuneTask(
         preset="tiny", overrides={k: v for k, v in TINY.items() if k != "llm"}, llm_path=str(llm)
     )
+    task.configure_model()
     with torch.no_grad():
         for name, param in task.model.llm.named_parameters():
             if "lora_B" in name:

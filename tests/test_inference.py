@@ -157,6 +157,7 @@ def test_a_stage1_checkpoint_given_to_eval_is_one_line(tmp_path: Path, capsys) -
     from m3d_lit.tasks import ClipTask
 
     task = ClipTask(preset="tiny", overrides=CLIP)
+    task.configure_model()
     checkpoint = {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}
     task.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, tmp_path / "stage1.ckpt")
