@@ -83,6 +83,8 @@ CASES = {
     "eval-zero": (["eval", "--checkpoint", "zero.ckpt", "--data", "d.jsonl", "--out", "o"], r"zero\.ckpt: is a DeepSpeed ZeRO checkpoint folder .*then pass zero\.fp32\.ckpt"),
     "export-zero": (["export", "--checkpoint", "zero.ckpt", "--out", "o"], r"zero\.ckpt: is a DeepSpeed ZeRO checkpoint folder .*then pass zero\.fp32\.ckpt"),
     "fit-data-root": (FIT, r"missing/reports\.jsonl: is missing \(report mode reads it\): run `m3d-lit prepare` for this folder"),
+    "fit-recipe-typo": ([*FIT, "-c", "gpu2"], r"-c: 'gpu2' is neither a file nor a recipe: did you mean gpu1 or cpu\? \(`m3d-lit recipes` lists the recipes\)"),
+    "fit-data-name-typo": ([*FIT, "--data", "cq500"], r"--data: 'cq500' is neither a file nor a recipe: did you mean cq500_qa\? \(`m3d-lit recipes` lists the recipes\)"),
     "fit-gpu-preset-on-cpu": ([*FIT, "-c", "gpu1"], r"--trainer\.accelerator: 'gpu' \(set by a GPU preset: .*\) needs a CUDA GPU, and torch sees none here: use -c cpu on this machine, or run on a GPU machine"),
     "fit-nvlink-on-cpu": ([*FIT, "-c", "ddp_nvlink"], r"--trainer\.accelerator: 'gpu' .* needs a CUDA GPU, .*"),
     "fit-fsdp-one-device": ([*FIT, "-c", "fsdp", "--trainer.accelerator", "cpu", "--trainer.devices", "1"], r"--trainer\.strategy: ShardedStrategy shards the model over processes, and this run has one \(num_nodes 1 x devices 1\): use -c gpu1 on one GPU, -c cpu on a CPU"),

@@ -35,7 +35,7 @@ def test_names_resolve_to_the_package_recipes_and_an_existing_path_wins(tmp_path
 
 
 def test_recipes_command_lists_every_recipe_with_its_path(capsys) -> None:
-    assert main(["recipes"]) == 0
+    assert main(["recipes", "--paths"]) == 0
     out = capsys.readouterr().out
     for kind in list_recipes().values():
         for name, path in kind.items():

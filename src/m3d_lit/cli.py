@@ -21,7 +21,7 @@ from m3d_lit.commands import LIGHTNING_COMMANDS
 from m3d_lit.errors import InputError, TrainingError
 from m3d_lit.recipes import expand_argv
 
-__all__ = ["main", "SUBCOMMANDS"]
+__all__ = ["SUBCOMMANDS", "entry", "main"]
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "synth": (
@@ -66,7 +66,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _usage() -> str:
-    lines = ["usage: m3d-lit COMMAND [ARGS]", "", "training (LightningCLI; add --help for options):"]
+    lines = ["usage: m3d-lit COMMAND [ARGS]   (m3d-lit --version)", "", "training (LightningCLI; add --help for options):"]
     lines += [
         f"  {name:<10} {name} a recipe: -c stage1|stage2|stage3 (or a YAML)"
         for name in LIGHTNING_COMMANDS[:3]
@@ -95,8 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(argv if explicit else sys.argv[1:])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:
+        print(f"m3d-lit: a command is needed\n\n{_usage()}", file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help", "help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"m3d-lit {_version()}")
         return 0
     command = argv[0]
     try:
@@ -132,5 +138,26 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def entry() -> int:
+    """The console script: `main`, and a reader that closed the pipe (`m3d-lit -h | head`) ends it quietly."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # what is still buffered would be written again at exit, to a pipe nobody reads
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return code
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("m3d-lit")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "(not installed)"
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -4,16 +4,28 @@
 `pip install` has them; the repository's top-level `stages/` and `datamodules/` are links to these
 folders. `m3d-lit fit|validate|test` accepts a recipe by name where it takes a file (`-c stage3`,
 `-c stage3_finetune`, `-c cpu`, `--data cq500_qa`): `expand_argv` turns the names into these paths before
-LightningCLI parses; a path that exists is always taken as it is.
+LightningCLI parses; a file that exists is always taken as it is, and a bare name that is neither is
+refused with the recipes it is close to.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 from importlib.resources import files
 from pathlib import Path
 
-__all__ = ["KINDS", "common_trainer", "expand_argv", "find_recipe", "list_recipes", "recipes_root"]
+from m3d_lit.errors import InputError
+
+__all__ = [
+    "KINDS",
+    "common_trainer",
+    "describe_recipe",
+    "expand_argv",
+    "find_recipe",
+    "list_recipes",
+    "recipes_root",
+]
 
 # kind -> folder under the recipes root
 KINDS = {"stage": "stages", "trainer": "stages/trainer", "data": "datamodules"}
@@ -51,12 +63,29 @@ def find_recipe(name: str, kinds: tuple[str, ...]) -> Path | None:
     return None
 
 
-def _expand(value: str, kinds: tuple[str, ...]) -> str:
+def describe_recipe(path: Path) -> str:
+    """What a recipe is for: the first sentence of its header's first line."""
+    first = path.read_text(encoding="utf-8").splitlines()[0] if path.stat().st_size else ""
+    text = first.lstrip("# ").strip() if first.startswith("#") else ""
+    return re.split(r"\.(?:\s|$)", text, maxsplit=1)[0]
+
+
+def _expand(value: str, kinds: tuple[str, ...], flag: str) -> str:
     # a folder of the same name (a run's `fsdp/` checkpoints, say) is no configuration: the recipe wins
     if Path(value).is_file():
         return value
     found = find_recipe(value, kinds)
-    return value if found is None else str(found)
+    if found is not None:
+        return str(found)
+    if re.fullmatch(r"[a-z0-9_]+", value):  # not a path, a class name or a YAML/JSON value
+        # a bare name that is neither a file here nor a recipe: a typo, not a path to report as missing
+        names = [name for kind in kinds for name in list_recipes()[kind]]
+        close = difflib.get_close_matches(value.removesuffix(".yaml"), names, n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise InputError(
+            flag, f"{value!r} is neither a file nor a recipe: {hint}(`m3d-lit recipes` lists the recipes)"
+        )
+    return value
 
 
 def expand_argv(argv: list[str]) -> list[str]:
@@ -69,11 +98,11 @@ def expand_argv(argv: list[str]) -> list[str]:
         arg = argv[i]
         flag, sep, value = arg.partition("=")
         if arg in flags and i + 1 < len(argv):
-            out += [arg, _expand(argv[i + 1], flags[arg])]
+            out += [arg, _expand(argv[i + 1], flags[arg], arg)]
             i += 2
             continue
         if sep and flag in flags:
-            out.append(f"{flag}={_expand(value, flags[flag])}")
+            out.append(f"{flag}={_expand(value, flags[flag], flag)}")
         else:
             out.append(arg)
         i += 1
