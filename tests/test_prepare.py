@@ -219,3 +219,19 @@ def test_main_runs_prepare_then_qa(raw, tmp_path, capsys):
         assert any(out.glob("qa_*.jsonl")), sorted(p.name for p in out.iterdir())
         _no_identifying_data(out)
     assert "m3d-lit prepare: 3 scans" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("wrong", ["cq500", "folder"])
+def test_a_prepare_of_the_wrong_source_leaves_the_folder_free_for_the_right_one(raw, tmp_path, wrong):
+    """The PhysioNet folder prepared as another source fails in one line and leaves no settings behind, so
+    the right `prepare` into the same folder is not refused as "prepared with ..."."""
+    out = tmp_path / "out"
+    argv = ["physionet", "--root", str(raw / "physionet"), "--out", str(out), "--size", *map(str, SIZE)]
+    wrong_argv = [wrong, *argv[1:]]
+    if wrong == "folder":
+        wrong_argv += ["--labels", str(raw / "physionet" / "hemorrhage_diagnosis_raw_ct.csv")]
+    with pytest.raises(InputError):
+        prepare_command.main(wrong_argv)
+    assert not (out / "prepare.json").exists() and not list(out.glob("images/*"))
+    assert prepare_command.main(argv) == 0
+    assert json.loads((out / "prepare.json").read_text())["dataset"] == "physionet"

@@ -145,12 +145,28 @@ def _check_settings(out: Path, settings: dict, masks: bool) -> None:
             )
     elif (out / "images").is_dir() and any((out / "images").iterdir()):
         raise InputError(out, "holds images/ but no prepare.json (not made by `m3d-lit prepare`)")
+
+
+def _start(out: Path, settings: dict, masks: bool) -> bool:
+    """Make the output folders and record the settings; True when this run wrote `prepare.json` first."""
     folders = (out, out / "images") + ((out / "masks",) if masks else ())
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
         for leftover in folder.glob(TMP_PATTERN):  # from a killed run
             leftover.unlink()
+    path = out / "prepare.json"
+    created = not path.exists()
     write_bytes(path, (json.dumps(settings, indent=1) + "\n").encode())
+    return created
+
+
+def _undo_start(out: Path) -> None:
+    """A run that prepared nothing leaves no settings behind (and no empty folders): the folder can be
+    prepared again, with other settings or another source, as if this run had not been."""
+    (out / "prepare.json").unlink(missing_ok=True)
+    for folder in (out / "images", out / "masks"):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _read_manifest(out: Path) -> dict[str, dict]:
@@ -261,6 +277,7 @@ def prepare_volumes(
     settings = {"dataset": dataset, "size": list(size), "window": window, "dtype": dtype}
     _check_settings(out, settings, source.writes_masks(options))
     refs, skipped = source.list_scans(root, {k: v for k, v in options.items() if v is not None})
+    created = _start(out, settings, source.writes_masks(options))
     common = {"root": root, "out": out, "size": size, "window": window, "dtype": dtype}
     jobs = [_Job(source.name, ref, **common) for ref in refs]
     if strict and skipped:
@@ -279,5 +296,9 @@ def prepare_volumes(
             raise InputError(root / skip[1], skip[2])
 
     _write_tables(out, rows, skipped)
-    _run([j for j in jobs if j.ref.sid not in rows], workers, progress, on_result)
+    try:
+        _run([j for j in jobs if j.ref.sid not in rows], workers, progress, on_result)
+    finally:
+        if created and not rows:
+            _undo_start(out)
     return PrepareResult(sorted(rows, key=_natural), sorted(skipped, key=lambda s: _natural(s[0])), reused)
