@@ -171,3 +171,25 @@ def test_paper_preset_without_an_llm_is_refused_unless_asked_for(task: str) -> N
 def test_describe_and_plan_still_take_the_paper_preset_without_an_llm(capsys: pytest.CaptureFixture) -> None:
     assert main(["describe", "--preset", "paper", "--stage", "3"]) == 0
     assert json.loads(capsys.readouterr().out)["total_params"] > 6e9
+
+
+@pytest.mark.slow
+def test_fit_says_where_its_run_went_and_prints_no_library_notices(
+    prepared: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    argv = [
+        "fit", "-c", "stage3", "-c", "cpu", "--model.preset", "tiny", "--model.init_from", "null",
+        "--model.overrides", json.dumps({"vision": {"num_layers": 1}, "llm": {"num_hidden_layers": 1}}),
+        "--data.roots", json.dumps([str(r) for r in prepared]), "--data.batch_size", "2",
+        "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    out, err = capfd.readouterr()
+    shown = out + err
+    assert "litlogger" not in shown and "LeafSpec" not in shown and "v_num" not in shown
+    assert "was called before the ``update`` method" not in shown
+    assert out.strip().splitlines()[-1] == (
+        "m3d-lit fit: run runs/stage3/version_0; checkpoint runs/stage3/version_0/checkpoints/last.ckpt; "
+        "logs: tensorboard --logdir runs"
+    )

@@ -15,8 +15,10 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import logging
 import os
 import re
+import warnings
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
@@ -385,7 +387,23 @@ class M3dLightningCLI(LightningCLI):
                 check_data_size(skeleton, self.datamodule)
         if stage == "predict" and not any(isinstance(c, BasePredictionWriter) for c in trainer.callbacks):
             trainer.callbacks.append(PredictionWriter())
+        _without_version_number(trainer)
         return trainer
+
+    def after_fit(self) -> None:
+        """Say where the run went: its folder, its newest checkpoint, how to look at its logs."""
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        run = Path(trainer.log_dir) if trainer.log_dir else None
+        parts = [f"run {run}" if run else "no log folder (logger off)"]
+        try:  # the checkpoint the next stage's init_from and eval take from this run
+            parts.append(f"checkpoint {resolve_checkpoint(run).path}" if run else "no checkpoint written")
+        except InputError:
+            parts.append("no checkpoint written")
+        if run is not None:
+            parts.append(f"logs: tensorboard --logdir {run.parent.parent if run.parent.name else run}")
+        print(f"m3d-lit fit: {'; '.join(parts)}", flush=True)
 
     def _subcommand_config(self) -> Namespace:
         subcommand = self.config.get("subcommand")
@@ -409,6 +427,32 @@ class M3dLightningCLI(LightningCLI):
             ) from None
 
 
+def _without_version_number(trainer: Any) -> None:
+    """The progress bar without `v_num`: the run's folder says which version it is, and the bar showed it
+    as a float (`v_num: 0.000`)."""
+    bar = trainer.progress_bar_callback
+    if bar is None:
+        return
+    metrics = bar.get_metrics
+    bar.get_metrics = lambda *args, **kwargs: {k: v for k, v in metrics(*args, **kwargs).items() if k != "v_num"}
+
+
+class _DropAdvertisements(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def quiet_library_notices() -> None:
+    """What a run prints that tells the user nothing about it: Lightning's advertisement for its cloud
+    logger, a deprecation inside Lightning itself (a torch API it still calls), and torchmetrics' notice
+    that a validation metric with nothing to measure (no `[SEG]` row) was computed before it was updated
+    (such a value is not logged: `BaseTask.log_epoch_metrics`)."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropAdvertisements())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*was called before the ``update`` method.*")
+
+
 def run_lightning(argv: list[str] | None) -> None:
     """Run LightningCLI with the project's base classes in subclass mode (argv None: `sys.argv`).
 
@@ -416,6 +460,7 @@ def run_lightning(argv: list[str] | None) -> None:
     file: the recipes and options given override it.
     """
     defaults = {"default_config_files": [str(common_trainer())]}
+    quiet_library_notices()
     M3dLightningCLI(
         BaseTask,
         BaseDataModule,
