@@ -14,7 +14,9 @@ from m3d_lit.cli import main
 def test_no_command_is_a_mistake(capsys: pytest.CaptureFixture) -> None:
     assert main([]) == 2
     captured = capsys.readouterr()
-    assert captured.out == "" and captured.err.startswith("m3d-lit: a command is needed\n\nusage: m3d-lit COMMAND")
+    assert captured.out == "" and captured.err.startswith(
+        "m3d-lit: a command is needed\n\nusage: m3d-lit COMMAND"
+    )
 
 
 def test_version(capsys: pytest.CaptureFixture) -> None:
@@ -27,7 +29,9 @@ def test_a_reader_that_closed_the_pipe_gets_no_traceback() -> None:
     read, write = os.pipe()
     os.close(read)
     code = "import sys; from m3d_lit.cli import entry; sys.exit(entry())"
-    done = subprocess.run([sys.executable, "-c", code, "-h"], stdout=write, stderr=subprocess.PIPE, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code, "-h"], stdout=write, stderr=subprocess.PIPE, timeout=120
+    )
     os.close(write)
     assert done.returncode == 0 and done.stderr == b"", done.stderr.decode()
 

@@ -61,7 +61,11 @@ def test_optimizer_option_keeps_the_task_groups_and_schedule(
     ],
 )  # fmt: skip
 def test_optimizer_flags_set_the_task_optimizer_as_print_config_shows(
-    flags: list[str], wanted: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    flags: list[str],
+    wanted: dict,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
 ) -> None:
     import yaml
 
@@ -193,3 +197,35 @@ def test_fit_says_where_its_run_went_and_prints_no_library_notices(
         "m3d-lit fit: run runs/stage3/version_0; checkpoint runs/stage3/version_0/checkpoints/last.ckpt; "
         "logs: tensorboard --logdir runs"
     )
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage3"])
+def test_data_prepared_at_another_size_is_refused_before_the_run_writes(
+    stage: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from conftest import write_prepared
+
+    root = write_prepared(tmp_path / "data" / "cq500", "cq500")  # 1 x 8 x 16 x 16 volumes
+    monkeypatch.chdir(tmp_path)
+    mode = ["--data.mode", "report"] if stage == "stage1" else ["--model.init_from", "null"]
+    argv = [
+        "fit",
+        "-c",
+        stage,
+        "-c",
+        "cpu",
+        "--model.preset",
+        "tiny",
+        "--data.roots",
+        json.dumps([str(root)]),
+        *mode,
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"m3d-lit fit: error: .*cq500: source 'cq500' was prepared at size \[8, 16, 16\], but the model takes "
+        r"\[32, 64, 64\] \(every source of a run must be\): prepare it again with `m3d-lit prepare \.\.\. --size "
+        r"32 64 64`",
+        err,
+    ), err
+    assert not (tmp_path / "runs").exists()
