@@ -35,7 +35,7 @@ $(STAMP): pyproject.toml scripts/setup_wordnet.sh scripts/setup_chromium.sh
 	$(BIN)/pip install --quiet -e '.[dev,app]'
 # the `stream` extra without litdata's torchvision requirement (pyproject.toml says why)
 	$(BIN)/pip install --quiet --no-deps 'litdata>=0.2.76,<0.3'
-	$(BIN)/pip install --quiet 'boto3>=1.28' 'obstore>=0.4' 'filelock>=3.12' 'tifffile>=2023.1'
+	$(BIN)/pip install --quiet 'boto3>=1.28' 'obstore>=0.4' 'filelock>=3.12' 'tifffile>=2023.1' 'requests>=2.28' 'urllib3>=1.26'
 	bash scripts/setup_wordnet.sh $(NLTK_DATA)
 	bash scripts/setup_chromium.sh
 	@touch $(STAMP)

@@ -393,9 +393,10 @@ class M3dLightningCLI(LightningCLI):
     def after_fit(self) -> None:
         """Say where the run went: its folder, its newest checkpoint, how to look at its logs."""
         trainer = self.trainer
+        log_dir = trainer.log_dir  # a broadcast from rank 0: every rank asks, or rank 0 waits alone
         if not trainer.is_global_zero:
             return
-        run = Path(trainer.log_dir) if trainer.log_dir else None
+        run = Path(log_dir) if log_dir else None
         parts = [f"run {run}" if run else "no log folder (logger off)"]
         try:  # the checkpoint the next stage's init_from and eval take from this run
             parts.append(f"checkpoint {resolve_checkpoint(run).path}" if run else "no checkpoint written")
