@@ -281,3 +281,6 @@ def test_folder_source_trains_stage3_and_evaluates(folder_data: Path, tmp_path: 
     assert all(0.0 <= closed[f]["balanced_accuracy"] <= 1.0 and closed[f]["n"] >= 1 for f in findings)
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "| Folder: fracture |" in report and "| Folder: mass_effect |" in report
+    # the user's own data: no paper caption, no published row or column (nothing was published on it)
+    assert "## Question answering: text metrics" in report and "No published figures were measured on Folder" in report
+    assert "Table 1" not in report and "Published" not in report and "| published |" not in report

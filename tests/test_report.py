@@ -1,4 +1,4 @@
-"""report.md: Table 1 layout beside the paper, closed table with baselines, Dice, plot, examples."""
+"""report.md: text metrics beside the published ones, closed table with baselines, Dice, plot, examples."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import torch
 from matplotlib.image import imread
 
 from m3d_lit.data import phrasing
+from m3d_lit.data.sources import get_source
 from m3d_lit.evaluation.grouped_scores import compute_metrics
-from m3d_lit.evaluation.markdown_report import PAPER_TABLE1, write_report
+from m3d_lit.evaluation.markdown_report import write_report
 
 RECORDS = [
     {"id": "CQ500-CT-1/q0", "prediction": "Yes.", "answer": "Yes", "kind": "closed", "question": "Is there a bleed?", "dataset": "cq500"},
@@ -38,15 +39,15 @@ def report(tmp_path_factory):
 def test_table1_rows_beside_paper_values(report):
     _, path, text, metrics = report
     assert path.name == "report.md" and text.startswith("# tiny eval\n")
-    paper = PAPER_TABLE1["cq500"]
-    assert f"| CQ500 | paper | {paper['bleu1']:.4f} | {paper['bleu2']:.4f}" in text
+    paper = get_source("cq500").qa_reference.values
+    assert f"| CQ500 | published | {paper['bleu1']:.4f} | {paper['bleu2']:.4f}" in text
     ours = metrics["by_dataset"]["cq500"]
     low, high = ours["ci95"]["bleu1"]
     assert f"| CQ500 | ours | {ours['bleu1']:.4f} [{low:.3f}, {high:.3f}] |" in text
     assert "| BLEU-1 (m3d) |" in text and "| ROUGE-1 (m3d) |" in text and "| meteor (m3d) |" in text
     assert f"| {ours['meteor']:.4f} [" in text and "| 4 | closed, open |" in text
-    # PhysioNet's only record here is a segmentation sample: no Table 1 row of ours, only the paper's.
-    assert "| PhysioNet | paper | 0.3958 |" in text and "| PhysioNet | ours |" not in text
+    # PhysioNet's only record here is a segmentation sample: no Table 1 row of ours, only the published one.
+    assert "| PhysioNet | published | 0.3958 |" in text and "| PhysioNet | ours |" not in text
 
 
 def test_closed_table_has_baselines_and_plot(report):
@@ -107,7 +108,8 @@ def test_open_answer_text_stays_on_one_table_safe_line(tmp_path):
 def test_records_without_dataset_get_an_all_row(tmp_path):
     records = [{"prediction": "yes", "answer": "Yes"}, {"prediction": "no", "answer": "Yes"}]
     text = write_report(tmp_path, compute_metrics(records), records, title="t", examples=0).read_text()
-    assert "| all | ours |" in text and "| paper |" not in text
+    assert "| all | 0.0000 [" in text and "| published |" not in text and "| Source |" not in text
+    assert "No published figures belong to these records: they name no dataset." in text
     assert (
         "| all: (no question) | 2 | 2 |" in text
         and "| **all: all closed** | 2 | 2 | 0.5000 | 1.0000 |" in text
@@ -136,7 +138,7 @@ def test_closed_findings_beside_chilamkurthy_with_roc_and_open_findings(tmp_path
     low, high = mass["ci95"]["auroc"]
     assert f"| CQ500: MassEffect | 3 | 2 | {mass['auroc']:.3f} [{low:.3f}, {high:.3f}] | 0.92 |" in text
     assert "| CQ500: ChronicBleed | 2 | 0 | (undefined: every reference is No (2 records)) | - |" in text
-    assert "**CQ500: pooled**" in text and "Chilamkurthy S, et al." in text and "Lancet 2018" in text
+    assert "**CQ500: pooled**" in text and "Chilamkurthy S, Ghosh R" in text and "Lancet 2018" in text
     assert "(closed_roc.png)" in text
     roc = imread(tmp_path / "closed_roc.png")
     assert roc.ndim == 3 and roc.shape[0] > 100

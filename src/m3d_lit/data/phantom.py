@@ -244,8 +244,9 @@ def render_phantom(shape: tuple[int, int, int], draw: dict, rng: np.random.Gener
     return Phantom(np.rint(hu).astype(np.int16), bleeds, fracture["calvarial"] | fracture["base"], truth)
 
 
-# Rates from the real label files (shared/FORMATS.md): CQ500 majority counts over 491 scans and 205 with
-# ICH; PhysioNet 36 of 75 patients with hemorrhage, 22 with fracture (21 of them with hemorrhage).
+# Rates counted in the real label files (CQ500's reads.csv, PhysioNet's per-slice CSV): CQ500 majority
+# counts over 491 scans and 205 with ICH; PhysioNet 36 of 75 patients with hemorrhage, 22 with fracture
+# (21 of them with hemorrhage).
 RATES = {
     "cq500": {"ICH": 205 / 491, "IPH": 134 / 205, "IVH": 28 / 205, "SDH": 53 / 205, "EDH": 13 / 205,
               "SAH": 60 / 205, "left": 131 / 205, "right": 129 / 205, "chronic": 19 / 205,

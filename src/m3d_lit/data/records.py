@@ -1,6 +1,6 @@
 """Readers that turn the M3D-Data split files and brain-CT reports into ``Record`` rows, and their wordings.
 
-Formats: ../shared/FORMATS.md (M3D-Data) and docs/architecture.md "Prepared data" (brain CT).
+Formats: the README's "Public datasets" (M3D-Data) and docs/architecture.md "Prepared data" (brain CT).
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def read_m3d_vqa(csv_path: Path, root: Path, mode: Literal["open", "closed"]) ->
     """M3D-VQA rows; closed: ``<question> Choices: A. x B. y C. z D. w`` -> ``A. x``.
 
     Args:
-        csv_path: one split's CSV (FORMATS.md columns).
+        csv_path: one split's CSV (M3D-VQA's columns).
         root: folder the ``Image Path`` column starts from.
         mode: ``open`` (free answer) or ``closed`` (multiple choice).
     """

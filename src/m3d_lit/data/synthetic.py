@@ -2,8 +2,8 @@
 and an example of the folder source (the user's own scans: NIfTI and DICOM, labels.csv, findings.yaml,
 masks).
 
-All are written in the on-disk formats their readers expect (shared/FORMATS.md, the README's "Your own
-scans"), so the demo, the tests and real users go through the same readers. Each dataset folder is built
+All are written in the on-disk formats their readers expect (the README's "Public datasets" and "Your
+own scans"), so the demo, the tests and real users go through the same readers. Each dataset folder is built
 under a temporary name and renamed when complete (`build_dataset`); a folder this module did not make
 is never overwritten. `m3d_lit.data.synthetic_m3d` writes M3D-Data.
 """

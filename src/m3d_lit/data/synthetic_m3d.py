@@ -1,6 +1,6 @@
 """`m3d-lit synth --m3d-data N`: a small M3D-Data set (M3D-Cap, M3D-VQA, M3D-Seg) of synthetic brain CT.
 
-Written in the formats of the public download (shared/FORMATS.md), laid out as the YAMLs in
+Written in the formats of the public download (the README's "Public datasets"), laid out as the YAMLs in
 ``datamodules/`` expect under ``data/M3D-Data``::
 
     M3D_Cap_npy/M3D_Cap.json                  {"train"|"validation"|"test": [{"image", "text"}]}

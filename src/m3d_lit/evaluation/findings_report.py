@@ -1,5 +1,5 @@
-"""report.md's clinical sections: closed findings beside Chilamkurthy et al. 2018, ROC curves, and the
-open question read as findings."""
+"""report.md's clinical sections: closed findings (beside published AUROCs measured on the same data), ROC
+curves, and the open question read as findings."""
 
 from __future__ import annotations
 
@@ -11,26 +11,13 @@ import numpy as np
 
 from m3d_lit.atomic import atomic_path
 from m3d_lit.data import phrasing
+from m3d_lit.data.sources import Reference, reference_for
+from m3d_lit.data.sources.references import Work
+from m3d_lit.evaluation.citations import cite
 from m3d_lit.evaluation.closed import POOLED, finding_of, parse_closed
 
-__all__ = ["CHILAMKURTHY_AUROC", "CHILAMKURTHY_SOURCE", "ROC_NAME", "closed_section", "open_section"]
+__all__ = ["ROC_NAME", "closed_section", "open_section"]
 
-# AUROCs of the deep-learning algorithms on the CQ500 dataset, reported in the study that released CQ500.
-CHILAMKURTHY_SOURCE = (
-    "Chilamkurthy S, et al. Deep learning algorithms for detection of critical findings in head CT "
-    "scans: a retrospective study. Lancet 2018;392:2388-96 (AUROCs on CQ500, rounded to two places)"
-)
-CHILAMKURTHY_AUROC = {
-    "ICH": 0.94,
-    "IPH": 0.95,
-    "IVH": 0.93,
-    "SDH": 0.95,
-    "EDH": 0.97,
-    "SAH": 0.96,
-    "CalvarialFracture": 0.96,
-    "MidlineShift": 0.97,
-    "MassEffect": 0.92,
-}
 ROC_NAME = "closed_roc.png"
 _CANONICAL = {phrasing.closed_question(key): key for key in phrasing.CLOSED_FINDINGS}
 
@@ -47,16 +34,31 @@ def _num(value: Any, ci: list[float] | None = None) -> str:
     return f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else text
 
 
-def _closed_row(name: str, finding: str, row: dict[str, Any]) -> str:
+def _published(reference: Reference | None, finding: str) -> str:
+    value = None if reference is None or finding == POOLED else reference.values.get(_key(finding))
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _references(
+    groups: list[tuple[str, str, dict[str, Any]]], cited: list[Work]
+) -> tuple[dict[str, Reference], str]:
+    """Each group's published AUROCs (only those measured on its own data) and the caption citing them."""
+    found = {key: ref for _, key, _ in groups if (ref := reference_for(key, "finding")) is not None}
+    if not found:
+        return found, ""
+    shown = "; ".join(f"for {label}, {cite(cited, found[key])}" for label, key, _ in groups if key in found)
+    bare = [label for label, key, _ in groups if key not in found]
+    caption = f"Published AUROC (not our model) stands beside the data it was measured on: {shown}; '-' "
+    caption += "where none was published for that finding"
+    return found, caption + (f" or data ({', '.join(bare)})." if bare else ".")
+
+
+def _closed_row(name: str, finding: str, row: dict[str, Any], published: str | None) -> str:
     ci = row.get("ci95") or {}
     auroc = _num(row["auroc"], ci.get("auroc")) if row["auroc"] is not None else f"({row['auroc_note']})"
-    published = None if finding == POOLED else CHILAMKURTHY_AUROC.get(_key(finding))
     base = row["majority_baseline"]
-    cells = [
-        str(row["n"]),
-        str(row["positives"]),
-        auroc,
-        "-" if published is None else f"{published:.2f}",
+    cells = [str(row["n"]), str(row["positives"]), auroc] + ([published] if published is not None else [])
+    cells += [
         _num(row["sensitivity"], ci.get("sensitivity")),
         _num(row["specificity"], ci.get("specificity")),
         _num(row["balanced_accuracy"], ci.get("balanced_accuracy")),
@@ -66,28 +68,39 @@ def _closed_row(name: str, finding: str, row: dict[str, Any]) -> str:
 
 
 def closed_section(
-    groups: list[tuple[str, str, dict[str, Any]]], records: list[dict], out_dir: Path
+    groups: list[tuple[str, str, dict[str, Any]]], records: list[dict], out_dir: Path, cited: list[Work]
 ) -> list[str]:
-    """The per-finding table of each group (label, dataset key, metrics) and the ROC picture."""
+    """The per-finding table of each group (label, dataset key, metrics) and the ROC picture.
+
+    Args:
+        groups: (label, dataset key, metrics) per group.
+        records: the scored records (the ROC curves).
+        out_dir: where closed_roc.png goes.
+        cited: the works the report cites so far; those cited here join it.
+    """
     groups = [(label, key, g) for label, key, g in groups if g.get("closed")]
     if not groups:
         return []
+    found, caption = _references(groups, cited)
+    published = " Published AUROC |" if found else ""
     lines = [
         "## Closed findings: AUROC, sensitivity, specificity",
         "",
-        "Records: the closed Yes/No questions (kind `closed`), n per finding and pooled. AUROC ranks the answers by `p_yes`, the model's probability of Yes (see the definitions); "
-        "sensitivity and specificity take the answer's first word (an unparsable answer counts as wrong). "
-        "Brackets: patient-level bootstrap 95% CI. The published column is not our model: it is "
-        f"{CHILAMKURTHY_SOURCE}.",
+        "Records: the closed Yes/No questions (kind `closed`), n per finding and pooled. AUROC ranks the "
+        "answers by `p_yes`, the model's probability of Yes (see the definitions); sensitivity and "
+        "specificity take the answer's first word (an unparsable answer counts as wrong). Brackets: "
+        "patient-level bootstrap 95% CI." + (f" {caption}" if caption else ""),
         "",
-        "| Finding | n | Yes | AUROC [95% CI] | Published AUROC | Sensitivity | Specificity "
+        f"| Finding | n | Yes | AUROC [95% CI] |{published} Sensitivity | Specificity "
         "| Balanced acc. | Majority bal. acc. (answer) |",
-        "|" + " --- |" * 9,
+        "|" + " --- |" * (9 if found else 8),
     ]
-    for label, _, group in groups:
+    for label, key, group in groups:
         for finding, row in group["closed"].items():
             name = f"**{label}: pooled**" if finding == POOLED else f"{label}: {finding}"
-            lines.append(_closed_row(name, finding, row))
+            lines.append(
+                _closed_row(name, finding, row, _published(found.get(key), finding) if found else None)
+            )
     if _plot_roc(groups, records, out_dir / ROC_NAME):
         lines += ["", f"![ROC curve per closed finding]({ROC_NAME})"]
     return lines
@@ -146,37 +159,48 @@ def _plot_roc(groups: list[tuple[str, str, dict[str, Any]]], records: list[dict]
     return True
 
 
-def open_section(groups: list[tuple[str, str, dict[str, Any]]]) -> list[str]:
-    """Per-type detection and side accuracy of the open hemorrhage question, per group."""
+def open_section(groups: list[tuple[str, str, dict[str, Any]]], cited: list[Work]) -> list[str]:
+    """Per-type detection and side accuracy of the open hemorrhage question, per group.
+
+    Args:
+        groups: (label, dataset key, metrics) per group.
+        cited: the works the report cites so far; those cited here join it.
+    """
     groups = [(label, key, g) for label, key, g in groups if g.get("open_findings")]
     if not groups:
         return []
+    found, caption = _references(groups, cited)
+    note = (
+        f" {caption} It scores a classifier's probability, not a parsed answer: a reference point only."
+        if found
+        else ""
+    )
     lines = [
         "## Open question read as findings",
         "",
-        "Records: the open hemorrhage questions (kind `open`), n per row. The types and side each answer names, read by the wording rules that wrote the references "
-        "(`m3d_lit.evaluation.open_findings`); ICH = any hemorrhage. Brackets: patient-level bootstrap 95% "
-        "CI. The published AUROC (Chilamkurthy et al. 2018, as above) scores a classifier's probability, "
-        "not a parsed answer: a reference point only.",
+        "Records: the open hemorrhage questions (kind `open`), n per row. The types and side each answer "
+        "names, read by the wording rules that wrote the references (`m3d_lit.evaluation.open_findings`); "
+        "ICH = any hemorrhage. Brackets: patient-level bootstrap 95% CI." + note,
         "",
-        "| Finding | n | Present | F1 | Sensitivity | Specificity | Published AUROC |",
-        "|" + " --- |" * 7,
+        "| Finding | n | Present | F1 | Sensitivity | Specificity |"
+        + (" Published AUROC |" if found else ""),
+        "|" + " --- |" * (7 if found else 6),
     ]
-    for label, _, group in groups:
-        found = group["open_findings"]
-        for key, row in found["types"].items():
+    for label, key, group in groups:
+        found_types = group["open_findings"]
+        for finding, row in found_types["types"].items():
             ci = row.get("ci95") or {}
-            published = CHILAMKURTHY_AUROC.get(key)
             cells = [str(row["n"]), str(row["positives"]), _num(row["f1"], ci.get("f1"))]
             cells += [
                 _num(row["sensitivity"], ci.get("sensitivity")),
                 _num(row["specificity"], ci.get("specificity")),
             ]
-            cells.append("-" if published is None else f"{published:.2f}")
-            lines.append(f"| {label}: {key} | " + " | ".join(cells) + " |")
-        side = found["side"]
+            cells += [_published(found.get(key), finding)] if found else []
+            lines.append(f"| {label}: {finding} | " + " | ".join(cells) + " |")
+        side = found_types["side"]
         accuracy = _num(side["accuracy"], (side.get("ci95") or {}).get("accuracy"))
+        empty = " - | - |" + (" - |" if found else "")
         lines.append(
-            f"| {label}: side (where the reference names one) | {side['n']} | - | accuracy {accuracy} | - | - | - |"
+            f"| {label}: side (where the reference names one) | {side['n']} | - | accuracy {accuracy} |{empty}"
         )
     return lines

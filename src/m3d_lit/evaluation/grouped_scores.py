@@ -1,7 +1,7 @@
 """`compute_metrics`: every score of a list of prediction records, per group, with bootstrap intervals.
 
 Groups: all records, each `dataset` and each `kind`. In every group but a kind's own, the text metrics
-(the rows of the paper's Table 1) cover the question-answer records only: segmentation and box
+(the rows of the brain-CT study's Table 1, `data/sources/references.py`) cover the question-answer records only: segmentation and box
 samples (`SEPARATE_KINDS`) are scored in their own tables (`by_kind`, Dice), never mixed in. Each
 group says how many records its text metrics cover (`n_text`) and of which kinds (`text_kinds`).
 All records and each dataset also get patient-level bootstrap 95% intervals (`ci95`) of every number

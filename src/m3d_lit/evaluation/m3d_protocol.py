@@ -1,7 +1,8 @@
 """The `m3d` protocol: per-sample text scores as M3D's own `Bench/eval/eval_vqa.py` computes them.
 
 M3D scores one sample at a time with Hugging Face `evaluate` (texts stripped first) and averages the
-samples; the paper's Table 1 reports BLEU-1..4, ROUGE and METEOR that way. This module reproduces each
+samples; the brain-CT study's Table 1 (`data/sources/references.py`) reports BLEU-1..4, ROUGE and
+METEOR that way. This module reproduces each
 score without `evaluate` or the hub:
 
 - BLEU-n: `evaluate`'s `bleu` (`max_order=n`): sacrebleu's 13a tokenizer (case kept), modified n-gram

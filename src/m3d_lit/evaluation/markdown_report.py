@@ -1,47 +1,33 @@
-"""`report.md`: the evaluation in the layout of the paper's Table 1, for people to read.
+"""`report.md`: the evaluation for people to read.
 
-Sections: the Table 1 rows (question-answer records only) per dataset beside the published values,
-every text metric per group, closed findings with AUROC beside Chilamkurthy et al. 2018 (ROC curves and
-per-question balanced accuracy as PNGs), the open question read as findings, segmentation Dice in its
-own table, a few examples with the middle axial slice, and how every metric is computed. Each table
-says how many records and which kinds it covers; brackets hold patient-level bootstrap 95% CIs.
+Sections: the text metrics of the question-answer records per dataset, every text metric per group,
+closed findings with AUROC (ROC curves and per-question balanced accuracy as PNGs), the open question
+read as findings, segmentation Dice in its own table, a few examples with the middle axial slice, how
+every metric is computed, and the works cited. Published figures stand only beside the data they were
+measured on (`m3d_lit.data.sources.reference_for`): a table gets a published row or column only when one
+of its datasets has such figures, and its caption names the work, where in it and what was measured.
+Each table says how many records and which kinds it covers; brackets hold patient-level bootstrap 95% CIs.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from m3d_lit.atomic import atomic_path
-from m3d_lit.data.sources import SOURCES, display_name
+from m3d_lit.data.sources import display_name, reference_for
+from m3d_lit.data.sources.references import M3D_2024, Work
+from m3d_lit.evaluation.citations import cite, references_section
 from m3d_lit.evaluation.closed import POOLED
 from m3d_lit.evaluation.findings_report import closed_section, open_section
-from m3d_lit.evaluation.wordnet import require_wordnet
+from m3d_lit.evaluation.metric_definitions import metric_definitions
 
-__all__ = [
-    "PAPER_SEG_DICE",
-    "PAPER_SOURCE",
-    "PAPER_TABLE1",
-    "metric_definitions",
-    "write_report",
-]
+__all__ = ["metric_definitions", "write_report"]
 
-PAPER_SOURCE = (
-    "M3D-LaMed (LoRA) on brain-CT QA, the seed paper's Table 1, as recorded in shared/FORMATS.md "
-    "('Published reference numbers')"
-)
-PAPER_TABLE1: dict[str, dict[str, float]] = {
-    name: dict(source.paper_table1) for name, source in SOURCES.items() if source.paper_table1
-}
-PAPER_SEG_SOURCE = "CT-ICH U-Net baseline (Hssayeni et al.), as recorded in shared/FORMATS.md"
-PAPER_SEG_DICE: dict[str, float] = {
-    name: source.paper_seg_dice for name, source in SOURCES.items() if source.paper_seg_dice is not None
-}
 TEXT_KEYS = {
     "m3d": ["bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "rougeL", "meteor"],
     "corpus": [f"bleu{n}" for n in range(1, 5)]
@@ -49,66 +35,7 @@ TEXT_KEYS = {
     + ["rouge1", "rouge2", "rougeL", "meteor"],
 }
 PLOT_NAME = "closed_balanced_accuracy.png"
-_TABLE1_RECORDS = ", ".join(s.table1_records for s in SOURCES.values() if s.table1_records)
-
-
-def metric_definitions(protocol: str = "m3d") -> list[str]:
-    """How each metric is computed, in words, with library and WordNet versions (for the report)."""
-    lines = [f"Text metrics follow the `{protocol}` protocol (`--protocol`); each name says so."]
-    return lines + _text_definitions(protocol, require_wordnet().get_version()) + _other_definitions()
-
-
-def _text_definitions(protocol: str, wordnet: str) -> list[str]:
-    if protocol == "m3d":
-        return [
-            "`m3d` is M3D's own `Bench/eval/eval_vqa.py`: each sample scored alone (texts stripped), then the "
-            "mean over samples.",
-            "BLEU-n (m3d): Hugging Face `evaluate`'s `bleu` with `max_order=n`: sacrebleu "
-            f"{version('sacrebleu')}'s 13a tokens (case kept), modified n-gram precision of orders 1..n, "
-            "uniform weights, no smoothing (0 when an order has no match), brevity penalty exp(1 - r/c) "
-            "when c < r; an empty prediction or reference scores 0 (where `evaluate` divides by zero).",
-            f"ROUGE-1 and ROUGE-L (m3d): F-measure of `rouge-score` {version('rouge-score')} without "
-            "stemming (its lowercasing, alphanumeric tokens).",
-            f"METEOR (m3d): nltk {version('nltk')} `single_meteor_score`, alpha 0.9, beta 3, gamma 0.5, "
-            f"Porter stemmer, WordNet {wordnet}, on `word_tokenize`'s two steps with an untrained Punkt "
-            "sentence splitter (nltk's English model is not installable offline); the same tokens for every "
-            "text with at most one sentence-final mark.",
-            "BERTScore F1 (m3d, only with `--bertscore-model DIR`): `bert_score`'s greedy cosine matching of "
-            "the local model's layer-L token vectors (no idf, no rescaling; L = 17 for roberta-large, "
-            "`evaluate`'s English default, else the last layer or `--bertscore-layer`).",
-        ]
-    return [
-        "Tokens: the text lowercased, then split by nltk's `TreebankWordTokenizer` "
-        f"(nltk {version('nltk')}).",
-        "BLEU-n (corpus) (`bleu1`..`bleu4`): corpus-level BLEU over all samples of the group, uniform "
-        "weights 1/n up to n-grams, no smoothing, nltk `corpus_bleu` on those tokens.",
-        "Sentence BLEU-n (corpus) (`bleu1_sent`..`bleu4_sent`): mean over samples of nltk `sentence_bleu`, "
-        "uniform weights up to n, `SmoothingFunction().method1` (epsilon 0.1 for zero n-gram counts).",
-        "ROUGE-1/2/L (corpus): mean over samples of the F1 of Google's `rouge-score` "
-        f"{version('rouge-score')} (`RougeScorer(use_stemmer=True)`, its own lowercasing, "
-        "alphanumeric tokenizer and Porter stemmer) on the raw prediction and reference strings.",
-        f"METEOR (corpus): mean over samples of nltk `meteor_score` on the tokens, WordNet {wordnet} "
-        "synonyms, nltk `PorterStemmer`, alpha 0.9, beta 3, gamma 0.5. Never falls back to exact match.",
-    ]
-
-
-def _other_definitions() -> list[str]:
-    return [
-        f"Table 1 rows cover the question-answer records only ({_TABLE1_RECORDS}); segmentation "
-        "and box samples are scored in their own tables.",
-        "Closed questions: samples whose reference starts with Yes/No (kind `closed` when given). "
-        "A prediction counts as Yes/No by its first word (case, spaces and punctuation ignored); "
-        "any other prediction counts as wrong. Yes is positive: sensitivity, specificity, F1 (0 when "
-        "there are no positives at all); balanced accuracy = mean recall over the classes present. The "
-        "majority baseline always answers the group's most frequent reference (ties: No). AUROC ranks "
-        "`p_yes` (ties count half); with a single class it is undefined and reported as such.",
-        "`p_yes` (from `m3d-lit eval`): softmax over the two logits of the answer's first token, `Yes` "
-        "against `No`, at the first generated position (the same forward pass as the greedy answer).",
-        "Confidence intervals: 2.5th-97.5th percentile over bootstrap resamples of patients (all records "
-        "of a drawn patient, as often as drawn), seeded; `metrics.json` `bootstrap` gives the count and seed.",
-        "Segmentation: per sample, mask = sigmoid(logits) > 0.5; Dice = 2|P&T|/(|P|+|T|), "
-        "IoU = |P&T|/|P or T| (both 1 when both masks are empty); the table shows means over samples.",
-    ]
+_PUBLISHED_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge", "meteor")
 
 
 def _fmt(value: Any) -> str:
@@ -128,49 +55,66 @@ def _with_ci(group: dict[str, Any], key: str, ci_key: str = "ci95") -> str:
     return _fmt(value) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if value is not None and ci else "")
 
 
-def _text_row(label: str, source: str, group: dict[str, Any], keys: list[str]) -> str:
+def _text_row(label: str, source: str | None, group: dict[str, Any], keys: list[str]) -> str:
+    """One row of our scores; `source` names it in the Source column, None when the table has none."""
     cells = [_with_ci(group, k) for k in keys] + [str(group["n_text"]), ", ".join(group["text_kinds"])]
-    return f"| {label} | {source} | " + " | ".join(cells) + " |"
+    first = f"| {label} | {source} | " if source is not None else f"| {label} | "
+    return first + " | ".join(cells) + " |"
 
 
-def _table1(metrics: dict[str, Any]) -> list[str]:
+def _table1(metrics: dict[str, Any], cited: list[Work]) -> list[str]:
     protocol = metrics.get("protocol", "m3d")
     keys_shown = TEXT_KEYS[protocol] + (["bertscore_f1"] if "bertscore_f1" in metrics else [])
     names = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-1", "METEOR"]
     keys = ["bleu1", "bleu2", "bleu3", "bleu4", "rouge1", "meteor"]
-    head = "| Dataset | Source | " + " | ".join(f"{n} ({protocol})" for n in names) + " | n records | kinds |"
-    lines = ["## Question answering: the rows of the paper's Table 1", "", head, "|" + " --- |" * 10]
-    for name, group in _groups(metrics):
+    groups = _groups(metrics)
+    found = {name: ref for name, _ in groups if (ref := reference_for(name, "qa")) is not None}
+    source = "Source | " if found else ""
+    head = f"| Dataset | {source}" + " | ".join(f"{n} ({protocol})" for n in names) + " | n records | kinds |"
+    title = "beside the published figures on the same data" if found else "text metrics"
+    lines = [f"## Question answering: {title}", "", head, "|" + " --- |" * (10 if found else 9)]
+    for name, group in groups:
         label = display_name(name)
-        paper = PAPER_TABLE1.get(name)
-        if paper:
-            values = " | ".join(
-                _fmt(paper[k]) for k in ("bleu1", "bleu2", "bleu3", "bleu4", "rouge", "meteor")
-            )
-            lines.append(f"| {label} | paper | {values} | - | open, closed |")
+        if name in found:
+            values = " | ".join(_fmt(found[name].values[k]) for k in _PUBLISHED_KEYS)
+            lines.append(f"| {label} | published | {values} | - | open, closed |")
         if "n_text" not in group:
             continue
-        lines.append(_text_row(label, "ours", group, keys))
+        lines.append(_text_row(label, "ours" if found else None, group, keys))
         if protocol == "corpus":
-            lines.append(
-                _text_row(
-                    label, "ours, sentence BLEU", group, [f"bleu{n}_sent" for n in range(1, 5)] + keys[4:]
-                )
-            )
-    comparable = (
-        "the `m3d` protocol scores as the paper's evaluation code does, so the rows compare like for like "
-        "(up to the METEOR tokenizer note below)"
-        if protocol == "m3d"
-        else "the `corpus` protocol is not how the paper scored (use `--protocol m3d` for that): its rows are "
-        "a reference point, not a like-for-like comparison"
+            sentence = [f"bleu{n}_sent" for n in range(1, 5)] + keys[4:]
+            if found:
+                lines.append(_text_row(label, "ours, sentence BLEU", group, sentence))
+            else:
+                lines.append(_text_row(f"{label} (sentence BLEU)", None, group, sentence))
+    caption = (
+        "ROUGE is ROUGE-1 F1, what M3D's `eval_vqa.py` reports. Brackets: patient-level bootstrap 95% CI. "
     )
-    lines += [
-        "",
-        f"Paper values: {PAPER_SOURCE}. ROUGE is ROUGE-1 F1, what M3D's `eval_vqa.py` reports; {comparable}. "
-        "Brackets: patient-level bootstrap 95% CI. The rows cover the question-answer records only.",
-        "",
-    ]
+    caption += "The rows cover the question-answer records only."
+    lines += ["", _published_caption(metrics, found, protocol, cited) + caption, ""]
     return lines + _all_text(metrics, protocol, keys_shown)
+
+
+def _published_caption(
+    metrics: dict[str, Any], found: dict[str, Any], protocol: str, cited: list[Work]
+) -> str:
+    """What the published rows are and whose, or that this data has none."""
+    if not metrics.get("by_dataset"):
+        none = "No published figures belong to these records: they name no dataset. "
+    else:
+        bare = [display_name(name) for name in metrics["by_dataset"] if name not in found]
+        none = f"No published figures were measured on {', '.join(bare)}. " if bare else ""
+    if not found:
+        return none
+    shown = "; ".join(f"for {display_name(name)}, {cite(cited, ref)}" for name, ref in found.items())
+    comparable = (
+        "The `m3d` protocol scores as M3D's own evaluation code does, so the rows compare like for like "
+        "(up to the METEOR tokenizer note below)."
+        if protocol == "m3d"
+        else "The `corpus` protocol is not how the published rows were scored (use `--protocol m3d` for "
+        "that): its rows are a reference point, not a like-for-like comparison."
+    )
+    return f"Published rows (not our model) stand beside the data they were measured on: {shown}. {comparable} {none}"
 
 
 def _all_text(metrics: dict[str, Any], protocol: str, keys_shown: list[str]) -> list[str]:
@@ -192,12 +136,12 @@ def _all_text(metrics: dict[str, Any], protocol: str, keys_shown: list[str]) -> 
     return lines
 
 
-def _closed(metrics: dict[str, Any], records: list[dict], out_dir: Path) -> list[str]:
+def _closed(metrics: dict[str, Any], records: list[dict], out_dir: Path, cited: list[Work]) -> list[str]:
     groups = [(name, g) for name, g in _groups(metrics) if "closed" in g]
     if not groups:
         return []
     labelled = [(display_name(name), name, g) for name, g in groups]
-    lines = closed_section(labelled, records, out_dir)
+    lines = closed_section(labelled, records, out_dir, cited)
     lines += [
         "",
         "### Closed Yes/No answers beside the always-majority baseline",
@@ -257,22 +201,26 @@ def _plot_closed(groups: list[tuple[str, dict[str, Any]]], path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=100)
 
 
-def _segmentation(metrics: dict[str, Any]) -> list[str]:
+def _segmentation(metrics: dict[str, Any], cited: list[Work]) -> list[str]:
     groups = [(name, g) for name, g in _groups(metrics) if "dice" in g]
     if not groups:
         return []
+    found = {name: ref for name, _ in groups if (ref := reference_for(name, "seg")) is not None}
     lines = [
         "## Segmentation (its own records, kept out of the text metrics)",
         "",
-        "| Dataset | n records | kinds | Dice | IoU | Published Dice |",
-        "|" + " --- |" * 6,
+        "| Dataset | n records | kinds | Dice | IoU |" + (" Published Dice |" if found else ""),
+        "|" + " --- |" * (6 if found else 5),
     ]
     for name, group in groups:
-        published = _fmt(PAPER_SEG_DICE.get(name))
         dice, iou = _with_ci(group, "dice", "ci95_seg"), _with_ci(group, "iou", "ci95_seg")
-        row = f"{group['n_seg']} | seg (reference mask non-empty) | {dice} | {iou} | {published}"
-        lines.append(f"| {display_name(name)} | {row} |")
-    return lines + ["", f"Published Dice: {PAPER_SEG_SOURCE}."]
+        row = f"{group['n_seg']} | seg (reference mask non-empty) | {dice} | {iou}"
+        published = f" | {_fmt(found[name].values['dice']) if name in found else '-'}" if found else ""
+        lines.append(f"| {display_name(name)} | {row}{published} |")
+    if not found:
+        return lines
+    shown = "; ".join(f"for {display_name(name)}, {cite(cited, ref)}" for name, ref in found.items())
+    return lines + ["", f"Published Dice (not our model) stands beside the data it was measured on: {shown}."]
 
 
 def _pick_examples(records: list[dict], count: int) -> list[dict]:
@@ -370,12 +318,23 @@ def write_report(
     protocol = metrics.get("protocol", "m3d")
     lines = [f"# {title}", "", f"{metrics['n']} samples; text metrics under the `{protocol}` protocol.", ""]
     lines += _model_lines((metrics.get("setup") or {}).get("model"))
-    labelled = [(display_name(name), name, g) for name, g in _groups(metrics)]
-    sections = (_table1(metrics), _closed(metrics, records, out_dir), open_section(labelled))
-    for section in (*sections, _segmentation(metrics)):
+    groups = _groups(metrics)
+    labelled = [(display_name(name), name, g) for name, g in groups]
+    cited: list[Work] = []
+    sections = (
+        _table1(metrics, cited),
+        _closed(metrics, records, out_dir, cited),
+        open_section(labelled, cited),
+    )
+    for section in (*sections, _segmentation(metrics, cited)):
         lines += section + ([""] if section else [])
     lines += _examples(records, out_dir, images, examples)
-    lines += ["## How each metric is computed", ""] + [f"- {line}" for line in metric_definitions(protocol)]
+    definitions = metric_definitions(protocol, [name for name, _ in groups])
+    lines += ["## How each metric is computed", ""] + [f"- {line}" for line in definitions]
+    if protocol == "m3d" and M3D_2024 not in cited:
+        cited.append(M3D_2024)  # the `m3d` protocol is M3D's evaluation code
+    references = references_section(cited)
+    lines += [""] + references if references else []
     path = out_dir / "report.md"
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -2,7 +2,8 @@
 
 A source is one on-disk layout of raw scans and labels (CQ500, PhysioNet CT-ICH, a folder of the user's
 own scans). `prepare` lists its scans, reads each one and writes the volume cache; `write_qa` reads its
-labels and builds the questions; the report takes its display name and published reference values.
+labels and builds the questions; the report takes its display name and the published figures measured
+on its data (`references.Reference`).
 None of them branches on a source's name: they ask the `Source` object (`m3d_lit.data.sources`).
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from m3d_lit.data.geometry import Scan
+from m3d_lit.data.sources.references import Reference
 from m3d_lit.errors import InputError
 
 __all__ = ["ScanRef", "Skipped", "Source", "qa_sample", "relative", "safe_id", "scans_by_id"]
@@ -104,9 +106,11 @@ class Source:
         options: the source-specific `prepare` options it accepts, name -> help text (`m3d-lit prepare`
             offers each as `--name-with-dashes PATH`).
         required_options: those it cannot do without.
-        paper_table1: the paper's Table 1 text metrics on this source (report), or None.
-        table1_records: which QA records of one scan the Table 1 row covers, in words (report), or None.
-        paper_seg_dice: a published Dice on this source's masks (report), or None.
+        qa_reference: published text metrics (keys bleu1..bleu4, rouge, meteor) on this source's
+            question answering, or None; the report shows them only beside this source's rows.
+        table1_records: which QA records of one scan `qa_reference` covers, in words (report), or None.
+        finding_reference: published AUROCs on this source's scans, by finding key, or None.
+        seg_reference: a published Dice (key `dice`) on this source's masks, or None.
         hemorrhage_question: its open question is the brain-CT hemorrhage question that
             `evaluation.open_findings` reads as findings.
     """
@@ -115,9 +119,10 @@ class Source:
     display_name: str = ""
     options: Mapping[str, str] = {}
     required_options: tuple[str, ...] = ()
-    paper_table1: Mapping[str, float] | None = None
+    qa_reference: Reference | None = None
     table1_records: str | None = None
-    paper_seg_dice: float | None = None
+    finding_reference: Reference | None = None
+    seg_reference: Reference | None = None
     hemorrhage_question: bool = False
 
     def check_options(self, options: Mapping[str, Any], accepted_by: Mapping[str, list[str]]) -> None:

@@ -3,7 +3,7 @@
 Scan folders are `CQ500-CT-<n>` or the zip naming `CQ500CT<n> CQ500CT<n>`; each holds one or more series
 (`choose_series` picks one, or `cq500_series_folders.txt` names it). Questions: one open hemorrhage
 question (types and side) and five closed ones per scan, answered by the reader majority; `label.votes`
-keeps each reader's vote. Formats: shared/FORMATS.md.
+keeps each reader's vote. Where to get CQ500 and its layout: the README's "Public datasets".
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from m3d_lit.data.geometry import Scan
 from m3d_lit.data.io import pick_series, read_dicom_scan
 from m3d_lit.data.labels import binary, check_width, column_index, read_table
 from m3d_lit.data.sources.base import ScanRef, Skipped, Source, qa_sample, scans_by_id
+from m3d_lit.data.sources.references import CHILAMKURTHY_2018, SEED_STUDY, Reference
 from m3d_lit.errors import InputError
 
 __all__ = [
@@ -209,15 +210,36 @@ class CQ500Source(Source):
     name = "cq500"
     display_name = "CQ500"
     options = {"series_list": "file of '<scan>/<series path>' lines"}
-    paper_table1 = {
-        "bleu1": 0.5405,
-        "bleu2": 0.3333,
-        "bleu3": 0.2571,
-        "bleu4": 0.2059,
-        "rouge": 0.2975,
-        "meteor": 0.1878,
-    }
+    qa_reference = Reference(
+        SEED_STUDY,
+        "Table 1",
+        "LoRA-fine-tuned M3D-LaMed answering the CQ500 questions",
+        {
+            "bleu1": 0.5405,
+            "bleu2": 0.3333,
+            "bleu3": 0.2571,
+            "bleu4": 0.2059,
+            "rouge": 0.2975,
+            "meteor": 0.1878,
+        },
+    )
     table1_records = "per CQ500 scan the open question and the five closed ones"
+    finding_reference = Reference(
+        CHILAMKURTHY_2018,
+        "the abstract, rounded to two places there",
+        "AUROC of their deep-learning algorithms on the 491 CQ500 scans against the radiologists' consensus",
+        {
+            "ICH": 0.94,
+            "IPH": 0.95,
+            "IVH": 0.93,
+            "SDH": 0.95,
+            "EDH": 0.97,
+            "SAH": 0.96,
+            "CalvarialFracture": 0.96,
+            "MidlineShift": 0.97,
+            "MassEffect": 0.92,
+        },
+    )
     hemorrhage_question = True
 
     def list_scans(self, root: Path, options: Mapping[str, Any]) -> tuple[list[ScanRef], list[Skipped]]:

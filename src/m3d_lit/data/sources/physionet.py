@@ -2,7 +2,8 @@
 
 Patients are numbered (`049`); patient-level labels are "any slice", overridden by a non-blank cell of
 `Patient_demographics.csv`. Questions: an open hemorrhage question, a closed fracture question and (with
-`seg`) a segmentation sample per patient. Formats: shared/FORMATS.md.
+`seg`) a segmentation sample per patient. Where to get CT-ICH and its layout: the README's "Public
+datasets".
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from m3d_lit.data.geometry import Scan
 from m3d_lit.data.io import read_nifti_scan
 from m3d_lit.data.labels import Rows, binary, check_width, column_index, read_table
 from m3d_lit.data.sources.base import ScanRef, Skipped, Source, qa_sample, relative, safe_id
+from m3d_lit.data.sources.references import HSSAYENI_2020, SEED_STUDY, Reference
 from m3d_lit.errors import InputError
 
 __all__ = [
@@ -204,16 +206,26 @@ class PhysioNetSource(Source):
 
     name = "physionet"
     display_name = "PhysioNet"
-    paper_table1 = {
-        "bleu1": 0.3958,
-        "bleu2": 0.1064,
-        "bleu3": 0.0435,
-        "bleu4": 0.0222,
-        "rouge": 0.2574,
-        "meteor": 0.2141,
-    }
+    qa_reference = Reference(
+        SEED_STUDY,
+        "Table 1",
+        "LoRA-fine-tuned M3D-LaMed answering the PhysioNet CT-ICH questions",
+        {
+            "bleu1": 0.3958,
+            "bleu2": 0.1064,
+            "bleu3": 0.0435,
+            "bleu4": 0.0222,
+            "rouge": 0.2574,
+            "meteor": 0.2141,
+        },
+    )
     table1_records = "per PhysioNet patient the open question and the fracture question"
-    paper_seg_dice = 0.31
+    seg_reference = Reference(
+        HSSAYENI_2020,
+        "the abstract",
+        "Dice of their U-Net segmenting any hemorrhage on PhysioNet CT-ICH (5-fold cross-validation)",
+        {"dice": 0.31},
+    )
     hemorrhage_question = True
 
     def writes_masks(self, options: Mapping[str, Any]) -> bool:
