@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Debian's chromium and chromedriver for the browser test of `m3d-lit app` (tests/test_app.py).
+# Debian's chromium and chromedriver for the browser test of `m3d-lit app` (tests/app/test_app.py).
 # Installs them only when missing and only as root; otherwise says how, and the test is skipped.
 set -euo pipefail
 if [[ -x /usr/bin/chromium && -e /usr/bin/chromedriver ]]; then

@@ -11,6 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"  # on the import path of every test (`pythonpath`) and of their subprocesses
+SHARED = REPO.parent / "shared"  # the workplace's fixture kits beside the repository
+
 DATA_SHAPE = (1, 8, 16, 16)
 
 # Tiny model overrides shared by the tests that train through the real CLI (8x16x16 volumes, one layer each).
@@ -251,10 +255,9 @@ def stage3_checkpoint(prepared: list[Path], tmp_path_factory: pytest.TempPathFac
     """A tiny stage-3 checkpoint trained for 2 steps from scratch through the real CLI."""
     from m3d_lit.cli import main
 
-    repo = Path(__file__).resolve().parents[1]
     folder = tmp_path_factory.mktemp("stage3")
     argv = [
-        "fit", "-c", str(repo / "stages/stage3_finetune.yaml"), "-c", str(repo / "stages/trainer/cpu.yaml"),
+        "fit", "-c", str(REPO / "stages/stage3_finetune.yaml"), "-c", str(REPO / "stages/trainer/cpu.yaml"),
         "--model.preset", "tiny", "--model.init_from", "null",
         "--data.roots", json.dumps([str(r) for r in prepared]), "--data.batch_size", "4",
         "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",

@@ -13,10 +13,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import REPO
 
 from m3d_lit.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
 FIT = ["fit", "-c", str(REPO / "stages/stage1_clip.yaml"), "-c", str(REPO / "stages/trainer/cpu.yaml"),
        "--model.preset", "tiny", "--data.roots", "[missing]"]  # fmt: skip
 TINY = ["--preset", "tiny"]

@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 
 import grimp
+from conftest import REPO
 from importlinter.api import read_configuration
 
 import m3d_lit
 
-REPO = Path(__file__).resolve().parents[1]
 SRC = Path(m3d_lit.__file__).resolve().parents[1]
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 

@@ -8,10 +8,11 @@ import shlex
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from m3d_lit.cli import main
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = REPO / "README.md"
 
 
 def readme_commands(section: str) -> list[list[str]]:

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch import nn
-from torch.utils.data import Dataset
+from toy_task import ToyTask
 
-from m3d_lit.data.sampling import EpochSampler, ResumableDataLoader
+from m3d_lit.data.sampling import ResumableDataLoader
 from m3d_lit.inference.checkpoints import read_checkpoint as load_checkpoint
-from m3d_lit.tasks.base import BaseTask
 from m3d_lit.tasks.callbacks import (
     AtomicCheckpointIO,
     NonFiniteError,
@@ -27,68 +26,21 @@ from m3d_lit.tasks.callbacks import (
     atomic_torch_save,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 IDENTIFYING = [b"SYNTH^PATIENT", b"SYNTHID", b"SYNTH GENERAL HOSPITAL", b"SYNACC", b"19400101", b"19410101"]
-
-
-class _Toy(nn.Module):
-    """Returns the loss terms LamedModel returns; `poison` maps a step to the term made NaN there."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 1))
-        self.poison: dict[int, str] = {}
-        self.step = 0
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        y = self.net(x).pow(2)
-        terms = {"lm_loss": y.mean(), "dice": y.mean() * 0.5, "bce": y.mean() * 0.1}
-        if self.training and self.step in self.poison:
-            term = self.poison[self.step]
-            if term == "grad":
-                self.net[0].weight.register_hook(lambda g: g * float("nan"))
-            elif term == "detached":  # a NaN loss whose gradients stay finite
-                return {"loss": sum(terms.values()) + y.detach().mean() * float("nan"), **terms}
-            else:
-                terms[term] = terms[term] * float("nan")
-        return {"loss": sum(terms.values()), **terms}
-
-
-class _Data(Dataset):
-    def __len__(self) -> int:
-        return 16
-
-    def __getitem__(self, key) -> torch.Tensor:
-        return torch.linspace(-1, 1, 4) * (int(key.index) + 1) / 16
-
-
-class _ToyTask(BaseTask):
-    """A task around `_Toy`: BaseTask's optimizer, schedule, RNG and checkpoint handling, in milliseconds."""
-
-    def build_model(self) -> nn.Module:
-        return _Toy()
-
-    def model_step(self, batch: torch.Tensor, split: str) -> torch.Tensor:
-        self.model.step = self.global_step
-        return self.model(batch)["loss"]
-
-    def train_dataloader(self) -> ResumableDataLoader:
-        data = _Data()
-        return ResumableDataLoader(data, batch_size=2, sampler=EpochSampler(data, seed=3))
 
 
 def _fit(
     folder: Path,
     callbacks: list,
     steps: int = 6,
-    task: _ToyTask | None = None,
+    task: ToyTask | None = None,
     ckpt: str | None = None,
     every: int = 1,
     log_every: int = 50,
 ):
     """`steps` steps of `task`, a `last.ckpt` every `every` steps, the guard's checks every `log_every`."""
     torch.manual_seed(0)
-    task = task or _ToyTask()
+    task = task or ToyTask()
     checkpoints = ModelCheckpoint(dirpath=folder, every_n_train_steps=every, save_top_k=0, save_last=True)
     trainer = Trainer(
         accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -99,9 +51,9 @@ def _fit(
     return task, trainer
 
 
-def _fused() -> _ToyTask:
+def _fused() -> ToyTask:
     """A task whose AdamW can skip a step on the device (`found_inf`), without a host sync."""
-    task = _ToyTask(optimizer=lambda params: torch.optim.AdamW(params, fused=True))
+    task = ToyTask(optimizer=lambda params: torch.optim.AdamW(params, fused=True))
     task.configure_model()
     return task
 
@@ -111,7 +63,7 @@ def test_non_finite_loss_term_stops_with_step_and_term_and_keeps_the_last_good_c
     tmp_path: Path, term: str
 ) -> None:
     # the optimizer applies the bad update; the next checkpoint asks the guard first, which refuses it
-    task = _ToyTask()
+    task = ToyTask()
     task.configure_model()
     task.model.poison = {3: term}
     with pytest.raises(
@@ -135,7 +87,7 @@ def test_non_finite_loss_term_stops_with_step_and_term_and_keeps_the_last_good_c
 
 
 def test_non_finite_gradient_names_the_parameter(tmp_path: Path) -> None:
-    task = _ToyTask()
+    task = ToyTask()
     task.configure_model()
     task.model.poison = {2: "grad"}
     with pytest.raises(NonFiniteError, match=r"non-finite gradient of model\.net\.0\.weight .* at step 2"):
@@ -143,7 +95,7 @@ def test_non_finite_gradient_names_the_parameter(tmp_path: Path) -> None:
 
 
 def test_skip_limit_drops_bad_steps_then_stops(tmp_path: Path) -> None:
-    task = _ToyTask()
+    task = ToyTask()
     task.configure_model()
     task.model.poison = {1: "dice", 3: "lm_loss"}
     guard = NonFiniteGuard(skip_limit=2)
@@ -151,7 +103,7 @@ def test_skip_limit_drops_bad_steps_then_stops(tmp_path: Path) -> None:
         _fit(tmp_path / "a", [guard], task=task)
     assert guard.skipped == 2 and all(torch.isfinite(p).all() for p in task.parameters())
     # a skipped step leaves the weights as they were
-    clean = _ToyTask()
+    clean = ToyTask()
     clean.configure_model()
     clean.model.poison = {1: "bce"}
     _fit(tmp_path / "b", [NonFiniteGuard(skip_limit=1)], steps=1, task=clean)
@@ -164,7 +116,7 @@ def test_skip_limit_drops_bad_steps_then_stops(tmp_path: Path) -> None:
         ckpt=str(tmp_path / "b" / "last.ckpt"),
     )
     assert all(torch.equal(before[k], v) for k, v in clean.state_dict().items())
-    third = _ToyTask()
+    third = ToyTask()
     third.configure_model()
     third.model.poison = {1: "dice", 2: "dice", 4: "bce"}
     with pytest.raises(
@@ -191,7 +143,7 @@ def test_a_fused_optimizer_skips_bad_steps_on_the_device_without_a_per_step_chec
 def test_a_bad_step_found_only_at_the_check_is_never_saved(tmp_path: Path) -> None:
     """Checks every 4 steps, checkpoints every 2: the bad update of step 3 is applied, the checkpoint
     after it (global step 4) is refused, and the last one on disk is that of global step 2."""
-    task = _ToyTask()
+    task = ToyTask()
     task.configure_model()
     task.model.poison = {3: "lm_loss"}
     with pytest.raises(NonFiniteError, match=r"lm_loss=nan.* at step 3 .*last good checkpoint: .*last\.ckpt"):
@@ -199,7 +151,7 @@ def test_a_bad_step_found_only_at_the_check_is_never_saved(tmp_path: Path) -> No
     assert load_checkpoint(tmp_path / "last.ckpt")["global_step"] == 2
     assert not all(torch.isfinite(p).all() for p in task.parameters())  # what memory held is not on disk
     # without checkpoints the check every 2 steps finds it after step 3 and stops there
-    late = _ToyTask()
+    late = ToyTask()
     late.configure_model()
     late.model.poison = {2: "grad"}
     with pytest.raises(
@@ -211,7 +163,7 @@ def test_a_bad_step_found_only_at_the_check_is_never_saved(tmp_path: Path) -> No
         NonFiniteGuard(check_every_n_steps=0)
 
 
-class _PlateauTask(_ToyTask):
+class _PlateauTask(ToyTask):
     """Validation logs the same `val/loss` every epoch: only the first epoch ever enters the top k."""
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:

@@ -15,14 +15,13 @@ row or a changed dropout draw moves these values in the 2nd to 4th digit.
 
 from __future__ import annotations
 
-import inspect
 import math
-import zlib
 from typing import Any
 
 import pytest
 import torch
 from conftest import LAMED
+from equality_steps import batch_items, draw_weights, forward_batch, seeded_generator
 
 from m3d_lit.data.collate import make_collator
 from m3d_lit.models.build import build_lamed
@@ -32,75 +31,12 @@ PARTS = ("vision", "perceiver", "llm", "new_tokens", "segmentation", "seg_head")
 TERMS = ("loss", "lm_loss", "dice", "bce")
 
 
-def _generator(name: str) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(name.encode()))
-
-
-@torch.no_grad()
-def _draw_weights(model: torch.nn.Module) -> None:
-    """Every parameter, and the one random buffer (SegVol's Fourier matrix), drawn from a generator seeded
-    by its name (LoRA B included, so LoRA A learns)."""
-    for name, buffer in model.named_buffers():
-        if name.endswith("gaussian_matrix"):
-            buffer.copy_(torch.randn(buffer.shape, generator=_generator(name), dtype=torch.float64))
-    for name, param in model.named_parameters():
-        gen = _generator(name)
-        noise = torch.randn(param.shape, generator=gen, dtype=torch.float64)
-        if param.dim() >= 2:
-            param.copy_(noise / math.sqrt(param.shape[-1]))
-        elif "norm" in name or name.endswith("gamma"):
-            param.copy_(1.0 + 0.1 * noise)
-        else:
-            param.copy_(0.1 * noise)
-
-
-def _items(model: torch.nn.Module) -> list[list[dict[str, Any]]]:
-    gen = torch.Generator().manual_seed(7)
-    size = (1, *model.img_size)
-
-    def item(i: int, question: str, answer: str, kind: str, mask: bool = False, blank: bool = False) -> dict:
-        image = torch.zeros(size) if blank else torch.rand(size, generator=gen)
-        return {
-            "id": f"s{i}",
-            "image": image,
-            "question": question,
-            "answer": answer,
-            "kind": kind,
-            "mask": (torch.rand(size, generator=gen) > 0.7).float() if mask else None,
-            "dataset": "test",
-        }
-
-    return [
-        [
-            item(0, "Segment the hemorrhage.", "It is [SEG].", "seg", mask=True),
-            item(1, "Is there a calvarial fracture?", "No.", "closed"),
-            item(2, "Describe the findings.", "There is a bleed on the left side with mass effect.", "open"),
-        ],
-        [
-            item(3, "Is there a bleed?", "Yes.", "closed", blank=True),
-            item(4, "Segment the hemorrhage.", "It is [SEG].", "seg", mask=True),
-            item(5, "Is there a mass effect?", "No.", "closed"),
-        ],
-        [
-            item(6, "Describe the findings.", "No acute intracranial abnormality.", "open"),
-            item(7, "Is there a bleed?", "Yes, on the right.", "closed", mask=True),
-            item(8, "Segment the hemorrhage.", "It is [SEG].", "seg", mask=True),
-        ],
-    ]
-
-
-def _forward(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
-    """The model called with every batch key its forward takes, as the tasks call it."""
-    names = inspect.signature(model.forward).parameters
-    return model(**{k: v for k, v in batch.items() if k in names})
-
-
 def _projection(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
     """Per part, the sum over its trainable tensors of <tensor, a fixed random direction>: signed, so a
     wrong sign or a lost term shows, and compact enough to record."""
     out = dict.fromkeys(PARTS, 0.0)
     for name, value in tensors.items():
-        direction = torch.randn(value.shape, generator=_generator("dir:" + name), dtype=torch.float64)
+        direction = torch.randn(value.shape, generator=seeded_generator("dir:" + name), dtype=torch.float64)
         out[name.split(".")[0]] += float((value.double() * direction).sum())
     return out
 
@@ -115,16 +51,16 @@ def run_steps(checkpointing: str = "none") -> dict[str, list]:
             llm=checkpointing in ("llm", "all"), vision=checkpointing == "all"
         )
     model = model.double().train()
-    _draw_weights(model)
+    draw_weights(model)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(trainable.values(), lr=1e-3, weight_decay=0.01)
     collate = make_collator(model)
     torch.manual_seed(1)  # LoRA dropout draws
     record: dict[str, list] = {"terms": [], "grads": []}
-    for items in _items(model):
+    for items in batch_items(model):
         batch = collate(items)
         optimizer.zero_grad(set_to_none=True)
-        out = _forward(model, batch)
+        out = forward_batch(model, batch)
         out["loss"].backward()
         record["terms"].append([float(out[k].detach()) for k in TERMS])
         grads = {n: p.grad for n, p in trainable.items() if p.grad is not None}

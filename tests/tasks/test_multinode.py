@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_resume import EVERY, SMALL, _losses, _overlay
+from conftest import TESTS
+from run_overlays import EVERY, SMALL, logged_losses, run_overlay
 
 from m3d_lit.inference.checkpoints import read_checkpoint as load_checkpoint
 
@@ -54,7 +55,7 @@ def _fit_args(roots: list[Path], overlay: Path, batch: int, precision: str, *ext
 
 def _env() -> dict[str, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
     return env
 
 
@@ -98,10 +99,10 @@ def _two_machines(folder: Path, args: list[str]) -> list[subprocess.CompletedPro
 
 def _reference(folder: Path, roots: list[Path], precision: str, *extra: str) -> dict[int, str]:
     """One process on the whole global batch: the losses of every step and its last.ckpt."""
-    overlay = _overlay(folder, "single", 0, steps=STEPS)
+    overlay = run_overlay(folder, "single", 0, steps=STEPS)
     done = _m3d(folder, _fit_args(roots, overlay, GLOBAL_BATCH, precision, *extra))
     assert done.returncode == 0, done.stderr.decode()[-3000:]
-    losses = _losses(folder, "single", 0)
+    losses = logged_losses(folder, "single", 0)
     assert sorted(losses) == list(range(STEPS))
     return losses
 
@@ -109,7 +110,7 @@ def _reference(folder: Path, roots: list[Path], precision: str, *extra: str) -> 
 def _assert_same_run(folder: Path, run: str, reference: dict[int, str], tolerance: float) -> None:
     """Versions 0 (killed after step EVERY + 1) and 1 (resumed) of `run` logged the reference's losses and
     ended with its weights."""
-    before, after = _losses(folder, run, 0), _losses(folder, run, 1)
+    before, after = logged_losses(folder, run, 0), logged_losses(folder, run, 1)
     assert sorted(before) == list(range(EVERY + 1)) and sorted(after) == list(range(EVERY, STEPS))
     for step, loss in {**before, **after}.items():  # the global batch's loss, as one process has it
         assert float(loss) == pytest.approx(float(reference[step]), abs=tolerance, rel=tolerance), step
@@ -125,12 +126,12 @@ def _assert_same_run(folder: Path, run: str, reference: dict[int, str], toleranc
 def test_two_machines_train_as_one_process_and_resume_exactly(prepared: list[Path], tmp_path: Path) -> None:
     reference = _reference(tmp_path, prepared, "64-true")
     killed = _fit_args(
-        prepared, _overlay(tmp_path, "nodes", 0, kill_at=EVERY + 1, steps=STEPS), GLOBAL_BATCH // 2, "64-true"
+        prepared, run_overlay(tmp_path, "nodes", 0, kill_at=EVERY + 1, steps=STEPS), GLOBAL_BATCH // 2, "64-true"
     )
     for result in _two_machines(tmp_path, killed):  # each machine kills itself one step after its checkpoint
         assert result.returncode != 0, result.stderr.decode()[-3000:]
     assert load_checkpoint(tmp_path / "nodes" / "last.ckpt")["global_step"] == EVERY
-    resumed = _overlay(tmp_path, "nodes", 1, steps=STEPS)
+    resumed = run_overlay(tmp_path, "nodes", 1, steps=STEPS)
     resumed_args = [*_fit_args(prepared, resumed, GLOBAL_BATCH // 2, "64-true"), "--ckpt_path", "last"]
     for result in _two_machines(tmp_path, resumed_args):
         assert result.returncode == 0, result.stderr.decode()[-3000:]
@@ -152,7 +153,7 @@ def test_fsdp_on_two_ranks_trains_as_one_process_and_its_folder_is_read_back(
     from m3d_lit.tasks import FinetuneTask
 
     reference = _reference(tmp_path, prepared, "32-true", *FP32_SGD)
-    killed = _overlay(tmp_path, "fsdp", 0, kill_at=EVERY + 1, steps=STEPS)
+    killed = run_overlay(tmp_path, "fsdp", 0, kill_at=EVERY + 1, steps=STEPS)
     args = _fit_args(prepared, killed, GLOBAL_BATCH // 2, "32-true", *FSDP_CPU, *FP32_SGD)
     done = _m3d(tmp_path, [*args, *WITH_EPOCHS])
     assert done.returncode != 0
@@ -160,7 +161,7 @@ def test_fsdp_on_two_ranks_trains_as_one_process_and_its_folder_is_read_back(
     shards = sorted(p.name for p in folder.glob("*.distcp"))
     assert folder.is_dir() and shards == ["__0_0.distcp", "__1_0.distcp"]
     assert not list(folder.parent.glob(".*.tmp"))  # written under a temporary name, then renamed
-    resumed = _overlay(tmp_path, "fsdp", 1, steps=STEPS)
+    resumed = run_overlay(tmp_path, "fsdp", 1, steps=STEPS)
     resumed_args = _fit_args(prepared, resumed, GLOBAL_BATCH // 2, "32-true", *FSDP_CPU, *FP32_SGD)
     done = _m3d(tmp_path, [*resumed_args, *WITH_EPOCHS, "--ckpt_path", "last"])
     assert done.returncode == 0, done.stderr.decode()[-3000:]

@@ -7,11 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CLIP, LAMED
+from conftest import CLIP, LAMED, REPO
 
 from m3d_lit.cli import main
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def fit(recipe: str, roots: list[Path], mode: str, overrides: dict, *extra: str) -> None:

@@ -4,7 +4,6 @@ loader, RNG states, checkpoints without the frozen LLM, fingerprints) are tested
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import random
@@ -16,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import built
+from conftest import REPO, TESTS, built
+from run_overlays import EVERY, SMALL, STEPS, logged_losses, run_overlay
 from torch.utils.data import Dataset
 
 from m3d_lit.cli import main
@@ -25,10 +25,6 @@ from m3d_lit.errors import InputError
 from m3d_lit.inference.checkpoints import read_checkpoint as load_checkpoint
 from m3d_lit.inference.loading import load_model
 from m3d_lit.tasks.checkpoints import rng_states, set_rng_states
-
-REPO = Path(__file__).resolve().parents[1]
-SMALL = {"vision": {"num_layers": 1}, "llm": {"num_hidden_layers": 1}}
-STEPS, EVERY = 8, 2
 
 
 class _Numbers(Dataset):
@@ -143,40 +139,6 @@ def test_stage3_checkpoint_leaves_out_the_frozen_llm_and_loads_strictly(tmp_path
         load_model(tmp_path / "moved.ckpt")
 
 
-def _overlay(folder: Path, run: str, version: int, kill_at: int | None = None, steps: int = STEPS) -> Path:
-    """Trainer settings of one run: `steps` steps, CSV losses every step, last.ckpt every EVERY steps, no
-    validation; with `kill_at`, the process kills itself before optimizer step `kill_at` + 1."""
-    overlay = {
-        "trainer": {
-            "max_steps": steps,
-            "max_epochs": -1,
-            "log_every_n_steps": 1,
-            "limit_val_batches": 0,
-            "enable_progress_bar": False,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(folder / "logs"), "name": run, "version": version,
-                              "flush_logs_every_n_steps": 1},
-            },
-            "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": str(folder / run), "every_n_train_steps": EVERY,
-                               "save_top_k": 0, "save_last": True}},
-                {"class_path": "m3d_lit.tasks.callbacks.NonFiniteGuard"},
-                {"class_path": "m3d_lit.tasks.callbacks.PreemptionCheckpoint"},
-            ],
-            "plugins": [{"class_path": "m3d_lit.tasks.callbacks.AtomicCheckpointIO"}],
-        }
-    }  # fmt: skip
-    if kill_at is not None:
-        overlay["trainer"]["callbacks"].append(
-            {"class_path": "kill_switch.KillAtStep", "init_args": {"step": kill_at}}
-        )
-    path = folder / f"{run}-{version}.yaml"
-    path.write_text(json.dumps(overlay))  # YAML is a superset of JSON
-    return path
-
-
 def _argv(roots: list[Path], overlay: Path, *extra: str) -> list[str]:
     return [
         "fit", "-c", str(REPO / "stages" / "stage3_finetune.yaml"), "-c", str(REPO / "stages/trainer/cpu.yaml"),
@@ -187,23 +149,14 @@ def _argv(roots: list[Path], overlay: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _losses(folder: Path, run: str, version: int) -> dict[int, str]:
-    path = folder / "logs" / run / f"version_{version}" / "metrics.csv"
-    if not path.is_file():
-        return {}
-    with path.open(newline="") as handle:
-        return {int(r["step"]): r["train/loss"] for r in csv.DictReader(handle) if r.get("train/loss")}
-
-
 def _killed_after_checkpoint(folder: Path, argv: list[str]) -> int:
     """Run `m3d-lit` in a subprocess that SIGKILLs itself one step after the checkpoint at step EVERY.
 
     The kill comes from inside the run (`kill_switch.KillAtStep`), so it lands at the same step on a
     fast machine and a slow one; returns the step of the `last.ckpt` it left.
     """
-    tests = str(Path(__file__).resolve().parent)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
     done = subprocess.run(
         [sys.executable, "-m", "m3d_lit.cli", *argv], cwd=folder, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=900, check=False,
@@ -217,14 +170,14 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(
     prepared: list[Path], tmp_path: Path
 ) -> None:
     saved_at = _killed_after_checkpoint(
-        tmp_path, _argv(prepared, _overlay(tmp_path, "killed", 0, kill_at=EVERY + 1))
+        tmp_path, _argv(prepared, run_overlay(tmp_path, "killed", 0, kill_at=EVERY + 1))
     )
-    killed = _losses(tmp_path, "killed", 0)
+    killed = logged_losses(tmp_path, "killed", 0)
     assert saved_at == EVERY and max(killed) == EVERY  # one logged step after the checkpoint is redone
-    assert main(_argv(prepared, _overlay(tmp_path, "killed", 1), "--ckpt_path", "last")) == 0
-    assert main(_argv(prepared, _overlay(tmp_path, "whole", 0))) == 0
+    assert main(_argv(prepared, run_overlay(tmp_path, "killed", 1), "--ckpt_path", "last")) == 0
+    assert main(_argv(prepared, run_overlay(tmp_path, "whole", 0))) == 0
 
-    whole, resumed = _losses(tmp_path, "whole", 0), _losses(tmp_path, "killed", 1)
+    whole, resumed = logged_losses(tmp_path, "whole", 0), logged_losses(tmp_path, "killed", 1)
     assert sorted(whole) == list(range(STEPS))
     assert sorted(resumed) == list(range(saved_at, STEPS))  # the resumed run starts after the checkpoint
     assert all(killed[s] == whole[s] for s in killed) and all(resumed[s] == whole[s] for s in resumed)

@@ -15,15 +15,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CLIP, LAMED, write_prepared
+from conftest import CLIP, LAMED, REPO, TESTS, write_prepared
 
 from m3d_lit.cli import main
 from m3d_lit.data.datamodules import BrainCTQADataModule
 from m3d_lit.data.streaming import StreamingDataModule
 from m3d_lit.inference.checkpoints import read_checkpoint as load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
 STAGES = {1: "stage1_clip", 2: "stage2_align", 3: "stage3_finetune"}
 
 

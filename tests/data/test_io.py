@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from conftest import SHARED
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
@@ -22,7 +23,7 @@ from m3d_lit.data.sources import cq500
 from m3d_lit.errors import InputError
 
 SHAPE = (12, 32, 32)
-LABELS = Path(__file__).resolve().parents[2] / "shared" / "data" / "labels"
+LABELS = SHARED / "data" / "labels"
 
 
 @pytest.fixture(scope="module")

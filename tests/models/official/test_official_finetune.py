@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, SHARED
 
 from m3d_lit.cli import main
 from m3d_lit.models.official.lamed import build_official_lamed
 
-REPO = Path(__file__).resolve().parents[1]
-KIT = REPO.parent / "shared" / "data" / "m3d_official"
+KIT = SHARED / "data" / "m3d_official"
 pytestmark = pytest.mark.skipif(not KIT.is_dir(), reason=f"parity kit not found at {KIT}")
 
 

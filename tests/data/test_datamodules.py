@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import DATA_SHAPE, write_vqa_csv
+from conftest import DATA_SHAPE, REPO, write_vqa_csv
 from jsonargparse import ArgumentParser
 
 from m3d_lit.cli import main
@@ -27,7 +27,7 @@ from m3d_lit.data.records import CAPTION_PROMPTS
 from m3d_lit.data.sampling import EpochSampler, MixDataset, MixSampler
 from m3d_lit.errors import InputError
 
-YAML_DIR = Path(__file__).resolve().parents[1] / "datamodules"
+YAML_DIR = REPO / "datamodules"
 N = 4
 
 

@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from conftest import SHARED
 
 from m3d_lit.commands import synth
 from m3d_lit.data import synthetic
@@ -17,7 +18,7 @@ from m3d_lit.data.phantom import BLEED_TYPES, render_phantom
 from m3d_lit.data.preprocess import apply_window
 from m3d_lit.errors import InputError
 
-LABELS = Path(__file__).resolve().parents[2] / "shared" / "data" / "labels"
+LABELS = SHARED / "data" / "labels"
 SHAPE = (16, 64, 64)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_safety import _ToyTask
+from toy_task import ToyTask
 
 from m3d_lit.inference.checkpoints import read_checkpoint as load_checkpoint
 from m3d_lit.tasks.callbacks import AtomicCheckpointIO, NonFiniteGuard, PreemptionCheckpoint
@@ -67,7 +67,7 @@ def _fit(folder: Path, callbacks: list) -> None:
     )  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        trainer.fit(_ToyTask())
+        trainer.fit(ToyTask())
     except Exception:  # each rank has written what stopped it
         pass
 

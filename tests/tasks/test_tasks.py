@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import built
+from conftest import REPO, built
 
 from m3d_lit.cli import main
 from m3d_lit.inference.checkpoints import read_checkpoint as load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 CPU = str(REPO / "stages" / "trainer" / "cpu.yaml")
 
 

@@ -13,7 +13,7 @@ import copy
 
 import torch
 from conftest import LAMED
-from test_training_equality import _draw_weights, _forward, _items
+from equality_steps import batch_items, draw_weights, forward_batch
 
 from m3d_lit.data.collate import make_collator
 from m3d_lit.models.build import build_lamed
@@ -22,7 +22,7 @@ from m3d_lit.models.presets import STAGE_TRAINABLE
 
 def _step(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     torch.manual_seed(1)  # the LoRA dropout draws
-    out = _forward(model, batch)
+    out = forward_batch(model, batch)
     out["loss"].backward()
     return out["loss"].detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
@@ -32,10 +32,10 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients() -> None:
     model.set_trainable(STAGE_TRAINABLE[3])
     model.enable_gradient_checkpointing(llm=True)  # as the GPU presets train
     model = model.double().train()
-    _draw_weights(model)
+    draw_weights(model)
     compiled = copy.deepcopy(model)
     compiled.compile_blocks(backend="aot_eager_decomp_partition")
-    batch = make_collator(model)(_items(model)[0])
+    batch = make_collator(model)(batch_items(model)[0])
     loss, grads = _step(model, batch)
     compiled_loss, compiled_grads = _step(compiled, batch)
     # float64: the same operations, summed in places in another order (a few units of 1e-16)

@@ -10,7 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import LAMED
+from conftest import LAMED, REPO
 
 from m3d_lit.cli import main
 from m3d_lit.data.geometry import manifest_geometry
@@ -21,7 +21,6 @@ from m3d_lit.data.sources.folder import read_findings
 from m3d_lit.data.synthetic import _nifti, _spacing, _stored_like, write_ct_series
 from m3d_lit.errors import InputError
 
-REPO = Path(__file__).resolve().parents[1]
 FINDINGS = """\
 open_question: What does this scan show?
 findings:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from nltk.stem.porter import PorterStemmer
 from nltk.tokenize import TreebankWordTokenizer
 from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu, sentence_bleu
@@ -26,7 +27,6 @@ from m3d_lit.evaluation.grouped_scores import compute_metrics
 from m3d_lit.evaluation.segmentation import dice_iou
 from m3d_lit.evaluation.wordnet import nltk_data_dirs, require_wordnet
 
-REPO = Path(__file__).resolve().parents[1]
 # (prediction, reference): exact match, empty prediction, punctuation, casing, paraphrase, synonyms,
 # word forms only a stemmer matches.
 PAIRS = [

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import SHARED
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,7 +18,7 @@ from m3d_lit.data.sources.cq500 import CQ500_FINDINGS, CQ500_READERS, build_cq50
 from m3d_lit.data.sources.physionet import PHYSIONET_TYPES, build_physionet_samples
 from m3d_lit.errors import InputError
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "labels"
+REAL = SHARED / "data" / "labels"
 QA_KEYS = {"id", "qid", "image", "question", "answer", "kind", "label", "dataset", "patient"}
 CLOSED = ["ChronicBleed", "Fracture", "CalvarialFracture", "MassEffect", "MidlineShift"]
 

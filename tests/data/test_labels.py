@@ -6,12 +6,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import SHARED
 
 from m3d_lit.data.sources.cq500 import CQ500_FINDINGS, CQ500_READERS, read_cq500_reads
 from m3d_lit.data.sources.physionet import PHYSIONET_TYPES, read_physionet_labels
 from m3d_lit.errors import InputError
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "labels"
+REAL = SHARED / "data" / "labels"
 CQ500_HEADER = ["name", "Category"] + [f"{r}:{f}" for r in CQ500_READERS for f in CQ500_FINDINGS]
 SLICE_HEADER = [
     "PatientNumber",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LAMED, write_prepared
+from conftest import LAMED, REPO, write_prepared
 
 from m3d_lit.cli import main
 from m3d_lit.errors import InputError
@@ -17,8 +17,6 @@ from m3d_lit.inference.bundle import Bundle, SourcePreprocessing, TokenizerRecor
 from m3d_lit.inference.checkpoints import read_checkpoint, resolve_checkpoint
 from m3d_lit.inference.loading import load_model
 from m3d_lit.inference.predictor import Predictor, Request
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _prepared(root: Path, dataset: str, window: str, size: list[int]) -> Path:

@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import REPO
 
 from m3d_lit.cli import main
 
@@ -116,10 +117,9 @@ def test_lightning_predict_uses_the_same_step(
 ) -> None:
     """`m3d-lit predict -c stage3 --ckpt_path ...` (LightningCLI): the test split through `predict_step`,
     the records `eval` writes, into the run's log folder."""
-    repo = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(tmp_path)
     argv = [
-        "predict", "-c", str(repo / "stages/stage3_finetune.yaml"), "-c", str(repo / "stages/trainer/cpu.yaml"),
+        "predict", "-c", str(REPO / "stages/stage3_finetune.yaml"), "-c", str(REPO / "stages/trainer/cpu.yaml"),
         "--model.preset", "tiny", "--model.init_from", "null", "--model.max_new_tokens", "4",
         "--data.roots", json.dumps([str(prepared[0])]), "--data.batch_size", "4",
         "--trainer.limit_predict_batches", "2", "--trainer.enable_progress_bar", "false",

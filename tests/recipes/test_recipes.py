@@ -9,11 +9,11 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
+from conftest import REPO
 
 from m3d_lit.cli import main
 from m3d_lit.recipes import expand_argv, find_recipe, list_recipes, recipes_root
 
-REPO = Path(__file__).resolve().parents[1]
 STAGES = {1: "stage1_clip", 2: "stage2_align", 3: "stage3_finetune"}
 
 

@@ -7,11 +7,11 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from m3d_lit.cli import main
 from m3d_lit.inference.checkpoints import read_checkpoint as load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 CLIP_SMALL = {"vision": {"num_layers": 1}, "text": {"num_hidden_layers": 1}}
 
 

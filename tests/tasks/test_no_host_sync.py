@@ -12,11 +12,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import LAMED
+from conftest import LAMED, REPO
 
 from m3d_lit.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
 LOG_EVERY = 3
 STEPS = 7
 

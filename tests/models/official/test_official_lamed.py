@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED
 
 from m3d_lit.cli import main
 from m3d_lit.data.collate import LMCollator
 from m3d_lit.errors import InputError
 from m3d_lit.models.official.lamed import build_official_lamed
 
-KIT = Path(__file__).resolve().parents[2] / "shared" / "data" / "m3d_official"
+KIT = SHARED / "data" / "m3d_official"
 pytestmark = pytest.mark.skipif(not KIT.is_dir(), reason=f"parity kit not found at {KIT}")
 CASES = json.loads((KIT / "cases.json").read_text()) if KIT.is_dir() else {}
 LM_MODELS = ("lamed_llama", "lamed_phi3")

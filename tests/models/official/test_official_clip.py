@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import built
+from conftest import SHARED, built
 
 from m3d_lit import cli
 from m3d_lit.errors import InputError
 from m3d_lit.models.official.files import load_weights
 
-KIT = Path(__file__).resolve().parents[2] / "shared" / "data" / "m3d_official"
+KIT = SHARED / "data" / "m3d_official"
 pytestmark = pytest.mark.skipif(not (KIT / "cases.json").is_file(), reason="M3D fixture kit not present")
 FEATURE_TOL, LOGIT_TOL = 1e-5, 1e-4
 
