@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+from importlib.metadata import requires, version
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from packaging.requirements import Requirement
 
 from m3d_lit.cli import main
 from m3d_lit.data.datamodules import BrainCTQADataModule, M3DSegDataModule
@@ -19,6 +21,18 @@ from m3d_lit.data.stream_format import MANIFEST
 from m3d_lit.data.stream_sampling import RowKey, SourceRows, StreamLoader, StreamSampler, epoch_plan
 from m3d_lit.data.streaming import StreamingDataModule
 from m3d_lit.errors import InputError
+
+
+def test_litdata_finds_every_requirement_but_torchvision() -> None:
+    """`make setup` installs litdata with --no-deps (its torchvision requirement would replace the CPU torch
+    with a CUDA build), so setup must install each other requirement it declares: a missing one fails
+    streaming at its first import on a fresh machine."""
+    for line in requires("litdata") or []:
+        needed = Requirement(line)
+        if needed.name == "torchvision" or (needed.marker and not needed.marker.evaluate({"extra": ""})):
+            continue
+        version(needed.name)  # PackageNotFoundError: setup did not install it
+
 
 DRAWS = {"seed": 3, "augment": True, "flip_axes": (0, 1, 2), "blank_prob": 0.3}
 

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from m3d_lit.data import phrasing
 from m3d_lit.data.sources import SOURCES, get_source, reference_for
@@ -15,7 +16,6 @@ from m3d_lit.data.sources.references import CHILAMKURTHY_2018, HSSAYENI_2020, M3
 from m3d_lit.evaluation.grouped_scores import compute_metrics
 from m3d_lit.evaluation.markdown_report import write_report
 
-REPO = Path(__file__).resolve().parents[1]
 WORKS = (M3D_2024, SEED_STUDY, CHILAMKURTHY_2018, HSSAYENI_2020)
 
 
