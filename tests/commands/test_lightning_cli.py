@@ -186,13 +186,15 @@ def test_fit_says_where_its_run_went_and_prints_no_library_notices(
         "fit", "-c", "stage3", "-c", "cpu", "--model.preset", "tiny", "--model.init_from", "null",
         "--model.overrides", json.dumps({"vision": {"num_layers": 1}, "llm": {"num_hidden_layers": 1}}),
         "--data.roots", json.dumps([str(r) for r in prepared]), "--data.batch_size", "2",
-        "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1",
+        "--trainer.max_steps", "1", "--trainer.max_epochs", "-1", "--trainer.limit_val_batches", "1",
     ]  # fmt: skip
     assert main(argv) == 0
     out, err = capfd.readouterr()
     shown = out + err
     assert "litlogger" not in shown and "LeafSpec" not in shown and "v_num" not in shown
     assert "was called before the ``update`` method" not in shown
+    assert "Epoch 0" in shown and "Epoch 0/-" not in shown  # a run bounded by steps: no "Epoch 0/-2"
+    assert "peak FLOP/s" not in shown  # no MFU advice on a CPU
     assert out.strip().splitlines()[-1] == (
         "m3d-lit fit: run runs/stage3/version_0; checkpoint runs/stage3/version_0/checkpoints/last.ckpt; "
         "logs: tensorboard --logdir runs"

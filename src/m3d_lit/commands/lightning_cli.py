@@ -387,7 +387,7 @@ class M3dLightningCLI(LightningCLI):
                 check_data_size(skeleton, self.datamodule)
         if stage == "predict" and not any(isinstance(c, BasePredictionWriter) for c in trainer.callbacks):
             trainer.callbacks.append(PredictionWriter())
-        _without_version_number(trainer)
+        _plain_progress_bar(trainer)
         return trainer
 
     def after_fit(self) -> None:
@@ -428,14 +428,24 @@ class M3dLightningCLI(LightningCLI):
             ) from None
 
 
-def _without_version_number(trainer: Any) -> None:
-    """The progress bar without `v_num`: the run's folder says which version it is, and the bar showed it
-    as a float (`v_num: 0.000`)."""
+def _plain_progress_bar(trainer: Any) -> None:
+    """The progress bar without `v_num` (the run's folder says which version it is, and the bar showed it as
+    a float, `v_num: 0.000`) and without Lightning's "Epoch 3/-2" when a run is bounded by steps only
+    (`max_epochs` -1): the epoch alone is shown then."""
     bar = trainer.progress_bar_callback
     if bar is None:
         return
     metrics = bar.get_metrics
     bar.get_metrics = lambda *args, **kwargs: {k: v for k, v in metrics(*args, **kwargs).items() if k != "v_num"}
+    describe = getattr(bar, "_get_train_description", None)  # RichProgressBar's; TQDM shows no maximum
+    if describe is not None:
+
+        def by_steps(epoch: int) -> str:
+            if (trainer.max_epochs or 0) > 0:
+                return describe(epoch)
+            return f"Epoch {epoch}".ljust(len(bar.validation_description))  # as wide, so the bar stays put
+
+        bar._get_train_description = by_steps
 
 
 class _DropAdvertisements(logging.Filter):

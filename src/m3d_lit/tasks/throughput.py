@@ -174,7 +174,7 @@ class ThroughputLogger(Callback):
             )
         device = trainer.strategy.root_device
         self.peak = self.peak_tflops * 1e12 if self.peak_tflops else peak_flops(device, trainer.precision)
-        if self.peak is None:
+        if self.peak is None and device.type != "cpu":  # a CPU's MFU means nothing: no advice to give
             rank_zero_info(f"ThroughputLogger: no peak FLOP/s known for {device}; set peak_tflops to log MFU")
 
     def _now(self, pl_module: LightningModule) -> float:
