@@ -17,7 +17,14 @@ from typing import Any, NoReturn
 
 from m3d_lit.errors import InputError
 
-__all__ = ["CommandParser", "check_out_folder", "inference_options", "json_object", "model_options"]
+__all__ = [
+    "CommandParser",
+    "check_out_folder",
+    "inference_options",
+    "json_object",
+    "model_options",
+    "official_directory",
+]
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -44,6 +51,23 @@ def json_object(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"must be a JSON object like '{{\"llm\": {{...}}}}', got {text!r}")
     return value
+
+
+def official_directory(text: str) -> Path:
+    """An argparse `type`: an official M3D-LaMed directory (its config.json names an M3D-LaMed model)."""
+    from m3d_lit.models.official.lamed import FAMILIES, is_official_lamed  # torch: only when used
+
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a folder (give an M3D-LaMed directory such as /models/M3D-LaMed-Phi-3-4B)"
+        )
+    if not is_official_lamed(path):
+        raise argparse.ArgumentTypeError(
+            f"{text} is not an M3D-LaMed directory: its config.json should name model_type "
+            f"{' or '.join(sorted(FAMILIES))} (for a preset, use --preset)"
+        )
+    return path
 
 
 @contextmanager
