@@ -59,7 +59,8 @@ def format_describe(figures: dict[str, Any]) -> str:
     rows = [*figures["components"].items(), ("total", {"params": figures["total_params"],
                                                       "trainable": figures["trainable_params"]})]  # fmt: skip
     lines += [
-        f"  {name:<14} {format_params(c['params']):>12} {format_params(c['trainable']):>12}" for name, c in rows
+        f"  {name:<14} {format_params(c['params']):>12} {format_params(c['trainable']):>12}"
+        for name, c in rows
     ]
     return "\n".join(lines)
 
