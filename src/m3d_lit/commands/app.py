@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from m3d_lit.app.server import serve
-from m3d_lit.commands.arguments import inference_options
+from m3d_lit.commands.arguments import CommandParser, inference_options
 from m3d_lit.errors import InputError
 
 __all__ = ["main"]
@@ -32,21 +32,29 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="m3d-lit app", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="m3d-lit app", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--checkpoint",
         required=True,
         type=Path,
         help="stage-2/3 checkpoint, run or stage folder, export folder or M3D-LaMed directory",
     )
-    parser.add_argument("--data", nargs="*", type=Path, default=[],
-                        help="`m3d-lit prepare` folders whose qa_test.jsonl scans the page offers")  # fmt: skip
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument(
+        "--data",
+        nargs="*",
+        type=Path,
+        default=[],
+        help="`m3d-lit prepare` folders whose qa_test.jsonl scans the page offers (default: no folder; "
+        "scans are uploaded on the page)",
+    )
+    parser.add_argument("--port", type=int, default=7860, help="port the page is served on")
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default: this machine only)"
     )
     parser.add_argument(
-        "--source", help="the training source uploads are read like (when its windows differ)"
+        "--source",
+        help="the training source uploads are read like, when its windows differ (default: the window "
+        "all the model's training sources share)",
     )
     inference_options(parser)
     return parser

@@ -19,19 +19,45 @@ from m3d_lit.errors import InputError
 
 __all__ = [
     "CommandParser",
+    "HelpFormatter",
     "check_out_folder",
     "inference_options",
     "json_object",
     "model_options",
     "official_directory",
+    "shown_default",
 ]
 
 
+def shown_default(value: Any) -> str:
+    """A default as it would be typed on the command line: `32 256 256`, `none`, `cpu`."""
+    if value is None or value == []:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default as typed, unless the text already says it; a flag
+    (`--overwrite`) is off unless given, and a required option has none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.required or action.default is argparse.SUPPRESS:
+            return text
+        if action.nargs == 0 or "default" in text:
+            return text
+        return f"{text} (default: {shown_default(action.default).replace('%', '%%')})"
+
+
 class CommandParser(argparse.ArgumentParser):
-    """`argparse.ArgumentParser` whose errors raise `InputError` instead of printing usage and exiting."""
+    """`argparse.ArgumentParser` whose errors raise `InputError` instead of printing usage and exiting,
+    and whose `--help` shows every option's default (`HelpFormatter`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)  # `--m3d` must not silently mean `--m3d-shape`
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
@@ -95,7 +121,7 @@ def inference_options(parser: argparse.ArgumentParser) -> None:
         help="weights and activations: auto = bfloat16 on CUDA, float32 on CPU; float64 makes greedy "
         "decoding independent of how a machine orders its sums (exact comparisons)",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (64)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens")
 
 
 def check_out_folder(out: Path, overwrite: bool, results: tuple[str, ...]) -> None:

@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         "--overrides",
         type=json_object,
         default=None,
-        help='JSON merged into the preset, e.g. \'{"llm": {"num_hidden_layers": 2}}\' (default: none)',
+        help='JSON merged into the preset, e.g. \'{"llm": {"num_hidden_layers": 2}}\' '
+        "(default: the preset as it is)",
     )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of the table")
     args = parser.parse_args(argv)

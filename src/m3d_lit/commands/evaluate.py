@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--save-masks", action="store_true", help="write predicted masks to OUT/masks/ in the scans' geometry"
     )
-    parser.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N samples (default: all)")
     inference_options(parser)
     parser.add_argument(
         "--workers", type=int, default=0, help="data loader processes that read volumes ahead"

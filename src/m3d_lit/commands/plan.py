@@ -46,7 +46,8 @@ def format_advice(result: dict[str, Any]) -> str | None:
     room = f"{s['gpu_mem']:g} GiB"
     if advice["changes"]:
         return (
-            f"  to fit micro-batch {advice['micro_batch']} in {room}: {_flags(advice['changes'], s['gpus'])}: "
+            f"  to fit micro-batch {advice['micro_batch']} in {room}: "
+            f"{_flags(advice['changes'], s['gpus'])}: "
             f"{advice['total_gib']:.2f} GiB, largest micro-batch then {advice['max_micro_batch']}"
         )
     if "best_gib" not in advice:
@@ -137,13 +138,17 @@ def _parser() -> argparse.ArgumentParser:
         help="LLM width reduction of the measurement (default: 8, or the largest of 4, 2, 1 that divides)",
     )
     ap.add_argument(
-        "--overrides", type=json_object, default=None, help="JSON merged into the preset (default: none)"
+        "--overrides",
+        type=json_object,
+        default=None,
+        help="JSON merged into the preset (default: the preset as it is)",
     )
     ap.add_argument(
         "--trainable",
         type=json_object,
         default=None,
-        help='JSON merged into the stage\'s trainable parts, e.g. \'{"vision": "frozen"}\' (default: none)',
+        help='JSON merged into the stage\'s trainable parts, e.g. \'{"vision": "frozen"}\' '
+        "(default: the stage's own)",
     )
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return ap

@@ -41,7 +41,8 @@ def add_protocol_options(parser: argparse.ArgumentParser) -> None:
         "--bertscore-model",
         type=Path,
         default=None,
-        help="m3d protocol: a local model directory (roberta-large for M3D's setting) to add BERTScore F1",
+        help="m3d protocol: a local model directory (roberta-large for M3D's setting) to add BERTScore F1 "
+        "(default: no BERTScore)",
     )
     parser.add_argument(
         "--bertscore-layer",
@@ -73,7 +74,9 @@ def main(argv: list[str]) -> int:
         "findings, Dice/IoU) offline.",
     )
     parser.add_argument("predictions", type=Path, help="jsonl: one object per line with prediction, answer")
-    parser.add_argument("--out", type=Path, default=None, help="write all metrics to this JSON file")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="write all metrics to this JSON file (default: the table only)"
+    )
     add_protocol_options(parser)
     args = parser.parse_args(argv)
     options = protocol_options(parser, args)
