@@ -11,20 +11,20 @@ stage folder (`runs/stage3`: its latest run), an `m3d-lit export` folder or an M
 data prepared with another size or CT window than the model's training data are refused.
 
 Prints the scores as `m3d-lit score` does, and writes OUT/predictions.jsonl (one object per sample; closed
-Yes/No answers carry `p_yes`, the softmax of the first answer token's `Yes` and `No` logits), OUT/metrics.json and OUT/report.md (both name the model:
-its file, sha256, run, step, the m3d-lit versions and commits that trained and evaluated it, the date),
-and the headline scores to TensorBoard under OUT/tensorboard at the checkpoint's global step. An OUT
-holding an earlier result is refused; `--overwrite` replaces it whole (the new result is written beside
-it and takes its place only when complete). `--save-masks` writes each
-predicted mask to OUT/masks/<id>.nii.gz in the source scan's geometry (shape and affine of the NIfTI or
-DICOM series that `prepare` read, as its manifest records), so it lies over the original file in a viewer;
-its path goes in the prediction's `mask_file`; a line says how many answers produced `[SEG]` (without one
-there is no mask and no OUT/masks/). Volumes without a recorded geometry (M3D-Data `.npy`) keep
-the model grid. The controls below save no masks (they would not be about the question's scan).
-`--blank-images` replaces every volume with zeros: the control that
-shows whether the answers depend on the scan at all. `--swap-images` gives every question another patient's
-scan from the same file, a control that stays among real head CTs (a model that reads the scan drops to
-chance there, while a zero volume may throw it off entirely).
+Yes/No answers carry `p_yes`, the softmax of the first answer token's `Yes` and `No` logits),
+OUT/metrics.json and OUT/report.md (both name the model: its file, sha256, run, step, the m3d-lit versions
+and commits that trained and evaluated it, the date), and the headline scores to TensorBoard under
+OUT/tensorboard at the checkpoint's global step. An OUT holding an earlier result is refused; `--overwrite`
+replaces it whole (the new result is written beside it and takes its place only when complete).
+`--save-masks` writes each predicted mask to OUT/masks/<id>.nii.gz in the source scan's geometry (shape and
+affine of the NIfTI or DICOM series that `prepare` read, as its manifest records), so it lies over the
+original file in a viewer; its path goes in the prediction's `mask_file`; a line says how many answers
+produced `[SEG]` (without one there is no mask and no OUT/masks/). Volumes without a recorded geometry
+(M3D-Data `.npy`) keep the model grid. The controls below save no masks (they would not be about the
+question's scan). `--blank-images` replaces every volume with zeros: the control that shows whether the
+answers depend on the scan at all. `--swap-images` gives every question another patient's scan from the same
+file, a control that stays among real head CTs (a model that reads the scan drops to chance there, while a
+zero volume may throw it off entirely).
 """
 
 from __future__ import annotations
