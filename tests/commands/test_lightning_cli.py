@@ -173,7 +173,7 @@ def test_paper_preset_without_an_llm_is_refused_unless_asked_for(task: str) -> N
 
 
 def test_describe_and_plan_still_take_the_paper_preset_without_an_llm(capsys: pytest.CaptureFixture) -> None:
-    assert main(["describe", "--preset", "paper", "--stage", "3"]) == 0
+    assert main(["describe", "--preset", "paper", "--stage", "3", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["total_params"] > 6e9
 
 

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import math
+import re
+from dataclasses import replace
+
 import pytest
 import torch
+from conftest import SHARED
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from m3d_lit.commands import plan as plan_command
 from m3d_lit.models import plan as P
 from m3d_lit.models.build import build_lamed
+from m3d_lit.models.plan_advice import fit_advice
 from m3d_lit.models.presets import PRESETS
 
 # A tiny LLM whose widths (and vocab) halve cleanly, to check the width scaling of the measurement.
@@ -142,3 +148,61 @@ def test_cli_prints_the_table(capsys):
     assert plan_command.main(["--preset", "tiny", "--micro-batch", "1", "--gpu-mem", "2"]) == 0
     out = capsys.readouterr().out
     assert "frozen_weights" in out and ": fits" in out and "training TFLOP/sample" in out
+
+
+def test_eight_gib_names_what_micro_batch_1_needs_and_why_nothing_fits(capsys):
+    """The paper's frozen LLaMA-2-7B alone is 12.55 GiB: no setting plan covers fits 8 GiB, and the
+    line says so, with the least memory micro-batch 1 can take and the sharding that plan leaves out."""
+    assert plan_command.main(["--gpu-mem", "8"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"largest micro-batch that fits: 0 \(micro-batch 1 needs \d+\.\d\d GiB\)", out), out
+    line = next(line for line in out.splitlines() if "nothing plan covers" in line)
+    least = float(re.search(r"and (\d+\.\d\d) GiB at the least", line).group(1))
+    assert 12.55 < least < 24 and "checkpointing all, zero 2 over 8 GPUs, frozen bf16" in line
+    assert f"use GPUs with at least {math.ceil(least)} GiB, or -c fsdp" in line
+
+
+def test_advice_names_the_fewest_changes_that_fit_and_they_do():
+    settings = P.PlanSettings(preset="paper", gpu_mem=18, micro_batch=2, checkpointing="none")
+    result = P.plan(settings)
+    assert not result["fits"]
+    advice = fit_advice(settings, result)
+    assert advice["changes"] and advice["micro_batch"] == 2
+    assert P.plan(replace(settings, **advice["changes"]))["fits"]
+    # no single change among those named is enough: fewer changes were tried first
+    for name, value in advice["changes"].items():
+        if len(advice["changes"]) > 1:
+            assert not P.plan(replace(settings, **{name: value}))["fits"]
+    assert plan_command.format_advice({**result, "advice": advice}).startswith(
+        "  to fit micro-batch 2 in 18 GiB: "
+    )
+    assert fit_advice(settings, P.plan(replace(settings, gpu_mem=80))) is None
+
+
+KIT = SHARED / "data" / "m3d_official"
+
+
+@pytest.mark.skipif(not KIT.is_dir(), reason=f"parity kit not found at {KIT}")
+def test_plan_of_an_official_directory_counts_its_weights_and_scales_its_widths(capsys):
+    from m3d_lit.models.official.lamed import build_official_lamed
+    from m3d_lit.models.presets import STAGE_TRAINABLE
+
+    directory = KIT / "lamed_phi3"  # its LLM sets num_key_value_heads, which the reduction divides too
+    settings = P.PlanSettings(model=str(directory), stage=3)
+    counts = P.count_params(settings)
+    model = build_official_lamed(directory)
+    model.set_trainable(STAGE_TRAINABLE[3])
+    assert sum(c["frozen"] + c["trainable"] for c in counts.values()) == sum(
+        p.numel() for p in model.parameters()
+    )
+    assert sum(c["trainable"] for c in counts.values()) == sum(
+        p.numel() for p in model.parameters() if p.requires_grad
+    )
+    # the reduced copy divides the key/value heads with the heads (Phi-3 sets them), or it cannot be built
+    config = P.model_config(settings)
+    assert P._measure_config(config, 2, P._lora(config, settings))["llm"]["num_key_value_heads"] == 2
+    assert P.measure_activations(replace(settings, width_divisor=2))["llm_layer"] > 0
+    with pytest.raises(ValueError, match=r"--overrides: would be ignored: an M3D-LaMed directory"):
+        P.PlanSettings(model=str(directory), overrides={"llm": {"num_hidden_layers": 1}})
+    assert plan_command.main(["--model", str(directory), "--gpu-mem", "2"]) == 0
+    assert capsys.readouterr().out.startswith(f"m3d-lit plan: model {directory}, stage 3, micro-batch 2")

@@ -22,8 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from m3d_lit.app.server import serve
-from m3d_lit.commands.arguments import inference_options
+from m3d_lit.app.server import PORTS, check_address, serve
+from m3d_lit.commands.arguments import CommandParser, inference_options
 from m3d_lit.errors import InputError
 
 __all__ = ["main"]
@@ -31,22 +31,41 @@ __all__ = ["main"]
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
+def port_number(text: str) -> int:
+    """An argparse `type`: a TCP port a page can be served on."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = None
+    if port is None or not PORTS[0] <= port <= PORTS[1]:
+        raise argparse.ArgumentTypeError(f"{text} is not a port: give a number from {PORTS[0]} to {PORTS[1]}")
+    return port
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="m3d-lit app", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="m3d-lit app", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--checkpoint",
         required=True,
         type=Path,
         help="stage-2/3 checkpoint, run or stage folder, export folder or M3D-LaMed directory",
     )
-    parser.add_argument("--data", nargs="*", type=Path, default=[],
-                        help="`m3d-lit prepare` folders whose qa_test.jsonl scans the page offers")  # fmt: skip
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument(
+        "--data",
+        nargs="*",
+        type=Path,
+        default=[],
+        help="`m3d-lit prepare` folders whose qa_test.jsonl scans the page offers (default: no folder; "
+        "scans are uploaded on the page)",
+    )
+    parser.add_argument("--port", type=port_number, default=7860, help="port the page is served on")
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default: this machine only)"
     )
     parser.add_argument(
-        "--source", help="the training source uploads are read like (when its windows differ)"
+        "--source",
+        help="the training source uploads are read like, when its windows differ (default: the window "
+        "all the model's training sources share)",
     )
     inference_options(parser)
     return parser
@@ -65,6 +84,7 @@ def main(argv: list[str]) -> int:
     for folder in args.data:
         if not folder.is_dir():
             raise InputError(folder, "is not a folder (expected an `m3d-lit prepare` output folder)")
+    check_address(args.host, args.port)  # before the model loads: a busy port is said at once
     if args.host not in LOCAL_HOSTS:
         print(f"m3d-lit app: warning: listening on {args.host}: anyone who can reach this machine can see "
               "the scans and use the model", file=sys.stderr)  # fmt: skip

@@ -17,14 +17,47 @@ from typing import Any, NoReturn
 
 from m3d_lit.errors import InputError
 
-__all__ = ["CommandParser", "check_out_folder", "inference_options", "json_object", "model_options"]
+__all__ = [
+    "CommandParser",
+    "HelpFormatter",
+    "check_out_folder",
+    "inference_options",
+    "json_object",
+    "model_options",
+    "official_directory",
+    "shown_default",
+]
+
+
+def shown_default(value: Any) -> str:
+    """A default as it would be typed on the command line: `32 256 256`, `none`, `cpu`."""
+    if value is None or value == []:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default as typed, unless the text already says it; a flag
+    (`--overwrite`) is off unless given, and a required option has none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.required or action.default is argparse.SUPPRESS:
+            return text
+        if action.nargs == 0 or "default" in text:
+            return text
+        return f"{text} (default: {shown_default(action.default).replace('%', '%%')})"
 
 
 class CommandParser(argparse.ArgumentParser):
-    """`argparse.ArgumentParser` whose errors raise `InputError` instead of printing usage and exiting."""
+    """`argparse.ArgumentParser` whose errors raise `InputError` instead of printing usage and exiting,
+    and whose `--help` shows every option's default (`HelpFormatter`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)  # `--m3d` must not silently mean `--m3d-shape`
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
@@ -44,6 +77,23 @@ def json_object(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"must be a JSON object like '{{\"llm\": {{...}}}}', got {text!r}")
     return value
+
+
+def official_directory(text: str) -> Path:
+    """An argparse `type`: an official M3D-LaMed directory (its config.json names an M3D-LaMed model)."""
+    from m3d_lit.models.official.lamed import FAMILIES, is_official_lamed  # torch: only when used
+
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a folder (give an M3D-LaMed directory such as /models/M3D-LaMed-Phi-3-4B)"
+        )
+    if not is_official_lamed(path):
+        raise argparse.ArgumentTypeError(
+            f"{text} is not an M3D-LaMed directory: its config.json should name model_type "
+            f"{' or '.join(sorted(FAMILIES))} (for a preset, use --preset)"
+        )
+    return path
 
 
 @contextmanager
@@ -71,7 +121,7 @@ def inference_options(parser: argparse.ArgumentParser) -> None:
         help="weights and activations: auto = bfloat16 on CUDA, float32 on CPU; float64 makes greedy "
         "decoding independent of how a machine orders its sums (exact comparisons)",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (64)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens")
 
 
 def check_out_folder(out: Path, overwrite: bool, results: tuple[str, ...]) -> None:

@@ -61,9 +61,17 @@ def main(argv: list[str]) -> int:
         help="stage-2/3 checkpoint, run or stage folder, export folder or M3D-LaMed directory",
     )
     parser.add_argument("--volume", required=True, type=Path, help="DICOM folder, .nii/.nii.gz or .npy")
-    parser.add_argument("--question", required=True)
-    parser.add_argument("--mask-out", type=Path, help="where to write the mask when the answer holds [SEG]")
-    parser.add_argument("--source", help="the training source the scan is like (when its windows differ)")
+    parser.add_argument("--question", required=True, help="the question, e.g. 'Is there a hemorrhage?'")
+    parser.add_argument(
+        "--mask-out",
+        type=Path,
+        help="where to write the mask when the answer holds [SEG] (default: no mask written)",
+    )
+    parser.add_argument(
+        "--source",
+        help="the training source the scan is like, when its windows differ (default: "
+        "the window all the model's training sources share)",
+    )
     inference_options(parser)
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:

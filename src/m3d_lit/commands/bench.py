@@ -67,8 +67,17 @@ JUDGED = ("report", "vqa_open")
 
 def _parser() -> argparse.ArgumentParser:
     ap = CommandParser(prog="m3d-lit bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", type=Path, help="stage-3 (or stage-2) checkpoint for tasks 2-8")
-    ap.add_argument("--clip-checkpoint", type=Path, help="stage-1 (CLIP) checkpoint for retrieval")
+    ap.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="stage-3 (or stage-2) checkpoint for tasks 2-8 "
+        "(default: none given, those tasks are recorded as absent)",
+    )
+    ap.add_argument(
+        "--clip-checkpoint",
+        type=Path,
+        help="stage-1 (CLIP) checkpoint for retrieval (default: none given, retrieval is recorded as absent)",
+    )
     ap.add_argument("--tasks", default="all", help=f"all, or names/numbers: {','.join(TASKS)}")
     ap.add_argument("--out", type=Path, required=True, help="output folder")
     ap.add_argument("--overwrite", action="store_true", help="replace an earlier result in --out")
@@ -76,10 +85,13 @@ def _parser() -> argparse.ArgumentParser:
         "--data", type=Path, nargs="+", help=f"data folders (default: those of {DEFAULT_DATA} that exist)"
     )
     ap.add_argument(
-        "--judge", type=Path, help="local Hugging Face causal LM that scores reports and open answers"
+        "--judge",
+        type=Path,
+        help="local Hugging Face causal LM that scores reports and open answers (default: no judge, "
+        "the text metrics only)",
     )
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--limit", type=int, help="only the first N samples of each task")
+    ap.add_argument("--batch-size", type=int, default=8, help="questions answered together")
+    ap.add_argument("--limit", type=int, help="only the first N samples of each task (default: all)")
     inference_options(ap)
     add_protocol_options(ap)
     return ap

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from m3d_lit.commands.arguments import HelpFormatter
 from m3d_lit.inference.checkpoints import latest_run
 from m3d_lit.recipes import recipes_root
 
@@ -147,7 +148,9 @@ def _margins(summary: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m m3d_lit.commands.demo", description=__doc__.split("\n\n")[0]
+        prog="python -m m3d_lit.commands.demo",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--out",
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         default=Path("runs") / "demo",
         help="output folder (default: runs/demo under the current one)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic scans and of training")
     parser.add_argument("--quick", action="store_true", help="the smoke test: small and fast, no margin")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL

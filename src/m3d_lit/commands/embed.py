@@ -13,7 +13,6 @@ is then empty.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from m3d_lit.atomic import write_text
+from m3d_lit.commands.arguments import CommandParser
 from m3d_lit.data.preprocess import load_and_preprocess
 from m3d_lit.errors import InputError
 from m3d_lit.inference.loading import Loaded, load_model
@@ -70,14 +70,19 @@ def _write(path: Path, result: dict[str, list]) -> None:
 
 def main(argv: list[str]) -> int:
     """Entry point of `m3d-lit embed`."""
-    parser = argparse.ArgumentParser(prog="m3d-lit embed", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="m3d-lit embed", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, type=Path, help="stage-1 checkpoint or M3D-CLIP dir")
     parser.add_argument(
-        "--volume", nargs="+", type=Path, default=[], help="DICOM folders, .nii/.nii.gz, .npy"
+        "--volume",
+        nargs="+",
+        type=Path,
+        default=[],
+        help="DICOM folders, .nii/.nii.gz, .npy to embed (default: no image; give --volume, --text or both)",
     )
-    parser.add_argument("--text", nargs="+", default=[], help="texts to embed")
+    parser.add_argument("--text", nargs="+", default=[], help="texts to embed (default: no text)")
     parser.add_argument("--out", required=True, type=Path, help="the JSON file to write")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the model runs (default: cuda when there is one, else cpu)")  # fmt: skip
     args = parser.parse_args(argv)
     if not args.volume and not args.text:
         raise InputError("--volume/--text", "give at least one volume or one text")

@@ -10,20 +10,21 @@ stage folder (`runs/stage3`: its latest run), an `m3d-lit export` folder or an M
 `--data` is a `qa_<split>.jsonl` written by `m3d-lit prepare`, or its folder (then `qa_test.jsonl`);
 data prepared with another size or CT window than the model's training data are refused.
 
-Writes OUT/predictions.jsonl (one object per sample; closed Yes/No answers carry `p_yes`, the softmax of
-the first answer token's `Yes` and `No` logits), OUT/metrics.json and OUT/report.md (both name the model:
-its file, sha256, run, step, the m3d-lit versions and commits that trained and evaluated it, the date),
-and the headline scores to TensorBoard under OUT/tensorboard at the checkpoint's global step. An OUT
-holding an earlier result is refused; `--overwrite` replaces it whole (the new result is written beside
-it and takes its place only when complete). `--save-masks` writes each
-predicted mask to OUT/masks/<id>.nii.gz in the source scan's geometry (shape and affine of the NIfTI or
-DICOM series that `prepare` read, as its manifest records), so it lies over the original file in a viewer;
-its path goes in the prediction's `mask_file`. Volumes without a recorded geometry (M3D-Data `.npy`) keep
-the model grid. The controls below save no masks (they would not be about the question's scan).
-`--blank-images` replaces every volume with zeros: the control that
-shows whether the answers depend on the scan at all. `--swap-images` gives every question another patient's
-scan from the same file, a control that stays among real head CTs (a model that reads the scan drops to
-chance there, while a zero volume may throw it off entirely).
+Prints the scores as `m3d-lit score` does, and writes OUT/predictions.jsonl (one object per sample; closed
+Yes/No answers carry `p_yes`, the softmax of the first answer token's `Yes` and `No` logits),
+OUT/metrics.json and OUT/report.md (both name the model: its file, sha256, run, step, the m3d-lit versions
+and commits that trained and evaluated it, the date), and the headline scores to TensorBoard under
+OUT/tensorboard at the checkpoint's global step. An OUT holding an earlier result is refused; `--overwrite`
+replaces it whole (the new result is written beside it and takes its place only when complete).
+`--save-masks` writes each predicted mask to OUT/masks/<id>.nii.gz in the source scan's geometry (shape and
+affine of the NIfTI or DICOM series that `prepare` read, as its manifest records), so it lies over the
+original file in a viewer; its path goes in the prediction's `mask_file`; a line says how many answers
+produced `[SEG]` (without one there is no mask and no OUT/masks/). Volumes without a recorded geometry
+(M3D-Data `.npy`) keep the model grid. The controls below save no masks (they would not be about the
+question's scan). `--blank-images` replaces every volume with zeros: the control that shows whether the
+answers depend on the scan at all. `--swap-images` gives every question another patient's scan from the same
+file, a control that stays among real head CTs (a model that reads the scan drops to chance there, while a
+zero volume may throw it off entirely).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from tqdm import tqdm
 
 from m3d_lit.atomic import atomic_folder, write_json, write_jsonl
 from m3d_lit.commands.arguments import CommandParser, check_out_folder, inference_options
-from m3d_lit.commands.score import add_protocol_options, protocol_options
+from m3d_lit.commands.score import add_protocol_options, format_scores, protocol_options
 from m3d_lit.data.datasets import QAJsonlDataset
 from m3d_lit.data.provenance import prepared_settings
 from m3d_lit.errors import InputError
@@ -83,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--save-masks", action="store_true", help="write predicted masks to OUT/masks/ in the scans' geometry"
     )
-    parser.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N samples (default: all)")
     inference_options(parser)
     parser.add_argument(
         "--workers", type=int, default=0, help="data loader processes that read volumes ahead"
@@ -162,8 +163,25 @@ def main(argv: list[str]) -> int:
         write_report(out, metrics, records, title=f"{data} ({label})",
                      images=lambda record: dataset[position[record["id"]]]["image"])  # fmt: skip
         _to_tensorboard(out / "tensorboard", metrics, predictor.loaded.source.global_step or 0)
+    print(format_scores(f"{data} ({label})", metrics))
+    if args.save_masks:
+        print(_masks_line(records, args.out / "masks"))
     print(f"wrote {args.out / 'predictions.jsonl'}, metrics.json and report.md")
     return 0
+
+
+def _masks_line(records: list[dict[str, Any]], folder: Path) -> str:
+    """What `--save-masks` wrote: how many masks, or why there is none (no answer produced `[SEG]`)."""
+    written, total = sum("mask_file" in record for record in records), len(records)
+    if written:
+        return f"--save-masks: {written} of {total} answers produced [SEG]: their masks are in {folder}/"
+    questions = sum(record["kind"] == "seg" for record in records)
+    asked = (
+        f"{questions} of the {total} samples are segmentation questions"
+        if questions
+        else "the data hold no segmentation question (PhysioNet and folder sources with masks have them)"
+    )
+    return f"--save-masks: no mask written: no answer produced [SEG] ({asked})"
 
 
 def _setup(args: argparse.Namespace, data: Path, predictor: Predictor) -> dict[str, Any]:

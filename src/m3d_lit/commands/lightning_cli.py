@@ -18,6 +18,7 @@ import inspect
 import logging
 import os
 import re
+import sys
 import warnings
 from argparse import ArgumentError
 from pathlib import Path
@@ -32,6 +33,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from m3d_lit.commands import LIGHTNING_COMMANDS
+from m3d_lit.commands.lightning_help import HELP_ALL, asks_for_help, print_short_help
 from m3d_lit.data.datamodules import BaseDataModule
 from m3d_lit.errors import InputError
 from m3d_lit.inference.checkpoints import (
@@ -345,6 +347,12 @@ class M3dLightningCLI(LightningCLI):
         return super().init_parser(**kwargs)
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
+        argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, (dict, Namespace)) else []
+        wanted = asks_for_help(argv)
+        if wanted == "--help":  # the recipes' options with the values given, then no run
+            print_short_help(parser, argv, lambda message: ": ".join(one_line(message)))
+        if wanted == HELP_ALL:  # LightningCLI's own help, every Trainer option
+            args = [("--help" if arg == HELP_ALL else arg) for arg in argv]
         # checked here, before the seed is set or anything is built, so a refusal is the only output
         try:
             super().parse_arguments(parser, args)

@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     ap = CommandParser(prog="m3d-lit optimize", description=__doc__.splitlines()[0])
     ap.add_argument("prepared", nargs="*", type=Path, help="`m3d-lit prepare` output folders")
     ap.add_argument("--recipe", action="append", default=[], metavar="NAME_OR_YAML",
-                    help="a data recipe whose DataModule to write (m3d_cap, m3d_vqa, m3d_seg or a YAML); repeatable")  # fmt: skip
+                    help="a data recipe whose DataModule to write (m3d_cap, m3d_vqa, m3d_seg or a YAML); "
+                    "repeatable (default: no recipe, the prepared folders only)")  # fmt: skip
     ap.add_argument("--out", type=Path, required=True, help="folder that gets one subfolder per source")
     ap.add_argument("--dtype", choices=("keep", "float16"), default="keep",
                     help="volume dtype in the chunks: the cache's own (keep) or float16")  # fmt: skip

@@ -116,7 +116,11 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--out", required=True, type=Path, help="predictions .jsonl (extended by a rerun)")
     parser.add_argument("--batch-size", type=int, default=8, help="questions answered together")
-    parser.add_argument("--source", help="the training source the scans are like (when its windows differ)")
+    parser.add_argument(
+        "--source",
+        help="the training source the scans are like, when its windows differ (default: "
+        "the window all the model's training sources share)",
+    )
     inference_options(parser)
     args = parser.parse_args(argv)
     for option, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)):

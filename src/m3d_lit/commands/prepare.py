@@ -22,15 +22,17 @@ __all__ = ["main"]
 
 def _parser() -> argparse.ArgumentParser:
     ap = CommandParser(prog="m3d-lit prepare", description=__doc__.splitlines()[0])
-    ap.add_argument("dataset", choices=DATASETS)
+    ap.add_argument("dataset", choices=DATASETS, help="the raw data's layout (folder: your own scans)")
     ap.add_argument("--root", type=Path, required=True, help="raw dataset folder")
     ap.add_argument("--out", type=Path, required=True, help="output folder")
-    ap.add_argument("--size", type=int, nargs=3, default=DEFAULT_SIZE, metavar=("D", "H", "W"))
+    ap.add_argument("--size", type=int, nargs=3, default=DEFAULT_SIZE, metavar=("D", "H", "W"),
+                    help="volume size the scans are resampled to, slices x height x width")  # fmt: skip
     ap.add_argument(
         "--window", choices=sorted(WINDOWS), default="brain", help="HU window (default brain L40/W80)"
     )
     ap.add_argument("--workers", type=int, default=1, help="processes")
-    ap.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    ap.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                    help="precision of the cached volumes")  # fmt: skip
     ap.add_argument("--strict", action="store_true", help="stop at the first scan that cannot be read")
     ap.add_argument("--seed", type=int, default=0, help="seed of the QA splits")
     ap.add_argument(

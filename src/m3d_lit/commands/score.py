@@ -18,7 +18,7 @@ from m3d_lit.evaluation.grouped_scores import PROTOCOLS, compute_metrics
 from m3d_lit.evaluation.predictions import read_predictions
 from m3d_lit.evaluation.tables import format_closed, format_open, format_table
 
-__all__ = ["add_protocol_options", "main", "protocol_options"]
+__all__ = ["add_protocol_options", "format_scores", "main", "protocol_options"]
 
 
 def add_protocol_options(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +41,8 @@ def add_protocol_options(parser: argparse.ArgumentParser) -> None:
         "--bertscore-model",
         type=Path,
         default=None,
-        help="m3d protocol: a local model directory (roberta-large for M3D's setting) to add BERTScore F1",
+        help="m3d protocol: a local model directory (roberta-large for M3D's setting) to add BERTScore F1 "
+        "(default: no BERTScore)",
     )
     parser.add_argument(
         "--bertscore-layer",
@@ -65,6 +66,14 @@ def protocol_options(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     }
 
 
+def format_scores(title: str, metrics: dict[str, Any]) -> str:
+    """What `score` and `eval` print: the samples and protocol, the text metrics table, then the closed
+    and open questions' tables where there are such questions."""
+    tables = [f"{title}: {metrics['n']} samples, protocol {metrics['protocol']}\n{format_table(metrics)}"]
+    tables += [table for table in (format_closed(metrics), format_open(metrics)) if table]
+    return "\n\n".join(tables)
+
+
 def main(argv: list[str]) -> int:
     """Score a predictions file, print the table, optionally write metrics.json."""
     parser = CommandParser(
@@ -73,17 +82,15 @@ def main(argv: list[str]) -> int:
         "findings, Dice/IoU) offline.",
     )
     parser.add_argument("predictions", type=Path, help="jsonl: one object per line with prediction, answer")
-    parser.add_argument("--out", type=Path, default=None, help="write all metrics to this JSON file")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="write all metrics to this JSON file (default: the table only)"
+    )
     add_protocol_options(parser)
     args = parser.parse_args(argv)
     options = protocol_options(parser, args)
     records = read_predictions(args.predictions)
     metrics = compute_metrics(records, args.protocol, **options)
-    print(f"{args.predictions}: {metrics['n']} samples, protocol {metrics['protocol']}")
-    print(format_table(metrics))
-    for table in (format_closed(metrics), format_open(metrics)):
-        if table:
-            print(f"\n{table}")
+    print(format_scores(str(args.predictions), metrics))
     if args.out is not None:
         write_json(args.out, metrics)
         print(f"wrote {args.out}")

@@ -29,8 +29,9 @@ def _parser() -> argparse.ArgumentParser:
         "--folder", type=int, default=0, metavar="N",
         help="also write an example of `prepare folder` of N scans into OUT/folder (0 = none)",
     )  # fmt: skip
-    ap.add_argument("--shape", type=int, nargs=3, default=(32, 128, 128), metavar=("D", "H", "W"))
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shape", type=int, nargs=3, default=(32, 128, 128), metavar=("D", "H", "W"),
+                    help="volume size of the CQ500 and PhysioNet scans")  # fmt: skip
+    ap.add_argument("--seed", type=int, default=0, help="seed of the scans, findings and reports")
     ap.add_argument("--balanced", action="store_true", help="each finding in about half of the scans")
     ap.add_argument(
         "--m3d-data", type=int, default=0, metavar="N",

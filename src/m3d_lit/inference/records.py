@@ -92,7 +92,8 @@ class MaskSaver:
     """Writes predicted masks to `folder/<id>.nii.gz` in the geometry of the scan each sample was read from.
 
     Args:
-        folder: where the masks go (created).
+        folder: where the masks go (created with the first mask, so that no answer with `[SEG]` leaves
+            no empty folder).
         images: sample id -> the prepared image it was given (`OUT/images/<id>.npy` of `prepare`).
     """
 
@@ -100,7 +101,6 @@ class MaskSaver:
         self.folder, self.images = folder, images
         self.names: set[str] = set()
         self.geometries: dict[Path, Any] = {}
-        folder.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, record: dict[str, Any], seg_logits: torch.Tensor) -> str:
         image = self.images[record["id"]]
@@ -116,6 +116,7 @@ class MaskSaver:
             name += "_"
         self.names.add(name)
         path = self.folder / f"{name}.nii.gz"
+        self.folder.mkdir(parents=True, exist_ok=True)
         write_mask(path, seg_logits.float().sigmoid()[0].cpu().numpy(), geometry)
         return f"{self.folder.name}/{path.name}"
 

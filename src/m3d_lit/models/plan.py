@@ -1,5 +1,9 @@
 """GPU memory and FLOPs of a training stage, estimated without a GPU (`m3d-lit plan`).
 
+The model is a preset (with overrides) or an official M3D-LaMed directory, whose config.json, weight
+shapes and tokenizer are read (no weight): its parameters are counted on the meta device and its reduced
+copy (below) is built from its config, with the corpus tokenizer standing in for its own.
+
 Memory per GPU, by part:
 - weights: frozen parameters at `--frozen-dtype` (bf16: 2 bytes, no fp32 copy); counted on the meta device.
 - trainable: fp32 parameter + fp32 gradient + AdamW's two fp32 moments = 16 bytes per parameter; with
@@ -47,7 +51,8 @@ from torch import Tensor, nn
 from m3d_lit.errors import InputError
 from m3d_lit.models.blocks import CHECKPOINT_PARTS, checkpoint_parts
 from m3d_lit.models.build import build_lamed
-from m3d_lit.models.lamed import cast_for_training
+from m3d_lit.models.config import ModelConfig
+from m3d_lit.models.lamed import LamedModel, cast_for_training
 from m3d_lit.models.llm import unwrap
 from m3d_lit.models.lm_loss import CHUNK_ROWS, label_positions
 from m3d_lit.models.presets import STAGE_TRAINABLE, deep_merge, resolve
@@ -60,6 +65,7 @@ __all__ = [
     "count_params",
     "flops_per_sample",
     "measure_activations",
+    "model_config",
     "plan",
     "synthetic_batch",
 ]
@@ -67,7 +73,7 @@ __all__ = [
 GIB = 1024**3
 _MEASURE_IMG = (32, 64, 64)
 CHECKPOINTING = ("none", *CHECKPOINT_PARTS, "all")  # and parts joined by commas, e.g. `vision,seg`
-_MODEL_FIELDS = ("preset", "stage", "overrides", "trainable", "lora_dropout")
+_MODEL_FIELDS = ("preset", "model", "stage", "overrides", "trainable", "lora_dropout")
 _CACHE: dict[tuple[str, str], Any] = {}
 
 
@@ -77,6 +83,7 @@ class PlanSettings:
 
     Args:
         preset: model preset (`paper`, `small`, `tiny`).
+        model: an official M3D-LaMed directory planned instead of the preset (None: the preset).
         stage: 2 or 3 (the LaMed stages).
         gpu_mem: GPU memory in GiB.
         micro_batch: samples per GPU per step.
@@ -95,6 +102,7 @@ class PlanSettings:
     """
 
     preset: str = "paper"
+    model: str | None = None
     stage: int = 3
     gpu_mem: float = 24.0
     micro_batch: int = 2
@@ -138,13 +146,31 @@ class PlanSettings:
             raise InputError("--zero", f"{self.zero} must be 0, 1 or 2")
         if self.seg_share is not None and not 0.0 <= self.seg_share <= 1.0:
             raise InputError("--seg-share", f"{self.seg_share} must be in [0, 1]")
+        if self.model is not None and self.overrides:
+            raise InputError(
+                "--overrides",
+                f"would be ignored: an M3D-LaMed directory ({self.model}) builds the whole model from its "
+                "own config.json; remove them",
+            )
 
 
 def _build_meta(settings: PlanSettings, lora: dict[str, Any]) -> nn.Module:
     with torch.device("meta"):
-        model = build_lamed(settings.preset, settings.overrides)
+        model = build_lamed(settings.preset, settings.overrides, llm_path=settings.model)
         model.set_trainable(settings.modes(), lora=lora)
     return model
+
+
+def model_config(settings: PlanSettings) -> ModelConfig:
+    """The config of the planned model: the preset with its overrides, or the M3D-LaMed directory's."""
+    if settings.model is None:
+        return resolve(settings.preset, settings.overrides)
+    return _memo("config", settings, ("model",), _official_config)
+
+
+def _official_config(settings: PlanSettings) -> ModelConfig:
+    with torch.device("meta"):  # reads the config, the weights' shapes and the tokenizer only
+        return build_lamed(settings.preset, llm_path=settings.model).config
 
 
 def _memo(kind: str, settings: PlanSettings, fields: tuple[str, ...], compute: Any) -> Any:
@@ -166,7 +192,7 @@ def measure_activations(settings: PlanSettings) -> dict[str, float]:
 
 
 def _count_params(settings: PlanSettings) -> dict[str, dict[str, int]]:
-    config = resolve(settings.preset, settings.overrides)
+    config = model_config(settings)
     model = _build_meta(settings, _lora(config, settings))
     base = unwrap(model.llm)
     embeddings = {id(base.get_input_embeddings().weight)}
@@ -197,27 +223,33 @@ def _lora(config: dict[str, Any], settings: PlanSettings) -> dict[str, Any]:
     return lora
 
 
+def _llm_widths(config: dict[str, Any]) -> dict[str, int]:
+    """The LLM widths the measurement divides by k (the key/value heads where the config sets them)."""
+    keys = ("hidden_size", "num_attention_heads", "intermediate_size", "num_key_value_heads")
+    return {key: int(config["llm"][key]) for key in keys if config["llm"].get(key)}
+
+
 def _width_divisor(config: dict[str, Any], wanted: int | None) -> int:
-    """k for the LLM measurement: it must divide every width; a vocab not in the preset cannot shrink."""
-    llm = config["llm"]
-    dims = [llm[key] for key in ("hidden_size", "num_attention_heads", "intermediate_size")]
-    dims.append(llm.get("vocab_size", 0))
+    """k for the LLM measurement: it must divide every width, and the vocab must be in the config (a
+    preset without one has its tokenizer's, which cannot shrink)."""
+    dims = list(_llm_widths(config).values())
+    vocab = config["llm"].get("vocab_size") or 0
     for k in (8, 4, 2, 1) if wanted is None else (wanted,):
-        if k == 1 or (k > 1 and all(d and d % k == 0 for d in dims)):
+        if k == 1 or (k > 1 and vocab and all(d % k == 0 for d in dims)):
             return k
-    raise InputError(
-        "--width-divisor", f"{wanted} must divide the LLM widths and vocab {dims} (0: not in the preset)"
-    )
+    problem = f"{wanted} must divide the LLM widths {dims}"
+    if not vocab:
+        problem = f"{wanted}: this LLM's vocab is its tokenizer's, which a reduced copy cannot shrink: use 1"
+    raise InputError("--width-divisor", problem)
 
 
 def _measure_config(config: dict[str, Any], k: int, lora: dict[str, Any]) -> dict[str, Any]:
     """Overrides of the reduced model: image cut, one block per encoder, LLM widths / k."""
     img = [min(a, b) for a, b in zip(config["img_size"], _MEASURE_IMG)]
-    llm = {
-        key: config["llm"][key] // k for key in ("hidden_size", "num_attention_heads", "intermediate_size")
-    }
-    if "vocab_size" in config["llm"]:
-        llm["vocab_size"] = config["llm"]["vocab_size"] // k
+    llm = {key: width // k for key, width in _llm_widths(config).items()}
+    if config["llm"].get("vocab_size"):
+        # rounded up: a vocab k does not divide (Phi-3's 32015 rows) is overestimated by under k rows
+        llm["vocab_size"] = -(-int(config["llm"]["vocab_size"]) // k)
     llm.update(num_hidden_layers=1, max_position_embeddings=max(config["max_length"], 64))
     return {
         "img_size": img,
@@ -256,12 +288,24 @@ def synthetic_batch(
     }
 
 
+def _reduced_model(settings: PlanSettings, config: ModelConfig, small: dict[str, Any]) -> LamedModel:
+    """The model the activations are measured on: the planned one with `small` merged in."""
+    if settings.model is None:
+        return build_lamed(settings.preset, deep_merge(settings.overrides or {}, small))
+    values = deep_merge(config.to_dict(), small)
+    # the directory's token ids index its own vocab (left out, a family's defaults would too); the corpus
+    # tokenizer stands in, its ids fit the reduced vocab (a toy vocab under its length grows to it)
+    values["llm"].update(pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    values["stop_token_ids"] = []
+    return LamedModel(values)
+
+
 def _measure_activations(settings: PlanSettings) -> dict[str, float]:
-    config = resolve(settings.preset, settings.overrides)
+    config = model_config(settings)
     lora = _lora(config, settings)
     k = _width_divisor(config, settings.width_divisor)
     small = _measure_config(config, k, lora)
-    model = build_lamed(settings.preset, deep_merge(settings.overrides or {}, small))
+    model = _reduced_model(settings, config, small)
     model.set_trainable(settings.modes(), lora=small["lora"])
     cast_for_training(model).train()
     batch = synthetic_batch(model, 1, config["max_length"], seg=True)
@@ -302,7 +346,7 @@ def flops_per_sample(
     settings: PlanSettings, counts: dict[str, dict[str, int]] | None = None
 ) -> dict[str, float]:
     """Forward FLOPs per component, and model / hardware (with recompute) training FLOPs per sample."""
-    config = resolve(settings.preset, settings.overrides)
+    config = model_config(settings)
     counts = counts or count_params(settings)
     grid = [i // p for i, p in zip(config["img_size"], config["patch_size"])]
     patches = math.prod(grid)
@@ -398,7 +442,7 @@ def _activation_bytes(act: dict[str, float], settings: PlanSettings, copies: flo
         + [act["vision_block_full"]] * ("vision" in parts)
         + [share * act["seg_block_full"]] * ("seg" in parts)
     )
-    config = resolve(settings.preset, settings.overrides)
+    config = model_config(settings)
     rows = min(CHUNK_ROWS, b * max(config["max_length"] - 1, 1))
     out["transient"] = b * recomputed + 16.0 * rows * _vocab(config)
     out["autocast_weight_copies"] = copies

@@ -209,7 +209,9 @@ class CQ500Source(Source):
 
     name = "cq500"
     display_name = "CQ500"
-    options = {"series_list": "file of '<scan>/<series path>' lines"}
+    options = {
+        "series_list": "file of '<scan>/<series path>' lines (default: each scan's plain series nearest 5 mm)"
+    }
     qa_reference = Reference(
         SEED_STUDY,
         "Table 1",

@@ -307,9 +307,10 @@ class FolderSource(Source):
     name = "folder"
     display_name = "Folder"
     options = {
-        "labels": "labels.csv (id,<finding>,...; one row per scan)",
-        "findings": "findings.yaml (each finding's question)",
-        "masks": "masks folder (<id>.nii or .nii.gz on the scan's grid)",
+        "labels": "labels.csv (id,<finding>,...; one row per scan); required, no default",
+        "findings": "findings.yaml (each finding's question); required, no default",
+        "masks": "masks folder (<id>.nii or .nii.gz on the scan's grid; default: no masks, no [SEG] "
+        "question)",
     }
     required_options = ("labels", "findings")
 
