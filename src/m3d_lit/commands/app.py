@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from m3d_lit.app.server import PORTS, check_address, serve
-from m3d_lit.commands.arguments import CommandParser, inference_options
+from m3d_lit.commands.arguments import CommandParser, answering_checkpoint_option, inference_options
 from m3d_lit.errors import InputError
 
 __all__ = ["main"]
@@ -44,12 +44,7 @@ def port_number(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="m3d-lit app", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        type=Path,
-        help="stage-2/3 checkpoint, run or stage folder, export folder or M3D-LaMed directory",
-    )
+    answering_checkpoint_option(parser)
     parser.add_argument(
         "--data",
         nargs="*",

@@ -20,10 +20,12 @@ from m3d_lit.errors import InputError
 __all__ = [
     "CommandParser",
     "HelpFormatter",
+    "answering_checkpoint_option",
     "check_out_folder",
     "inference_options",
     "json_object",
     "model_options",
+    "model_source_options",
     "official_directory",
     "shown_default",
 ]
@@ -106,6 +108,34 @@ def model_options(option: str) -> Iterator[None]:
         raise
     except ValueError as err:
         raise InputError(option, f"the model cannot be built with these values: {err}") from None
+
+
+def answering_checkpoint_option(parser: argparse.ArgumentParser) -> None:
+    """`--checkpoint`: a model that answers questions, in every form the one loader reads."""
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="stage-2/3 checkpoint, run or stage folder, export folder or M3D-LaMed directory",
+    )
+
+
+def model_source_options(parser: argparse.ArgumentParser, presets: list[str], doing: str) -> None:
+    """`--preset` and `--model DIR`: the model a figure-only command (`describe`, `plan`) is about.
+
+    Args:
+        parser: the command's parser.
+        presets: the preset names.
+        doing: what the command does with the model ("describe", "plan"), for `--model`'s help.
+    """
+    parser.add_argument("--preset", default="paper", choices=presets, help="model size preset")
+    parser.add_argument(
+        "--model",
+        type=official_directory,
+        default=None,
+        metavar="DIR",
+        help=f"an official M3D-LaMed directory to {doing} instead of a preset (default: none, the preset)",
+    )
 
 
 def inference_options(parser: argparse.ArgumentParser) -> None:

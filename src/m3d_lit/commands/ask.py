@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-from m3d_lit.commands.arguments import CommandParser, inference_options
+from m3d_lit.commands.arguments import CommandParser, answering_checkpoint_option, inference_options
 from m3d_lit.data.geometry import check_mask_path
 from m3d_lit.data.preprocess import Prepared
 from m3d_lit.errors import InputError
@@ -54,12 +54,7 @@ def ask(predictor: Predictor, volume: Path, question: str, source: str | None = 
 
 def main(argv: list[str]) -> int:
     parser = CommandParser(prog="m3d-lit ask", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        type=Path,
-        help="stage-2/3 checkpoint, run or stage folder, export folder or M3D-LaMed directory",
-    )
+    answering_checkpoint_option(parser)
     parser.add_argument("--volume", required=True, type=Path, help="DICOM folder, .nii/.nii.gz or .npy")
     parser.add_argument("--question", required=True, help="the question, e.g. 'Is there a hemorrhage?'")
     parser.add_argument(

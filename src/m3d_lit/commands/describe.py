@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Any
 
-from m3d_lit.commands.arguments import CommandParser, json_object, model_options, official_directory
+from m3d_lit.commands.arguments import CommandParser, json_object, model_options, model_source_options
 from m3d_lit.models.describe import describe
 from m3d_lit.models.presets import PRESETS, STAGE_TRAINABLE
 
@@ -68,14 +68,7 @@ def format_describe(figures: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """`m3d-lit describe`: print the table (or the JSON) of a preset or M3D-LaMed directory at a stage."""
     parser = CommandParser(prog="m3d-lit describe", description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="model size preset")
-    parser.add_argument(
-        "--model",
-        type=official_directory,
-        default=None,
-        metavar="DIR",
-        help="an official M3D-LaMed directory to describe instead of a preset (default: none, the preset)",
-    )
+    model_source_options(parser, sorted(PRESETS), "describe")
     parser.add_argument(
         "--stage", type=int, default=3, choices=sorted(STAGE_TRAINABLE), help="trainability of this stage"
     )

@@ -39,7 +39,12 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from m3d_lit.atomic import atomic_folder, write_json, write_jsonl
-from m3d_lit.commands.arguments import CommandParser, check_out_folder, inference_options
+from m3d_lit.commands.arguments import (
+    CommandParser,
+    answering_checkpoint_option,
+    check_out_folder,
+    inference_options,
+)
 from m3d_lit.commands.score import add_protocol_options, format_scores, protocol_options
 from m3d_lit.data.datasets import QAJsonlDataset
 from m3d_lit.data.provenance import prepared_settings
@@ -59,12 +64,7 @@ RESULT_FILES = ("predictions.jsonl", "metrics.json", "report.md", "masks", "tens
 
 def _parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="m3d-lit eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        type=Path,
-        help="stage-2/3 checkpoint, run or stage folder, export folder or M3D-LaMed directory",
-    )
+    answering_checkpoint_option(parser)
     parser.add_argument(
         "--data",
         required=True,

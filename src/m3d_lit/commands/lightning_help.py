@@ -30,28 +30,20 @@ HELP_ALL = "--help-all"
 _HELP = ("-h", "--help")
 _RECIPE_FLAGS = ("-c", "--config", "--data")
 
-# the trainer options most runs change, and what each means in this project
+# the trainer options most runs change (`--trainer.<key>`), and what each means in this project
 _TRAINER = {
-    "--trainer.max_epochs": ("max_epochs", "passes over the training data"),
-    "--trainer.max_steps": ("max_steps", "optimizer steps at most; -1: max_epochs decides"),
-    "--trainer.accumulate_grad_batches": (
-        "accumulate_grad_batches",
-        "micro-batches per optimizer step: the global batch is --data.batch_size x this x the GPUs",
+    "max_epochs": "passes over the training data",
+    "max_steps": "optimizer steps at most; -1: max_epochs decides",
+    "accumulate_grad_batches": (
+        "micro-batches per optimizer step: the global batch is --data.batch_size x this x the GPUs"
     ),
-    "--trainer.devices": ("devices", "GPUs (or CPU processes) per machine"),
-    "--trainer.num_nodes": ("num_nodes", "machines, with -c multinode (README: Train on GPUs)"),
-    "--trainer.precision": (
-        "precision",
-        "32-true, bf16-mixed, bf16-true (the GPU presets), 64-true; null: 32-true",
+    "devices": "GPUs (or CPU processes) per machine",
+    "num_nodes": "machines, with -c multinode (README: Train on GPUs)",
+    "precision": "32-true, bf16-mixed, bf16-true (the GPU presets), 64-true; null: 32-true",
+    "val_check_interval": (
+        "validate every N training batches, or at this share of an epoch; null: at each epoch's end"
     ),
-    "--trainer.val_check_interval": (
-        "val_check_interval",
-        "validate every N training batches, or at this share of an epoch; null: at each epoch's end",
-    ),
-    "--trainer.limit_train_batches": (
-        "limit_train_batches",
-        "training batches per epoch: a share or a count; null: all",
-    ),
+    "limit_train_batches": "training batches per epoch: a share or a count; null: all",
 }
 
 
@@ -142,8 +134,8 @@ def _trainer_rows(config: Namespace, width: int) -> list[str]:
     trainer = config.get("trainer") or Namespace()
     presets = ", ".join(name for name in list_recipes()["trainer"] if name != "common")
     lines = ["trainer (every option: --help-all)", "  -c PRESET", f"        the hardware: {presets}"]
-    for option, (key, text) in _TRAINER.items():
-        lines += _row(option, text, trainer.get(key), width)
+    for key, text in _TRAINER.items():
+        lines += _row(f"--trainer.{key}", text, trainer.get(key), width)
     logger = trainer.get("logger")
     logger = logger[0] if isinstance(logger, list) and logger else logger
     if isinstance(logger, Namespace) and isinstance(logger.get("init_args"), Namespace):

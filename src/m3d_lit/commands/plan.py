@@ -14,7 +14,7 @@ import math
 import sys
 from typing import Any
 
-from m3d_lit.commands.arguments import CommandParser, json_object, model_options, official_directory
+from m3d_lit.commands.arguments import CommandParser, json_object, model_options, model_source_options
 from m3d_lit.models.plan import CHECKPOINTING, PlanSettings, plan
 from m3d_lit.models.plan_advice import fit_advice
 from m3d_lit.models.presets import PRESETS
@@ -96,14 +96,7 @@ def format_plan(result: dict[str, Any]) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     ap = CommandParser(prog="m3d-lit plan", description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="model size preset")
-    ap.add_argument(
-        "--model",
-        type=official_directory,
-        default=None,
-        metavar="DIR",
-        help="an official M3D-LaMed directory to plan instead of a preset (default: none, the preset)",
-    )
+    model_source_options(ap, sorted(PRESETS), "plan")
     ap.add_argument("--stage", type=int, default=3, choices=(2, 3), help="the stage's trainable parts")
     ap.add_argument("--gpu-mem", type=float, default=24.0, help="GiB per GPU")
     ap.add_argument("--micro-batch", type=int, default=2, help="samples per GPU per step")

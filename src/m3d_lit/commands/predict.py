@@ -30,7 +30,7 @@ from typing import Any
 from tqdm import tqdm
 
 from m3d_lit.atomic import write_jsonl
-from m3d_lit.commands.arguments import CommandParser, inference_options
+from m3d_lit.commands.arguments import CommandParser, answering_checkpoint_option, inference_options
 from m3d_lit.errors import InputError
 from m3d_lit.inference.predictor import Prediction, Predictor, Request
 from m3d_lit.inference.requests import RequestRow, read_request_file
@@ -105,12 +105,7 @@ def main(argv: list[str]) -> int:
         "through the tasks' predict_step: m3d-lit predict -c stage3 --ckpt_path CKPT [--data ...] "
         "(its options: m3d-lit predict -c stage3 --help).",
     )
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        type=Path,
-        help="stage-2/3 checkpoint, run or stage folder, export folder or M3D-LaMed directory",
-    )
+    answering_checkpoint_option(parser)
     parser.add_argument(
         "--input", required=True, type=Path, help="requests: a .csv (scan,question) or .jsonl"
     )
