@@ -30,6 +30,7 @@ __all__ = [
     "RecordDataset",
     "QAJsonlDataset",
     "load_prepared_volume",
+    "read_prepared_array",
     "check_paths",
     "read_qa_jsonl",
     "swap_images",
@@ -70,14 +71,8 @@ class SampleKey(NamedTuple):
     epoch: int
 
 
-def load_prepared_volume(path: Path, widen: bool = True) -> torch.Tensor:
-    """A prepared ``.npy`` volume (or mask) as a 1 x D x H x W tensor (memory mapped).
-
-    Args:
-        path: the ``.npy`` file.
-        widen: float32 whatever was stored; False keeps a float16 cache float16 (training batches carry
-            it so, and the model widens it on the device). Other dtypes (uint8 masks) become float32.
-    """
+def read_prepared_array(path: Path) -> np.ndarray:
+    """A prepared ``.npy`` volume (or mask) as a memory-mapped 1 x D x H x W array in its stored dtype."""
     try:
         array = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as err:
@@ -86,6 +81,18 @@ def load_prepared_volume(path: Path, widen: bool = True) -> torch.Tensor:
         array = array[None]
     if array.ndim != 4 or array.shape[0] != 1:
         raise InputError(path, f"expected a 1 x D x H x W volume, got shape {array.shape}")
+    return array
+
+
+def load_prepared_volume(path: Path, widen: bool = True) -> torch.Tensor:
+    """A prepared ``.npy`` volume (or mask) as a 1 x D x H x W tensor (memory mapped).
+
+    Args:
+        path: the ``.npy`` file.
+        widen: float32 whatever was stored; False keeps a float16 cache float16 (training batches carry
+            it so, and the model widens it on the device). Other dtypes (uint8 masks) become float32.
+    """
+    array = read_prepared_array(path)
     keep = not widen and array.dtype in (np.float16, np.float32)
     return torch.from_numpy(np.array(array, dtype=array.dtype if keep else np.float32))
 

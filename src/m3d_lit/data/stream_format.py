@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from m3d_lit.data.datasets import Record
+from m3d_lit.data.datasets import Record, read_prepared_array
 from m3d_lit.errors import InputError
 
 # litdata asks PyPI for a newer version whenever a dataset is opened unless this is set: no network at run time
@@ -87,14 +87,7 @@ def group_records(records: Iterable[Record]) -> list[ItemPlan]:
 
 
 def _npy(path: Path) -> np.ndarray:
-    try:
-        array = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as err:
-        raise InputError(path, f"cannot read as .npy: {err}") from err
-    array = array[None] if array.ndim == 3 else array
-    if array.ndim != 4 or array.shape[0] != 1:
-        raise InputError(path, f"expected a 1 x D x H x W volume, got shape {array.shape}")
-    return np.ascontiguousarray(array)
+    return np.ascontiguousarray(read_prepared_array(path))
 
 
 def _answers(record: Record, mask: np.ndarray | None) -> tuple[tuple[str, ...], bool]:
